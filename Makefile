@@ -2,7 +2,7 @@
 PYTHON  ?= python3
 PREFIX  ?= /opt/gitbackup
 DEB_PACKAGES = git openssh-client openssh-server tar gzip xz-utils zstd \
-               postgresql postgresql-client gitolite3 procps
+               postgresql postgresql-client gitolite3 procps chromium
 
 .PHONY: help test demo deps bench install check-syntax
 

@@ -110,6 +110,7 @@ SCHEMA = {
         'pg_port': '',
         'pg_user': '',
         'export_keep': '7d',
+        'keep_requests': '30d',
         'max_attempts': '5',
         'alert_after': '1h',
         'confirm_after': '1d',
@@ -130,6 +131,10 @@ SCHEMA = {
         'max_attempts': '5',
         'alert_after': '1h',
         'stale_after': '2d',
+        'keep_daily': '7',
+        'keep_weekly': '4',
+        'keep_monthly': '12',
+        'keep_requests': '90d',
         'quota': '0',
         'free_space_floor': '1G',
         'max_request_size': '4096',
@@ -142,6 +147,9 @@ SCHEMA = {
         'sftp_root': '',
         'git': '',
         'stale_after': '',
+        'keep_daily': '',
+        'keep_weekly': '',
+        'keep_monthly': '',
         'quota': '',
         'expect': '',
         'admin': '',
@@ -194,6 +202,26 @@ class ToolMissing(GitBackupError):
 
 class ModuleError(GitBackupError):
     """A backup module failed for one request."""
+
+
+class Problem(str):
+    """One error of a run, as text.  ``mail=False`` for problems that a
+    Health record already reports once (a peer that is down) or that are
+    retried silently until they give up: the admins hear of those once,
+    not every five minutes."""
+
+    def __new__(cls, text, mail=True):
+        self = super().__new__(cls, text)
+        self.mail = mail
+        return self
+
+
+def mail_summary(config, section, subject, problems):
+    """Mail the problems worth a mail, if any."""
+    worth = [p for p in problems if getattr(p, 'mail', True)]
+    if worth:
+        mail_admins(config, section, subject.format(n=len(worth)),
+                    '\n\n'.join(worth) + '\n')
 
 
 # --------------------------------------------------------------------------
@@ -577,7 +605,8 @@ def mail_admins(config, section, subject, body):
         return True
     except sendmail.MailError as e:
         log.error('mail to admins failed: %s', e)
-        return False
+        # A queued message counts as told: every run retries the queue.
+        return bool(getattr(e, 'queued_as', None))
 
 
 def flush_mail_queue(config, section):
@@ -673,6 +702,13 @@ def load_module(modules_dir, name):
 # The client
 
 SERVER_REQUEST_RE = re.compile(r'^[a-z][a-z0-9_-]{0,31} [^\x00-\x1f\x7f]{1,3000}$')
+
+
+def request_id_of(key):
+    """'<commit>-RQ<request id>-<ident>' -> request id, or None."""
+    m = re.match(r'^[0-9a-f]{40}-RQ([0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9]+-[0-9]+)-',
+                 key)
+    return m.group(1) if m else None
 
 
 class PrepareContext:
@@ -837,6 +873,7 @@ class Client:
             f.write(f'{request_module}\t{path}\n')
             f.flush()
             os.fsync(f.fileno())
+        pause_point('commit:written')
         os.rename(incomplete, os.path.join(pool, COMPLETE + request_id))
         fsync_dir(pool)
         log.debug('request %s: %s %s for %s', request_id, request_module,
@@ -883,10 +920,9 @@ class Client:
         except OSError as e:
             errors.append(f'cleaning {self.settings["export_dir"]}: {e}')
             log.error('%s', errors[-1])
-        if errors:
-            mail_admins(self.config, 'client',
-                        f'gitbackup: send on {self.name} had '
-                        f'{len(errors)} error(s)', '\n\n'.join(errors) + '\n')
+        mail_summary(self.config, 'client',
+                     f'gitbackup: send on {self.name}: {{n}} problem(s)',
+                     errors)
         return errors
 
     def committed_requests(self, repo):
@@ -902,6 +938,7 @@ class Client:
         repo = self.queue_repo(node)
         if not os.path.isdir(os.path.join(repo, 'objects')):
             self.init_node(node)
+        self.promote_orphans(pool)
         states = self.list_pool(pool)
         errors = []
         committed = set()
@@ -932,21 +969,30 @@ class Client:
                 continue
             batch.append((request_id, server_requests))
         if batch:
+            pause_point('send:prepared')
             self.commit_batch(repo, batch)
+            pause_point('send:committed')
             committed |= {request_id for request_id, _ in batch}
         health = Health(os.path.join(self.state_dir, f'node-{node}.json'),
                         self.config, 'client', f'pushing to node {node}')
         if self.needs_push(repo):
             try:
                 self.push(repo, node)
+                pause_point('send:pushed')
             except GitBackupError as e:
                 health.failed(str(e), self.config.get_duration(
                     'client', 'alert_after'))
-                errors.append(f'push to {node} failed (requests kept for '
-                              f'the next run): {e}')
+                errors.append(Problem(f'push to {node} failed (requests kept '
+                                      f'for the next run): {e}', mail=False))
                 log.error('%s', errors[-1])
                 return errors
             health.ok()
+        try:
+            self.fetch_results(node, repo)
+        except GitBackupError as e:
+            errors.append(Problem(f'fetching results from {node}: {e}',
+                                  mail=False))
+            log.error('%s', errors[-1])
         for request_id in sorted(committed):
             try:
                 os.rename(os.path.join(pool, PROCESSING + request_id),
@@ -957,6 +1003,30 @@ class Client:
             fsync_dir(pool)
             log.info('node %s: %d request(s) sent', node, len(committed))
         return errors
+
+    def promote_orphans(self, pool):
+        """An i* file left by a commit that was killed after writing it
+        completely (and fsyncing) is a good request: make it C*.  A torn one
+        is kept for a human and logged."""
+        for request_id in self.list_pool(pool)[INCOMPLETE]:
+            path = os.path.join(pool, INCOMPLETE + request_id)
+            try:
+                if time.time() - os.lstat(path).st_mtime < 60:
+                    continue  # a commit may still be writing it
+                with open(path, encoding='utf-8',
+                          errors='surrogateescape') as f:
+                    text = f.read()
+            except FileNotFoundError:
+                continue
+            module, tab, target = text.rstrip('\n').partition('\t')
+            if text.endswith('\n') and tab and module in self.modules \
+                    and target:
+                os.rename(path, os.path.join(pool, COMPLETE + request_id))
+                log.warning('request %s: recovered from an interrupted '
+                            'commit', request_id)
+            else:
+                log.warning('%s: torn request left by an interrupted commit; '
+                            'kept, not sent', path)
 
     def read_request(self, path):
         with open(path, encoding='utf-8', errors='surrogateescape') as f:
@@ -1039,7 +1109,7 @@ class Client:
             text = (f'request {request_id} for {node} failed (attempt '
                     f'{attempts} of {limit}, retried next run): {error}')
         log.error('%s', text)
-        return text
+        return Problem(text, mail=state == FAILED)
 
     def commit_batch(self, repo, batch):
         """One commit holding only the new RQ files (plus a timestamp file,
@@ -1120,6 +1190,135 @@ class Client:
                 shutil.rmtree(path)
                 log.info('removed expired export %s', path)
 
+    # -- results from the node ------------------------------------------------
+
+    def results_journal(self, node):
+        return os.path.join(self.state_dir, f'results-{node}.jsonl')
+
+    def fetch_results(self, node, repo):
+        """Fetch the node's results branch and journal what is new; remove
+        exports the node confirmed; report requests left unconfirmed."""
+        proc = git(repo, 'fetch', '--quiet', '--no-tags', '--', self.nodes[node],
+                   '+refs/heads/results:refs/remotes/origin/results',
+                   env=self.git_ssh_env(), check=False,
+                   timeout=self.config.get_duration('client', 'command_timeout'))
+        if proc.returncode != 0:
+            if "couldn't find remote ref" in proc.stderr:
+                return 0  # the node has not handled anything yet
+            raise CommandFailed(['git', 'fetch', self.nodes[node]],
+                                proc.returncode, proc.stderr)
+        tip = git(repo, 'rev-parse', 'refs/remotes/origin/results').stdout \
+            .strip()
+        marker = os.path.join(self.state_dir, f'results-read-{node}')
+        try:
+            with open(marker) as f:
+                last = f.read().strip()
+        except FileNotFoundError:
+            last = ''
+        new = []
+        if tip != last:
+            revs = [tip] + (['^' + last] if last and git(
+                repo, 'cat-file', '-e', last + '^{commit}',
+                check=False).returncode == 0 else [])
+            for commit in git(repo, 'rev-list', '--reverse', *revs) \
+                    .stdout.split():
+                for line in git(repo, 'ls-tree', commit).stdout.splitlines():
+                    meta, _, name = line.partition('\t')
+                    if name.startswith('R') and meta.split()[1] == 'blob':
+                        try:
+                            new.append(json.loads(git(
+                                repo, 'cat-file', 'blob',
+                                meta.split()[2]).stdout))
+                        except ValueError:
+                            log.warning('%s: unreadable result %s', node,
+                                        name)
+            os.makedirs(self.state_dir, exist_ok=True)
+            with open(self.results_journal(node), 'a',
+                      encoding='utf-8') as f:
+                for entry in new:
+                    f.write(json.dumps(entry, sort_keys=True) + '\n')
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write(marker, tip + '\n')
+        results = self.read_results(node)
+        if new:
+            log.info('node %s confirmed %d result(s)', node, len(new))
+            self.remove_confirmed_exports(repo, new, results)
+        self.check_unconfirmed(node, results)
+        return len(new)
+
+    def read_results(self, node):
+        """{request id: {server request key: result}} from the journal."""
+        results = {}
+        try:
+            with open(self.results_journal(node), encoding='utf-8') as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    request_id = request_id_of(entry.get('request', ''))
+                    if request_id:
+                        results.setdefault(request_id, {})[
+                            entry['request']] = entry
+        except FileNotFoundError:
+            pass
+        return results
+
+    def remove_confirmed_exports(self, repo, new, results):
+        """An export is removed once every server request of its request
+        was stored by the node (the node's key stays read-only)."""
+        for entry in new:
+            request_id = request_id_of(entry.get('request', ''))
+            if entry.get('outcome') != 'stored' or not request_id:
+                continue
+            export = os.path.join(self.settings['export_dir'], request_id)
+            if not os.path.isdir(export):
+                continue
+            commit = entry['request'].split('-', 1)[0]
+            names = git(repo, 'ls-tree', '--name-only', commit,
+                        check=False).stdout.split()
+            wanted = {f'{commit}-{n}' for n in names
+                      if n.startswith(f'RQ{request_id}-')}
+            stored = {k for k, r in results.get(request_id, {}).items()
+                      if r.get('outcome') == 'stored'}
+            if wanted and wanted <= stored:
+                shutil.rmtree(export, ignore_errors=True)
+                log.info('removed %s: the node stored it', export)
+
+    def check_unconfirmed(self, node, results):
+        """Mail once about pushed requests the node has not confirmed within
+        confirm_after."""
+        limit = self.config.get_duration('client', 'confirm_after')
+        pool = self.pool(node)
+        now = time.time()
+        late = []
+        for request_id in self.list_pool(pool)[FINISHED]:
+            if request_id in results:
+                continue
+            try:
+                age = now - os.lstat(os.path.join(
+                    pool, FINISHED + request_id)).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > limit:
+                late.append(request_id)
+        path = os.path.join(self.state_dir, f'unconfirmed-{node}.json')
+        told = set(read_json(path, []) or [])
+        fresh = [r for r in late if r not in told]
+        if fresh:
+            mail_admins(self.config, 'client',
+                        f'gitbackup: {len(fresh)} request(s) not confirmed '
+                        f'by {node}',
+                        f'These requests were pushed to {node} but the node '
+                        f'has not reported them stored or failed within '
+                        f'{self.settings["confirm_after"]}:\n\n' +
+                        '\n'.join(fresh) + '\n\nCheck `server.py run` and '
+                        '`server.py report` on the node.\n')
+        if set(late) != told:
+            write_json(path, sorted(late))
+        return late
+
     # -- status -----------------------------------------------------------
 
     def status(self, out=sys.stdout):
@@ -1142,6 +1341,24 @@ class Client:
                 out.write(f'  failed request {request_id}: '
                           f'{lines[0] if lines else ""} -- '
                           f'{lines[-1] if len(lines) > 1 else ""}\n')
+            results = self.read_results(node)
+            outcomes = [r for parts in results.values()
+                        for r in parts.values()]
+            stored = [r for r in outcomes if r.get('outcome') == 'stored']
+            failed = [r for r in outcomes if r.get('outcome') != 'stored']
+            unconfirmed = [i for i in states[FINISHED] if i not in results]
+            out.write(f'  node stored {len(stored)}, node failed '
+                      f'{len(failed)}, not yet confirmed {len(unconfirmed)}\n')
+            late = read_json(os.path.join(self.state_dir,
+                                          f'unconfirmed-{node}.json'), [])
+            if late:
+                out.write(f'  unconfirmed after '
+                          f'{self.settings["confirm_after"]}: '
+                          f'{" ".join(late[:10])}\n')
+            for r in sorted(outcomes, key=lambda r: r.get('finished', ''))[-5:]:
+                out.write(f'  {r.get("finished", "?")} '
+                          f'{request_id_of(r["request"])} {r.get("outcome")} '
+                          f'{r.get("stored") or r.get("reason") or ""}\n')
         return 0
 
     # -- check ------------------------------------------------------------
@@ -1179,7 +1396,7 @@ class Client:
                 problems.append(f'[sources] {source}: not a module in '
                                 '[modules]')
         for key in ('export_keep', 'alert_after', 'confirm_after',
-                    'command_timeout'):
+                    'command_timeout', 'keep_requests'):
             self.config.get_duration('client', key)
         if self.settings['compression'] not in COMPRESSION:
             problems.append(f'[client] compression: one of '
@@ -1194,6 +1411,129 @@ class Client:
                       f'({len(self.nodes)} node(s), {len(self.modules)} '
                       'module(s))\n')
         return problems
+
+
+# --------------------------------------------------------------------------
+# -- client operations: gc and prune (gc_repositories serves server.py too)
+
+def gc_repositories(config, section, repos, aggressive=False, where=''):
+    """`git gc` of each repository, as the seed's git_gc.sh: the collected
+    log goes to <log_dir>/git-gc-<time>.log and to the admins.  One failure
+    does not stop the others.  Returns the repositories whose gc failed."""
+    timeout = config.get_duration(section, 'command_timeout')
+    lines, failed = [], []
+    for repo in repos:
+        before = _tree_size(repo)
+        started = time.monotonic()
+        args = ['git', f'--git-dir={repo}', 'gc']
+        if aggressive:
+            args.append('--aggressive')
+        lines.append(f'git-dir="{repo}"')
+        try:
+            proc = run(args, check=False, timeout=timeout)
+            output = (proc.stdout + proc.stderr).strip()
+            status = proc.returncode
+        except CommandFailed as e:   # timeout
+            output, status = str(e), 'timeout'
+        if output:
+            lines.append(output)
+        after = _tree_size(repo)
+        lines.append(f'exit {status}, {human_size(before)} -> '
+                     f'{human_size(after)}, '
+                     f'{time.monotonic() - started:.1f} s')
+        lines.append('')
+        if status != 0:
+            failed.append(repo)
+            log.error('git gc of %s failed (exit %s): %s', repo, status,
+                      clean_text(output, 500))
+        else:
+            log.info('git gc of %s: %s -> %s', repo, human_size(before),
+                     human_size(after))
+    summary = (f'git gc on {where}: {len(repos)} repositories, '
+               f'{len(failed)} failed')
+    lines.append(summary)
+    text = '\n'.join(lines) + '\n'
+    log_dir = config.section(section)['log_dir']
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        atomic_write(os.path.join(log_dir, f'git-gc-{timestamp()}.log'), text)
+    except OSError as e:
+        log.error('cannot write the gc log in %s: %s', log_dir, e)
+    mail_admins(config, section, f'gitbackup: {summary}'
+                + (' (FAILED)' if failed else ''), text)
+    log.info('%s', summary)
+    return failed
+
+
+def _tree_size(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def client_gc(client, aggressive=False):
+    """git gc of every queue repository (queue_dir/*.git)."""
+    queue_dir = client.settings['queue_dir']
+    try:
+        names = sorted(os.listdir(queue_dir))
+    except FileNotFoundError:
+        names = []
+    repos = [os.path.join(queue_dir, name) for name in names
+             if name.endswith('.git') and
+             os.path.isdir(os.path.join(queue_dir, name, 'objects'))]
+    return gc_repositories(client.config, 'client', repos, aggressive,
+                           f'client {client.name}')
+
+
+def client_prune(client, dry_run=False, out=sys.stdout):
+    """Remove exported request directories older than export_keep and F*
+    requests older than keep_requests.  C*, P* and X* are never touched.
+    Returns the list of errors."""
+    errors = []
+    verb = 'would remove' if dry_run else 'removed'
+    now = time.time()
+    export_keep = client.config.get_duration('client', 'export_keep')
+    keep_requests = client.config.get_duration('client', 'keep_requests')
+    export_dir = client.settings['export_dir']
+    try:
+        entries = sorted(os.listdir(export_dir))
+    except FileNotFoundError:
+        entries = []
+    for name in entries:
+        path = os.path.join(export_dir, name)
+        try:
+            if not REQUEST_ID_RE.match(name) or os.path.islink(path) or \
+                    not os.path.isdir(path) or \
+                    now - os.lstat(path).st_mtime <= export_keep:
+                continue
+            if not dry_run:
+                shutil.rmtree(path)
+        except OSError as e:
+            errors.append(f'{path}: {e}')
+            log.error('cannot remove %s: %s', path, e)
+            continue
+        out.write(f'{verb} {path}\n')
+    for node in client.nodes:
+        pool = client.pool(node)
+        for request_id in client.list_pool(pool)[FINISHED]:
+            path = os.path.join(pool, FINISHED + request_id)
+            try:
+                if now - os.lstat(path).st_mtime <= keep_requests:
+                    continue
+                if not dry_run:
+                    os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                errors.append(f'{path}: {e}')
+                continue
+            out.write(f'{verb} {path}\n')
+    return errors
 
 
 # --------------------------------------------------------------------------
@@ -1223,6 +1563,8 @@ def build_parser():
 Typical crontab of the backup user:
   */5 * * * *  client.py send -q
   0 23 11 * *  client.py backup-all -q
+  50 23 11 * * client.py gc -q
+  30 3 * * *   client.py prune -q
 and in the post-update hook of every git repository to back up:
   client.py commit git "$PWD"
 
@@ -1259,6 +1601,22 @@ Exit status: 0 success, 1 failure, 2 bad usage or configuration.''')
     p.add_argument('node', help='a node named in [nodes]')
     command('status', 'show requests and push health per node')
     command('check', 'test the configuration and environment')
+    # -- client operations
+    p = command('gc', 'git gc of the queue repositories; the log is mailed '
+                '(cron, monthly)',
+                'Run `git gc` on every queue repository (queue_dir/*.git).  '
+                'The collected log is\nwritten to log_dir/git-gc-<time>.log '
+                'and mailed to the admins.  Exit 1 if any\ngc failed.')
+    p.add_argument('--aggressive', action='store_true',
+                   help='git gc --aggressive (slow; as the seed did)')
+    p = command('prune', 'remove old exported files and finished requests '
+                '(cron, daily)',
+                'Remove exported request directories (export_dir/<id>/) '
+                'older than export_keep,\nfetched or not, and finished (F*) '
+                'requests older than keep_requests.  C*, P*\nand X* requests '
+                'are never removed.  Every removal is printed.')
+    p.add_argument('--dry-run', action='store_true',
+                   help='print what would be removed; remove nothing')
     return parser
 
 
@@ -1267,8 +1625,12 @@ def parse_args(argv):
 
 
 def backup_all(client, node=None):
-    """Request every [sources] entry; globs expand, each match one request."""
+    """Request every [sources] entry; globs expand, each match one request.
+    A bad entry (missing directory, not a repository) does not stop the
+    others: the errors are collected, mailed and raised at the end."""
+    node = client.node_or_default(node)
     count = 0
+    errors = []
     for source, value in client.config.names('sources').items():
         targets = []
         for item in shlex.split(value):
@@ -1281,9 +1643,20 @@ def backup_all(client, node=None):
             else:
                 targets.append(item)
         for target in targets:
-            client.commit(source, target, node)
+            try:
+                client.commit(source, target, node)
+            except GitBackupError as e:
+                errors.append(f'[sources] {source}: {e}')
+                log.error('%s', errors[-1])
+                continue
             count += 1
     log.info('backup-all: %d request(s) recorded', count)
+    if errors:
+        mail_admins(client.config, 'client',
+                    f'gitbackup: backup-all on {client.name} skipped '
+                    f'{len(errors)} source(s)', '\n'.join(errors) + '\n')
+        raise GitBackupError(f'backup-all: {len(errors)} source(s) not '
+                             f'requested, {count} request(s) recorded')
     return count
 
 
@@ -1313,6 +1686,11 @@ def main(argv=None):
         if args.command == 'backup-all':
             backup_all(client, args.node)
             return 0
+        # -- client operations
+        if args.command == 'gc':
+            return 1 if client_gc(client, args.aggressive) else 0
+        if args.command == 'prune':
+            return 1 if client_prune(client, args.dry_run) else 0
         if args.command == 'send':
             lock = Lock(os.path.join(client.settings['log_dir'], 'send.lock'))
             if not lock.acquire():

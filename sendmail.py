@@ -299,7 +299,9 @@ def send(subject, body, receivers, mail, log_dir):
         except OSError as queue_error:
             raise type(e)('%s; could not queue the message either: %s'
                           % (e, queue_error)) from None
-        raise type(e)('%s; message queued as %s' % (e, path)) from None
+        queued = type(e)('%s; message queued as %s' % (e, path))
+        queued.queued_as = path  # delivered later by flush_queue()
+        raise queued from None
 
 
 def queued_messages(directory):

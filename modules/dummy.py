@@ -15,4 +15,4 @@ def prepare(ctx, module, path):
 
 def handle(ctx, rest):
     ctx.log.info('dummy request from %s: %s', ctx.client, rest)
-    return {'stored': None}
+    return {'stored': None, 'fetched': False}

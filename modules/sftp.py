@@ -35,11 +35,19 @@ def handle(ctx, rest):
         if stored:
             return {'stored': stored, 'recovered': True}
     size = int(options['size']) if 'size' in options else None
-    ctx.check_space(size or 0)
+    # Without an announced size the download is capped at what the quota
+    # and the free-space floor still allow (a client cannot fill the disk).
+    allowance = ctx.check_space(size or 0)
     incoming = ctx.incoming_dir()
     part = os.path.join(incoming, name + '.part')
-    ctx.sftp_get(remote, part, max_size=size)
+    ctx.sftp_get(remote, part, max_size=size if size is not None
+                 else allowance)
+    ctx.pause_point('run:downloaded')
     digest, got = ctx.sha256_file(part)
+    if size is None and allowance is not None and got > allowance:
+        raise ctx.TransientError(f'{remote}: {got} bytes, more than the '
+                                 f'{allowance} the quota and free-space '
+                                 'floor allow')
     if size is not None and got != size:
         raise ctx.TransientError(f'{remote}: got {got} bytes, request says '
                                  f'{size}')

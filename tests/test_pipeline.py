@@ -90,6 +90,15 @@ class PipelineTest(unittest.TestCase):
         self.assertEqual(snapshot(restored), snapshot(src))
         self.assertEqual(manifest['client'], CLIENT)
         self.assertTrue(manifest['request'].endswith('-fs'))
+        # The node reports back; the client learns it and drops its export.
+        export = os.path.join(self.p.client_dir, 'export')
+        self.assertEqual(len(os.listdir(export)), 1)
+        self.p.client('send')
+        self.assertEqual(os.listdir(export), [])
+        status = self.p.client('status').stdout
+        self.assertIn('node stored 1, node failed 0, not yet confirmed 0',
+                      status)
+        self.assertIn(stored[0], status)
 
     def test_node_offline_then_back(self):
         """Two sends while sshd is down keep every request; once it is back

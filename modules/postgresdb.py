@@ -1,0 +1,143 @@
+"""postgresdb: back up PostgreSQL databases with pg_dump (client side).
+
+``postgresdb <database>`` dumps one database; ``postgresdb all`` dumps every
+database that is not a template and accepts connections (listed with psql),
+plus ``pg_dumpall --globals-only`` (roles, tablespaces) as a plain SQL file.
+Each database becomes one custom-format dump (``pg_dump -Fc``: compressed,
+restorable table by table with ``pg_restore``), streamed to a file in the
+request's directory of export_dir and offered to the node as one ``sftp``
+server request with its sha256 and size.  A file appears under its final
+name only when its dump exited 0: a node is never offered half a dump.
+
+The programs are run as ``[client] pg_dump``, ``pg_dumpall`` and ``psql``
+say, so a prefix such as ``sudo -n -u postgres pg_dump`` works (see the
+sudoers lines in README).  The server is found through the usual libpq
+environment (PGHOST, PGPORT, PGUSER, ~/.pgpass ...) or ``[client] pg_host``
+(host name or socket directory), ``pg_port`` and ``pg_user``, passed as
+command-line options so that they survive sudo.
+
+A dump that fails (no such database, server down, permission denied) fails
+that request only, with pg_dump's own message; ``send`` retries it and the
+other requests go on.
+"""
+
+import hashlib
+import os
+import re
+import shlex
+
+ALL = 'all'
+# Database names accepted on the command line: what people actually use.
+# No '=' (libpq would read a connection string), no leading '-' (an option).
+DATABASE_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.$-]{0,62}$')
+GLOBALS_FILE = 'globals.sql'
+LIST_DATABASES = ("SELECT datname FROM pg_database "
+                  "WHERE NOT datistemplate AND datallowconn ORDER BY datname")
+
+
+def check_path(client, module, path):
+    """'all' or a plain database name; the database itself is looked up
+    only when the request is prepared (the server may be down now)."""
+    if path == ALL or DATABASE_RE.match(path):
+        return path
+    raise ValueError(f'{path!r}: not a database name (letters, digits, '
+                     f'_ . $ -) nor "{ALL}"')
+
+
+def connection_options(settings):
+    """-h/-p/-U from [client] pg_host, pg_port, pg_user (empty: libpq's
+    environment and defaults decide)."""
+    options = []
+    for key, option in (('pg_host', '--host'), ('pg_port', '--port'),
+                        ('pg_user', '--username')):
+        if settings.get(key):
+            options.append(f'{option}={settings[key]}')
+    return options
+
+
+def conninfo_dbname(name):
+    """A connection string naming one database, quoted the libpq way, so
+    that any name listed by the server (spaces, '=' ...) means itself."""
+    return "dbname='%s'" % name.replace('\\', '\\\\').replace("'", "\\'")
+
+
+def dump_file_name(name):
+    """A file name for the dump of one database, safe and distinct: odd
+    characters become '_' plus a short hash of the real name."""
+    slug = re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('._-')[:80]
+    if slug != name or not slug:
+        slug = (slug or 'db') + '-' + \
+            hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]
+    return slug + '.dump'
+
+
+def command(ctx, key):
+    words = shlex.split(ctx.settings[key])
+    if not words:
+        raise ctx.ModuleError(f'[client] {key} is empty')
+    return words
+
+
+def list_databases(ctx):
+    """Every database that is not a template and allows connections."""
+    args = command(ctx, 'psql') + [
+        '-X', '-A', '-t', '-q', '-v', 'ON_ERROR_STOP=1',
+        *connection_options(ctx.settings)]
+    errors = []
+    # Like pg_dumpall: the 'postgres' database, else template1.
+    for maintenance_db in ('postgres', 'template1'):
+        proc = ctx.run(args + [f'--dbname={maintenance_db}',
+                               '--command', LIST_DATABASES],
+                       check=False, timeout=300)
+        if proc.returncode == 0:
+            return [line for line in proc.stdout.split('\n') if line]
+        errors.append(proc.stderr.strip())
+    raise ctx.ModuleError('cannot list the databases (psql failed): '
+                          + ' / '.join(e[-500:] for e in errors if e))
+
+
+def dump(ctx, args, filename, what):
+    """Stream one dump into the export directory, publish it, return the
+    published path."""
+    path = ctx.export_path(filename)
+    status, stderr = ctx.stream_command_to_file(args, path)
+    if status != 0:
+        try:
+            os.unlink(path + '.part')
+        except OSError:
+            pass
+        raise ctx.ModuleError(f'{what} failed (exit {status}): '
+                              f'{stderr.strip()[-1000:] or "no message"}')
+    if stderr.strip():
+        ctx.log.warning('%s: %s', what, stderr.strip()[-500:])
+    ctx.publish(path)
+    return path
+
+
+def prepare(ctx, module, path):
+    check_path(None, module, path)
+    connection = connection_options(ctx.settings)
+    if path == ALL:
+        databases = list_databases(ctx)
+        ctx.log.info('postgresdb all: %d database(s): %s', len(databases),
+                     ', '.join(databases))
+        globals_file = dump(
+            ctx, command(ctx, 'pg_dumpall') + ['--globals-only', *connection],
+            GLOBALS_FILE, 'pg_dumpall --globals-only')
+        yield 'globals', ctx.sftp_request(globals_file, source=module)
+    else:
+        databases = [path]
+    names = set()
+    for database in databases:
+        filename = dump_file_name(database)
+        if filename in names:
+            raise ctx.ModuleError(f'two databases map to the file name '
+                                  f'{filename}; rename one of them')
+        names.add(filename)
+        dumped = dump(
+            ctx, command(ctx, 'pg_dump') + [
+                '--format=custom', *connection,
+                f'--dbname={conninfo_dbname(database)}'],
+            filename, f'pg_dump of database {database!r}')
+        yield 'db-' + filename[:-len('.dump')], \
+            ctx.sftp_request(dumped, source=module)

@@ -1,0 +1,327 @@
+"""Nothing lost, everyone told: fault injection with the real programs.
+
+Crashes are real processes killed with SIGKILL at named points
+($GITBACKUP_PAUSE_AT makes a program stop there until killed); outages are
+the private sshd stopped and started again; mail is read from the spool.
+"""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import unittest
+
+from tests import support
+from tests.pipeline import CLIENT, Pipeline
+
+
+class Paused:
+    """Start a client.py/server.py command that stops at a pause point;
+    kill -9 it once it got there."""
+
+    def __init__(self, pipeline, script, point, *args, cwd=None):
+        env = {**pipeline.env, 'GITBACKUP_PAUSE_AT': point}
+        self.proc = subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, script), '--config',
+             pipeline.config, *args], env=env, cwd=cwd,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self.point = point
+        self.seen = []
+        for line in self.proc.stderr:
+            self.seen.append(line)
+            if f'pausing at {point}' in line:
+                break
+        else:
+            raise AssertionError(f'{script} never reached {point}:\n'
+                                 + ''.join(self.seen))
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stderr.close()
+
+
+def write_tree(root, size=1 << 20):
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, 'data.bin'), 'wb') as f:
+        f.write(os.urandom(size))
+
+
+class CrashTest(unittest.TestCase):
+    """kill -9 at every stage, then normal runs: every request arrives,
+    each backup is stored exactly once, partial downloads never count."""
+
+    def setUp(self):
+        self.p = Pipeline(self)
+        self.src = os.path.join(self.p.root, 'src')
+        write_tree(self.src)
+
+    def finish_and_check(self, sends=1):
+        for _ in range(sends):
+            self.p.client('send')
+        self.p.server('run')
+        self.assertEqual(self.p.states(), {'F': 1})
+        self.assertEqual(self.p.states('node'), {'F': 1})
+        stored = self.p.stored('app')
+        self.assertEqual(len(stored), 1, stored)
+        files = sorted(os.listdir(stored[0]))
+        self.assertEqual(len(files), 2, files)
+        self.assertIn('manifest.json', files)
+        self.assertTrue(files[1].endswith('.tar.gz'), files)
+        incoming = os.path.join(self.p.node_dir, 'data', CLIENT, 'files',
+                                '.incoming')
+        self.assertEqual(os.listdir(incoming) if os.path.isdir(incoming)
+                         else [], [])
+
+    def test_kill_during_commit(self):
+        Paused(self.p, 'client.py', 'commit:written', 'commit', 'app',
+               self.src).kill()
+        self.assertEqual(list(self.p.states()), ['i'])
+        # A complete, fsynced i* file is recovered once it is clearly
+        # abandoned (older than a minute).
+        [name] = self.p.pool()
+        path = os.path.join(self.p.client_dir, 'requests', 'n1', name)
+        os.utime(path, (time.time() - 120,) * 2)
+        self.finish_and_check()
+
+    def test_kill_between_claim_and_push(self):
+        self.p.client('commit', 'app', self.src)
+        Paused(self.p, 'client.py', 'send:prepared', 'send').kill()
+        self.assertEqual(self.p.states(), {'P': 1})
+        self.finish_and_check()
+
+    def test_kill_after_commit_before_push(self):
+        self.p.client('commit', 'app', self.src)
+        Paused(self.p, 'client.py', 'send:committed', 'send').kill()
+        self.finish_and_check()
+        # Exactly one commit reached the node: nothing prepared twice.
+        out = subprocess.run(['git', '--git-dir', self.p.repo, 'rev-list',
+                              '--count', 'master'], stdout=subprocess.PIPE,
+                             text=True, check=True).stdout
+        self.assertEqual(out.strip(), '1')
+
+    def test_kill_after_push_before_recording(self):
+        self.p.client('commit', 'app', self.src)
+        Paused(self.p, 'client.py', 'send:pushed', 'send').kill()
+        self.assertEqual(self.p.states(), {'P': 1})
+        self.finish_and_check()
+
+    def test_kill_during_ingest(self):
+        hook = os.path.join(self.p.repo, 'hooks', 'post-update')
+        os.rename(hook, hook + '.off')
+        self.p.client('commit', 'app', self.src)
+        self.p.client('commit', 'dummy', 'x')
+        self.p.client('send')
+        Paused(self.p, 'server.py', 'ingest:written', 'ingest', CLIENT,
+               cwd=self.p.repo).kill()
+        self.assertEqual(self.p.states('node'), {})
+        self.p.server('run')  # catches up the interrupted ingest
+        self.assertEqual(self.p.states('node'), {'F': 2})
+        self.assertEqual(len(self.p.stored('app')), 1)
+        self.assertFalse(os.path.exists(os.path.join(
+            self.p.node_dir, 'TODO', CLIENT, '.incomplete')))
+
+    def test_kill_during_download(self):
+        self.p.client('commit', 'app', self.src)
+        self.p.client('send')
+        Paused(self.p, 'server.py', 'run:downloaded', 'run').kill()
+        self.assertEqual(self.p.stored('app'), [])  # a .part is not stored
+        self.finish_and_check(sends=0)
+
+    def test_kill_while_writing_manifest(self):
+        self.p.client('commit', 'app', self.src)
+        self.p.client('send')
+        Paused(self.p, 'server.py', 'run:manifest', 'run').kill()
+        self.assertEqual(self.p.stored('app'), [])
+        self.finish_and_check(sends=0)
+
+    def test_kill_after_storing(self):
+        self.p.client('commit', 'app', self.src)
+        self.p.client('send')
+        Paused(self.p, 'server.py', 'run:stored', 'run').kill()
+        self.assertEqual(len(self.p.stored('app')), 1)
+        self.finish_and_check(sends=0)
+
+
+class OutageTest(unittest.TestCase):
+    def setUp(self):
+        self.p = Pipeline(self, extra_config='')
+        # Alert at the first failure so the test needs no waiting.
+        with open(self.p.config) as f:
+            text = f.read()
+        text = text.replace('[client]\n', '[client]\nalert_after = 0\n', 1)
+        text = text.replace('[server]\n', '[server]\nalert_after = 0\n', 1)
+        with open(self.p.config, 'w') as f:
+            f.write(text)
+
+    def subjects(self):
+        return [m['Subject'] for m in self.p.mails()]
+
+    def test_node_down_during_send(self):
+        self.p.sshd.stop()
+        for i in range(3):
+            self.p.client('commit', 'dummy', f'r{i}')
+            self.assertEqual(self.p.client('send', check=False).returncode, 1)
+        self.p.sshd.start()
+        self.p.client('send')
+        self.p.client('send')
+        self.assertEqual(self.subjects(), [
+            'gitbackup: pushing to node n1 failing',
+            'gitbackup: pushing to node n1 recovered'])
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 3})
+
+    def test_client_down_during_run(self):
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src)
+        self.p.client('commit', 'app', src)
+        self.p.client('send')
+        self.p.sshd.stop()
+        for _ in range(3):  # far beyond max_attempts would not matter
+            self.assertEqual(self.p.server('run', check=False).returncode, 1)
+        self.assertEqual(self.p.states('node'), {'RQ': 1})
+        self.p.sshd.start()
+        self.p.server('run')
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 1})
+        self.assertEqual(len(self.p.stored('app')), 1)
+        self.assertEqual(self.subjects(), [
+            f'gitbackup: fetching from client {CLIENT} failing',
+            f'gitbackup: fetching from client {CLIENT} recovered'])
+
+    def test_corrupt_download_retried_then_given_up(self):
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace('[server]\n', '[server]\nmax_attempts = 2\n',
+                                 1))
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src)
+        self.p.client('commit', 'app', src)
+        self.p.client('send')
+        export = os.path.join(self.p.client_dir, 'export')
+        [request_dir] = os.listdir(export)
+        [archive] = os.listdir(os.path.join(export, request_dir))
+        path = os.path.join(export, request_dir, archive)
+        with open(path, 'r+b') as f:  # same size, different bytes
+            f.seek(100)
+            f.write(b'\0' * 16)
+        proc = self.p.server('run', check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn('does not match', proc.stderr)
+        self.assertEqual(self.p.states('node'), {'RQ': 1})
+        self.assertEqual(self.subjects(), [])  # a retry is no news yet
+        self.p.server('run', check=False)
+        self.assertEqual(self.p.states('node'), {'X': 1, 'reason': 1})
+        self.assertEqual(self.p.stored('app'), [])
+        [mail] = self.p.mails()
+        self.assertIn('given up', mail.get_content())
+        # The client learns that its request failed.
+        self.p.client('send')
+        self.assertIn('node failed 1', self.p.client('status').stdout)
+
+    def test_free_space_floor(self):
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace('free_space_floor = 0',
+                                 'free_space_floor = 1000000T'))
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src)
+        self.p.client('commit', 'app', src)
+        self.p.client('send')
+        for _ in range(3):
+            proc = self.p.server('run', check=False)
+            self.assertEqual(proc.returncode, 1)
+            self.assertIn('free_space_floor', proc.stderr)
+        self.assertEqual(self.p.states('node'), {'RQ': 1})  # kept
+        self.assertEqual(self.p.stored('app'), [])
+        self.assertEqual(self.subjects(),
+                         [f'gitbackup: storing backups of {CLIENT} failing'])
+        with open(self.p.config, 'w') as f:
+            f.write(text)
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 1})
+        self.assertEqual(self.subjects()[-1],
+                         f'gitbackup: storing backups of {CLIENT} recovered')
+
+    def test_mail_failure_is_queued_and_retried(self):
+        with open(self.p.config) as f:
+            text = f.read()
+        port = support.free_port()  # nothing listens there
+        broken = text.replace('method = spool', f'method = smtp\n'
+                              f'smtp = 127.0.0.1:{port}')
+        with open(self.p.config, 'w') as f:
+            f.write(broken)
+        self.p.sshd.stop()
+        self.p.client('commit', 'dummy', 'x')
+        self.p.client('send', check=False)
+        queue = os.path.join(self.p.client_dir, 'log', 'mail-queue')
+        self.assertEqual(len(os.listdir(queue)), 1)
+        with open(self.p.config, 'w') as f:
+            f.write(text)
+        self.p.sshd.start()
+        self.p.client('send')
+        self.assertEqual([n for n in os.listdir(queue)
+                          if not n.startswith('.')], [])
+        self.assertEqual(self.subjects(), [
+            'gitbackup: pushing to node n1 failing',
+            'gitbackup: pushing to node n1 recovered'])
+
+
+class ConcurrencyTest(unittest.TestCase):
+    def setUp(self):
+        self.p = Pipeline(self)
+
+    def test_commits_during_send(self):
+        for i in range(5):
+            self.p.client('commit', 'dummy', f'before-{i}')
+        threads = [threading.Thread(target=self.p.client,
+                                    args=('commit', 'dummy', f'during-{i}'))
+                   for i in range(10)]
+        send = threading.Thread(target=self.p.client, args=('send',))
+        send.start()
+        for t in threads:
+            t.start()
+        for t in threads + [send]:
+            t.join()
+        self.p.client('send')
+        self.assertEqual(self.p.states(), {'F': 15})
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 15})
+
+    def test_two_runs_together(self):
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src, 8 << 20)
+        self.p.client('commit', 'app', src)
+        self.p.client('send')
+        procs = [subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, 'server.py'),
+             '--config', self.p.config, 'run'], env=self.p.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+        outs = [p.communicate() for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0, 0], outs)
+        self.assertTrue(any('another run' in err for _, err in outs), outs)
+        self.assertEqual(self.p.states('node'), {'F': 1})
+        self.assertEqual(len(self.p.stored('app')), 1)
+
+    def test_two_sends_together(self):
+        self.p.client('commit', 'dummy', 'x')
+        procs = [subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, 'client.py'),
+             '--config', self.p.config, 'send'], env=self.p.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+        outs = [p.communicate() for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0, 0], outs)
+        self.p.client('send')
+        self.assertEqual(self.p.states(), {'F': 1})
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 1})
+
+
+if __name__ == '__main__':
+    unittest.main()
