@@ -566,8 +566,10 @@ class Config:
 # --------------------------------------------------------------------------
 # Logging and mail
 
-def setup_logging(log_dir, program, verbose=0, quiet=False, create=True):
-    """Log to stderr (for humans and cron) and to log_dir/<program>.log."""
+def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
+                  log_name=None):
+    """Log to stderr (for humans and cron) and to log_dir/<log_name>
+    (default <program>.log)."""
     log.handlers[:] = []
     log.setLevel(logging.DEBUG)
     log.propagate = False
@@ -580,7 +582,8 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True):
         try:
             os.makedirs(log_dir, exist_ok=True)
             handler = logging.FileHandler(
-                os.path.join(log_dir, f'{program}.log'), encoding='utf-8')
+                os.path.join(log_dir, log_name or f'{program}.log'),
+                encoding='utf-8')
         except OSError as e:
             log.warning('cannot write the log file in %s: %s', log_dir, e)
         else:
@@ -975,24 +978,18 @@ class Client:
             committed |= {request_id for request_id, _ in batch}
         health = Health(os.path.join(self.state_dir, f'node-{node}.json'),
                         self.config, 'client', f'pushing to node {node}')
-        if self.needs_push(repo):
+        alert_after = self.config.get_duration('client', 'alert_after')
+        pushed = self.needs_push(repo)
+        if pushed:
             try:
                 self.push(repo, node)
                 pause_point('send:pushed')
             except GitBackupError as e:
-                health.failed(str(e), self.config.get_duration(
-                    'client', 'alert_after'))
+                health.failed(str(e), alert_after)
                 errors.append(Problem(f'push to {node} failed (requests kept '
                                       f'for the next run): {e}', mail=False))
                 log.error('%s', errors[-1])
                 return errors
-            health.ok()
-        try:
-            self.fetch_results(node, repo)
-        except GitBackupError as e:
-            errors.append(Problem(f'fetching results from {node}: {e}',
-                                  mail=False))
-            log.error('%s', errors[-1])
         for request_id in sorted(committed):
             try:
                 os.rename(os.path.join(pool, PROCESSING + request_id),
@@ -1002,7 +999,27 @@ class Client:
         if committed:
             fsync_dir(pool)
             log.info('node %s: %d request(s) sent', node, len(committed))
+        # Results are fetched only while something awaits confirmation: an
+        # idle client does not call its nodes every five minutes.
+        if pushed or self.unconfirmed(node):
+            try:
+                self.fetch_results(node, repo)
+            except GitBackupError as e:
+                health.failed(str(e), alert_after)
+                errors.append(Problem(f'fetching results from {node}: {e}',
+                                      mail=False))
+                log.error('%s', errors[-1])
+                return errors
+            health.ok()
         return errors
+
+    def unconfirmed(self, node, results=None):
+        """Pushed requests (F*) the node has not reported on yet."""
+        finished = self.list_pool(self.pool(node))[FINISHED]
+        if not finished:
+            return []
+        results = self.read_results(node) if results is None else results
+        return [i for i in finished if i not in results]
 
     def promote_orphans(self, pool):
         """An i* file left by a commit that was killed after writing it
@@ -1293,9 +1310,7 @@ class Client:
         pool = self.pool(node)
         now = time.time()
         late = []
-        for request_id in self.list_pool(pool)[FINISHED]:
-            if request_id in results:
-                continue
+        for request_id in self.unconfirmed(node, results):
             try:
                 age = now - os.lstat(os.path.join(
                     pool, FINISHED + request_id)).st_mtime
@@ -1346,7 +1361,7 @@ class Client:
                         for r in parts.values()]
             stored = [r for r in outcomes if r.get('outcome') == 'stored']
             failed = [r for r in outcomes if r.get('outcome') != 'stored']
-            unconfirmed = [i for i in states[FINISHED] if i not in results]
+            unconfirmed = self.unconfirmed(node, results)
             out.write(f'  node stored {len(stored)}, node failed '
                       f'{len(failed)}, not yet confirmed {len(unconfirmed)}\n')
             late = read_json(os.path.join(self.state_dir,

@@ -997,12 +997,21 @@ def read_gitosis_conf(text, source='gitosis.conf'):
     for section in parser.sections():
         if not section.startswith('group '):
             continue
+        group = []
         for key in GITOSIS_WRITE_KEYS:
             for name in (parser[section].get(key) or '').split():
                 if name.endswith('.git'):
                     name = name[:-len('.git')]
+                group.append(name)
                 if name not in names:
                     names.append(name)
+        members = (parser[section].get('members') or '').split()
+        clients = [n for n in group if n != GITOSIS_ADMIN_REPO]
+        if len(members) > 1 and clients:
+            log.warning('%s: [%s] lets %d keys write %s: every member may '
+                        'push to each of these; give every client a group '
+                        'of its own', source, clean_text(section),
+                        len(members), clean_text(' '.join(clients)))
     return names
 
 
@@ -1697,7 +1706,31 @@ def report_command(node, fmt='text', mail=False, output=None,
         gb.mail_admins(node.config, 'server',
                        f'gitbackup: report of {node.name}: '
                        f'{report["status"].upper()}', report_text(report))
+        for c in report['clients']:
+            if c['status'] != 'ok':
+                mail_client_admins(
+                    node, c['client'], f'gitbackup: report of {node.name} '
+                    f'for {c["client"]}: {c["status"].upper()}',
+                    report_text(dict(report, clients=[c],
+                                     status=c['status'])))
     return status
+
+
+def mail_client_admins(node, client, subject, body):
+    """Mail [client NAME] admin, the extra admins of one client's
+    problems (the [server] admins are mailed separately)."""
+    admins = node.config.admins(f'client {client}')
+    if not admins:
+        return False
+    try:
+        how = gb.sendmail.send(subject, body, admins,
+                               node.config.section('mail'),
+                               node.settings['log_dir'])
+    except gb.sendmail.MailError as e:
+        log.error('mail to %s failed: %s', ' '.join(admins), e)
+        return False
+    log.info('mailed %s: %s (%s)', ' '.join(admins), subject, how)
+    return True
 
 
 # -- gc ---------------------------------------------------------------------
@@ -1809,6 +1842,7 @@ def prune_command(node, dry_run=False, out=sys.stdout):
                                 '`server.py verify`)', backup.path)
         pool = node.pool(client)
         states = list_pool(pool)
+        errors += prune_incoming(node, client, states, dry_run, verb, out)
         for state in (FINISHED, FAILED):
             for key in states[state]:
                 if key.endswith('.reason'):   # removed with its X*
@@ -1838,6 +1872,36 @@ def prune_command(node, dry_run=False, out=sys.stdout):
             fsync_dir(pool)
     log.info('prune%s: %d backup(s) %s, %d kept', ' --dry-run' if dry_run
              else '', removed, verb, kept)
+    return errors
+
+
+def prune_incoming(node, client, states, dry_run, verb, out):
+    """Staging directories files/.incoming/<key> whose request is neither
+    pending nor being handled, and older than command_timeout (no download
+    runs longer), are what a crash left behind: remove them."""
+    incoming = os.path.join(node.settings['data_dir'], client, 'files',
+                            '.incoming')
+    live = set(states[NEW]) | set(states[PROCESSING])
+    limit = node.config.get_duration('server', 'command_timeout')
+    errors = []
+    try:
+        names = sorted(os.listdir(incoming))
+    except FileNotFoundError:
+        return errors
+    for name in names:
+        path = os.path.join(incoming, name)
+        try:
+            if name in live or time.time() - os.lstat(path).st_mtime <= limit:
+                continue
+            if not dry_run:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+        except OSError as e:
+            errors.append(f'{path}: {e}')
+            continue
+        out.write(f'{verb} {path}\n')
     return errors
 
 
@@ -2087,8 +2151,9 @@ report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
                 'the newest good backup; remove the rest.  Git mirrors are\n'
                 'never pruned; directories without a readable manifest are '
                 'left for verify.\nF* and X* request files (with .reason and '
-                'attempts) older than keep_requests\nare removed.  Every '
-                'removal is printed.')
+                'attempts) older than keep_requests\nare removed, and '
+                'staging directories (files/.incoming/) a crash left '
+                'behind.\nEvery removal is printed.')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     p = command('verify', 're-hash stored files, git fsck, sample restore '
@@ -2120,9 +2185,13 @@ def main(argv=None):
     try:
         config = gb.Config(gb.find_config(args.config, __file__))
         node = Node(config)
+        # The git account runs ingest/gate/provision: its own log file, so
+        # that neither account needs to write the other's.
+        git_side = args.command in ('ingest', 'gate', 'provision')
         gb.setup_logging(node.settings['log_dir'], 'server.py',
                          args.verbose, args.quiet,
-                         create=args.command != 'check')
+                         create=args.command != 'check',
+                         log_name='server-git.log' if git_side else None)
         if args.command == 'ingest':
             node.ingest(args.client, args.repository)
             return 0

@@ -1,27 +1,66 @@
-"""Run the whole suite (make test) and end with one plain summary line,
-'N passed, N failed, N skipped', that CI and people can read."""
+"""Run the suite (make test) and end with one plain summary line,
+'N passed, N failed, N skipped', that CI and people can read.
 
+Test modules run in parallel worker processes (they spend their time
+waiting on sshd, git and PostgreSQL, not on the CPU); each module's output
+is printed whole when it finishes.  `tests/run.py tests.test_pipeline ...`
+runs only the named modules or tests.  JOBS=1 runs them one by one.
+"""
+
+import concurrent.futures
 import os
+import re
+import subprocess
 import sys
-import unittest
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = '''
+import sys, unittest
+sys.path.insert(0, sys.argv[1])
+suite = unittest.TestLoader().loadTestsFromNames(sys.argv[2:])
+result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
+print('RESULT %d %d %d' % (result.testsRun,
+      len(result.failures) + len(result.errors) +
+      len(result.unexpectedSuccesses), len(result.skipped)))
+'''
+
+
+def test_modules():
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'tests'))
+                   if f.startswith('test_') and f.endswith('.py'))
+    return ['tests.' + n for n in names]
+
+
+def run_one(name):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, '-c', WORKER, ROOT, name],
+                          cwd=ROOT, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    m = re.search(r'^RESULT (\d+) (\d+) (\d+)$', proc.stdout, re.M)
+    counts = tuple(map(int, m.groups())) if m else (0, 1, 0)
+    if proc.returncode and not m:
+        counts = (0, 1, 0)  # the module did not even load
+    return name, proc.stdout, counts, time.monotonic() - start
 
 
 def main(argv):
-    sys.path.insert(0, ROOT)
-    loader = unittest.TestLoader()
-    if argv:
-        suite = loader.loadTestsFromNames(argv)
-    else:
-        suite = loader.discover(os.path.join(ROOT, 'tests'), top_level_dir=ROOT)
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(result.failures) + len(result.errors) + \
-        len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
+    names = argv or test_modules()
+    jobs = int(os.environ.get('JOBS') or 3)
+    total = failed = skipped = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        for name, output, (ran, bad, skip), seconds in pool.map(run_one,
+                                                                names):
+            print(f'==== {name} ({seconds:.1f} s)')
+            print(output.rstrip())
+            sys.stdout.flush()
+            total += ran
+            failed += bad
+            skipped += skip
+    passed = total - failed - skipped
     print(f'{passed} passed, {failed} failed, {skipped} skipped')
-    return 0 if failed == 0 and result.testsRun else 1
+    return 0 if failed == 0 and total else 1
 
 
 if __name__ == '__main__':

@@ -184,6 +184,8 @@ class ProvisionTest(unittest.TestCase):
             self.assertIn(f'not provisioning {name!r}', proc.stderr)
         self.assertNotIn("provisioning 'gitosis-admin'", proc.stderr)
         self.assertNotIn('readonly-repo', proc.stderr)
+        self.assertIn('[group clients] lets 2 keys write 172.16.0.60 c2',
+                      proc.stderr)
         hooks = {n: os.stat(os.path.join(self.repos, n + '.git', 'hooks',
                                          'post-update')).st_mtime_ns
                  for n in PROVISIONED}

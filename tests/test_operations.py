@@ -359,11 +359,15 @@ class OperationsTest(unittest.TestCase):
         self.write_config(client_section='stale_after = 10d\n')
         self.assertEqual(self.report()['status'], 'ok')
         self.write_config(server='stale_after = 30d\n',
-                          client_section='stale_after = 2d\n')
+                          client_section='stale_after = 2d\n'
+                          'admin = c1-admin@example.invalid\n')
         self.server('report', '--mail', code=2)
-        [mail] = self.mails()
-        self.assertIn('CRITICAL', mail['subject'])
-        self.assertIn('app', mail.get_content())
+        mails = {m['to']: m for m in self.mails()}
+        self.assertEqual(set(mails), {'node-admin@example.invalid',
+                                      'c1-admin@example.invalid'})
+        for mail in mails.values():
+            self.assertIn('CRITICAL', mail['subject'])
+            self.assertIn('app', mail.get_content())
 
     def test_report_expected_source_missing_is_critical(self):
         self.write_config(client_section='expect = app git\n')
@@ -447,6 +451,14 @@ class OperationsTest(unittest.TestCase):
         old_x = self.make_pool_file('X', '3' * 40 + '-RQold-fs', 'dummy x',
                                     age=100 * DAY)
         new_x = self.make_pool_file('X', '4' * 40 + '-RQnew-fs', 'dummy x')
+        incoming = os.path.join(self.files, '.incoming')
+        pending = '5' * 40 + '-RQpending-fs'
+        self.make_pool_file('RQ', pending, 'dummy x')
+        for key in ('6' * 40 + '-RQcrashed-fs', pending):
+            os.makedirs(os.path.join(incoming, key))
+            old = time.time() - 2 * DAY
+            os.utime(os.path.join(incoming, key), (old, old))
+        os.makedirs(os.path.join(incoming, '7' * 40 + '-RQrecent-fs'))
         before = self.backups()
         out = self.server('prune', '--dry-run').stdout
         self.assertEqual(self.backups(), before)
@@ -455,7 +467,7 @@ class OperationsTest(unittest.TestCase):
         gone = {b, d, f, h, i}
         self.assertEqual(
             {line.split(' ', 2)[2] for line in out.splitlines()
-             if line.startswith('would remove ') and '/files/' in line},
+             if line.startswith('would remove ') and '/files/app/' in line},
             gone)
         out = self.server('prune').stdout
         self.assertEqual(set(self.backups()), {a, c, e, g, odd})
@@ -464,6 +476,8 @@ class OperationsTest(unittest.TestCase):
             self.assertIn(f'removed {path}', out)
         for path in new_x:
             self.assertTrue(os.path.exists(path), path)
+        self.assertEqual(sorted(os.listdir(incoming)),
+                         [pending, '7' * 40 + '-RQrecent-fs'])
         # Nothing kept but the rule "never the newest good backup".
         self.write_config(client_section='keep_daily = 0\nkeep_weekly = 0\n'
                           'keep_monthly = 0\n')
