@@ -847,6 +847,13 @@ class Node:
             if not settings['sftp_root']:
                 problems.append(f'[client {client}]: no sftp_root (here or '
                                 'in [server]): sftp requests would fail')
+            scheme = settings['git'].split('://', 1)[0]
+            allowed = self.settings['git_protocols'].split()
+            if '://' not in settings['git'] or scheme not in allowed or \
+                    scheme in ('file', 'ext'):
+                problems.append(f'[client {client}] git = {settings["git"]}: '
+                                f'want a URL whose scheme is one of '
+                                f'[server] git_protocols ({", ".join(allowed)})')
         for name in ('sftp', 'git'):
             try:
                 gb.load_module(self.config.modules_dir('server'), name)
