@@ -113,7 +113,11 @@ def check_client_name(name):
 
 
 def split_key(filename):
-    """'RQ<key>' / 'P<key>' ... -> (state, key), or (None, None)."""
+    """'RQ<key>' / 'P<key>' ... -> (state, key), or (None, None).  The
+    notes beside refused requests (X<key>.reason) are not requests: ingest
+    never accepts a name ending in '.reason'."""
+    if filename.endswith('.reason'):
+        return None, None
     for state in NODE_STATES:
         if filename.startswith(state) and KEY_RE.match(filename[len(state):]):
             return state, filename[len(state):]
@@ -1401,8 +1405,6 @@ def pool_requests(node, client):
         if kind is None:
             continue
         for key in keys:
-            if key.endswith('.reason'):   # the note beside an X*
-                continue
             source = request_source(node, client, read_request_line(
                 os.path.join(pool, state + key))) or '?'
             counts[kind][source] = counts[kind].get(source, 0) + 1
@@ -1852,8 +1854,6 @@ def prune_command(node, dry_run=False, out=sys.stdout):
         errors += prune_incoming(node, client, states, dry_run, verb, out)
         for state in (FINISHED, FAILED):
             for key in states[state]:
-                if key.endswith('.reason'):   # removed with its X*
-                    continue
                 path = os.path.join(pool, state + key)
                 extras = [p for p in (path + '.reason',
                                       os.path.join(pool, '.attempts', key))

@@ -424,9 +424,12 @@ class GateSshTest(unittest.TestCase):
             self.assertEqual(len(lines), 1, (command, proc.stderr))
             self.assertIn('server.py:', lines[0])
         self.assertFalse(os.path.exists(self.canary))
-        with open(os.path.join(self.root, 'node', 'log',
-                               'server.py.log')) as f:
-            log_text = f.read()
+        log_text = ''
+        for name in ('server.py.log', 'server-git.log'):
+            path = os.path.join(self.root, 'node', 'log', name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    log_text += f.read()
         self.assertIn("refused command 'touch", log_text)
 
 

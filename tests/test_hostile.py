@@ -172,9 +172,17 @@ class HostileTestCase(unittest.TestCase):
         self.assertFalse(os.path.exists(self.canary))
 
     def node_log(self):
-        with open(os.path.join(self.p.node_dir, 'log', 'server.py.log'),
-                  encoding='utf-8', errors='replace') as f:
-            return f.read()
+        """The node's logs: server.py.log (run) and, if there is one, the
+        git account's (ingest, gate)."""
+        text = ''
+        for name in ('server.py.log', 'server-git.log'):
+            try:
+                with open(os.path.join(self.p.node_dir, 'log', name),
+                          encoding='utf-8', errors='replace') as f:
+                    text += f.read()
+            except FileNotFoundError:
+                pass
+        return text
 
     def assert_clean_log(self):
         """Log lines carry no control characters from the attacker."""
