@@ -44,7 +44,6 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -139,6 +138,7 @@ SCHEMA = {
         'free_space_floor': '1G',
         'max_request_size': '4096',
         'max_requests_per_push': '1000',
+        'max_push_size': '64M',
         'command_timeout': '6h',
     },
     'client *': {
@@ -1675,45 +1675,23 @@ def backup_all(client, node=None):
     return count
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def exclusive(log_dir, name, function):
+    """Run function() unless another process holds log_dir/<name>.lock: a
+    second cron job exits 0 at once with one log line."""
+    lock = Lock(os.path.join(log_dir, f'{name}.lock'))
+    if not lock.acquire():
+        log.info('another %s (pid %s) holds %s; exiting', name,
+                 lock.holder(), lock.path)
+        return 0
+    with lock:
+        return function()
+
+
+def guarded(command):
+    """Run a command; turn the errors a user should see into one log line
+    and an exit status (1 failure, 2 bad usage or configuration)."""
     try:
-        args = parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-    quiet = args.quiet or args.command == 'commit'
-    setup_logging(None, 'client.py', args.verbose, quiet)
-    try:
-        config = Config(find_config(args.config))
-        client = Client(config)
-        setup_logging(client.settings['log_dir'], 'client.py', args.verbose,
-                      quiet, create=args.command != 'check')
-        if args.command == 'commit':
-            client.commit(args.module, args.path, args.node)
-            return 0
-        if args.command == 'init-node':
-            print(client.init_node(args.node))
-            return 0
-        if args.command == 'status':
-            return client.status()
-        if args.command == 'check':
-            return 1 if client.check() else 0
-        if args.command == 'backup-all':
-            backup_all(client, args.node)
-            return 0
-        # -- client operations
-        if args.command == 'gc':
-            return 1 if client_gc(client, args.aggressive) else 0
-        if args.command == 'prune':
-            return 1 if client_prune(client, args.dry_run) else 0
-        if args.command == 'send':
-            lock = Lock(os.path.join(client.settings['log_dir'], 'send.lock'))
-            if not lock.acquire():
-                log.info('another send (pid %s) holds %s; exiting',
-                         lock.holder(), lock.path)
-                return 0
-            with lock:
-                return 1 if client.send(args.node) else 0
+        return command()
     except GitBackupError as e:
         log.error('%s', e)
         return e.exit_code
@@ -1723,6 +1701,45 @@ def main(argv=None):
     except KeyboardInterrupt:
         log.error('interrupted')
         return 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    quiet = args.quiet or args.command == 'commit'
+    setup_logging(None, 'client.py', args.verbose, quiet)
+    return guarded(lambda: run_command(args, quiet))
+
+
+def run_command(args, quiet):
+    config = Config(find_config(args.config))
+    client = Client(config)
+    setup_logging(client.settings['log_dir'], 'client.py', args.verbose,
+                  quiet, create=args.command != 'check')
+    if args.command == 'commit':
+        client.commit(args.module, args.path, args.node)
+        return 0
+    if args.command == 'init-node':
+        print(client.init_node(args.node))
+        return 0
+    if args.command == 'status':
+        return client.status()
+    if args.command == 'check':
+        return 1 if client.check() else 0
+    if args.command == 'backup-all':
+        backup_all(client, args.node)
+        return 0
+    # -- client operations
+    if args.command == 'gc':
+        return 1 if client_gc(client, args.aggressive) else 0
+    if args.command == 'prune':
+        return 1 if client_prune(client, args.dry_run) else 0
+    if args.command == 'send':
+        return exclusive(client.settings['log_dir'], 'send',
+                         lambda: 1 if client.send(args.node) else 0)
     return 2
 
 

@@ -406,9 +406,11 @@ class Node:
             os.makedirs(repo, exist_ok=True)
             git(repo, 'init', '--quiet', '--bare', '--shared=group')
             log.info('created repository %s', repo)
+        max_push = self.config.get_size('server', 'max_push_size')
         for key, value in (('receive.denyDeletes', 'true'),
                            ('receive.denyNonFastForwards', 'true'),
                            ('receive.fsckObjects', 'true'),
+                           ('receive.maxInputSize', str(max_push)),
                            ('core.sharedRepository', 'group')):
             git(repo, 'config', key, value)
         self.install_hook(repo, 'post-update', self.hook_text(client))
@@ -2189,67 +2191,52 @@ def main(argv=None):
     if args.command in ('ingest', 'gate', 'provision'):
         os.umask(0o002)
     gb.setup_logging(None, 'server.py', args.verbose, args.quiet)
-    try:
-        config = gb.Config(gb.find_config(args.config, __file__))
-        node = Node(config)
-        # The git account runs ingest/gate/provision: its own log file, so
-        # that neither account needs to write the other's.
-        git_side = args.command in ('ingest', 'gate', 'provision')
-        gb.setup_logging(node.settings['log_dir'], 'server.py',
-                         args.verbose, args.quiet,
-                         create=args.command != 'check',
-                         log_name='server-git.log' if git_side else None)
-        if args.command == 'ingest':
-            node.ingest(args.client, args.repository)
-            return 0
-        if args.command == 'check':
-            return 1 if node.check() else 0
-        # -- access control
-        if args.command == 'provision':
-            return 1 if provision(node, args.gitosis_conf) else 0
-        if args.command == 'add-client':
-            add_client(node, args.client, args.public_key,
-                       args.authorized_keys)
-            return 0
-        if args.command == 'gate':
-            argv = gate_command(node, args.client,
-                                os.environ.get('SSH_ORIGINAL_COMMAND'))
-            if gate_needs_repository(node, args.client):
-                node.ensure_repository(args.client)
-            log.debug('gate %s: exec %s', args.client, shlex.join(argv))
-            os.execvp(argv[0], argv)
-        # -- operations
-        if args.command == 'gc':
-            return 1 if gc_command(node, args.aggressive) else 0
-        if args.command == 'report':
-            return report_command(node, args.format, args.mail, args.output)
-        if args.command == 'prune':
-            lock = Lock(os.path.join(node.settings['log_dir'], 'prune.lock'))
-            if not lock.acquire():
-                log.info('another prune (pid %s) holds %s; exiting',
-                         lock.holder(), lock.path)
-                return 0
-            with lock:
-                return 1 if prune_command(node, args.dry_run) else 0
-        if args.command == 'verify':
-            return verify_command(node, args.client, args.restore)
-        if args.command == 'run':
-            lock = Lock(os.path.join(node.settings['log_dir'], 'run.lock'))
-            if not lock.acquire():
-                log.info('another run (pid %s) holds %s; exiting',
-                         lock.holder(), lock.path)
-                return 0
-            with lock:
-                return 1 if node.run() else 0
-    except GitBackupError as e:
-        log.error('%s', e)
-        return e.exit_code
-    except OSError as e:
-        log.error('%s', e)
-        return 1
-    except KeyboardInterrupt:
-        log.error('interrupted')
-        return 1
+    return gb.guarded(lambda: run_command(args))
+
+
+def run_command(args):
+    config = gb.Config(gb.find_config(args.config, __file__))
+    node = Node(config)
+    # The git account runs ingest/gate/provision: its own log file, so
+    # that neither account needs to write the other's.
+    git_side = args.command in ('ingest', 'gate', 'provision')
+    gb.setup_logging(node.settings['log_dir'], 'server.py',
+                     args.verbose, args.quiet,
+                     create=args.command != 'check',
+                     log_name='server-git.log' if git_side else None)
+    if args.command == 'ingest':
+        node.ingest(args.client, args.repository)
+        return 0
+    if args.command == 'check':
+        return 1 if node.check() else 0
+    # -- access control
+    if args.command == 'provision':
+        return 1 if provision(node, args.gitosis_conf) else 0
+    if args.command == 'add-client':
+        add_client(node, args.client, args.public_key,
+                   args.authorized_keys)
+        return 0
+    if args.command == 'gate':
+        argv = gate_command(node, args.client,
+                            os.environ.get('SSH_ORIGINAL_COMMAND'))
+        if gate_needs_repository(node, args.client):
+            node.ensure_repository(args.client)
+        log.debug('gate %s: exec %s', args.client, shlex.join(argv))
+        os.execvp(argv[0], argv)
+    # -- operations
+    if args.command == 'gc':
+        return 1 if gc_command(node, args.aggressive) else 0
+    if args.command == 'report':
+        return report_command(node, args.format, args.mail, args.output)
+    if args.command == 'prune':
+        return gb.exclusive(
+            node.settings['log_dir'], 'prune',
+            lambda: 1 if prune_command(node, args.dry_run) else 0)
+    if args.command == 'verify':
+        return verify_command(node, args.client, args.restore)
+    if args.command == 'run':
+        return gb.exclusive(node.settings['log_dir'], 'run',
+                            lambda: 1 if node.run() else 0)
     return 2
 
 

@@ -12,7 +12,6 @@ requests (default 1000).
 """
 
 import os
-import resource
 import shutil
 import subprocess
 import sys

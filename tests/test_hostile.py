@@ -481,6 +481,20 @@ class LedgerTest(HostileTestCase):
         self.assertEqual(self.pool_names(), [f'RQ{first}-RQa'])
         self.assert_contained()
 
+    def test_push_larger_than_max_push_size_refused(self):
+        set_config(self.p, 'server', 'max_push_size', '1M')
+        self.p.make_repository()  # provisioning applies the new cap
+        f = self.forge
+        big = f.commit(f.files({'RQa': f'dummy {TS} a\n',
+                                'junk': os.urandom(2 << 20)}))
+        proc = f.push(big)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn('pack exceeds maximum allowed size', proc.stderr.decode())
+        self.assertIsNone(f.tip())
+        self.assertEqual(self.pool_names(), [])
+        f.push_tree(f.files({'RQb': f'dummy {TS} b\n'}))  # small ones pass
+        self.assertEqual(len(self.pool_names()), 1)
+
 
 if __name__ == '__main__':
     unittest.main()
