@@ -111,6 +111,7 @@ SCHEMA = {
         'export_keep': '7d',
         'keep_requests': '30d',
         'max_attempts': '5',
+        'max_batch': '500',
         'alert_after': '1h',
         'confirm_after': '1d',
         'command_timeout': '6h',
@@ -216,6 +217,15 @@ class Problem(str):
         return self
 
 
+def problem(text, mail=True):
+    """Log one problem of a run and return it.  A problem not worth a mail
+    now (a Health record tells the admins once; a retry that may still
+    succeed) is logged at info level: under cron with -q it prints nothing,
+    so cron does not mail every five minutes either."""
+    log.log(logging.ERROR if mail else logging.INFO, '%s', text)
+    return Problem(text, mail)
+
+
 def mail_summary(config, section, subject, problems):
     """Mail the problems worth a mail, if any."""
     worth = [p for p in problems if getattr(p, 'mail', True)]
@@ -254,6 +264,12 @@ def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
 def git(git_dir, *args, **kwargs):
     """Run git on one repository (argument list, git's own environment)."""
     return run(['git', f'--git-dir={git_dir}', *args], **kwargs)
+
+
+def git_identity_env(name, email):
+    """The environment for a commit made by gitbackup itself."""
+    return {**os.environ, 'GIT_AUTHOR_NAME': name, 'GIT_AUTHOR_EMAIL': email,
+            'GIT_COMMITTER_NAME': name, 'GIT_COMMITTER_EMAIL': email}
 
 
 def utcnow():
@@ -737,36 +753,35 @@ class PrepareContext:
         """A path in this request's own directory of export_dir."""
         if not NAME_RE.match(filename):
             raise ModuleError(f'bad export file name {filename!r}')
-        os.makedirs(self.export_root, mode=0o755, exist_ok=True)
+        os.makedirs(self.export_root, mode=0o750, exist_ok=True)
         return os.path.join(self.export_root, filename)
 
     def stream_command_to_file(self, args, path, env=None):
-        """Run a command whose stdout is the backup, writing it to path in
-        chunks (never whole in memory); the file appears under its name only
-        when complete.  Returns (exit status, stderr text)."""
+        """Run a command whose stdout is the backup straight into path.part
+        (never through Python's memory); publish() gives it its name only
+        when complete.  A command still running after command_timeout is
+        killed.  Returns (exit status, stderr text)."""
         tmp = path + '.part'
         with open(tmp, 'wb') as out, tempfile.TemporaryFile() as err:
             log.debug('running: %s > %s', shlex.join(args), tmp)
             try:
-                proc = subprocess.Popen(args, stdout=subprocess.PIPE,
-                                        stderr=err, env=env)
+                proc = subprocess.Popen(args, stdout=out, stderr=err, env=env,
+                                        stdin=subprocess.DEVNULL)
             except FileNotFoundError:
                 raise ToolMissing(f'{args[0]}: not installed or not in PATH') \
                     from None
             try:
-                while True:
-                    chunk = proc.stdout.read(CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
                 status = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise ModuleError(f'{shlex.join(args)}: still running after '
+                                  f'{self.timeout} s ([client] '
+                                  'command_timeout); killed') from None
             except BaseException:
                 proc.kill()
                 proc.wait()
                 raise
-            finally:
-                proc.stdout.close()
-            out.flush()
             os.fsync(out.fileno())
             err.seek(0)
             stderr = err.read().decode('utf-8', 'replace')
@@ -794,7 +809,7 @@ class PrepareContext:
                               'fetch prepared files')
         digest, size = sha256_file(path)
         return (f'sftp {self.timestamp} {sftp_export}:{path} sha256={digest} '
-                f'size={size} source={self.module}')
+                f'size={size} source={source}')
 
 
 class Client:
@@ -973,7 +988,12 @@ class Client:
             batch.append((request_id, server_requests))
         if batch:
             pause_point('send:prepared')
-            self.commit_batch(repo, batch)
+            # A node takes at most max_requests_per_push requests per push
+            # (its default 1000): commits of at most max_batch each, all
+            # pushed at once, are taken by its later runs if need be.
+            size = self.config.get_int('client', 'max_batch')
+            for start in range(0, len(batch), size):
+                self.commit_batch(repo, batch[start:start + size])
             pause_point('send:committed')
             committed |= {request_id for request_id, _ in batch}
         health = Health(os.path.join(self.state_dir, f'node-{node}.json'),
@@ -986,10 +1006,10 @@ class Client:
                 pause_point('send:pushed')
             except GitBackupError as e:
                 health.failed(str(e), alert_after)
-                errors.append(Problem(f'push to {node} failed (requests kept '
+                errors.append(problem(f'push to {node} failed (requests kept '
                                       f'for the next run): {e}', mail=False))
-                log.error('%s', errors[-1])
                 return errors
+            health.ok()
         for request_id in sorted(committed):
             try:
                 os.rename(os.path.join(pool, PROCESSING + request_id),
@@ -1002,15 +1022,18 @@ class Client:
         # Results are fetched only while something awaits confirmation: an
         # idle client does not call its nodes every five minutes.
         if pushed or self.unconfirmed(node):
+            results = Health(os.path.join(self.state_dir,
+                                          f'results-{node}.json'),
+                             self.config, 'client',
+                             f'fetching results from node {node}')
             try:
                 self.fetch_results(node, repo)
             except GitBackupError as e:
-                health.failed(str(e), alert_after)
-                errors.append(Problem(f'fetching results from {node}: {e}',
+                results.failed(str(e), alert_after)
+                errors.append(problem(f'fetching results from {node}: {e}',
                                       mail=False))
-                log.error('%s', errors[-1])
                 return errors
-            health.ok()
+            results.ok()
         return errors
 
     def unconfirmed(self, node, results=None):
@@ -1125,8 +1148,7 @@ class Client:
         else:
             text = (f'request {request_id} for {node} failed (attempt '
                     f'{attempts} of {limit}, retried next run): {error}')
-        log.error('%s', text)
-        return Problem(text, mail=state == FAILED)
+        return problem(text, mail=state == FAILED)
 
     def commit_batch(self, repo, batch):
         """One commit holding only the new RQ files (plus a timestamp file,
@@ -1154,11 +1176,8 @@ class Client:
                      'refs/heads/master', check=False).stdout.strip()
         message = [f'{self.name} {now}: {len(names)} server request(s)', '']
         message += [f'Request: {request_id}' for request_id, _ in batch]
-        env = {**os.environ,
-               'GIT_AUTHOR_NAME': f'gitbackup {self.name}',
-               'GIT_AUTHOR_EMAIL': f'gitbackup@{self.name}',
-               'GIT_COMMITTER_NAME': f'gitbackup {self.name}',
-               'GIT_COMMITTER_EMAIL': f'gitbackup@{self.name}'}
+        env = git_identity_env(f'gitbackup {self.name}',
+                               f'gitbackup@{self.name}')
         commit = git(repo, 'commit-tree', tree,
                      *(['-p', parent] if parent else []),
                      input='\n'.join(message) + '\n', env=env).stdout.strip()
@@ -1176,8 +1195,9 @@ class Client:
         return bool(local) and local != remote
 
     def git_ssh_env(self):
+        # LC_ALL=C: fetch_results reads git's English error messages.
         return {**os.environ, 'GIT_SSH_COMMAND': self.settings['ssh_command'],
-                'GIT_TERMINAL_PROMPT': '0'}
+                'GIT_TERMINAL_PROMPT': '0', 'LC_ALL': 'C'}
 
     def push(self, repo, node):
         """Push master; git's exit status tells success (unlike the seed's
@@ -1190,22 +1210,45 @@ class Client:
         git(repo, 'update-ref', 'refs/remotes/origin/master', local)
         log.info('pushed %s to %s', local[:12], node)
 
-    def expire_exports(self):
-        """Remove exported files older than export_keep: the node's key is
-        read-only, so the client cleans up after it."""
+    def expired_exports(self):
+        """Export directories past export_keep whose request is no longer
+        waiting to be pushed.  Age counts from the push (the F* file), so a
+        node that was offline for weeks still finds its files; the node's key
+        is read-only, so the client cleans up after it."""
         export_dir = self.settings['export_dir']
         keep = self.config.get_duration('client', 'export_keep')
         try:
-            entries = os.listdir(export_dir)
+            names = sorted(os.listdir(export_dir))
         except FileNotFoundError:
-            return
-        cutoff = time.time() - keep
-        for name in entries:
+            return []
+        request_files = {}
+        for node in self.nodes:
+            pool = self.pool(node)
+            for state, ids in self.list_pool(pool).items():
+                for request_id in ids:
+                    request_files[request_id] = (state, os.path.join(
+                        pool, state + request_id))
+        now = time.time()
+        expired = []
+        for name in names:
             path = os.path.join(export_dir, name)
-            if REQUEST_ID_RE.match(name) and os.path.isdir(path) and \
-                    os.lstat(path).st_mtime < cutoff:
-                shutil.rmtree(path)
-                log.info('removed expired export %s', path)
+            if not REQUEST_ID_RE.match(name) or os.path.islink(path) or \
+                    not os.path.isdir(path):
+                continue
+            state, request_file = request_files.get(name, (None, path))
+            if state in (INCOMPLETE, COMPLETE, PROCESSING):
+                continue
+            try:
+                if now - os.lstat(request_file).st_mtime > keep:
+                    expired.append(path)
+            except FileNotFoundError:
+                continue
+        return expired
+
+    def expire_exports(self):
+        for path in self.expired_exports():
+            shutil.rmtree(path)
+            log.info('removed expired export %s', path)
 
     # -- results from the node ------------------------------------------------
 
@@ -1243,12 +1286,17 @@ class Client:
                     meta, _, name = line.partition('\t')
                     if name.startswith('R') and meta.split()[1] == 'blob':
                         try:
-                            new.append(json.loads(git(
+                            entry = json.loads(git(
                                 repo, 'cat-file', 'blob',
-                                meta.split()[2]).stdout))
+                                meta.split()[2]).stdout)
                         except ValueError:
+                            entry = None
+                        if isinstance(entry, dict) and \
+                                isinstance(entry.get('request'), str):
+                            new.append(entry)
+                        else:
                             log.warning('%s: unreadable result %s', node,
-                                        name)
+                                        clean_text(name))
             os.makedirs(self.state_dir, exist_ok=True)
             with open(self.results_journal(node), 'a',
                       encoding='utf-8') as f:
@@ -1274,7 +1322,9 @@ class Client:
                         entry = json.loads(line)
                     except ValueError:
                         continue
-                    request_id = request_id_of(entry.get('request', ''))
+                    if not isinstance(entry, dict):
+                        continue
+                    request_id = request_id_of(str(entry.get('request', '')))
                     if request_id:
                         results.setdefault(request_id, {})[
                             entry['request']] = entry
@@ -1350,6 +1400,13 @@ class Client:
             if health.get('last_error'):
                 out.write(f'  failing since {health.get("first_failure")}: '
                           f'{health["last_error"]}\n')
+            fetch = read_json(os.path.join(self.state_dir,
+                                           f'results-{node}.json'), {}) or {}
+            out.write(f'  last results {fetch.get("last_success") or "never"}\n')
+            if fetch.get('last_error'):
+                out.write(f'  results failing since '
+                          f'{fetch.get("first_failure")}: '
+                          f'{fetch["last_error"]}\n')
             for request_id in states[FAILED][-5:]:
                 _, _, _, lines = self.read_request(
                     os.path.join(self.pool(node), FAILED + request_id))
@@ -1512,20 +1569,9 @@ def client_prune(client, dry_run=False, out=sys.stdout):
     errors = []
     verb = 'would remove' if dry_run else 'removed'
     now = time.time()
-    export_keep = client.config.get_duration('client', 'export_keep')
     keep_requests = client.config.get_duration('client', 'keep_requests')
-    export_dir = client.settings['export_dir']
-    try:
-        entries = sorted(os.listdir(export_dir))
-    except FileNotFoundError:
-        entries = []
-    for name in entries:
-        path = os.path.join(export_dir, name)
+    for path in client.expired_exports():
         try:
-            if not REQUEST_ID_RE.match(name) or os.path.islink(path) or \
-                    not os.path.isdir(path) or \
-                    now - os.lstat(path).st_mtime <= export_keep:
-                continue
             if not dry_run:
                 shutil.rmtree(path)
         except OSError as e:
@@ -1738,6 +1784,9 @@ def run_command(args, quiet):
     if args.command == 'prune':
         return 1 if client_prune(client, args.dry_run) else 0
     if args.command == 'send':
+        # Exports may hold private data (dumps with password hashes): only
+        # the backup account and its group may read them.
+        os.umask(0o027)
         return exclusive(client.settings['log_dir'], 'send',
                          lambda: 1 if client.send(args.node) else 0)
     return 2

@@ -44,6 +44,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +65,9 @@ RESERVED_CLIENTS = {'gitosis-admin', 'gitolite-admin', 'testing'}
 RQ_NAME_RE = re.compile(r'^RQ[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 ZERO = '0' * 40
 RESULTS_REF = 'refs/heads/results'
+# Commands the git account runs (hooks, forced command, key management):
+# group-writable files and a log file of their own.
+GIT_SIDE_COMMANDS = ('ingest', 'gate', 'provision', 'add-client')
 # A client may only ever move master forward; results is written by the
 # node alone (update-ref does not run hooks), so no push may touch it.
 UPDATE_HOOK = """#!/bin/sh
@@ -92,16 +96,34 @@ class TransientError(GitBackupError):
     X* after max_attempts."""
 
 
-class NoSpace(TransientError):
-    """The node's free-space floor or the client's quota stops a fetch: the
-    request waits (costing no attempt) and the admins get one mail."""
+class Waiting(TransientError):
+    """Not the request's fault: the request is put back without costing an
+    attempt, and the admins get one mail after ``alert_after`` (``None``:
+    at once) through a Health record, and one on recovery."""
+    health = 'client'
+    what = 'fetching from client {client}'
+    alert_after = 'alert_after'
+    stops_pool = False      # the client's other requests wait too
 
 
-class Unreachable(TransientError):
-    """The client's sftp or git export cannot be reached.  Not the
-    request's fault: retried without counting attempts, the rest of the
-    client's pool waits for the next run, and the admins get one mail
-    after alert_after and one on recovery."""
+class Unreachable(Waiting):
+    """The client's sftp or git export cannot be reached."""
+    stops_pool = True
+
+
+class NoSpace(Waiting):
+    """The node's free-space floor or the client's quota stops a fetch."""
+    health = 'space'
+    what = 'storing backups of {client}'
+    alert_after = None
+
+
+class Misconfigured(Waiting):
+    """The node's own configuration for this client is incomplete or
+    wrong: fix backup.ini, the requests wait."""
+    health = 'config'
+    what = 'the node configuration for client {client}'
+    alert_after = None
 
 
 def check_client_name(name):
@@ -157,6 +179,7 @@ class NodeContext:
     TransientError = TransientError
     Unreachable = Unreachable
     NoSpace = NoSpace
+    Misconfigured = Misconfigured
     pause_point = staticmethod(gb.pause_point)
 
     def __init__(self, node, client, key, leftover):
@@ -202,9 +225,9 @@ class NodeContext:
         """An absolute path, plain characters, no '..', inside root (both
         compared normalised and ending in '/', as borg does)."""
         if not root:
-            raise TransientError(f'no sftp_root configured for client '
-                                 f'{self.client} (set [server] sftp_root or '
-                                 f'[client {self.client}] sftp_root)')
+            raise Misconfigured(f'no sftp_root configured for client '
+                                f'{self.client} (set [server] sftp_root or '
+                                f'[client {self.client}] sftp_root)')
         if not re.fullmatch(r'/[A-Za-z0-9._/+@=,-]{1,1000}', path) or \
                 '/../' in path + '/' or '/./' in path + '/' or '//' in path:
             self.refuse(f'bad path {clean_text(path)!r}')
@@ -303,29 +326,37 @@ class NodeContext:
         batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
                                      .replace('"', '\\"'))
         log.debug('running: %s <<< %s', shlex.join(args), batch.strip())
-        try:
-            proc = subprocess.Popen(args, stdin=subprocess.PIPE,
-                                    stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            raise gb.ToolMissing('sftp: not installed or not in PATH') from None
-        proc.stdin.write(batch.encode())
-        proc.stdin.close()
-        deadline = time.monotonic() + self.timeout
-        too_big = False
-        while proc.poll() is None:
-            if max_size is not None and os.path.exists(local) and \
-                    os.path.getsize(local) > max_size:
-                too_big = True
-                proc.kill()
-            elif time.monotonic() > deadline:
-                proc.kill()
-            time.sleep(0.05)
-        stderr = proc.stderr.read().decode('utf-8', 'replace')
-        proc.stderr.close()
-        if too_big:
-            raise TransientError(f'{target}:{remote} is larger than the '
-                                 f'{max_size} bytes announced; stopped')
+        # stderr goes to a file: a pipe nobody reads while we poll could
+        # fill up and stall the transfer.
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(args, stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=err)
+            except FileNotFoundError:
+                raise gb.ToolMissing('sftp: not installed or not in PATH') \
+                    from None
+            proc.stdin.write(batch.encode())
+            proc.stdin.close()
+            deadline = time.monotonic() + self.timeout
+            stopped = None
+            while proc.poll() is None:
+                if max_size is not None and os.path.exists(local) and \
+                        os.path.getsize(local) > max_size:
+                    stopped = (f'{target}:{remote} is larger than the '
+                               f'{max_size} bytes announced; stopped')
+                elif time.monotonic() > deadline:
+                    stopped = (f'sftp from {target} still running after '
+                               f'{self.timeout} s ([server] command_timeout);'
+                               ' stopped')
+                if stopped:
+                    proc.kill()
+                    proc.wait()
+                    break
+                time.sleep(0.05)
+            err.seek(0)
+            stderr = err.read().decode('utf-8', 'replace')
+        if stopped:
+            raise TransientError(stopped)
         if proc.returncode != 0:
             # sftp exits 255 when ssh cannot connect or authenticate.
             error = Unreachable if proc.returncode == 255 else TransientError
@@ -447,7 +478,7 @@ class Node:
         pool = self.pool(client)
         os.makedirs(pool, mode=0o2775, exist_ok=True)
         lock = Lock(os.path.join(pool, '.lock'))
-        if not lock.acquire(wait=20):
+        if not lock.acquire(wait=5):
             raise GitBackupError(f'pool {pool} is locked by pid '
                                  f'{lock.holder()}; the next push or run '
                                  'ingests these requests')
@@ -658,64 +689,63 @@ class Node:
             if module is None or not module.has('handle'):
                 raise RequestRefused(f'unknown server module '
                                      f'{clean_text(module_name)!r}')
-            ctx = NodeContext(self, client, key, leftover)
+            try:
+                ctx = NodeContext(self, client, key, leftover)
+            except ConfigError as e:
+                raise Misconfigured(str(e)) from None
             result = module.python.handle(ctx, rest) or {}
         except RequestRefused as e:
             return [self.give_up(client, key, f'refused: {e}')]
-        except Unreachable as e:
-            return [self.unreachable_client(client, key, e)]
-        except NoSpace as e:
-            return [self.no_space(client, key, e)]
+        except Waiting as e:
+            return [self.wait(client, key, e)]
         except (GitBackupError, OSError) as e:
             return [self.failed(client, key, e)]
-        if result.get('fetched', True):
-            self.client_health(client).ok()
-            space = self.space_health(client)
-            if space.state.get('first_failure'):
-                space.ok()
-        os.rename(os.path.join(pool, PROCESSING + key),
-                  os.path.join(pool, FINISHED + key))
-        fsync_dir(pool)
         try:
-            os.unlink(os.path.join(pool, '.attempts', key))
-        except FileNotFoundError:
-            pass
-        log.info('%s: %s done (%s) %s', client, key, module_name,
-                 result.get('stored') or '')
-        self.record_result(client, key, 'stored', start, result)
+            # The outcome is journaled before the request is finished: a
+            # crash in between re-handles it (modules find what they
+            # stored) and journals it again, which readers deduplicate.
+            self.record_result(client, key, 'stored', start, result)
+            os.rename(os.path.join(pool, PROCESSING + key),
+                      os.path.join(pool, FINISHED + key))
+            fsync_dir(pool)
+            try:
+                os.unlink(os.path.join(pool, '.attempts', key))
+            except FileNotFoundError:
+                pass
+            log.info('%s: %s done (%s) %s', client, key, module_name,
+                     result.get('stored') or '')
+            for kind in (Misconfigured, NoSpace) + \
+                    ((Unreachable,) if result.get('fetched', True) else ()):
+                health = self.health(client, kind)
+                if kind is Unreachable or health.state.get('first_failure'):
+                    health.ok()
+        except OSError as e:
+            return [gb.problem(f'{client}: {key}: stored, but recording it '
+                               f'failed: {e}')]
         return []
 
-    def client_health(self, client):
-        return gb.Health(os.path.join(self.state_dir, f'client-{client}.json'),
-                         self.config, 'server',
-                         f'fetching from client {client}')
+    def health(self, client, kind):
+        """The Health record of one kind of Waiting for one client."""
+        return gb.Health(
+            os.path.join(self.state_dir, f'{kind.health}-{client}.json'),
+            self.config, 'server', kind.what.format(client=client))
 
-    def unreachable_client(self, client, key, error):
-        """Put the request back untouched: being offline is no fault of the
-        request, so it costs no attempt."""
+    def requeue(self, client, key):
         pool = self.pool(client)
         os.rename(os.path.join(pool, PROCESSING + key),
                   os.path.join(pool, NEW + key))
-        self.unreachable = True
-        self.client_health(client).failed(
-            str(error), self.config.get_duration('server', 'alert_after'))
-        text = f'{client}: unreachable, requests kept for the next run: {error}'
-        log.error('%s', text)
-        return gb.Problem(text, mail=False)
 
-    def space_health(self, client):
-        return gb.Health(os.path.join(self.state_dir, f'space-{client}.json'),
-                         self.config, 'server', f'storing backups of {client}')
-
-    def no_space(self, client, key, error):
-        """Put the request back untouched and tell the admins once."""
-        pool = self.pool(client)
-        os.rename(os.path.join(pool, PROCESSING + key),
-                  os.path.join(pool, NEW + key))
-        self.space_health(client).failed(str(error), 0)
-        text = f'{client}: {key}: kept for later: {error}'
-        log.error('%s', text)
-        return gb.Problem(text, mail=False)
+    def wait(self, client, key, error):
+        """Put the request back untouched: it costs no attempt; the admins
+        hear of it once, through the Health record of its kind."""
+        self.requeue(client, key)
+        if error.stops_pool:
+            self.unreachable = True
+        alert_after = self.config.get_duration('server', error.alert_after) \
+            if error.alert_after else 0
+        self.health(client, type(error)).failed(str(error), alert_after)
+        return gb.problem(f'{client}: {key}: waits for the next run: {error}',
+                          mail=False)
 
     def failed(self, client, key, error):
         """A transient failure: retried by later runs, X* after
@@ -734,12 +764,10 @@ class Node:
             return self.give_up(client, key, f'failed {state["attempts"]} '
                                 f'times, last: {error}')
         write_json(path, state)
-        os.rename(os.path.join(pool, PROCESSING + key),
-                  os.path.join(pool, NEW + key))
-        text = (f'{client}: {key}: attempt {state["attempts"]} of {limit} '
-                f'failed (retried next run): {clean_text(error, 2000)}')
-        log.error('%s', text)
-        return gb.Problem(text, mail=False)
+        self.requeue(client, key)
+        return gb.problem(f'{client}: {key}: attempt {state["attempts"]} of '
+                          f'{limit} failed (retried next run): '
+                          f'{clean_text(error, 2000)}', mail=False)
 
     def give_up(self, client, key, reason):
         """X*: kept with the reason beside it, admins told in the run's
@@ -748,14 +776,13 @@ class Node:
         reason = clean_text(str(reason).replace('\n', ' | '), 2000)
         atomic_write(os.path.join(pool, f'{FAILED}{key}.reason'),
                      f'{gb.isotime()} {reason}\n', mode=0o664)
+        self.record_result(client, key, 'failed', gb.isotime(),
+                           {'reason': reason})
         os.rename(os.path.join(pool, PROCESSING + key),
                   os.path.join(pool, FAILED + key))
         fsync_dir(pool)
-        text = f'{client}: {key}: given up, kept as {FAILED}{key}: {reason}'
-        log.error('%s', text)
-        self.record_result(client, key, 'failed', gb.isotime(),
-                           {'reason': reason})
-        return text
+        return gb.problem(f'{client}: {key}: given up, kept as {FAILED}{key}: '
+                          f'{reason}')
 
     def publish_results(self, client):
         """Send new outcomes back to the client: one commit on the results
@@ -768,43 +795,43 @@ class Node:
             return 0
         state_path = os.path.join(self.settings['data_dir'], client,
                                   '.results-published.json')
-        state = read_json(state_path, {}) or {}
-        offset = state.get('offset', 0)
+        offset = (read_json(state_path, {}) or {}).get('offset', 0)
         with open(journal, 'rb') as f:
             f.seek(offset)
             data = f.read()
         data = data[:data.rfind(b'\n') + 1]  # complete lines only
         if not data:
             return 0
-        entries = []
+        latest = {}  # a request journaled twice (after a crash): last wins
         for line in data.decode('utf-8', 'replace').splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            if KEY_RE.match(str(entry.get('request', ''))):
-                blob = git(repo, 'hash-object', '-w', '--stdin',
-                           input=json.dumps(entry, sort_keys=True) + '\n') \
-                    .stdout.strip()
-                entries.append(f'100644 blob {blob}\tR{entry["request"]}')
-        commit = state.get('tip', '')
+            if isinstance(entry, dict) and \
+                    KEY_RE.match(str(entry.get('request', ''))):
+                latest[entry['request']] = entry
+        entries = []
+        for key, entry in sorted(latest.items()):
+            blob = git(repo, 'hash-object', '-w', '--stdin',
+                       input=json.dumps(entry, sort_keys=True) + '\n') \
+                .stdout.strip()
+            entries.append(f'100644 blob {blob}\tR{key}')
         if entries:
-            tree = git(repo, 'mktree', input='\n'.join(
-                sorted(set(entries))) + '\n').stdout.strip()
-            parent = ['-p', commit] if commit and git(
-                repo, 'cat-file', '-e', commit + '^{commit}',
-                check=False).returncode == 0 else []
-            env = {**os.environ, 'GIT_AUTHOR_NAME': f'gitbackup {self.name}',
-                   'GIT_AUTHOR_EMAIL': f'gitbackup@{self.name}',
-                   'GIT_COMMITTER_NAME': f'gitbackup {self.name}',
-                   'GIT_COMMITTER_EMAIL': f'gitbackup@{self.name}'}
-            commit = git(repo, 'commit-tree', tree, *parent, env=env,
+            tree = git(repo, 'mktree', input='\n'.join(entries) + '\n') \
+                .stdout.strip()
+            parent = git(repo, 'rev-parse', '--verify', '--quiet',
+                         RESULTS_REF, check=False).stdout.strip()
+            commit = git(repo, 'commit-tree', tree,
+                         *(['-p', parent] if parent else []),
+                         env=gb.git_identity_env(f'gitbackup {self.name}',
+                                                 f'gitbackup@{self.name}'),
                          input=f'{self.name} {gb.isotime()}: {len(entries)} '
                          'result(s)\n').stdout.strip()
-            # The node's own chain is authoritative: whatever a client may
-            # have done to this ref, the node's tip wins.
-            git(repo, 'update-ref', RESULTS_REF, commit)
-        write_json(state_path, {'offset': offset + len(data), 'tip': commit})
+            # Compare-and-swap; only the node writes this ref (the update
+            # hook and gitolite's rules keep clients off it).
+            git(repo, 'update-ref', RESULTS_REF, commit, parent or ZERO)
+        write_json(state_path, {'offset': offset + len(data)})
         log.info('%s: published %d result(s)', client, len(entries))
         return len(entries)
 
@@ -2188,7 +2215,7 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else 2
     # ingest runs as the git user from a hook: files it creates must stay
     # readable and renamable by the backup user's group.
-    if args.command in ('ingest', 'gate', 'provision'):
+    if args.command in GIT_SIDE_COMMANDS:
         os.umask(0o002)
     gb.setup_logging(None, 'server.py', args.verbose, args.quiet)
     return gb.guarded(lambda: run_command(args))
@@ -2199,7 +2226,7 @@ def run_command(args):
     node = Node(config)
     # The git account runs ingest/gate/provision: its own log file, so
     # that neither account needs to write the other's.
-    git_side = args.command in ('ingest', 'gate', 'provision')
+    git_side = args.command in GIT_SIDE_COMMANDS
     gb.setup_logging(node.settings['log_dir'], 'server.py',
                      args.verbose, args.quiet,
                      create=args.command != 'check',

@@ -36,6 +36,12 @@ import re
 import shutil
 import time
 
+# What git says (LC_ALL=C) when it cannot reach the other side at all.
+UNREACHABLE_RE = re.compile(
+    r'unable to connect|Connection refused|Connection timed out|'
+    r'Could not resolve host|No route to host|Network is unreachable|'
+    r'Connection closed by|ssh: connect to host')
+
 # Protocols a node may ever fetch with; [server] git_protocols picks among
 # them.  file:// and ext:: would let a URL reach the node's own disk or run
 # a program: never.
@@ -134,12 +140,12 @@ def base_url(ctx):
     base = ctx.settings['git']
     m = URL_RE.fullmatch(base)
     if not m or not m.group('authority'):
-        raise ctx.TransientError(
+        raise ctx.Misconfigured(
             f'[client {ctx.client}] git = {base!r} is not a URL like '
             'git://host, ssh://user@host/path or https://host/path')
     allowed = allowed_protocols(ctx)
     if m.group('scheme') not in allowed:
-        raise ctx.TransientError(
+        raise ctx.Misconfigured(
             f'[client {ctx.client}] git = {base}: protocol '
             f'{m.group("scheme")!r} is not in [server] git_protocols '
             f'({" ".join(allowed) or "empty"})')
@@ -188,6 +194,7 @@ def git_environment(ctx, protocols):
         'GIT_PROTOCOL_FROM_USER': '0',
         'GIT_TERMINAL_PROMPT': '0',
         'GIT_SSH_COMMAND': ctx.config.section('server')['ssh_command'],
+        'LC_ALL': 'C',  # UNREACHABLE_RE reads git's English messages
     })
     return env
 
@@ -230,9 +237,11 @@ def fetch(ctx, mirror, url, protocols):
                    env=git_environment(ctx, protocols), check=False,
                    timeout=ctx.timeout)
     if proc.returncode != 0:
-        raise ctx.TransientError(f'git fetch from {url} failed (exit '
-                                 f'{proc.returncode}): '
-                                 f'{proc.stderr.strip()[-1000:]}')
+        # Cannot connect at all: the client is down, not the request bad.
+        error = ctx.Unreachable if UNREACHABLE_RE.search(proc.stderr) \
+            else ctx.TransientError
+        raise error(f'git fetch from {url} failed (exit {proc.returncode}): '
+                    f'{proc.stderr.strip()[-1000:]}')
 
 
 def follow_head(ctx, mirror, url, protocols, refs):
