@@ -1011,9 +1011,11 @@ class Client:
                 return errors
             health.ok()
         for request_id in sorted(committed):
+            finished = os.path.join(pool, FINISHED + request_id)
             try:
                 os.rename(os.path.join(pool, PROCESSING + request_id),
-                          os.path.join(pool, FINISHED + request_id))
+                          finished)
+                os.utime(finished)  # F*'s time is the push: see export_keep
             except FileNotFoundError:
                 pass
         if committed:

@@ -264,6 +264,29 @@ class GitModuleTest(unittest.TestCase):
         self.assertEqual(p.states('node'), {'RQ': 1})
         self.assertFalse(os.path.exists(p.mirror('a.git')))
 
+    def test_git_daemon_down_waits_without_using_attempts(self):
+        """A client whose git daemon is down is unreachable, not a bad
+        request: with max_attempts = 1 the request still waits, and is
+        mirrored once the daemon is back."""
+        p = self.p
+        p.edit_config('[server]\n', '[server]\nmax_attempts = 1\n')
+        bare = p.client_repository('a.git', hook=False)
+        work = p.work_clone(bare)
+        head = p.commit_file(work, 'f', 'one\n')
+        p.git('push', '--quiet', 'origin', 'HEAD:master', cwd=work)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        for _ in range(2):  # the daemon was never started
+            proc = p.server('-q', 'run', check=False)
+            self.assertEqual(proc.returncode, 1)
+            self.assertEqual(proc.stderr, '')
+        self.assertEqual(p.states('node'), {'RQ': 1})
+        p.start_daemon()
+        p.server('run')
+        self.assertEqual(p.states('node'), {'F': 1})
+        self.assertEqual(p.refs(p.mirror('a.git'), 'refs/heads/'),
+                         {'refs/heads/master': head})
+
 
 if __name__ == '__main__':
     unittest.main()

@@ -271,6 +271,87 @@ class OutageTest(unittest.TestCase):
             'gitbackup: pushing to node n1 recovered'])
 
 
+class WaitingTest(unittest.TestCase):
+    """What is nobody's fault waits without using up attempts, and quietly:
+    cron (-q) prints nothing while the admins get their one mail."""
+
+    def setUp(self):
+        self.p = Pipeline(self)
+
+    def set(self, section, key, value):
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace(f'[{section}]\n',
+                                 f'[{section}]\n{key} = {value}\n', 1))
+
+    def test_exports_survive_a_long_outage(self):
+        """export_keep counts from the push: a node offline longer than
+        export_keep still finds every file when it comes back."""
+        self.set('client', 'export_keep', '3')
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src)
+        self.p.sshd.stop()
+        self.p.client('commit', 'app', src)
+        for _ in range(2):
+            proc = self.p.client('-q', 'send', check=False)
+            self.assertEqual(proc.returncode, 1)
+            self.assertEqual(proc.stderr, '')  # cron mails nothing
+        time.sleep(3.5)
+        self.p.client('send', check=False)
+        export = os.path.join(self.p.client_dir, 'export')
+        self.assertEqual(len(os.listdir(export)), 1)
+        self.p.sshd.start()
+        self.p.client('send')
+        self.p.server('run')
+        self.assertEqual(len(self.p.stored('app')), 1)
+        self.assertEqual(self.p.states('node'), {'F': 1})
+
+    def test_node_misconfiguration_waits_and_alerts_once(self):
+        self.set('server', 'max_attempts', '1')
+        with open(self.p.config) as f:
+            good = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(good.replace(f'sftp_root = {self.p.client_dir}/export\n',
+                                 ''))
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src)
+        self.p.client('commit', 'app', src)
+        self.p.client('send')
+        for _ in range(3):
+            proc = self.p.server('-q', 'run', check=False)
+            self.assertEqual(proc.returncode, 1)
+            self.assertEqual(proc.stderr, '')
+        self.assertEqual(self.p.states('node'), {'RQ': 1})
+        subjects = [m['Subject'] for m in self.p.mails()]
+        self.assertEqual(subjects, [
+            f'gitbackup: the node configuration for client {CLIENT} '
+            'failing'])
+        with open(self.p.config, 'w') as f:
+            f.write(good)
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 1})
+        self.assertEqual(self.p.mails()[-1]['Subject'],
+                         f'gitbackup: the node configuration for client '
+                         f'{CLIENT} recovered')
+
+    def test_big_batches_are_split_and_all_arrive(self):
+        self.set('client', 'max_batch', '2')
+        self.set('server', 'max_requests_per_push', '3')
+        for i in range(7):
+            self.p.client('commit', 'dummy', f'r{i}')
+        self.p.client('send')
+        commits = subprocess.run(
+            ['git', '--git-dir', self.p.repo, 'rev-list', '--count',
+             'master'], stdout=subprocess.PIPE, text=True, check=True)
+        self.assertEqual(commits.stdout.strip(), '4')
+        # The hook took what one push may carry; runs catch up the rest.
+        self.assertLessEqual(len(self.p.pool('node')), 3)
+        for _ in range(3):
+            self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 7})
+
+
 class ConcurrencyTest(unittest.TestCase):
     def setUp(self):
         self.p = Pipeline(self)
