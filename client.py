@@ -64,7 +64,8 @@ log = logging.getLogger('gitbackup')
 # Names that end up in file names and repository names on both sides.
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 MODULE_RE = re.compile(r'^[A-Za-z][A-Za-z0-9_-]{0,63}$')
-REQUEST_ID_RE = re.compile(r'^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9]+-[0-9]+$')
+REQUEST_ID = r'[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9]+-[0-9]+'
+REQUEST_ID_RE = re.compile(f'^{REQUEST_ID}$')
 TIMESTAMP_FORMAT = '%Y%m%dT%H%M%SZ'
 CHUNK = 1 << 20
 
@@ -73,6 +74,7 @@ INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
 CLIENT_STATES = (INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED)
 
 REQUIRED = object()
+ZERO_ID = '0' * 40
 
 # tar's options and file suffix for each [client] compression.
 COMPRESSION = {
@@ -356,6 +358,18 @@ def sha256_file(path):
     return digest.hexdigest(), size
 
 
+def tree_size(path):
+    """Bytes in the files below path (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def parse_duration(text):
     """'90', '30m', '12h', '7d', '2w' -> seconds."""
     m = re.fullmatch(r'\s*(\d+)\s*([smhdw]?)\s*', text or '')
@@ -515,6 +529,19 @@ class Config:
                     raise ConfigError(
                         f'{path}:{lines.get((section, None), "?")}: '
                         f'[{section}] lacks {", ".join(missing)}')
+            admins = parser[section].get('admin', '').split() \
+                if schema is not None and 'admin' in schema else []
+            try:
+                if admins:
+                    sendmail.check_receivers(admins)
+            except sendmail.MailError as e:
+                # A bad address would silently swallow every alert.
+                raise ConfigError(f'{path}:{lines.get((section, "admin"), "?")}'
+                                  f': [{section}] admin: {e}') from None
+        if parser.has_section('mail'):
+            problems = sendmail.mail_config_problems(dict(parser['mail']))
+            if problems:
+                raise ConfigError(f'{path}: {problems[0]}')
 
     @staticmethod
     def _schema_of(section):
@@ -664,7 +691,9 @@ class Health:
     def failed(self, error, alert_after):
         now = utcnow()
         first = self.state.get('first_failure') or isotime(now)
-        self.state.update(first_failure=first, last_error=clean_text(error, 2000),
+        self.state.update(first_failure=first,
+                          last_error=clean_text(
+                              str(error).replace('\n', ' | '), 2000),
                           last_failure=isotime(now),
                           failures=self.state.get('failures', 0) + 1)
         since = datetime.datetime.strptime(first, '%Y-%m-%dT%H:%M:%SZ') \
@@ -725,8 +754,7 @@ SERVER_REQUEST_RE = re.compile(r'^[a-z][a-z0-9_-]{0,31} [^\x00-\x1f\x7f]{1,3000}
 
 def request_id_of(key):
     """'<commit>-RQ<request id>-<ident>' -> request id, or None."""
-    m = re.match(r'^[0-9a-f]{40}-RQ([0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9]+-[0-9]+)-',
-                 key)
+    m = re.match(f'^[0-9a-f]{{40}}-RQ({REQUEST_ID})-', key)
     return m.group(1) if m else None
 
 
@@ -917,7 +945,29 @@ class Client:
         git(repo, 'config', 'user.name', f'gitbackup {self.name}')
         git(repo, 'config', 'user.email', f'gitbackup@{self.name}')
         os.makedirs(self.pool(node), exist_ok=True)
+        self.adopt_node_history(repo, node)
         return repo
+
+    def adopt_node_history(self, repo, node):
+        """A queue repository made anew (the old one lost) must continue the
+        node's ledger, which refuses anything but fast-forwards: start from
+        the node's master.  Without the node (offline, or no history yet)
+        this is left to a later init-node."""
+        if git(repo, 'rev-parse', '--verify', '--quiet', 'refs/heads/master',
+               check=False).returncode == 0:
+            return
+        proc = git(repo, 'fetch', '--quiet', '--no-tags', '--', self.nodes[node],
+                   '+refs/heads/master:refs/remotes/origin/master',
+                   env=self.git_ssh_env(), check=False,
+                   timeout=self.config.get_duration('client', 'command_timeout'))
+        if proc.returncode != 0:
+            log.info('node %s: no history fetched (%s); starting a new '
+                     'ledger', node, clean_text(proc.stderr.strip(), 200))
+            return
+        tip = git(repo, 'rev-parse', 'refs/remotes/origin/master').stdout \
+            .strip()
+        git(repo, 'update-ref', 'refs/heads/master', tip, ZERO_ID)
+        log.info('node %s: continuing its ledger at %s', node, tip[:12])
 
     # -- send -------------------------------------------------------------
 
@@ -1184,7 +1234,8 @@ class Client:
                      *(['-p', parent] if parent else []),
                      input='\n'.join(message) + '\n', env=env).stdout.strip()
         # Compare-and-swap: a concurrent writer would make this fail loudly.
-        git(repo, 'update-ref', 'refs/heads/master', commit, parent or '0' * 40)
+        git(repo, 'update-ref', 'refs/heads/master', commit,
+            parent or ZERO_ID)
         log.info('committed %d server request(s) of %d request(s) as %s',
                  len(names), len(batch), commit[:12])
         return commit
@@ -1497,7 +1548,7 @@ def gc_repositories(config, section, repos, aggressive=False, where=''):
     timeout = config.get_duration(section, 'command_timeout')
     lines, failed = [], []
     for repo in repos:
-        before = _tree_size(repo)
+        before = tree_size(repo)
         started = time.monotonic()
         args = ['git', f'--git-dir={repo}', 'gc']
         if aggressive:
@@ -1511,7 +1562,7 @@ def gc_repositories(config, section, repos, aggressive=False, where=''):
             output, status = str(e), 'timeout'
         if output:
             lines.append(output)
-        after = _tree_size(repo)
+        after = tree_size(repo)
         lines.append(f'exit {status}, {human_size(before)} -> '
                      f'{human_size(after)}, '
                      f'{time.monotonic() - started:.1f} s')
@@ -1537,17 +1588,6 @@ def gc_repositories(config, section, repos, aggressive=False, where=''):
                 + (' (FAILED)' if failed else ''), text)
     log.info('%s', summary)
     return failed
-
-
-def _tree_size(path):
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def client_gc(client, aggressive=False):
@@ -1743,6 +1783,10 @@ def guarded(command):
     except GitBackupError as e:
         log.error('%s', e)
         return e.exit_code
+    except BrokenPipeError:
+        # `client.py status | head`: the reader left; not an error of ours.
+        sys.stderr.close()
+        return 0
     except OSError as e:
         log.error('%s', e)
         return 1

@@ -62,8 +62,8 @@ CLIENT_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 RESERVED_CLIENTS = {'gitosis-admin', 'gitolite-admin', 'testing'}
 # Names of request files in pushed trees.  '.reason' is reserved for the
 # notes beside refused requests.
-RQ_NAME_RE = re.compile(r'^RQ[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
-ZERO = '0' * 40
+RQ_NAME = r'RQ[A-Za-z0-9][A-Za-z0-9._-]{0,127}'
+RQ_NAME_RE = re.compile(f'^{RQ_NAME}$')
 RESULTS_REF = 'refs/heads/results'
 # Commands the git account runs (hooks, forced command, key management):
 # group-writable files and a log file of their own.
@@ -84,7 +84,7 @@ esac
 # Node pool states.
 NEW, PROCESSING, FINISHED, FAILED = 'RQ', 'P', 'F', 'X'
 NODE_STATES = (NEW, PROCESSING, FINISHED, FAILED)
-KEY_RE = re.compile(r'^[0-9a-f]{40}-RQ[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
+KEY_RE = re.compile(f'^[0-9a-f]{{40}}-{RQ_NAME}$')
 
 
 class RequestRefused(GitBackupError):
@@ -161,17 +161,6 @@ def list_pool(pool):
     return states
 
 
-def dir_size(path):
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 class NodeContext:
     """What a node module sees while it handles one request."""
 
@@ -181,6 +170,8 @@ class NodeContext:
     NoSpace = NoSpace
     Misconfigured = Misconfigured
     pause_point = staticmethod(gb.pause_point)
+    fsync_dir = staticmethod(fsync_dir)
+    atomic_write = staticmethod(atomic_write)
 
     def __init__(self, node, client, key, leftover):
         self.node = node
@@ -255,7 +246,7 @@ class NodeContext:
                 f'{gb.human_size(floor)} ([server] free_space_floor)')
         quota = self.settings['quota']
         if quota:
-            used = dir_size(self.client_dir)
+            used = gb.tree_size(self.client_dir)
             if used + size > quota:
                 raise NoSpace(
                     f'not fetching {gb.human_size(size)} for {self.client}: '
@@ -830,7 +821,8 @@ class Node:
                          'result(s)\n').stdout.strip()
             # Compare-and-swap; only the node writes this ref (the update
             # hook and gitolite's rules keep clients off it).
-            git(repo, 'update-ref', RESULTS_REF, commit, parent or ZERO)
+            git(repo, 'update-ref', RESULTS_REF, commit,
+                parent or gb.ZERO_ID)
         write_json(state_path, {'offset': offset + len(data)})
         log.info('%s: published %d result(s)', client, len(entries))
         return len(entries)
@@ -1500,7 +1492,7 @@ def source_report(node, client, now):
                 times = [datetime.datetime.fromtimestamp(max(stamps), UTC)]
         r['count'] = len(fetched.get(source, [])) or (1 if times else 0)
         r['last_success'] = max(times) if times else None
-        r['size_bytes'] = r['stored_bytes'] = dir_size(repo)
+        r['size_bytes'] = r['stored_bytes'] = gb.tree_size(repo)
     pool = pool_requests(node, client)
     for source, n in pool['pending'].items():
         if source != '?':

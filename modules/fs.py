@@ -4,8 +4,8 @@ The archive is written by tar to a file in the request's own directory of
 export_dir (streamed, never held in memory), published by rename when
 complete, and offered to the node as one ``sftp`` server request with its
 sha256 and size.  ``[client] tar_command`` may carry a prefix such as
-``sudo -n tar`` (see README), ``compression`` picks gzip, xz, zstd, bzip2 or
-none.
+``sudo -n tar`` (see docs/modules.md), ``compression`` picks gzip, xz,
+zstd, bzip2 or none.
 """
 
 import os

@@ -5,7 +5,8 @@ Client side, ``git <repository>`` accepts only a repository below
 of it) and emits the server request ``git <git_export>/<relative path>``; it
 prepares no data, since git daemon (or ssh, https) already serves the
 repository.  A repository's ``post-update`` hook runs
-``client.py commit git "$PWD"``, so every push is backed up (see README).
+``client.py commit git "$PWD"``, so every push is backed up (see
+docs/modules.md).
 
 Node side, the request is validated strictly and only its *path* is used:
 it must lie below the path of the node's own base URL for the client
@@ -313,11 +314,7 @@ def create_mirror(ctx, mirror, url, protocols):
     refs = list_refs(ctx, tmp)
     follow_head(ctx, tmp, url, protocols, refs)
     os.rename(tmp, mirror)
-    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    ctx.fsync_dir(parent)
     return refs
 
 
@@ -335,12 +332,8 @@ def update_mirror(ctx, mirror, url, protocols):
                     old[ref] = sha
         preserved += preserve(ctx, mirror, old, list_refs(ctx, mirror))
     before = list_refs(ctx, mirror)
-    tmp = snapshot + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(''.join(f'{sha} {ref}\n' for ref, sha in before.items()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, snapshot)
+    ctx.atomic_write(snapshot, ''.join(f'{sha} {ref}\n'
+                                       for ref, sha in before.items()))
     fetch(ctx, mirror, url, protocols)
     after = list_refs(ctx, mirror)
     preserved += preserve(ctx, mirror, before, after)

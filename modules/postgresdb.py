@@ -11,10 +11,10 @@ name only when its dump exited 0: a node is never offered half a dump.
 
 The programs are run as ``[client] pg_dump``, ``pg_dumpall`` and ``psql``
 say, so a prefix such as ``sudo -n -u postgres pg_dump`` works (see the
-sudoers lines in README).  The server is found through the usual libpq
-environment (PGHOST, PGPORT, PGUSER, ~/.pgpass ...) or ``[client] pg_host``
-(host name or socket directory), ``pg_port`` and ``pg_user``, passed as
-command-line options so that they survive sudo.
+sudoers lines in docs/modules.md).  The server is found through the usual
+libpq environment (PGHOST, PGPORT, PGUSER, ~/.pgpass ...) or
+``[client] pg_host`` (host name or socket directory), ``pg_port`` and
+``pg_user``, passed as command-line options so that they survive sudo.
 
 A dump that fails (no such database, server down, permission denied) fails
 that request only, with pg_dump's own message; ``send`` retries it and the

@@ -4,6 +4,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -129,6 +130,19 @@ class PipelineTest(unittest.TestCase):
         status = self.p.client('status').stdout
         self.assertIn('finished    2', status)
         self.assertNotIn('failing since', status)
+
+    def test_lost_queue_repository_continues_the_ledger(self):
+        """The node refuses rewinds; a client whose queue repository was
+        lost picks up the node's history and goes on."""
+        self.p.client('commit', 'dummy', 'before')
+        self.p.client('send')
+        queue = os.path.join(self.p.client_dir, 'queues', NODE + '.git')
+        shutil.rmtree(queue)
+        self.p.client('commit', 'dummy', 'after')
+        self.p.client('send')
+        self.assertEqual(self.p.states(), {'F': 2})
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 2})
 
     def test_ingest_twice_creates_nothing_twice(self):
         self.p.client('commit', 'dummy', 'once')
