@@ -899,18 +899,7 @@ class Client:
     def commit(self, request_module, path, node=None):
         """Record one backup request; return its id."""
         node = self.node_or_default(node)
-        module = self.backup_module(request_module)
-        if any(not c.isprintable() for c in path) or not path:
-            raise UsageError('the path must be printable text')
-        if module.has('check_path'):
-            try:
-                path = module.python.check_path(self, request_module, path)
-            except (ValueError, ModuleError) as e:
-                raise UsageError(str(e)) from None
-        else:
-            if not os.path.exists(path):
-                raise UsageError(f'{path}: no such file or directory')
-            path = os.path.abspath(path)
+        path = self.check_request(request_module, path)
         pool = self.pool(node)
         os.makedirs(pool, exist_ok=True)
         request_id = new_request_id()
@@ -925,6 +914,36 @@ class Client:
         log.debug('request %s: %s %s for %s', request_id, request_module,
                   path, node)
         return request_id
+
+    def check_request(self, request_module, path):
+        """The path of a request as its module wants it, or UsageError."""
+        module = self.backup_module(request_module)
+        if any(not c.isprintable() for c in path) or not path:
+            raise UsageError('the path must be printable text')
+        if module.has('check_path'):
+            try:
+                return module.python.check_path(self, request_module, path)
+            except (ValueError, ModuleError) as e:
+                raise UsageError(str(e)) from None
+        if not os.path.exists(path):
+            raise UsageError(f'{path}: no such file or directory')
+        return os.path.abspath(path)
+
+    def source_targets(self):
+        """[(request module, path)] of [sources]: globs expand, each match
+        one request; a glob that matches nothing is only a warning."""
+        targets = []
+        for source, value in self.config.names('sources').items():
+            for item in shlex.split(value):
+                if any(c in item for c in '*?['):
+                    matches = sorted(glob.glob(item))
+                    if not matches:
+                        log.warning('[sources] %s: %s matches nothing',
+                                    source, item)
+                    targets += [(source, match) for match in matches]
+                else:
+                    targets.append((source, item))
+        return targets
 
     # -- init-node --------------------------------------------------------
 
@@ -1520,6 +1539,16 @@ class Client:
             if source not in self.modules:
                 problems.append(f'[sources] {source}: not a module in '
                                 '[modules]')
+        for source, target in self.source_targets():
+            if source in self.modules:
+                try:
+                    self.check_request(source, target)
+                except GitBackupError as e:
+                    problems.append(f'[sources] {source}: {e}')
+        git_base = self.settings['git_base']
+        if git_base and not os.path.isdir(git_base):
+            problems.append(f'[client] git_base = {git_base}: no such '
+                            'directory')
         for key in ('export_keep', 'alert_after', 'confirm_after',
                     'command_timeout', 'keep_requests'):
             self.config.get_duration('client', key)
@@ -1734,25 +1763,14 @@ def backup_all(client, node=None):
     node = client.node_or_default(node)
     count = 0
     errors = []
-    for source, value in client.config.names('sources').items():
-        targets = []
-        for item in shlex.split(value):
-            if any(c in item for c in '*?['):
-                matches = sorted(glob.glob(item))
-                if not matches:
-                    log.warning('[sources] %s: %s matches nothing', source,
-                                item)
-                targets += matches
-            else:
-                targets.append(item)
-        for target in targets:
-            try:
-                client.commit(source, target, node)
-            except GitBackupError as e:
-                errors.append(f'[sources] {source}: {e}')
-                log.error('%s', errors[-1])
-                continue
-            count += 1
+    for source, target in client.source_targets():
+        try:
+            client.commit(source, target, node)
+        except GitBackupError as e:
+            errors.append(f'[sources] {source}: {e}')
+            log.error('%s', errors[-1])
+            continue
+        count += 1
     log.info('backup-all: %d request(s) recorded', count)
     if errors:
         mail_admins(client.config, 'client',
