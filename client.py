@@ -1090,6 +1090,12 @@ class Client:
         if committed:
             fsync_dir(pool)
             log.info('node %s: %d request(s) sent', node, len(committed))
+        # A module that had nothing to send leaves the node nothing to
+        # confirm: record that here, or the request would look lost.
+        self.journal_results(node, [
+            {'request': f'{ZERO_ID}-RQ{request_id}-none', 'outcome': 'empty',
+             'finished': isotime(), 'reason': 'the module sent nothing'}
+            for request_id, server_requests in batch if not server_requests])
         # Results are fetched only while something awaits confirmation: an
         # idle client does not call its nodes every five minutes.
         if pushed or self.unconfirmed(node):
@@ -1369,13 +1375,7 @@ class Client:
                         else:
                             log.warning('%s: unreadable result %s', node,
                                         clean_text(name))
-            os.makedirs(self.state_dir, exist_ok=True)
-            with open(self.results_journal(node), 'a',
-                      encoding='utf-8') as f:
-                for entry in new:
-                    f.write(json.dumps(entry, sort_keys=True) + '\n')
-                f.flush()
-                os.fsync(f.fileno())
+            self.journal_results(node, new)
             atomic_write(marker, tip + '\n')
         results = self.read_results(node)
         if new:
@@ -1383,6 +1383,16 @@ class Client:
             self.remove_confirmed_exports(repo, new, results)
         self.check_unconfirmed(node, results)
         return len(new)
+
+    def journal_results(self, node, entries):
+        if not entries:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        with open(self.results_journal(node), 'a', encoding='utf-8') as f:
+            for entry in entries:
+                f.write(json.dumps(entry, sort_keys=True) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_results(self, node):
         """{request id: {server request key: result}} from the journal."""
@@ -1489,7 +1499,7 @@ class Client:
             outcomes = [r for parts in results.values()
                         for r in parts.values()]
             stored = [r for r in outcomes if r.get('outcome') == 'stored']
-            failed = [r for r in outcomes if r.get('outcome') != 'stored']
+            failed = [r for r in outcomes if r.get('outcome') == 'failed']
             unconfirmed = self.unconfirmed(node, results)
             out.write(f'  node stored {len(stored)}, node failed '
                       f'{len(failed)}, not yet confirmed {len(unconfirmed)}\n')
@@ -1781,13 +1791,21 @@ def backup_all(client, node=None):
     return count
 
 
-def exclusive(log_dir, name, function):
+def exclusive(log_dir, name, function, stuck_after=None):
     """Run function() unless another process holds log_dir/<name>.lock: a
-    second cron job exits 0 at once with one log line."""
+    second cron job exits 0 at once with one log line -- a warning (seen
+    under -q, so cron mails it) once the holder has run longer than
+    stuck_after seconds, since then it is probably hung."""
     lock = Lock(os.path.join(log_dir, f'{name}.lock'))
     if not lock.acquire():
-        log.info('another %s (pid %s) holds %s; exiting', name,
-                 lock.holder(), lock.path)
+        try:
+            held = time.time() - os.stat(lock.path).st_mtime
+        except OSError:
+            held = 0
+        level = logging.WARNING if stuck_after and held > stuck_after \
+            else logging.INFO
+        log.log(level, 'another %s (pid %s) has held %s for %d s; exiting',
+                name, lock.holder(), lock.path, held)
         return 0
     with lock:
         return function()
@@ -1852,7 +1870,8 @@ def run_command(args, quiet):
         # the backup account and its group may read them.
         os.umask(0o027)
         return exclusive(client.settings['log_dir'], 'send',
-                         lambda: 1 if client.send(args.node) else 0)
+                         lambda: 1 if client.send(args.node) else 0,
+                         2 * config.get_duration('client', 'command_timeout'))
     return 2
 
 

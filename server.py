@@ -130,7 +130,9 @@ def check_client_name(name):
     if not CLIENT_RE.match(name or '') or name in RESERVED_CLIENTS or \
             name.endswith('.git') or '..' in name:
         raise UsageError(f'bad client name {clean_text(name)!r} (use '
-                         '[A-Za-z0-9][A-Za-z0-9._-]*, not gitosis-admin)')
+                         '[A-Za-z0-9][A-Za-z0-9._-]*, no "..", no .git '
+                         'suffix, not ' + ', '.join(sorted(RESERVED_CLIENTS))
+                         + ')')
     return name
 
 
@@ -2254,8 +2256,9 @@ def run_command(args):
     if args.command == 'verify':
         return verify_command(node, args.client, args.restore)
     if args.command == 'run':
-        return gb.exclusive(node.settings['log_dir'], 'run',
-                            lambda: 1 if node.run() else 0)
+        return gb.exclusive(
+            node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
+            2 * config.get_duration('server', 'command_timeout'))
     return 2
 
 

@@ -144,6 +144,44 @@ class PipelineTest(unittest.TestCase):
         self.p.server('run')
         self.assertEqual(self.p.states('node'), {'F': 2})
 
+    def test_executable_module_and_one_that_sends_nothing(self):
+        """A module may be any executable: $1 module, $2 path, server
+        requests as 'ID CONTENT' lines on stdout.  One that sends nothing
+        is confirmed locally, not left looking lost."""
+        modules = os.path.join(self.p.root, 'modules')
+        shutil.copytree(os.path.join(support.ROOT, 'modules'), modules)
+        with open(os.path.join(modules, 'notes'), 'w') as f:
+            f.write('#!/bin/sh\nset -e\n'
+                    'f="$GITBACKUP_EXPORT_DIR/notes.txt"\n'
+                    'cp "$2" "$f"\n'
+                    'sum=$(sha256sum "$f" | cut -d" " -f1)\n'
+                    'size=$(stat -c %s "$f")\n'
+                    'echo "notes sftp $GITBACKUP_TIMESTAMP '
+                    '$GITBACKUP_SFTP_EXPORT:$f sha256=$sum size=$size '
+                    'source=$1"\n')
+        with open(os.path.join(modules, 'nothing'), 'w') as f:
+            f.write('#!/bin/sh\nexit 0\n')
+        for name in ('notes', 'nothing'):
+            os.chmod(os.path.join(modules, name), 0o755)
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace('[client]\n', f'[client]\nmodules_dir = '
+                                 f'{modules}\n', 1).replace(
+                '[modules]\n', '[modules]\nmemo = notes\nempty = nothing\n'))
+        memo = os.path.join(self.p.root, 'memo.txt')
+        with open(memo, 'w') as f:
+            f.write('remember the milk\n')
+        self.p.client('commit', 'memo', memo)
+        self.p.client('commit', 'empty', memo)
+        self.p.client('send')
+        self.p.server('run')
+        [stored] = self.p.stored('memo')
+        with open(os.path.join(stored, 'notes.txt')) as f:
+            self.assertEqual(f.read(), 'remember the milk\n')
+        self.p.client('send')
+        self.assertIn('not yet confirmed 0', self.p.client('status').stdout)
+
     def test_ingest_twice_creates_nothing_twice(self):
         self.p.client('commit', 'dummy', 'once')
         self.p.client('send')
