@@ -166,6 +166,14 @@ SCHEMA = {
     },
 }
 FREE_SECTIONS = ('nodes', 'modules', 'sources')
+# Typed keys, checked when the file is read (so a typo in a value is an
+# error naming its line, like a typo in a key).
+DURATION_KEYS = {'export_keep', 'alert_after', 'confirm_after',
+                 'command_timeout', 'keep_requests', 'stale_after'}
+SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
+INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
+            'max_requests_per_push', 'sftp_port', 'keep_daily',
+            'keep_weekly', 'keep_monthly'}
 
 
 # --------------------------------------------------------------------------
@@ -522,6 +530,19 @@ class Config:
                         f'{", ".join(sorted(schema))})')
                 if schema is None and not NAME_RE.match(key):
                     raise ConfigError(f'{at}: bad name {key!r} in [{section}]')
+            for key, value in parser[section].items():
+                if schema is None or not value:
+                    continue
+                try:
+                    if key in DURATION_KEYS:
+                        parse_duration(value)
+                    elif key in SIZE_KEYS:
+                        parse_size(value)
+                    elif key in INT_KEYS and not re.fullmatch(r'\d+', value):
+                        raise ValueError(f'not a whole number: {value!r}')
+                except ValueError as e:
+                    raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
+                                      f': [{section}] {key}: {e}') from None
             if schema is not None:
                 missing = [k for k, v in schema.items()
                            if v is REQUIRED and not parser[section].get(k)]
@@ -1519,6 +1540,7 @@ class Client:
 
     def check(self, out=sys.stdout):
         """Print every problem found; return how many."""
+        out.write(f'{self.config.path}: client {self.name}\n')
         problems = []
         for tool in ['git', 'ssh'] + shlex.split(self.settings['tar_command'])[:1]:
             if not shutil.which(tool):
@@ -1571,9 +1593,8 @@ class Client:
         for p in problems:
             out.write(f'problem: {p}\n')
         if not problems:
-            out.write(f'{self.config.path}: client {self.name} looks ready '
-                      f'({len(self.nodes)} node(s), {len(self.modules)} '
-                      'module(s))\n')
+            out.write(f'looks ready ({len(self.nodes)} node(s), '
+                      f'{len(self.modules)} module(s))\n')
         return problems
 
 

@@ -845,6 +845,7 @@ class Node:
     # -- check ----------------------------------------------------------------
 
     def check(self, out=sys.stdout):
+        out.write(f'{self.config.path}: node {self.name}\n')
         problems = []
         for tool in ('git', 'sftp', 'ssh'):
             if not shutil.which(tool):
@@ -889,8 +890,7 @@ class Node:
         for p in problems:
             out.write(f'problem: {p}\n')
         if not problems:
-            out.write(f'{self.config.path}: node {self.name} looks ready '
-                      f'({len(self.clients())} client(s))\n')
+            out.write(f'looks ready ({len(self.clients())} client(s))\n')
         return problems
 
 

@@ -101,6 +101,33 @@ class PipelineTest(unittest.TestCase):
                       status)
         self.assertIn(stored[0], status)
 
+    def test_memory_stays_flat(self):
+        """Data is streamed, never held whole: backing up a 64 MiB file
+        peaks well below 64 MiB in every process (Python, tar, git, ssh,
+        sftp) of send and of run."""
+        src = os.path.join(self.p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'big.bin'), 'wb') as f:
+            for _ in range(64):
+                f.write(os.urandom(1 << 20))
+        self.p.client('commit', 'app', src)
+        measure = ('import resource, subprocess, sys\n'
+                   'rc = subprocess.run(sys.argv[1:]).returncode\n'
+                   'print("PEAK_KB", resource.getrusage('
+                   'resource.RUSAGE_CHILDREN).ru_maxrss)\n'
+                   'sys.exit(rc)\n')
+        for script, command in (('client.py', 'send'), ('server.py', 'run')):
+            proc = subprocess.run(
+                [support.PYTHON, '-c', measure, support.PYTHON,
+                 os.path.join(support.ROOT, script), '--config',
+                 self.p.config, command], env=self.p.env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            peak_mib = int(proc.stdout.split('PEAK_KB')[-1]) / 1024
+            self.assertLess(peak_mib, 60, f'{script} {command}')
+        [stored] = self.p.stored('app')
+        self.assertEqual(self.p.states('node'), {'F': 1})
+
     def test_node_offline_then_back(self):
         """Two sends while sshd is down keep every request; once it is back
         one send delivers them all (several commits in one push), none
