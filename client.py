@@ -410,11 +410,14 @@ def clean_text(text, limit=300):
 
 def pause_point(name):
     """Fault-injection hook for the crash tests: when $GITBACKUP_PAUSE_AT
-    names this point (comma-separated list), stop here until killed."""
+    names this point (comma-separated list), stop here until killed, or
+    for $GITBACKUP_PAUSE_SECONDS and then go on."""
     if name in os.environ.get('GITBACKUP_PAUSE_AT', '').split(','):
         log.warning('pausing at %s (GITBACKUP_PAUSE_AT)', name)
-        while True:
-            time.sleep(60)
+        seconds = float(os.environ.get('GITBACKUP_PAUSE_SECONDS') or 'inf')
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 class Lock:

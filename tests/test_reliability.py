@@ -173,6 +173,76 @@ class OutageTest(unittest.TestCase):
         self.p.server('run')
         self.assertEqual(self.p.states('node'), {'F': 3})
 
+    def test_sshd_stopped_in_the_middle_of_send_and_download(self):
+        """sshd goes away while send is between commit and push, and again
+        while run is downloading: nothing is lost, nothing half-stored,
+        one mail each way per peer."""
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace('[client]\n', '[client]\ncompression = '
+                                 'none\n', 1))
+        src = os.path.join(self.p.root, 'src')
+        write_tree(src, 300 << 20)
+        self.p.client('commit', 'app', src)
+        env = {**self.p.env, 'GITBACKUP_PAUSE_AT': 'send:committed',
+               'GITBACKUP_PAUSE_SECONDS': '2'}
+        send = subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, 'client.py'),
+             '--config', self.p.config, 'send'], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in send.stderr:
+            if 'pausing at send:committed' in line:
+                break
+        self.p.sshd.stop()
+        send.stderr.close()
+        self.assertEqual(send.wait(), 1)
+        self.assertEqual(self.p.states(), {'P': 1})
+        self.p.sshd.start()
+        self.p.client('send')
+        self.assertEqual(self.p.states(), {'F': 1})
+
+        run = subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, 'server.py'),
+             '--config', self.p.config, 'run'], env=self.p.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        incoming = os.path.join(self.p.node_dir, 'data', CLIENT, 'files',
+                                '.incoming')
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            parts = [os.path.join(d, n) for d, _, names in os.walk(incoming)
+                     for n in names if n.endswith('.part')]
+            if parts and os.path.getsize(parts[0]) > 0:
+                # Cut the connection at once: every process below sshd.
+                children = support._children_map()
+                todo, tree = [self.p.sshd.process.pid], []
+                while todo:
+                    for child in children.get(todo.pop(), ()):
+                        tree.append(child)
+                        todo.append(child)
+                for pid in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                break
+            time.sleep(0.01)
+        else:
+            self.fail('the download never started')
+        self.p.sshd.stop()
+        self.assertEqual(run.wait(), 1)
+        self.assertEqual(self.p.stored('app'), [])
+        self.assertEqual(self.p.states('node'), {'RQ': 1})
+        self.p.sshd.start()
+        self.p.server('run')
+        self.assertEqual(self.p.states('node'), {'F': 1})
+        [stored] = self.p.stored('app')
+        self.assertEqual(self.subjects(), [
+            'gitbackup: pushing to node n1 failing',
+            'gitbackup: pushing to node n1 recovered',
+            f'gitbackup: fetching from client {CLIENT} failing',
+            f'gitbackup: fetching from client {CLIENT} recovered'])
+
     def test_client_down_during_run(self):
         src = os.path.join(self.p.root, 'src')
         write_tree(src)
