@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -28,6 +28,8 @@ from tests.modules_pipeline import ModulePipeline  # noqa: E402
 
 class Demo:
     """Just enough of a TestCase for the pipeline helpers."""
+
+    temp_prefix = 'gitbackup-demo-'
 
     def __init__(self):
         self.cleanups = contextlib.ExitStack()
@@ -85,8 +87,8 @@ def main():
         have_pg = bool(support.pg_bindir())
         if have_pg:
             step('a private PostgreSQL cluster with a database')
-            pg_dir = tempfile.mkdtemp(prefix='gb-demo-pg-')
-            cluster = support.PostgresCluster(pg_dir)
+            cluster = support.PostgresCluster(os.path.join(p.root,
+                                                           'postgres'))
             cluster.start()
             demo.cleanups.callback(cluster.stop)
             cluster.psql('CREATE DATABASE shop')
@@ -143,5 +145,14 @@ def main():
         return 0 if same else 1
 
 
+def run_demo():
+    try:
+        return main()
+    except (unittest.SkipTest, support.MissingToolError) as e:
+        print(f'demo: {e}\nInstall what is missing with `make deps` (as '
+              'root), then run `make demo` again.', file=sys.stderr)
+        return 2
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_demo())

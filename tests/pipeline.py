@@ -30,7 +30,8 @@ class Pipeline:
     def __init__(self, testcase, start=True, extra_config='', modules=None):
         support.require_tools('git', 'ssh', 'sftp', 'sshd', 'tar')
         self.testcase = testcase
-        self.root = support.temp_dir(testcase)
+        self.root = support.temp_dir(
+            testcase, getattr(testcase, 'temp_prefix', 'gitbackup-test-'))
         self.env = support.isolated_env(os.path.join(self.root, 'home'))
         self.sshd = support.SSHD(os.path.join(self.root, 'sshd'))
         keys = os.path.join(self.root, 'keys')
