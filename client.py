@@ -785,11 +785,13 @@ def request_id_of(key):
 class PrepareContext:
     """What a backup module sees while it prepares one request."""
 
-    def __init__(self, client, request_id, module):
+    def __init__(self, client, node, request_id, module):
         self.client = client
+        self.node = node
         self.config = client.config
         self.settings = client.settings
         self.request_id = request_id
+        self.problems = []
         self.module = module
         self.timestamp = timestamp()
         self.log = log
@@ -838,6 +840,15 @@ class PrepareContext:
             err.seek(0)
             stderr = err.read().decode('utf-8', 'replace')
         return status, stderr
+
+    def request_separately(self, module, path, error):
+        """One part of this request failed (one database of `all`): record
+        that part as a request of its own, so it is retried, counted and
+        given up on by itself while the rest of this request goes on."""
+        request_id = self.client.commit(module, path, self.node)
+        self.problems.append(f'request {self.request_id}: {module} {path} '
+                             f'failed and was requested again on its own as '
+                             f'{request_id}: {error}')
 
     @property
     def compression(self):
@@ -1074,7 +1085,7 @@ class Client:
         batch = []
         for request_id in to_prepare:
             try:
-                server_requests = self.prepare(node, request_id)
+                server_requests = self.prepare(node, request_id, errors)
             except GitBackupError as e:
                 errors.append(self.prepare_failed(node, request_id, e))
                 continue
@@ -1176,12 +1187,13 @@ class Client:
         attempts = sum(1 for line in lines[1:] if line.startswith('# attempt'))
         return module, target, attempts, lines
 
-    def prepare(self, node, request_id):
-        """Run the module of one request; return its server requests."""
+    def prepare(self, node, request_id, problems):
+        """Run the module of one request; return its server requests.  What
+        the module reports as partial failures is added to problems."""
         path = os.path.join(self.pool(node), PROCESSING + request_id)
         request_module, target, _, _ = self.read_request(path)
         module = self.backup_module(request_module)
-        ctx = PrepareContext(self, request_id, request_module)
+        ctx = PrepareContext(self, node, request_id, request_module)
         # A previous attempt may have left half an export behind.
         shutil.rmtree(ctx.export_root, ignore_errors=True)
         log.info('request %s: %s %s', request_id, request_module, target)
@@ -1198,6 +1210,7 @@ class Client:
             produced = self.run_executable_module(module, ctx, target)
         else:
             raise ModuleError(f'module {module.name} has no prepare()')
+        problems += [problem(text) for text in ctx.problems]
         result = []
         for ident, content in produced:
             if not SERVER_REQUEST_RE.match(content):

@@ -18,7 +18,9 @@ libpq environment (PGHOST, PGPORT, PGUSER, ~/.pgpass ...) or
 
 A dump that fails (no such database, server down, permission denied) fails
 that request only, with pg_dump's own message; ``send`` retries it and the
-other requests go on.
+other requests go on.  Within ``all``, a database whose dump fails becomes
+a request of its own (retried and given up on by itself, the admins
+mailed) while the other databases are sent.
 """
 
 import hashlib
@@ -134,10 +136,18 @@ def prepare(ctx, module, path):
             raise ctx.ModuleError(f'two databases map to the file name '
                                   f'{filename}; rename one of them')
         names.add(filename)
-        dumped = dump(
-            ctx, command(ctx, 'pg_dump') + [
-                '--format=custom', *connection,
-                f'--dbname={conninfo_dbname(database)}'],
-            filename, f'pg_dump of database {database!r}')
+        try:
+            dumped = dump(
+                ctx, command(ctx, 'pg_dump') + [
+                    '--format=custom', *connection,
+                    f'--dbname={conninfo_dbname(database)}'],
+                filename, f'pg_dump of database {database!r}')
+        except ctx.ModuleError as e:
+            if path != ALL:
+                raise
+            # One broken database must not stop the others: it becomes a
+            # request of its own, retried and given up on by itself.
+            ctx.request_separately(module, database, e)
+            continue
         yield 'db-' + filename[:-len('.dump')], \
             ctx.sftp_request(dumped, source=module)

@@ -109,6 +109,40 @@ class PostgresModuleTest(PostgresMixin, unittest.TestCase):
                 n for n in p.pool() if n.startswith('C')][0])) as f:
             self.assertIn('does not exist', f.read())
 
+    def test_one_broken_database_does_not_hold_up_all(self):
+        """Within `all`, a database whose dump fails is requested again on
+        its own (and the admins told); the other dumps are sent now."""
+        p = self.p
+        p.use_postgres(self.cluster, 'config')
+        wrapper = os.path.join(p.root, 'pg_dump_but_not_hr')
+        with open(wrapper, 'w') as f:
+            f.write('#!/bin/sh\ncase "$*" in *"dbname=\'hr\'"*) '
+                    'echo "pg_dump: error: simulated failure" >&2; exit 1;; '
+                    f'esac\nexec {support.pg_tool("pg_dump")} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        p.edit_config('\n[nodes]\n', f'pg_dump = {wrapper}\n\n[nodes]\n')
+        p.client('commit', 'postgresdb', 'all')
+        proc = p.client('send', check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("postgresdb hr failed and was requested again on its "
+                      "own", proc.stderr)
+        self.assertEqual(p.states(), {'F': 1, 'C': 1})
+        [retry] = [n for n in p.pool() if n.startswith('C')]
+        with open(os.path.join(p.client_dir, 'requests', 'n1', retry)) as f:
+            self.assertEqual(f.read(), 'postgresdb\thr\n')
+        self.assertIn('requested again on its own',
+                      p.mails()[0].get_content())
+        p.server('run')
+        stored = p.stored_files('postgresdb')  # the cluster is shared
+        self.assertLessEqual({'globals.sql', 'postgres.dump', 'shop.dump'},
+                             set(stored))
+        self.assertNotIn('hr.dump', stored)
+        # Once pg_dump works again, the retry brings hr too.
+        p.edit_config(f'pg_dump = {wrapper}\n', '')
+        p.client('send')
+        p.server('run')
+        self.assertIn('hr.dump', p.stored_files('postgresdb'))
+
     def test_command_prefix_runs_the_tools_as_postgres(self):
         """[client] pg_dump etc. are command prefixes, as with
         `sudo -n -u postgres pg_dump` (runuser here: no sudo needed)."""
