@@ -1915,13 +1915,20 @@ def prune_incoming(node, client, states, dry_run, verb, out):
     limit = node.config.get_duration('server', 'command_timeout')
     errors = []
     try:
-        names = sorted(os.listdir(incoming))
+        paths = [os.path.join(incoming, name)
+                 for name in sorted(os.listdir(incoming)) if name not in live]
     except FileNotFoundError:
-        return errors
-    for name in names:
-        path = os.path.join(incoming, name)
+        paths = []
+    # The git module's first backup stages in .<name>.git.incoming beside
+    # the mirror; one is left when that request was given up.
+    git_root = os.path.join(node.settings['data_dir'], client, 'git')
+    for root, dirs, _ in os.walk(git_root):
+        paths += [os.path.join(root, d) for d in sorted(dirs)
+                  if d.startswith('.') and d.endswith('.git.incoming')]
+        dirs[:] = [d for d in dirs if not d.endswith(('.git', '.incoming'))]
+    for path in paths:
         try:
-            if name in live or time.time() - os.lstat(path).st_mtime <= limit:
+            if time.time() - os.lstat(path).st_mtime <= limit:
                 continue
             if not dry_run:
                 if os.path.isdir(path) and not os.path.islink(path):
@@ -2182,8 +2189,8 @@ report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
                 'never pruned; directories without a readable manifest are '
                 'left for verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
-                'staging directories (files/.incoming/) a crash left '
-                'behind.\nEvery removal is printed.')
+                'staging directories a crash left behind (files/.incoming/,\n'
+                'git/**/.<name>.git.incoming).  Every removal is printed.')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     p = command('verify', 're-hash stored files, git fsck, sample restore '

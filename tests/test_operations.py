@@ -459,11 +459,16 @@ class OperationsTest(unittest.TestCase):
             old = time.time() - 2 * DAY
             os.utime(os.path.join(incoming, key), (old, old))
         os.makedirs(os.path.join(incoming, '7' * 40 + '-RQrecent-fs'))
+        git_staging = os.path.join(self.node, 'data', CLIENT, 'git', 'sub',
+                                   '.gone.git.incoming')
+        os.makedirs(os.path.join(git_staging, 'objects'))
+        os.utime(git_staging, (time.time() - 2 * DAY,) * 2)
         before = self.backups()
         out = self.server('prune', '--dry-run').stdout
         self.assertEqual(self.backups(), before)
         for path in old_f + old_x:
             self.assertTrue(os.path.exists(path))
+        self.assertTrue(os.path.isdir(git_staging))
         gone = {b, d, f, h, i}
         self.assertEqual(
             {line.split(' ', 2)[2] for line in out.splitlines()
@@ -478,6 +483,8 @@ class OperationsTest(unittest.TestCase):
             self.assertTrue(os.path.exists(path), path)
         self.assertEqual(sorted(os.listdir(incoming)),
                          [pending, '7' * 40 + '-RQrecent-fs'])
+        self.assertFalse(os.path.exists(git_staging))
+        self.assertIn(f'removed {git_staging}', out)
         # Nothing kept but the rule "never the newest good backup".
         self.write_config(client_section='keep_daily = 0\nkeep_weekly = 0\n'
                           'keep_monthly = 0\n')
