@@ -81,6 +81,14 @@ refs/heads/master) exit 0 ;;
 esac
 """
 
+# What ssh, sftp and git say (LC_ALL=C) when the other side cannot be
+# reached, or the connection drops: the client is down, not the request bad.
+CONNECTION_LOST_RE = re.compile(
+    r'unable to connect|Connection refused|Connection timed out|'
+    r'Could not resolve host|No route to host|Network is unreachable|'
+    r'Connection closed|Connection reset|Broken pipe|'
+    r'connect to host|Connection to \S+ closed')
+
 # Node pool states.
 NEW, PROCESSING, FINISHED, FAILED = 'RQ', 'P', 'F', 'X'
 NODE_STATES = (NEW, PROCESSING, FINISHED, FAILED)
@@ -174,6 +182,10 @@ class NodeContext:
     pause_point = staticmethod(gb.pause_point)
     fsync_dir = staticmethod(fsync_dir)
     atomic_write = staticmethod(atomic_write)
+
+    @staticmethod
+    def connection_lost(stderr):
+        return bool(CONNECTION_LOST_RE.search(stderr or ''))
 
     def __init__(self, node, client, key, leftover):
         self.node = node
@@ -324,7 +336,8 @@ class NodeContext:
         with tempfile.TemporaryFile() as err:
             try:
                 proc = subprocess.Popen(args, stdin=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, stderr=err)
+                                        stdout=subprocess.DEVNULL, stderr=err,
+                                        env={**os.environ, 'LC_ALL': 'C'})
             except FileNotFoundError:
                 raise gb.ToolMissing('sftp: not installed or not in PATH') \
                     from None
@@ -351,8 +364,10 @@ class NodeContext:
         if stopped:
             raise TransientError(stopped)
         if proc.returncode != 0:
-            # sftp exits 255 when ssh cannot connect or authenticate.
-            error = Unreachable if proc.returncode == 255 else TransientError
+            # sftp exits 255 when ssh cannot connect or authenticate, and 1
+            # with a message when the connection drops in the middle.
+            error = Unreachable if proc.returncode == 255 or \
+                self.connection_lost(stderr) else TransientError
             raise error(
                 f'sftp from {target} port {self.settings["sftp_port"]} '
                 f'failed (exit {proc.returncode}): '
@@ -707,8 +722,10 @@ class Node:
                 pass
             log.info('%s: %s done (%s) %s', client, key, module_name,
                      result.get('stored') or '')
-            for kind in (Misconfigured, NoSpace) + \
-                    ((Unreachable,) if result.get('fetched', True) else ()):
+            # Only a request that fetched something proves the client
+            # reachable, the space sufficient and the configuration right.
+            for kind in ((Unreachable, NoSpace, Misconfigured)
+                         if result.get('fetched', True) else ()):
                 health = self.health(client, kind)
                 if kind is Unreachable or health.state.get('first_failure'):
                     health.ok()

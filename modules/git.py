@@ -37,12 +37,6 @@ import re
 import shutil
 import time
 
-# What git says (LC_ALL=C) when it cannot reach the other side at all.
-UNREACHABLE_RE = re.compile(
-    r'unable to connect|Connection refused|Connection timed out|'
-    r'Could not resolve host|No route to host|Network is unreachable|'
-    r'Connection closed by|ssh: connect to host')
-
 # Protocols a node may ever fetch with; [server] git_protocols picks among
 # them.  file:// and ext:: would let a URL reach the node's own disk or run
 # a program: never.
@@ -195,7 +189,7 @@ def git_environment(ctx, protocols):
         'GIT_PROTOCOL_FROM_USER': '0',
         'GIT_TERMINAL_PROMPT': '0',
         'GIT_SSH_COMMAND': ctx.config.section('server')['ssh_command'],
-        'LC_ALL': 'C',  # UNREACHABLE_RE reads git's English messages
+        'LC_ALL': 'C',  # ctx.connection_lost reads English messages
     })
     return env
 
@@ -239,7 +233,7 @@ def fetch(ctx, mirror, url, protocols):
                    timeout=ctx.timeout)
     if proc.returncode != 0:
         # Cannot connect at all: the client is down, not the request bad.
-        error = ctx.Unreachable if UNREACHABLE_RE.search(proc.stderr) \
+        error = ctx.Unreachable if ctx.connection_lost(proc.stderr) \
             else ctx.TransientError
         raise error(f'git fetch from {url} failed (exit {proc.returncode}): '
                     f'{proc.stderr.strip()[-1000:]}')

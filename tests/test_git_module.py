@@ -7,6 +7,7 @@ time, hostile URLs on the node."""
 import os
 import unittest
 
+from tests import support
 from tests.modules_pipeline import ModulePipeline
 from tests.pipeline import CLIENT
 
@@ -98,6 +99,34 @@ class GitModuleTest(unittest.TestCase):
         self.assertEqual(len([r for r in refs
                               if r.startswith('refs/preserved/')]), 2)
         self.assertEqual(p.results()[-1]['preserved'], [])
+
+        # A tag moved to another commit keeps its old object, too.
+        old_tag = refs['refs/tags/v1']
+        p.git('tag', '-f', '-a', '-m', 'release one, again', 'v1', third,
+              cwd=work)
+        p.git('push', '--quiet', '--force', 'origin', 'v1', cwd=work)
+        self.backup(1)  # the hook recorded the request
+        refs = p.refs(mirror)
+        self.assertNotEqual(refs['refs/tags/v1'], old_tag)
+        self.assertIn(old_tag, [sha for ref, sha in refs.items()
+                                if ref.startswith('refs/preserved/')
+                                and ref.endswith('/refs/tags/v1')])
+
+    def test_fetch_hardening_options(self):
+        """Belt and braces beside GIT_ALLOW_PROTOCOL: the -c options
+        forbid every protocol but the allowed ones, and fsck transfers."""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            'gitmodule', os.path.join(support.ROOT, 'modules', 'git.py'))
+        git_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(git_module)
+        options = ' '.join(git_module.hardening(['git', 'https']))
+        self.assertIn('protocol.allow=never', options)
+        self.assertIn('protocol.git.allow=always', options)
+        self.assertIn('protocol.https.allow=always', options)
+        self.assertNotIn('protocol.file.allow=always', options)
+        self.assertNotIn('protocol.ext.allow=always', options)
+        self.assertIn('transfer.fsckObjects=true', options)
 
     def test_run_killed_after_fetch_loses_no_history(self):
         """A run that died between the fetch and the preserved refs left

@@ -202,6 +202,8 @@ class HostileTreeTest(HostileTestCase):
         f = self.forge
         valid = f.blob(f'dummy {TS} valid request\n')
         big = f.blob(b'dummy ' + b'x' * (10 << 20) + b'\n')
+        # One byte over the default max_request_size (4096).
+        just_over = f.blob(b'dummy ' + b'y' * 4090 + b'\n')
         tree = f.tree([
             ('100644', 'blob', valid, 'RQok'),
             ('120000', 'blob', f.blob(self.p.config), 'RQlink'),
@@ -211,6 +213,8 @@ class HostileTreeTest(HostileTestCase):
             ('100644', 'blob', big, 'RQbig'),
             ('100644', 'blob', valid, 'RQ\x1b[31mevil\nname'),
             ('100644', 'blob', valid, 'RQ-x.reason'),
+            ('100644', 'blob', valid, 'RQx.reason'),
+            ('100644', 'blob', just_over, 'RQjustover'),
             ('100644', 'blob', valid, 'notarequest'),
         ])
         commit = f.push_tree(tree)
@@ -220,6 +224,8 @@ class HostileTreeTest(HostileTestCase):
         self.assertIn('ignored', log_text)
         self.assertIn('RQlink (blob 120000)', log_text)
         self.assertRegex(log_text, r'RQbig: 10485\d+ bytes, more than '
+                         r'max_request_size')
+        self.assertRegex(log_text, r'RQjustover: 4097 bytes, more than '
                          r'max_request_size')
         self.p.server('run', check=False)
         self.assertEqual(self.p.states('node'), {'F': 1})
@@ -396,12 +402,15 @@ class HostileRequestTest(HostileTestCase):
         user = self.p.sshd.user
         account = f'{user}@127.0.0.1'
         path, digest, size = self.export_file('f.bin', os.urandom(3000))
+        huge_path, _, _ = self.export_file('huge.bin', os.urandom(30 << 20))
         keys = self.push_requests({
             'bad-sha': f'sftp {TS} {account}:{path} sha256={"0" * 64} '
                        f'size={size} source=bad',
             'short': f'sftp {TS} {account}:{path} size={size - 1} '
                      'source=bad',
             'long': f'sftp {TS} {account}:{path} size={size + 100} '
+                    'source=bad',
+            'huge': f'sftp {TS} {account}:{huge_path} size=1000 '
                     'source=bad',
             'ok': f'sftp {TS} {account}:{path} sha256={digest} size={size} '
                   'source=good',
@@ -410,10 +419,13 @@ class HostileRequestTest(HostileTestCase):
         self.assertEqual(self.outcome(keys['ok'])[0], 'F')
         self.assertEqual(len(self.p.stored('good')), 1)
         self.assertEqual(self.p.stored('bad'), [])
-        for name in ('bad-sha', 'short', 'long'):
+        for name in ('bad-sha', 'short', 'long', 'huge'):
             state, reason = self.outcome(keys[name])
             self.assertEqual(state, 'X', name)
             self.assertRegex(reason, r'sha256|bytes', name)
+        # A file far larger than announced is cut off, not fetched whole.
+        self.assertIn('larger than the 1000 bytes announced; stopped',
+                      self.outcome(keys['huge'])[1])
         mail = self.mail_text()
         for name in ('bad-sha', 'short', 'long'):
             self.assertIn(keys[name], mail)
@@ -443,6 +455,16 @@ class HostileRequestTest(HostileTestCase):
             self.p.node_dir, 'data', CLIENT)), 4096 + 20000)
         # The free-space floor.
         set_config(self.p, f'client {CLIENT}', 'quota', '0')
+        # Room now, none once this fetch landed: announced 100 TB.
+        set_config(self.p, 'server', 'free_space_floor', '1M')
+        keys = self.push_requests({
+            'floor': f'sftp {TS} {account}:{path} size={10 ** 14} '
+                     'source=q3'})
+        self.p.server('run', check=False)
+        self.assertEqual(self.outcome(keys['floor']), ('RQ', ''),
+                         self.node_log()[-2000:])
+        self.assertRegex(self.node_log(),
+                         keys['floor'] + r'.*free_space_floor')
         set_config(self.p, 'server', 'free_space_floor', '1000T')
         keys = self.push_requests({
             'floor': f'sftp {TS} {account}:{path} size={size} source=q3'})

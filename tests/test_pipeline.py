@@ -100,6 +100,14 @@ class PipelineTest(unittest.TestCase):
         self.assertIn('node stored 1, node failed 0, not yet confirmed 0',
                       status)
         self.assertIn(stored[0], status)
+        # A run with nothing new publishes nothing again.
+        count = ['git', '--git-dir', self.p.repo, 'rev-list', '--count',
+                 'refs/heads/results']
+        before = subprocess.run(count, stdout=subprocess.PIPE, text=True,
+                                check=True).stdout
+        self.p.server('run')
+        self.assertEqual(subprocess.run(count, stdout=subprocess.PIPE,
+                                        text=True, check=True).stdout, before)
 
     def test_memory_stays_flat(self):
         """Data is streamed, never held whole: backing up a 64 MiB file

@@ -6,6 +6,7 @@ the private sshd stopped and started again; mail is read from the spool.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -86,6 +87,17 @@ class CrashTest(unittest.TestCase):
         os.utime(path, (time.time() - 120,) * 2)
         self.finish_and_check()
 
+    def test_torn_request_of_a_killed_commit_is_kept_not_sent(self):
+        pool = os.path.join(self.p.client_dir, 'requests', 'n1')
+        os.makedirs(pool)
+        torn = os.path.join(pool, 'i20260101T000000.000000Z-1-0001')
+        with open(torn, 'w') as f:
+            f.write(f'app\t{self.src}')  # no final newline: cut short
+        os.utime(torn, (time.time() - 120,) * 2)
+        self.p.client('send')
+        self.assertEqual(self.p.states(), {'i': 1})
+        self.assertEqual(self.p.states('node'), {})
+
     def test_kill_between_claim_and_push(self):
         self.p.client('commit', 'app', self.src)
         Paused(self.p, 'client.py', 'send:prepared', 'send').kill()
@@ -128,12 +140,22 @@ class CrashTest(unittest.TestCase):
         self.p.client('send')
         Paused(self.p, 'server.py', 'run:downloaded', 'run').kill()
         self.assertEqual(self.p.stored('app'), [])  # a .part is not stored
+        verify = self.p.server('verify', check=False)
+        self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
+        self.assertNotIn('.incoming', verify.stdout + verify.stderr)
         self.finish_and_check(sends=0)
 
     def test_kill_while_writing_manifest(self):
         self.p.client('commit', 'app', self.src)
         self.p.client('send')
-        Paused(self.p, 'server.py', 'run:manifest', 'run').kill()
+        paused = Paused(self.p, 'server.py', 'run:manifest', 'run')
+        # The manifest is complete before the backup is renamed into place.
+        incoming = os.path.join(self.p.node_dir, 'data', CLIENT, 'files',
+                                '.incoming')
+        [staged] = os.listdir(incoming)
+        self.assertIn('manifest.json', os.listdir(os.path.join(incoming,
+                                                                staged)))
+        paused.kill()
         self.assertEqual(self.p.stored('app'), [])
         self.finish_and_check(sends=0)
 
@@ -420,6 +442,43 @@ class WaitingTest(unittest.TestCase):
         for _ in range(3):
             self.p.server('run')
         self.assertEqual(self.p.states('node'), {'F': 7})
+
+
+class ClientGiveUpTest(unittest.TestCase):
+    def test_module_failing_max_attempts_times_becomes_x(self):
+        """A request whose module keeps failing is retried by later sends
+        and, after [client] max_attempts, kept as X* and mailed."""
+        p = Pipeline(self)
+        modules = os.path.join(p.root, 'modules')
+        shutil.copytree(os.path.join(support.ROOT, 'modules'), modules)
+        with open(os.path.join(modules, 'broken'), 'w') as f:
+            f.write('#!/bin/sh\necho "cannot read $2" >&2\nexit 1\n')
+        os.chmod(os.path.join(modules, 'broken'), 0o755)
+        with open(p.config) as f:
+            text = f.read()
+        with open(p.config, 'w') as f:
+            f.write(text.replace('[client]\n', f'[client]\nmax_attempts = 2'
+                                 f'\nmodules_dir = {modules}\n', 1)
+                    .replace('[modules]\n', '[modules]\nbad = broken\n'))
+        thing = os.path.join(p.root, 'thing')
+        open(thing, 'w').close()
+        p.client('commit', 'bad', thing)
+        self.assertEqual(p.client('send', check=False).returncode, 1)
+        self.assertEqual(p.states(), {'C': 1})
+        self.assertEqual(p.mails(), [])  # a retry is no news yet
+        self.assertEqual(p.client('send', check=False).returncode, 1)
+        self.assertEqual(p.states(), {'X': 1})
+        [name] = p.pool()
+        with open(os.path.join(p.client_dir, 'requests', 'n1', name)) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(lines[0], f'bad\t{thing}')
+        self.assertEqual(len([x for x in lines if x.startswith('# attempt')]),
+                         2)
+        [mail] = p.mails()
+        self.assertIn('given up', mail.get_content())
+        self.assertIn(f'cannot read {thing}', mail.get_content())
+        p.client('send')  # X* is left alone from now on
+        self.assertEqual(p.states(), {'X': 1})
 
 
 class ConcurrencyTest(unittest.TestCase):
