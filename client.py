@@ -1680,39 +1680,54 @@ def client_gc(client, aggressive=False):
                            f'client {client.name}')
 
 
-def client_prune(client, dry_run=False, out=sys.stdout):
-    """Remove exported request directories older than export_keep and F*
-    requests older than keep_requests.  C*, P* and X* are never touched.
-    Returns the list of errors."""
-    errors = []
-    verb = 'would remove' if dry_run else 'removed'
+def older_than(paths, seconds):
+    """The paths last changed more than seconds ago (vanished ones left
+    out)."""
     now = time.time()
-    keep_requests = client.config.get_duration('client', 'keep_requests')
-    for path in client.expired_exports():
+    old = []
+    for path in paths:
         try:
-            if not dry_run:
+            if now - os.lstat(path).st_mtime > seconds:
+                old.append(path)
+        except FileNotFoundError:
+            pass
+    return old
+
+
+def remove_listed(paths, dry_run, out):
+    """Remove files and whole directories (with dry_run, remove nothing),
+    printing each; return the errors as text."""
+    verb = 'would remove' if dry_run else 'removed'
+    errors = []
+    for path in paths:
+        try:
+            if dry_run:
+                pass
+            elif os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
         except OSError as e:
             errors.append(f'{path}: {e}')
             log.error('cannot remove %s: %s', path, e)
             continue
         out.write(f'{verb} {path}\n')
-    for node in client.nodes:
-        pool = client.pool(node)
-        for request_id in client.list_pool(pool)[FINISHED]:
-            path = os.path.join(pool, FINISHED + request_id)
-            try:
-                if now - os.lstat(path).st_mtime <= keep_requests:
-                    continue
-                if not dry_run:
-                    os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                errors.append(f'{path}: {e}')
-                continue
-            out.write(f'{verb} {path}\n')
     return errors
+
+
+def client_prune(client, dry_run=False, out=sys.stdout):
+    """Remove expired exports (see Client.expired_exports) and F* requests
+    older than keep_requests.  C*, P* and X* are never touched.  Returns
+    the list of errors."""
+    finished = [os.path.join(client.pool(node), FINISHED + request_id)
+                for node in client.nodes
+                for request_id in client.list_pool(client.pool(node))[FINISHED]]
+    return remove_listed(
+        client.expired_exports() + older_than(
+            finished, client.config.get_duration('client', 'keep_requests')),
+        dry_run, out)
 
 
 # --------------------------------------------------------------------------
@@ -1791,9 +1806,10 @@ Exit status: 0 success, 1 failure, 2 bad usage or configuration.''')
     p = command('prune', 'remove old exported files and finished requests '
                 '(cron, daily)',
                 'Remove exported request directories (export_dir/<id>/) '
-                'older than export_keep,\nfetched or not, and finished (F*) '
-                'requests older than keep_requests.  C*, P*\nand X* requests '
-                'are never removed.  Every removal is printed.')
+                'pushed more than\nexport_keep ago (those of requests not yet '
+                'pushed are kept), and finished (F*)\nrequests older than '
+                'keep_requests.  C*, P* and X* requests are never removed.\n'
+                'Every removal is printed.')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     return parser

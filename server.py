@@ -1891,7 +1891,7 @@ def prune_command(node, dry_run=False, out=sys.stdout):
                                 '`server.py verify`)', backup.path)
         pool = node.pool(client)
         states = list_pool(pool)
-        errors += prune_incoming(node, client, states, dry_run, verb, out)
+        errors += prune_incoming(node, client, states, dry_run, out)
         for state in (FINISHED, FAILED):
             for key in states[state]:
                 path = os.path.join(pool, state + key)
@@ -1922,7 +1922,7 @@ def prune_command(node, dry_run=False, out=sys.stdout):
     return errors
 
 
-def prune_incoming(node, client, states, dry_run, verb, out):
+def prune_incoming(node, client, states, dry_run, out):
     """Staging directories files/.incoming/<key> whose request is neither
     pending nor being handled, and older than command_timeout (no download
     runs longer), are what a crash left behind: remove them."""
@@ -1930,7 +1930,6 @@ def prune_incoming(node, client, states, dry_run, verb, out):
                             '.incoming')
     live = set(states[NEW]) | set(states[PROCESSING])
     limit = node.config.get_duration('server', 'command_timeout')
-    errors = []
     try:
         paths = [os.path.join(incoming, name)
                  for name in sorted(os.listdir(incoming)) if name not in live]
@@ -1943,20 +1942,7 @@ def prune_incoming(node, client, states, dry_run, verb, out):
         paths += [os.path.join(root, d) for d in sorted(dirs)
                   if d.startswith('.') and d.endswith('.git.incoming')]
         dirs[:] = [d for d in dirs if not d.endswith(('.git', '.incoming'))]
-    for path in paths:
-        try:
-            if time.time() - os.lstat(path).st_mtime <= limit:
-                continue
-            if not dry_run:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-        except OSError as e:
-            errors.append(f'{path}: {e}')
-            continue
-        out.write(f'{verb} {path}\n')
-    return errors
+    return gb.remove_listed(gb.older_than(paths, limit), dry_run, out)
 
 
 # -- verify -----------------------------------------------------------------
