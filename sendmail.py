@@ -46,9 +46,11 @@ import socket
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from modules import _core as core  # noqa: E402  (shared core, beside us)
+
 PROG = 'sendmail.py'
 CONFIG_ENV = 'GITBACKUP_CONFIG'
-CONFIG_NAME = 'backup.ini'
 
 METHODS = ('sendmail', 'smtp', 'spool')
 MAIL_KEYS = ('method', 'sendmail', 'smtp', 'from', 'spool_dir')
@@ -97,36 +99,13 @@ def message_file_name():
                              next(_file_counter), MESSAGE_SUFFIX)
 
 
-def fsync_directory(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(directory, name, data):
-    """Write data to directory/name via a temporary name, fsync, rename.
-
-    Temporary names start with '.', which the queue readers skip.
-    """
+    """Write data to directory/name atomically (core.atomic_write: a
+    temporary name starting with '.', which the queue readers skip; fsync;
+    rename; fsync of the directory)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    temporary = os.path.join(directory, '.%s.tmp' % name)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    fsync_directory(directory)
+    core.atomic_write(path, data, mode=FILE_MODE)
     return path
 
 
@@ -410,13 +389,10 @@ def build_parser():
 
 
 def find_config(path, environ):
-    """(path, must_exist) by the lookup order of SPEC.md."""
-    if path:
-        return path, True
-    if environ.get(CONFIG_ENV):
-        return environ[CONFIG_ENV], True
-    here = os.path.dirname(os.path.realpath(__file__))
-    return os.path.join(here, CONFIG_NAME), False
+    """(path, must_exist): the lookup order of every gitbackup command; only
+    a file named by --config or $GITBACKUP_CONFIG must exist."""
+    must_exist = bool(path or environ.get(CONFIG_ENV))
+    return core.find_config(path, __file__, environ), must_exist
 
 
 def load_config(path, must_exist):

@@ -33,11 +33,14 @@ must be installed beside this script (with sendmail.py and modules/).
 
 import argparse
 import base64
+import concurrent.futures
 import configparser
 import datetime
+import hashlib
 import html
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -47,14 +50,16 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+if sys.version_info < (3, 9):
+    sys.exit('server.py: Python 3.9 or later is required')
 
-import client as gb  # noqa: E402  (shared plumbing, installed beside us)
-from client import (  # noqa: E402
-    ConfigError, GitBackupError, Lock, UsageError, atomic_write, clean_text,
-    fsync_dir, git, log, read_json, write_json)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules._core import (  # noqa: E402
+    Attempts, ConfigError, GitBackupError, Journal, Ledger,
+    Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
+    TransientError, Unreachable, UsageError, Waiting, atomic_write,
+    clean_text, fsync_dir, git, log, read_json, write_json)
 
 # Client names become repository and directory names.  gitosis-admin is the
 # ACL repository itself and must never be treated as a client.
@@ -81,57 +86,17 @@ refs/heads/master) exit 0 ;;
 esac
 """
 
-# What ssh, sftp and git say (LC_ALL=C) when the other side cannot be
-# reached, or the connection drops: the client is down, not the request bad.
-CONNECTION_LOST_RE = re.compile(
-    r'unable to connect|Connection refused|Connection timed out|'
-    r'Could not resolve host|No route to host|Network is unreachable|'
-    r'Connection closed|Connection reset|Broken pipe|'
-    r'connect to host|Connection to \S+ closed')
-
 # Node pool states.
 NEW, PROCESSING, FINISHED, FAILED = 'RQ', 'P', 'F', 'X'
 NODE_STATES = (NEW, PROCESSING, FINISHED, FAILED)
 KEY_RE = re.compile(f'^[0-9a-f]{{40}}-{RQ_NAME}$')
-
-
-class RequestRefused(GitBackupError):
-    """A request that fails validation: never retried, kept as X*."""
-
-
-class TransientError(GitBackupError):
-    """A request that failed for now (space, a bad transfer): retried later,
-    X* after max_attempts."""
-
-
-class Waiting(TransientError):
-    """Not the request's fault: the request is put back without costing an
-    attempt, and the admins get one mail after ``alert_after`` (``None``:
-    at once) through a Health record, and one on recovery."""
-    health = 'client'
-    what = 'fetching from client {client}'
-    alert_after = 'alert_after'
-    stops_pool = False      # the client's other requests wait too
-
-
-class Unreachable(Waiting):
-    """The client's sftp or git export cannot be reached."""
-    stops_pool = True
-
-
-class NoSpace(Waiting):
-    """The node's free-space floor or the client's quota stops a fetch."""
-    health = 'space'
-    what = 'storing backups of {client}'
-    alert_after = None
-
-
-class Misconfigured(Waiting):
-    """The node's own configuration for this client is incomplete or
-    wrong: fix backup.ini, the requests wait."""
-    health = 'config'
-    what = 'the node configuration for client {client}'
-    alert_after = None
+SOURCE_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$')
+# Inodes a stored request needs at most (staging dir, files, manifest,
+# journal, state): below this many free, a fetch waits as for bytes, or the
+# request would only cost attempts until given up.
+MIN_FREE_INODES = 32
+# What Python (strerror), git, sftp and tar say when the node's disk is full.
+NO_SPACE_RE = re.compile(r'No space left on device|Disk quota exceeded')
 
 
 def check_client_name(name):
@@ -144,62 +109,46 @@ def check_client_name(name):
     return name
 
 
-def split_key(filename):
-    """'RQ<key>' / 'P<key>' ... -> (state, key), or (None, None).  The
-    notes beside refused requests (X<key>.reason) are not requests: ingest
-    never accepts a name ending in '.reason'."""
-    if filename.endswith('.reason'):
-        return None, None
-    for state in NODE_STATES:
-        if filename.startswith(state) and KEY_RE.match(filename[len(state):]):
-            return state, filename[len(state):]
-    return None, None
+def manifest_request_id(manifest):
+    """The client request id a snapshot's manifest records."""
+    if not isinstance(manifest, dict):
+        return None
+    return manifest.get('request_id') or core.request_id_of(
+        str(manifest.get('request', '')))
 
 
-def list_pool(pool):
-    states = {s: [] for s in NODE_STATES}
+def stored_request(client_dir, source, request_id):
+    """The snapshot directory of files/<source> that stored request_id."""
+    base = os.path.join(client_dir, 'files', source)
     try:
-        names = os.listdir(pool)
+        names = os.listdir(base)
     except FileNotFoundError:
-        return states
+        return None
     for name in names:
-        state, key = split_key(name)
-        if state:
-            states[state].append(key)
-    for keys in states.values():
-        keys.sort()
-    return states
+        path = os.path.join(base, name)
+        if not name.startswith('.') and manifest_request_id(read_json(
+                os.path.join(path, 'manifest.json'))) == request_id:
+            return path
+    return None
 
 
-class NodeContext:
-    """What a node module sees while it handles one request."""
-
-    RequestRefused = RequestRefused
-    TransientError = TransientError
-    Unreachable = Unreachable
-    NoSpace = NoSpace
-    Misconfigured = Misconfigured
-    pause_point = staticmethod(gb.pause_point)
-    fsync_dir = staticmethod(fsync_dir)
-    atomic_write = staticmethod(atomic_write)
-
-    @staticmethod
-    def connection_lost(stderr):
-        return bool(CONNECTION_LOST_RE.search(stderr or ''))
+class NodeContext(ModuleContext):
+    """What a node module's ``handle`` sees for one request: the client's
+    settings as this node configures them, validation of untrusted fields,
+    and storage (staging, the free-space floor and quota, the one rename
+    that makes a backup stored).  Transports live in their modules."""
 
     def __init__(self, node, client, key, leftover):
+        super().__init__(node.config, 'server')
         self.node = node
-        self.config = node.config
         self.client = client
         self.key = key
         self.leftover = leftover
+        # A node module's settings are the client's, as this node
+        # configures them (sftp, sftp_port, sftp_root, git, quota): never
+        # anything a request says.
         self.settings = node.client_settings(client)
         self.client_dir = os.path.join(node.settings['data_dir'], client)
-        self.log = log
-        self.run = gb.run
-        self.sha256_file = gb.sha256_file
-        self.now = gb.isotime
-        self.timeout = node.config.get_duration('server', 'command_timeout')
 
     def refuse(self, message):
         raise RequestRefused(message)
@@ -214,7 +163,16 @@ class NodeContext:
     def parse_options(self, tokens):
         """key=value tokens: unknown keys ignored, malformed refused."""
         checks = {'sha256': r'[0-9a-f]{64}', 'size': r'[0-9]{1,15}',
-                  'source': r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}'}
+                  'source': r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}',
+                  # A file described by the main one's (listing, stats),
+                  # fetched from the same directory: a plain name only.
+                  'companion': r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.'
+                               r'(?:listing|stats\.json)',
+                  'companion_sha256': r'[0-9a-f]{64}',
+                  'companion_size': r'[0-9]{1,15}',
+                  # A git tip the client saw (sha1 or sha256 object name).
+                  'head': r'[0-9a-f]{40}(?:[0-9a-f]{24})?',
+                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID}
         options = {}
         for token in tokens:
             key, eq, value = token.partition('=')
@@ -252,21 +210,62 @@ class NodeContext:
         floor = self.config.get_size('server', 'free_space_floor')
         data_dir = self.node.settings['data_dir']
         os.makedirs(data_dir, exist_ok=True)
-        free = shutil.disk_usage(data_dir).free
+        self.check_possible(size, data_dir)
+        self.check_inodes(data_dir)
+        # This request's own staging (an earlier attempt's) is removed
+        # before the fetch: its bytes must not refuse the request itself.
+        free = shutil.disk_usage(data_dir).free + core.tree_size(
+            os.path.join(self.client_dir, 'files', '.incoming', self.key))
         if free - size < floor:
             raise NoSpace(
-                f'not fetching {gb.human_size(size)} for {self.client}: only '
-                f'{gb.human_size(free)} free on {data_dir}, floor is '
-                f'{gb.human_size(floor)} ([server] free_space_floor)')
+                f'not fetching {core.human_size(size)} for {self.client}: only '
+                f'{core.human_size(free)} free on {data_dir}, floor is '
+                f'{core.human_size(floor)} ([server] free_space_floor)')
         quota = self.settings['quota']
         if quota:
-            used = gb.tree_size(self.client_dir)
+            used = core.tree_size(self.client_dir)
             if used + size > quota:
                 raise NoSpace(
-                    f'not fetching {gb.human_size(size)} for {self.client}: '
-                    f'quota {gb.human_size(quota)}, used {gb.human_size(used)}')
+                    f'not fetching {core.human_size(size)} for {self.client}: '
+                    f'quota {core.human_size(quota)}, used {core.human_size(used)}')
             return min(free - floor, quota - used)
         return free - floor
+
+    def check_possible(self, size, data_dir):
+        """A size no run could ever make room for is refused at once: as
+        a wait it would stay RQ forever and keep the space alarm busy."""
+        total = shutil.disk_usage(data_dir).total
+        if size > total:
+            self.refuse(f'{core.human_size(size)} announced, more than the '
+                        f'whole file system of {data_dir} '
+                        f'({core.human_size(total)})')
+        quota = self.settings['quota']
+        if quota and size > quota:
+            self.refuse(f'{core.human_size(size)} announced, more than the '
+                        f'quota of {self.client} ({core.human_size(quota)})')
+    def check_inodes(self, data_dir):
+        st = os.statvfs(data_dir)
+        # f_files == 0: a file system without an inode limit (btrfs).
+        if st.f_files and st.f_favail < MIN_FREE_INODES:
+            raise NoSpace(f'not fetching for {self.client}: only '
+                          f'{st.f_favail} inodes free on {data_dir} (need '
+                          f'{MIN_FREE_INODES}); remove files or grow it')
+
+    def next_sequence(self):
+        """The next arrival number of this client's snapshots: the order
+        they arrived in, whatever the clock said (SPEC 7).  Kept in
+        data_dir/<client>/.sequence; if that is lost, the manifests say
+        how far it got.  A crash after counting leaves a gap, never a
+        repeat."""
+        path = os.path.join(self.client_dir, '.sequence')
+        try:
+            with open(path) as f:
+                last = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            last = max([b.seq for backups in stored_backups(
+                self.node, self.client).values() for b in backups] or [0])
+        core.atomic_write(path, f'{last + 1}\n')
+        return last + 1
 
     def incoming_dir(self):
         """A fresh staging directory for this request's files."""
@@ -277,32 +276,73 @@ class NodeContext:
 
     def already_stored(self, source):
         """After a crash between storing and finishing a request, find what
-        was stored, so nothing is stored twice."""
-        base = os.path.join(self.client_dir, 'files', source)
-        try:
-            names = sorted(os.listdir(base), reverse=True)
-        except FileNotFoundError:
-            return None
-        for name in names:
-            manifest = read_json(os.path.join(base, name, 'manifest.json'))
-            if manifest and manifest.get('request') == self.key:
-                return os.path.join(base, name)
+        was stored, so nothing is stored twice: the snapshot whose manifest
+        names this request (a file that was moved into a snapshot but not
+        yet written into its manifest does not count)."""
+        for path, manifest in snapshots_of(self.client_dir, source):
+            if self.key in manifest_requests(manifest):
+                return path
         return None
 
+    def check_base(self, source, options):
+        """(level, base) of an incremental archive (0, None for a full).
+        An increment whose base this node does not hold is refused: the
+        client, told so by the failed result, starts a new chain."""
+        level = int(options.get('level', 0))
+        base = options.get('base')
+        if level and not base:
+            self.refuse(f'level={level} without base=')
+        if level and not stored_request(self.client_dir, source, base):
+            self.refuse(f'base {base} of this level {level} increment is '
+                        f'not stored on this node (files/{source}); the '
+                        'client makes a full archive next')
+        return level, (base if level else None)
+
     def store(self, incoming, source, manifest):
-        """Write the manifest and rename the staging directory into
-        files/<source>/<node time>: the one step that makes it stored."""
+        """Store the files staged in incoming as (part of) the snapshot of
+        their client request: everything one client request produced (all
+        dumps of `postgresdb all`, an archive and its listing) lands in one
+        directory files/<source>/<node time>/.  The first file of a request
+        becomes a new snapshot by renaming the staging directory into place;
+        later ones join it (see join_snapshot).  Either way the manifest,
+        written atomically last, is what makes a file stored."""
+        request_id = core.request_id_of(self.key)
         manifest = {'client': self.client, 'source': source,
-                    'request': self.key, 'stored': gb.isotime(), **manifest}
-        gb.write_json(os.path.join(incoming, 'manifest.json'), manifest)
-        gb.pause_point('run:manifest')
+                    'request': self.key, 'request_id': request_id,
+                    'requests': [self.key], 'stored': core.isotime(),
+                    **manifest}
+        base = os.path.join(self.client_dir, 'files', source)
+        os.makedirs(base, exist_ok=True)
+        # Requests of one client are handled one at a time today; the lock
+        # keeps a snapshot's manifest single-writer should that change.
+        # (In state_dir: files/<source>/ holds snapshots only.)
+        os.makedirs(self.node.state_dir, exist_ok=True)
+        lock = core.Lock(os.path.join(self.node.state_dir,
+                                      f'store-{self.client}.lock'))
+        if not lock.acquire(wait=self.timeout):
+            raise TransientError(f'{base}: locked by pid {lock.holder()}')
+        with lock:
+            for path, existing in snapshots_of(self.client_dir, source):
+                if request_id and existing.get('request_id') == request_id:
+                    joined = join_snapshot(path, existing, incoming,
+                                           manifest)
+                    if joined:
+                        return joined
+                    break
+            return self.new_snapshot(incoming, base, manifest)
+
+    def new_snapshot(self, incoming, base, manifest):
+        """Write the manifest and rename the staging directory into
+        files/<source>/<node time>: the one step that makes it stored.
+        A new snapshot gets the next arrival number (SPEC 7)."""
+        manifest = {**manifest, 'seq': self.next_sequence()}
+        core.write_json(os.path.join(incoming, 'manifest.json'), manifest)
+        core.pause_point('run:manifest')
         for name in os.listdir(incoming):
             with open(os.path.join(incoming, name), 'rb') as f:
                 os.fsync(f.fileno())
         fsync_dir(incoming)
-        base = os.path.join(self.client_dir, 'files', source)
-        os.makedirs(base, exist_ok=True)
-        stamp = gb.timestamp()
+        stamp = core.timestamp()
         final = os.path.join(base, stamp)
         n = 1
         while os.path.exists(final):
@@ -310,120 +350,154 @@ class NodeContext:
             final = os.path.join(base, f'{stamp}.{n}')
         os.rename(incoming, final)
         fsync_dir(base)
-        gb.pause_point('run:stored')
+        core.pause_point('run:stored')
         return final
 
-    # -- transport ------------------------------------------------------------
 
-    def ssh_args(self):
-        """ssh_command split into what sftp accepts: -S program + options."""
-        words = shlex.split(self.node.settings['ssh_command'])
-        args = [] if words[0] == 'ssh' else ['-S', words[0]]
-        return args + words[1:]
-
-    def sftp_get(self, remote, local, max_size=None):
-        """Download one file with sftp in batch mode into local.  Streams to
-        disk; stops the transfer if the file grows beyond max_size."""
-        target = self.settings['sftp']
-        args = ['sftp', '-b', '-', *self.ssh_args(),
-                '-o', f'Port={self.settings["sftp_port"]}',
-                '-o', 'BatchMode=yes', '--', target]
-        batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
-                                     .replace('"', '\\"'))
-        log.debug('running: %s <<< %s', shlex.join(args), batch.strip())
-        # stderr goes to a file: a pipe nobody reads while we poll could
-        # fill up and stall the transfer.
-        with tempfile.TemporaryFile() as err:
-            try:
-                proc = subprocess.Popen(args, stdin=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, stderr=err,
-                                        env={**os.environ, 'LC_ALL': 'C'})
-            except FileNotFoundError:
-                raise gb.ToolMissing('sftp: not installed or not in PATH') \
-                    from None
-            proc.stdin.write(batch.encode())
-            proc.stdin.close()
-            deadline = time.monotonic() + self.timeout
-            stopped = None
-            while proc.poll() is None:
-                if max_size is not None and os.path.exists(local) and \
-                        os.path.getsize(local) > max_size:
-                    stopped = (f'{target}:{remote} is larger than the '
-                               f'{max_size} bytes announced; stopped')
-                elif time.monotonic() > deadline:
-                    stopped = (f'sftp from {target} still running after '
-                               f'{self.timeout} s ([server] command_timeout);'
-                               ' stopped')
-                if stopped:
-                    proc.kill()
-                    proc.wait()
-                    break
-                time.sleep(0.05)
-            err.seek(0)
-            stderr = err.read().decode('utf-8', 'replace')
-        if stopped:
-            raise TransientError(stopped)
-        if proc.returncode != 0:
-            # sftp exits 255 when ssh cannot connect or authenticate, and 1
-            # with a message when the connection drops in the middle.
-            error = Unreachable if proc.returncode == 255 or \
-                self.connection_lost(stderr) else TransientError
-            raise error(
-                f'sftp from {target} port {self.settings["sftp_port"]} '
-                f'failed (exit {proc.returncode}): '
-                f'{clean_text(stderr.strip(), 1000)}')
+def manifest_requests(manifest):
+    """The node request keys a manifest says it holds (old manifests
+    name one, `request`)."""
+    keys = manifest.get('requests')
+    if isinstance(keys, list):
+        return [k for k in keys if isinstance(k, str)]
+    return [manifest['request']] if isinstance(manifest.get('request'),
+                                               str) else []
 
 
-class Node:
-    def __init__(self, config):
-        self.config = config
-        self.settings = config.require('server')
-        self.name = self.settings['name']
-        self.state_dir = os.path.join(self.settings['log_dir'], 'state')
+def snapshots_of(client_dir, source):
+    """(path, manifest) of every snapshot of a source, newest name first;
+    directories without a readable manifest are skipped."""
+    base = os.path.join(client_dir, 'files', source)
+    try:
+        names = sorted(os.listdir(base), reverse=True)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith('.'):
+            continue
+        manifest = read_json(os.path.join(base, name, 'manifest.json'))
+        if isinstance(manifest, dict):
+            yield os.path.join(base, name), manifest
 
-    def pool(self, client):
-        return os.path.join(self.settings['todo_dir'], client)
 
-    def repository(self, client):
-        return os.path.join(self.settings['repositories'], client + '.git')
+def join_snapshot(snapshot, existing, incoming, manifest):
+    """Add the staged files of a further node request of the same client
+    request to its snapshot: each file is renamed into the snapshot, then
+    the manifest is rewritten atomically with them.  A crash in between
+    leaves a file the manifest does not list: not stored, so the request
+    is handled again and the new download replaces it.  Returns the
+    snapshot, or None when it already holds a different file of that name
+    (then the caller makes a snapshot of its own: nothing is overwritten)."""
+    have = {f.get('name'): f for f in existing.get('files') or []
+            if isinstance(f, dict)}
+    new_files = []
+    for entry in manifest['files']:
+        old = have.get(entry['name'])
+        if old and old.get('sha256') != entry['sha256']:
+            return None
+        if not old:
+            new_files.append(dict(entry, request=manifest['request']))
+    for entry in new_files:
+        path = os.path.join(incoming, entry['name'])
+        with open(path, 'rb') as f:
+            os.fsync(f.fileno())
+        os.rename(path, os.path.join(snapshot, entry['name']))
+    fsync_dir(snapshot)
+    core.pause_point('run:joined')
+    requests = manifest_requests(existing)
+    updated = {**existing, 'files': list(existing.get('files') or []) +
+               new_files, 'requests': requests + [manifest['request']],
+               'updated': core.isotime()}
+    core.write_json(os.path.join(snapshot, 'manifest.json'), updated)
+    shutil.rmtree(incoming, ignore_errors=True)
+    core.pause_point('run:stored')
+    return snapshot
 
-    def client_settings(self, client):
-        """Where this node fetches a client's data: the node's own
-        configuration, never anything a request says."""
-        section = self.config.section(f'client {client}')
-        server = self.settings
-        sftp = section.get('sftp') or f'{server["sftp_user"]}@{client}'
-        if '@' not in sftp:
-            sftp = f'{server["sftp_user"]}@{sftp}'
-        try:
-            quota = gb.parse_size(section.get('quota') or server['quota'])
-            port = int(section.get('sftp_port') or 22)
-        except ValueError as e:
-            raise ConfigError(f'[client {client}]: {e}') from None
-        return {'sftp': sftp, 'sftp_port': port,
-                'sftp_root': section.get('sftp_root') or server['sftp_root'],
-                'git': (section.get('git') or f'git://{client}').rstrip('/'),
-                'quota': quota}
 
-    def clients(self):
-        """Clients with a pool or a repository on this node."""
-        names = set()
-        for directory, suffix in ((self.settings['todo_dir'], ''),
-                                  (self.settings['repositories'], '.git')):
-            try:
-                entries = os.listdir(directory)
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if entry.endswith(suffix) and not entry.startswith('.'):
-                    name = entry[:len(entry) - len(suffix)]
-                    try:
-                        names.add(check_client_name(name))
-                    except UsageError:
-                        log.debug('ignoring %s in %s', entry, directory)
-        return sorted(names)
+# Exit statuses of an executable node module (sysexits.h): the request is
+# refused (X* at once), or waits without costing an attempt (the client is
+# down).  Any other failure is retried and costs an attempt.
+EXIT_REFUSED, EXIT_WAIT = 65, 75
 
-    # -- client repositories ------------------------------------------------
+
+def run_executable_handler(ctx, module, name, rest):
+    """Handle a request with an executable node module (the seed's server
+    side cmds/): ``$1`` module, ``$2`` client, ``$3`` the rest of the
+    request line (untrusted: validate it).  It writes what it fetched into
+    $GITBACKUP_STAGING; the node stores those files as one snapshot with a
+    manifest.  See docs/modules.md, "Writing a module"."""
+    source = name
+    if ctx.leftover:
+        stored = ctx.already_stored(source)
+        if stored:
+            return {'stored': stored, 'recovered': True}
+    allowance = ctx.check_space(0)
+    staging = ctx.incoming_dir()
+    env = {**os.environ, 'GITBACKUP_SIDE': 'node',
+           'GITBACKUP_CLIENT': ctx.client, 'GITBACKUP_KEY': ctx.key,
+           'GITBACKUP_STAGING': staging,
+           'GITBACKUP_SFTP': ctx.settings['sftp'],
+           'GITBACKUP_SFTP_PORT': str(ctx.settings['sftp_port']),
+           'GITBACKUP_SFTP_ROOT': ctx.settings['sftp_root'],
+           'GITBACKUP_GIT': ctx.settings['git'],
+           'GITBACKUP_SSH_COMMAND': ctx.node.settings['ssh_command'],
+           'LC_ALL': 'C',
+           'GITBACKUP_LEFTOVER': '1' if ctx.leftover else ''}
+    proc = core.run([module.path, name, ctx.client, rest], env=env,
+                    check=False, timeout=ctx.timeout, cwd=staging)
+    reason = clean_text(proc.stderr.strip() or f'exit {proc.returncode}',
+                        1000)
+    if proc.returncode == EXIT_REFUSED:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RequestRefused(f'module {name}: {reason}')
+    if proc.returncode == EXIT_WAIT:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise Unreachable(f'module {name}: {reason}')
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TransientError(f'module {name} failed (exit '
+                             f'{proc.returncode}): {reason}')
+    return store_staged(ctx, name, staging, allowance, proc.stdout)
+
+
+def store_staged(ctx, name, staging, allowance, stdout):
+    """Store what an executable module left in staging as one snapshot."""
+    source = name
+    for line in stdout.splitlines():
+        key, eq, value = line.strip().partition('=')
+        if key == 'source' and eq and SOURCE_NAME_RE.match(value):
+            source = value
+    files = []
+    for entry in sorted(os.listdir(staging)):
+        path = os.path.join(staging, entry)
+        if not os.path.isfile(path) or os.path.islink(path) or \
+                entry == 'manifest.json' or not core.NAME_RE.match(entry):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TransientError(f'module {name} left {clean_text(entry)!r} '
+                                 'in staging: plain files with plain names '
+                                 'only')
+        digest, size = core.sha256_file(path)
+        files.append({'name': entry, 'sha256': digest, 'size': size})
+    if not files:
+        shutil.rmtree(staging, ignore_errors=True)
+        return {'stored': None, 'fetched': False}
+    if sum(f['size'] for f in files) > allowance:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TransientError(f'module {name} fetched more than the '
+                             f'{allowance} bytes the quota and free-space '
+                             'floor allow')
+    stored = ctx.store(staging, source, {
+        'module': name, 'received': core.isotime(), 'files': files})
+    return {'stored': stored, 'size': sum(f['size'] for f in files)}
+
+
+class ClientRepositories:
+    """The bare <client>.git repositories that clients push their requests
+    to: created, repaired and hooked by the node."""
+
+    def __init__(self, node):
+        self.node = node
+        self.config = node.config
 
     def hook_text(self, client):
         """The post-update hook of <client>.git: absolute interpreter, script
@@ -440,7 +514,7 @@ class Node:
         """Create or repair <client>.git: bare, the ingest hook, and settings
         that make the request history an append-only ledger.  Idempotent."""
         check_client_name(client)
-        repo = repo or self.repository(client)
+        repo = repo or self.node.repository(client)
         if not os.path.isdir(os.path.join(repo, 'objects')):
             os.makedirs(repo, exist_ok=True)
             git(repo, 'init', '--quiet', '--bare', '--shared=group')
@@ -454,7 +528,7 @@ class Node:
             git(repo, 'config', key, value)
         self.install_hook(repo, 'post-update', self.hook_text(client))
         self.install_hook(repo, 'update', UPDATE_HOOK, foreign_ok=True)
-        os.makedirs(self.pool(client), mode=0o2775, exist_ok=True)
+        self.node.pool(client).create(mode=0o2775)
         return repo
 
     @staticmethod
@@ -477,48 +551,61 @@ class Node:
         atomic_write(hook, text, mode=0o755)
         log.info('installed the %s hook of %s', name, repo)
 
-    # -- ingest -----------------------------------------------------------
+
+class Ingest:
+    """Pushed request commits of one client -> RQ files in its pool, under
+    the pool lock, within the per-push and per-request caps.  Run by the
+    post-update hook and caught up by `run` (a hook that did not run)."""
+
+    def __init__(self, node):
+        self.node = node
+        self.config = node.config
 
     def ingest(self, client, repo=None):
         """Turn new pushed commits into RQ files; return how many."""
         check_client_name(client)
         repo = os.path.abspath(repo or os.environ.get('GIT_DIR') or '.')
-        pool = self.pool(client)
-        os.makedirs(pool, mode=0o2775, exist_ok=True)
-        lock = Lock(os.path.join(pool, '.lock'))
+        pool = self.node.pool(client)
+        pool.create(mode=0o2775)
+        lock = pool.lock()
         if not lock.acquire(wait=5):
-            raise GitBackupError(f'pool {pool} is locked by pid '
+            raise GitBackupError(f'pool {pool.path} is locked by pid '
                                  f'{lock.holder()}; the next push or run '
                                  'ingests these requests')
         with lock:
             return self._ingest_locked(client, repo, pool)
 
     def _ingest_locked(self, client, repo, pool):
-        tip = git(repo, 'rev-parse', '--verify', '--quiet',
-                  'refs/heads/master^{commit}', check=False).stdout.strip()
-        marker = os.path.join(pool, '.ingested')
+        ledger = Ledger(repo, 'refs/heads/master', self.node.name)
+        tip = ledger.tip()
+        marker = os.path.join(pool.path, '.ingested')
         last = ''
         if os.path.exists(marker):
             with open(marker) as f:
                 last = f.read().strip()
         if not tip or tip == last:
             return 0
-        revs = [tip]
-        if re.fullmatch(r'[0-9a-f]{40}', last) and git(
-                repo, 'cat-file', '-e', last + '^{commit}',
-                check=False).returncode == 0:
-            revs.append('^' + last)
-        commits = git(repo, 'rev-list', '--reverse', *revs).stdout.split()
-        incomplete = os.path.join(pool, '.incomplete')
-        shutil.rmtree(incomplete, ignore_errors=True)
-        existing = {key for keys in list_pool(pool).values() for key in keys}
+        commits = ledger.since(last, tip)
+        wanted, done = self.new_requests(client, repo, pool, commits)
+        accepted = self.within_size(client, repo, pool, wanted)
+        if accepted:
+            self.write_requests(repo, pool, accepted)
+        atomic_write(marker, (done[-1] if done else tip) + '\n', mode=0o664)
+        log.info('ingested %d request(s) of %d commit(s) from %s',
+                 len(accepted), len(done), client)
+        return len(accepted)
+
+    def new_requests(self, client, repo, pool, commits):
+        """([(key, blob)] not yet in the pool, the commits they come from).
+        max_requests_per_push caps a whole push, not each commit: the
+        commits beyond it wait for the next ingest (run catches up)."""
+        existing = pool.keys()
         limit = self.config.get_int('server', 'max_requests_per_push')
-        max_size = self.config.get_int('server', 'max_request_size')
+        commits = self.within_commit_cap(client, pool, commits)
         wanted, done = [], []
-        for commit in commits:
-            # max_requests_per_push caps a whole push, not each commit: the
-            # commits beyond it wait for the next ingest (run catches up).
-            found = self.request_blobs(client, repo, commit, existing, limit)
+        for commit, entries in self.commit_trees(repo, commits):
+            found = self.request_blobs(client, commit, entries, existing,
+                                       limit)
             if wanted and len(wanted) + len(found) > limit:
                 log.warning('%s: %d commit(s) left for the next run '
                             '(max_requests_per_push %d reached)', client,
@@ -526,47 +613,83 @@ class Node:
                 break
             wanted += found
             done.append(commit)
+        return wanted, done
+
+    def within_commit_cap(self, client, pool, commits):
+        """The first max_commits_per_push commits; the others wait for the
+        next ingest (nothing is lost), and the admins hear of it."""
+        cap = self.config.get_int('server', 'max_commits_per_push')
+        if len(commits) <= cap:
+            return commits
+        text = (f'{client}: {len(commits)} new commits, more than '
+                f'max_commits_per_push {cap}: {len(commits) - cap} left for '
+                'the next ingest')
+        log.warning('%s', text)
+        note_ignored(pool.path, text)
+        return commits[:cap]
+
+    def commit_trees(self, repo, commits):
+        """(commit, [(mode, kind, blob, raw name)]) of each commit's root
+        tree, oldest first, read by a few `git cat-file` processes however
+        many commits there are (one `ls-tree` per commit cost ~3 ms each:
+        13 s for 4000 empty commits, under the pool lock)."""
+        if not commits:
+            return
+        out = git(repo, 'cat-file', '--batch-check', input=''.join(
+            f'{c}^{{tree}}\n' for c in commits)).stdout.splitlines()
+        trees = [(c, *line.split()) for c, line in zip(commits, out)]
+        start = 0
+        while start < len(trees):
+            # Chunks of at most 16 MiB of tree data held at once.
+            end, size = start, 0
+            while end < len(trees) and (end == start or size < 16 << 20):
+                size += int(trees[end][3])
+                end += 1
+            chunk = trees[start:end]
+            raw = self.blob_contents(repo, sorted({t[1] for t in chunk}))
+            for commit, tree, _, _ in chunk:
+                yield commit, parse_tree(raw[tree])
+            start = end
+
+    def within_size(self, client, repo, pool, wanted):
+        """The requests no larger than max_request_size; the others are
+        noted (the run's mail tells the admins) and left out."""
+        max_size = self.config.get_int('server', 'max_request_size')
         sizes = self.blob_sizes(repo, [blob for _, blob in wanted])
         accepted = []
         for key, blob in wanted:
             if sizes.get(blob, max_size + 1) > max_size:
-                log.warning('%s: ignored %s: %s bytes, more than '
-                            'max_request_size %d', client, key,
-                            sizes.get(blob, '?'), max_size)
-                note_ignored(pool, f'{client}: ignored {key}: '
-                             f'{sizes.get(blob, "?")} bytes, more than '
-                             f'max_request_size {max_size}')
+                text = (f'{client}: ignored {key}: {sizes.get(blob, "?")} '
+                        f'bytes, more than max_request_size {max_size}')
+                log.warning('%s', text)
+                note_ignored(pool.path, text)
             else:
                 accepted.append((key, blob))
-        if accepted:
-            os.mkdir(incomplete)
-            contents = self.blob_contents(repo, [b for _, b in accepted])
-            for key, blob in accepted:
-                with open(os.path.join(incomplete, NEW + key), 'wb') as f:
-                    f.write(contents[blob])
-                    f.flush()
-                    os.fsync(f.fileno())
-            fsync_dir(incomplete)
-            gb.pause_point('ingest:written')
-            for key, _ in accepted:
-                os.rename(os.path.join(incomplete, NEW + key),
-                          os.path.join(pool, NEW + key))
-            fsync_dir(pool)
-            os.rmdir(incomplete)
-        atomic_write(marker, (done[-1] if done else tip) + '\n', mode=0o664)
-        log.info('ingested %d request(s) of %d commit(s) from %s',
-                 len(accepted), len(done), client)
-        return len(accepted)
+        return accepted
 
-    def request_blobs(self, client, repo, commit, existing, limit):
+    def write_requests(self, repo, pool, accepted):
+        """Export into .incomplete/, fsync, then move into the pool."""
+        incomplete = os.path.join(pool.path, '.incomplete')
+        shutil.rmtree(incomplete, ignore_errors=True)
+        os.mkdir(incomplete)
+        contents = self.blob_contents(repo, [b for _, b in accepted])
+        files = []
+        for key, blob in accepted:
+            path = os.path.join(incomplete, NEW + key)
+            with open(path, 'wb') as f:
+                f.write(contents[blob])
+                f.flush()
+                os.fsync(f.fileno())
+            files.append((path, key))
+        fsync_dir(incomplete)
+        core.pause_point('ingest:written')
+        pool.adopt(files, NEW)
+        os.rmdir(incomplete)
+
+    def request_blobs(self, client, commit, entries, existing, limit):
         """[(key, blob)] of the RQ files in one commit's root tree."""
-        out = git(repo, 'ls-tree', '-z', commit, text=False).stdout
         found, ignored = [], []
-        for entry in out.split(b'\0'):
-            if not entry:
-                continue
-            meta, _, raw_name = entry.partition(b'\t')
-            mode, kind, blob = meta.decode().split()
+        for mode, kind, blob, raw_name in entries:
             name = raw_name.decode('utf-8', 'replace')
             if name == 'timestamp' and kind == 'blob':
                 continue
@@ -581,14 +704,12 @@ class Node:
             if key not in existing:
                 found.append((key, blob))
         if ignored:
-            log.warning('%s: commit %s: ignored %d entr%s: %s', client,
-                        commit[:12], len(ignored),
-                        'y' if len(ignored) == 1 else 'ies',
-                        clean_text(', '.join(ignored[:5])))
-            note_ignored(self.pool(client), '%s: commit %s: ignored %d '
-                         'entr%s: %s' % (client, commit[:12], len(ignored),
-                                         'y' if len(ignored) == 1 else 'ies',
-                                         clean_text(', '.join(ignored[:5]))))
+            text = '%s: commit %s: ignored %d entr%s: %s' % (
+                client, commit[:12], len(ignored),
+                'y' if len(ignored) == 1 else 'ies',
+                clean_text(', '.join(ignored[:5])))
+            log.warning('%s', text)
+            note_ignored(self.node.pool(client).path, text)
         return found
 
     @staticmethod
@@ -617,54 +738,227 @@ class Node:
             pos = start + int(size) + 1
         return contents
 
+
+class ClientResults:
+    """The outcome of each request: journaled on the node (read by
+    ``report``) and sent back to the client on its results branch."""
+
+    def __init__(self, node):
+        self.node = node
+        self.settings = node.settings
+
+    def journal(self, client):
+        return Journal(os.path.join(self.settings['data_dir'], client,
+                                    'results.jsonl'))
+
+    def record(self, client, key, outcome, start, result):
+        """Append the outcome to the client's result journal (read by
+        ``report`` and sent back to the client)."""
+        self.journal(client).append([
+            {'request': key, 'outcome': outcome, 'started': start,
+             'finished': core.isotime(), **result}])
+
+    def publish(self, client):
+        """Send new outcomes back to the client: one commit on the results
+        branch of its own repository, holding only the new R<key> files
+        (the mirror image of the request commits)."""
+        repo = self.node.repository(client)
+        journal = self.journal(client)
+        if not os.path.isdir(repo) or not os.path.exists(journal.path):
+            return 0
+        state_path = os.path.join(self.settings['data_dir'], client,
+                                  '.results-published.json')
+        offset = (read_json(state_path, {}) or {}).get('offset', 0)
+        entries, end = journal.read(offset)
+        if end == offset:
+            return 0
+        latest = {}  # a request journaled twice (after a crash): last wins
+        for entry in entries:
+            if KEY_RE.match(str(entry.get('request', ''))):
+                latest[entry['request']] = entry
+        if latest:
+            # Compare-and-swap; only the node writes this ref (the update
+            # hook and gitolite's rules keep clients off it).
+            name = self.node.name
+            Ledger(repo, RESULTS_REF, name).append(
+                [(f'R{key}', json.dumps(entry, sort_keys=True) + '\n')
+                 for key, entry in sorted(latest.items())],
+                f'{name} {core.isotime()}: {len(latest)} result(s)\n')
+        write_json(state_path, {'offset': end})
+        log.info('%s: published %d result(s)', client, len(latest))
+        return len(latest)
+
+
+class Node:
+    def __init__(self, config):
+        self.config = config
+        self.settings = config.require('server')
+        self.name = self.settings['name']
+        self.state_dir = os.path.join(self.settings['log_dir'], 'state')
+        # Clients found unreachable (or stalling) in this run: each worker
+        # adds only its own client, so a set needs no lock.
+        self.unreachable = set()
+        # {client: (Waiting kinds proved working, kinds that made a request
+        # wait)} of this run, settled once the client's pool is done.
+        self.health_seen = {}
+        self.client_repositories = ClientRepositories(self)
+        self.request_ingest = Ingest(self)
+        self.client_results = ClientResults(self)
+
+    def pool(self, client):
+        """The request pool of a client on this node."""
+        return Pool(os.path.join(self.settings['todo_dir'], client),
+                    NODE_STATES, KEY_RE)
+
+    def repository(self, client):
+        return os.path.join(self.settings['repositories'], client + '.git')
+
+    def client_settings(self, client):
+        """Where this node fetches a client's data: the node's own
+        configuration, never anything a request says."""
+        section = self.config.section(f'client {client}')
+        server = self.settings
+        sftp = section.get('sftp') or f'{server["sftp_user"]}@{client}'
+        if '@' not in sftp:
+            sftp = f'{server["sftp_user"]}@{sftp}'
+        try:
+            quota = core.parse_size(section.get('quota') or server['quota'])
+            port = int(section.get('sftp_port') or 22)
+            # Kbit/s, as sftp -l takes it; 0 = no cap.
+            bwlimit = int(section.get('bwlimit') or server['bwlimit'])
+        except ValueError as e:
+            raise ConfigError(f'[client {client}]: {e}') from None
+        return {'sftp': sftp, 'sftp_port': port,
+                'sftp_root': section.get('sftp_root') or server['sftp_root'],
+                'git': (section.get('git') or f'git://{client}').rstrip('/'),
+                'quota': quota, 'bwlimit': bwlimit}
+
+    def clients(self):
+        """Clients with a pool or a repository on this node."""
+        names = set()
+        for directory, suffix in ((self.settings['todo_dir'], ''),
+                                  (self.settings['repositories'], '.git')):
+            try:
+                entries = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.endswith(suffix) and not entry.startswith('.'):
+                    name = entry[:len(entry) - len(suffix)]
+                    try:
+                        names.add(check_client_name(name))
+                    except UsageError:
+                        log.debug('ignoring %s in %s', entry, directory)
+        return sorted(names)
+
+    # -- client repositories and ingest (see ClientRepositories, Ingest) --
+
+    def hook_text(self, client):
+        return self.client_repositories.hook_text(client)
+
+    def ensure_repository(self, client, repo=None):
+        return self.client_repositories.ensure_repository(client, repo)
+
+    def ingest(self, client, repo=None):
+        """Turn new pushed commits into RQ files; return how many."""
+        return self.request_ingest.ingest(client, repo)
+
     # -- run ----------------------------------------------------------------
 
     def run(self):
-        """Handle every client's pool; return the list of errors."""
+        """Handle every client's pool; return the list of errors.  Per
+        client, in order: catch up on ingest (a hook that did not run),
+        collect ingest notes, handle the pool, publish the results.
+        [server] jobs clients are handled at once, one worker each (the
+        work is subprocesses, threads suffice), so a slow or hostile client
+        only ever holds its own worker; the mails are sent here, in the
+        main thread, once every worker is done."""
         errors = []
-        gb.flush_mail_queue(self.config, 'server')
-        for client in self.clients():
-            repo = self.repository(client)
-            if os.path.isdir(repo):
-                # A hook that did not run (or ran into a lock) is caught up.
-                try:
-                    self.ingest(client, repo)
-                except GitBackupError as e:
-                    errors.append(f'{client}: ingest: {e}')
-                    log.error('%s', errors[-1])
-            errors += take_ignored_notes(self, client)
-            errors += self.process_pool(client)
+        core.flush_mail_queue(self.config, 'server')
+        clients = self.clients()
+        jobs = max(1, self.config.get_int('server', 'jobs'))
+        with concurrent.futures.ThreadPoolExecutor(jobs) as workers:
+            outcomes = list(workers.map(self.run_worker, clients))
+        for client, problems in zip(clients, outcomes):
+            # [client NAME] admin hears of that client's problems too.
+            core.mail_summary(self.config, 'server', f'gitbackup: run on '
+                              f'{self.name}: {{n}} problem(s) of {client}',
+                              problems, self.config.admins(f'client {client}'))
+            errors += problems
+        core.mail_summary(self.config, 'server',
+                          f'gitbackup: run on {self.name}: {{n}} problem(s)',
+                          errors)
+        return errors
+
+    def run_worker(self, client):
+        """One client under a lock of its own: two runs (cron and a manual
+        one with another lock directory, say) never handle one client at
+        once."""
+        os.makedirs(self.state_dir, exist_ok=True)
+        lock = core.Lock(os.path.join(self.state_dir, f'run-{client}.lock'))
+        if not lock.acquire():
+            log.info('%s: being handled by pid %s; skipped', client,
+                     lock.holder())
+            return []
+        with lock:
             try:
-                self.publish_results(client)
+                return self.run_client(client)
             except (GitBackupError, OSError) as e:
-                errors.append(f'{client}: publishing results: {e}')
+                # One client's broken disk or state never stops the others.
+                problem = core.problem(f'{client}: run stopped: {e}')
+                return [problem]
+
+    def run_client(self, client):
+        errors = []
+        repo = self.repository(client)
+        if os.path.isdir(repo):
+            try:
+                self.ingest(client, repo)
+            except GitBackupError as e:
+                errors.append(f'{client}: ingest: {e}')
                 log.error('%s', errors[-1])
-        gb.mail_summary(self.config, 'server',
-                        f'gitbackup: run on {self.name}: {{n}} problem(s)',
-                        errors)
+        errors += take_ignored_notes(self, client)
+        errors += self.process_pool(client)
+        try:
+            self.client_results.publish(client)
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}: publishing results: {e}')
+            log.error('%s', errors[-1])
         return errors
 
     def process_pool(self, client):
+        """P* left by a crash first, then RQ* -> P* -> handled."""
         pool = self.pool(client)
-        states = list_pool(pool)
+        states = pool.list()
         errors = []
-        self.unreachable = False
+        self.unreachable.discard(client)
+        self.health_seen[client] = (set(), set())
         for key in states[PROCESSING]:
             log.info('%s: resuming %s after an interrupted run', client, key)
             errors += self.handle(client, key, leftover=True)
         for key in states[NEW]:
-            if self.unreachable:
+            if client in self.unreachable:
                 break  # the rest waits for the next run
-            try:
-                os.rename(os.path.join(pool, NEW + key),
-                          os.path.join(pool, PROCESSING + key))
-            except FileNotFoundError:
-                continue
-            errors += self.handle(client, key, leftover=False)
+            if pool.move(key, NEW, PROCESSING):
+                errors += self.handle(client, key, leftover=False)
+        self.settle_health(client)
         return errors
 
+    def settle_health(self, client):
+        """Mark recovered, once the pool is done, what a request proved
+        working and no request of this run found failing: a health record
+        changes at most once per run (never recovered and failing again
+        because one request fit and the next did not)."""
+        proved, waited = self.health_seen.pop(client, (set(), set()))
+        for kind in (Unreachable, NoSpace, Misconfigured):
+            if kind not in proved or kind in waited:
+                continue
+            health = self.health(client, kind)
+            if kind is Unreachable or health.state.get('first_failure'):
+                health.ok()
+
     def read_request(self, client, key):
-        path = os.path.join(self.pool(client), PROCESSING + key)
+        path = self.pool(client).file(PROCESSING, key)
         limit = self.config.get_int('server', 'max_request_size')
         with open(path, 'rb') as f:
             data = f.read(limit + 1)
@@ -679,200 +973,160 @@ class Node:
             raise RequestRefused('request is not one printable line: '
                                  f'{clean_text(line)!r}')
         module, _, rest = line.partition(' ')
-        if not gb.MODULE_RE.match(module):
+        if not core.MODULE_RE.match(module):
             raise RequestRefused(f'bad module name {clean_text(module)!r}')
         return line, module, rest
 
     def handle(self, client, key, leftover):
         """Handle one P* request; return a list with the error, if any."""
-        pool = self.pool(client)
-        start = gb.isotime()
+        start = core.isotime()
         try:
-            line, module_name, rest = self.read_request(client, key)
-            try:
-                module = gb.load_module(self.config.modules_dir('server'),
-                                        module_name)
-            except gb.ModuleError:
-                module = None
-            if module is None or not module.has('handle'):
-                raise RequestRefused(f'unknown server module '
-                                     f'{clean_text(module_name)!r}')
+            _, module_name, rest = self.read_request(client, key)
+            module = self.node_module(module_name)
             try:
                 ctx = NodeContext(self, client, key, leftover)
             except ConfigError as e:
                 raise Misconfigured(str(e)) from None
-            result = module.python.handle(ctx, rest) or {}
+            if module.python is None:
+                result = run_executable_handler(ctx, module, module_name,
+                                                rest)
+            else:
+                result = module.python.handle(ctx, rest) or {}
         except RequestRefused as e:
-            return [self.give_up(client, key, f'refused: {e}')]
+            return [self.outcome(self.give_up, client, key, f'refused: {e}')]
         except Waiting as e:
-            return [self.wait(client, key, e)]
+            return [self.outcome(self.wait, client, key, e)]
         except (GitBackupError, OSError) as e:
-            return [self.failed(client, key, e)]
+            if NO_SPACE_RE.search(str(e)):
+                # The node's own disk filled while storing: a wait, as the
+                # free-space floor would have made it.
+                e = NoSpace(f'{client}: disk full while storing: {e}')
+                return [self.outcome(self.wait, client, key, e)]
+            return [self.outcome(self.failed, client, key, e)]
         try:
-            # The outcome is journaled before the request is finished: a
-            # crash in between re-handles it (modules find what they
-            # stored) and journals it again, which readers deduplicate.
-            self.record_result(client, key, 'stored', start, result)
-            os.rename(os.path.join(pool, PROCESSING + key),
-                      os.path.join(pool, FINISHED + key))
-            fsync_dir(pool)
-            try:
-                os.unlink(os.path.join(pool, '.attempts', key))
-            except FileNotFoundError:
-                pass
+            self.finish(client, key, start, result)
             log.info('%s: %s done (%s) %s', client, key, module_name,
                      result.get('stored') or '')
-            # Only a request that fetched something proves the client
-            # reachable, the space sufficient and the configuration right.
-            for kind in ((Unreachable, NoSpace, Misconfigured)
-                         if result.get('fetched', True) else ()):
-                health = self.health(client, kind)
-                if kind is Unreachable or health.state.get('first_failure'):
-                    health.ok()
         except OSError as e:
-            return [gb.problem(f'{client}: {key}: stored, but recording it '
-                               f'failed: {e}')]
+            return [core.problem(f'{client}: {key}: stored, but recording '
+                                 f'it failed: {e}')]
         return []
+
+    def outcome(self, record, client, key, error):
+        """Record a request's outcome (give_up, wait or failed).  If that
+        itself fails (a full disk: ENOSPC writing the journal or the count)
+        the request stays P*, which the next run resumes first, and this
+        run goes on with the other requests and clients; the admins hear
+        of it once, through the client's space Health record."""
+        self.remove_staging(client, key)
+        try:
+            return record(client, key, error)
+        except (GitBackupError, OSError) as e:
+            text = (f'{client}: {key}: could not record its outcome ({e}); '
+                    f'kept as {PROCESSING}{key} for the next run')
+            log.error('%s', text)
+            try:
+                self.health(client, NoSpace).failed(text, 0)
+            except OSError:
+                pass    # the log line above is all that can be done
+            return core.problem(text, mail=False)
+
+    def remove_staging(self, client, key):
+        """A failed request's half-stored download goes at once: left in
+        staging, it would keep a full disk full."""
+        shutil.rmtree(os.path.join(self.settings['data_dir'], client,
+                                   'files', '.incoming', key),
+                      ignore_errors=True)
+
+    def node_module(self, name):
+        """The node module a request names (Python with handle(), or an
+        executable); an unknown one refuses the request."""
+        try:
+            module = core.load_module(self.config.modules_dir('server'), name)
+        except core.ModuleError:
+            module = None
+        if module is None or (module.python is not None and
+                              not module.has('handle')):
+            raise RequestRefused(f'unknown server module {clean_text(name)!r}')
+        return module
+
+    def finish(self, client, key, start, result):
+        """P* -> F*.  The outcome is journaled first: a crash in between
+        re-handles the request (modules find what they stored) and journals
+        it again, which readers deduplicate."""
+        pool = self.pool(client)
+        self.client_results.record(client, key, 'stored', start, result)
+        pool.move(key, PROCESSING, FINISHED)
+        Attempts(pool, 0).clear(key)
+        # Only a request that fetched something proves the client
+        # reachable, the space sufficient and the configuration right
+        # (recorded when the pool is done: settle_health).
+        if result.get('fetched', True):
+            self.health_seen.setdefault(client, (set(), set()))[0].update(
+                (Unreachable, NoSpace, Misconfigured))
 
     def health(self, client, kind):
         """The Health record of one kind of Waiting for one client."""
-        return gb.Health(
+        return core.Health(
             os.path.join(self.state_dir, f'{kind.health}-{client}.json'),
             self.config, 'server', kind.what.format(client=client))
-
-    def requeue(self, client, key):
-        pool = self.pool(client)
-        os.rename(os.path.join(pool, PROCESSING + key),
-                  os.path.join(pool, NEW + key))
 
     def wait(self, client, key, error):
         """Put the request back untouched: it costs no attempt; the admins
         hear of it once, through the Health record of its kind."""
-        self.requeue(client, key)
+        self.pool(client).move(key, PROCESSING, NEW)
         if error.stops_pool:
-            self.unreachable = True
+            self.unreachable.add(client)
+        self.health_seen.setdefault(client, (set(), set()))[1].add(
+            type(error))
         alert_after = self.config.get_duration('server', error.alert_after) \
             if error.alert_after else 0
         self.health(client, type(error)).failed(str(error), alert_after)
-        return gb.problem(f'{client}: {key}: waits for the next run: {error}',
-                          mail=False)
+        return core.problem(f'{client}: {key}: waits for the next run: '
+                            f'{error}', mail=False)
 
     def failed(self, client, key, error):
         """A transient failure: retried by later runs, X* after
         max_attempts."""
         pool = self.pool(client)
-        attempts_dir = os.path.join(pool, '.attempts')
-        os.makedirs(attempts_dir, exist_ok=True)
-        path = os.path.join(attempts_dir, key)
-        state = read_json(path, {}) or {}
-        state['attempts'] = state.get('attempts', 0) + 1
-        state.setdefault('first', gb.isotime())
-        state['last'] = gb.isotime()
-        state['error'] = clean_text(error, 2000)
-        limit = self.config.get_int('server', 'max_attempts')
-        if state['attempts'] >= limit:
-            return self.give_up(client, key, f'failed {state["attempts"]} '
-                                f'times, last: {error}')
-        write_json(path, state)
-        self.requeue(client, key)
-        return gb.problem(f'{client}: {key}: attempt {state["attempts"]} of '
-                          f'{limit} failed (retried next run): '
-                          f'{clean_text(error, 2000)}', mail=False)
+        if getattr(error, 'stops_pool', False):
+            self.unreachable.add(client)    # it timed out: once per run
+        attempts = Attempts(pool, self.config.get_int('server',
+                                                      'max_attempts'))
+        count, give_up = attempts.failed(key, error)
+        if give_up:
+            return self.give_up(client, key, f'failed {count} times, last: '
+                                f'{error}')
+        pool.move(key, PROCESSING, NEW)
+        return core.problem(f'{client}: {key}: attempt {count} of '
+                            f'{attempts.limit} failed (retried next run): '
+                            f'{clean_text(error, 2000)}', mail=False)
 
     def give_up(self, client, key, reason):
         """X*: kept with the reason beside it, admins told in the run's
         summary mail."""
-        pool = self.pool(client)
-        reason = clean_text(str(reason).replace('\n', ' | '), 2000)
-        atomic_write(os.path.join(pool, f'{FAILED}{key}.reason'),
-                     f'{gb.isotime()} {reason}\n', mode=0o664)
-        self.record_result(client, key, 'failed', gb.isotime(),
-                           {'reason': reason})
-        os.rename(os.path.join(pool, PROCESSING + key),
-                  os.path.join(pool, FAILED + key))
-        fsync_dir(pool)
-        return gb.problem(f'{client}: {key}: given up, kept as {FAILED}{key}: '
-                          f'{reason}')
-
-    def publish_results(self, client):
-        """Send new outcomes back to the client: one commit on the results
-        branch of its own repository, holding only the new R<key> files
-        (the mirror image of the request commits)."""
-        repo = self.repository(client)
-        journal = os.path.join(self.settings['data_dir'], client,
-                               'results.jsonl')
-        if not os.path.isdir(repo) or not os.path.exists(journal):
-            return 0
-        state_path = os.path.join(self.settings['data_dir'], client,
-                                  '.results-published.json')
-        offset = (read_json(state_path, {}) or {}).get('offset', 0)
-        with open(journal, 'rb') as f:
-            f.seek(offset)
-            data = f.read()
-        data = data[:data.rfind(b'\n') + 1]  # complete lines only
-        if not data:
-            return 0
-        latest = {}  # a request journaled twice (after a crash): last wins
-        for line in data.decode('utf-8', 'replace').splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and \
-                    KEY_RE.match(str(entry.get('request', ''))):
-                latest[entry['request']] = entry
-        entries = []
-        for key, entry in sorted(latest.items()):
-            blob = git(repo, 'hash-object', '-w', '--stdin',
-                       input=json.dumps(entry, sort_keys=True) + '\n') \
-                .stdout.strip()
-            entries.append(f'100644 blob {blob}\tR{key}')
-        if entries:
-            tree = git(repo, 'mktree', input='\n'.join(entries) + '\n') \
-                .stdout.strip()
-            parent = git(repo, 'rev-parse', '--verify', '--quiet',
-                         RESULTS_REF, check=False).stdout.strip()
-            commit = git(repo, 'commit-tree', tree,
-                         *(['-p', parent] if parent else []),
-                         env=gb.git_identity_env(f'gitbackup {self.name}',
-                                                 f'gitbackup@{self.name}'),
-                         input=f'{self.name} {gb.isotime()}: {len(entries)} '
-                         'result(s)\n').stdout.strip()
-            # Compare-and-swap; only the node writes this ref (the update
-            # hook and gitolite's rules keep clients off it).
-            git(repo, 'update-ref', RESULTS_REF, commit,
-                parent or gb.ZERO_ID)
-        write_json(state_path, {'offset': offset + len(data)})
-        log.info('%s: published %d result(s)', client, len(entries))
-        return len(entries)
-
-    def record_result(self, client, key, outcome, start, result):
-        """Append the outcome to the client's result journal (read by
-        ``report`` and sent back to the client)."""
-        journal = os.path.join(self.settings['data_dir'], client,
-                               'results.jsonl')
-        os.makedirs(os.path.dirname(journal), exist_ok=True)
-        entry = {'request': key, 'outcome': outcome, 'started': start,
-                 'finished': gb.isotime(), **result}
-        with open(journal, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(entry, sort_keys=True) + '\n')
-            f.flush()
-            os.fsync(f.fileno())
+        attempts = Attempts(self.pool(client), 0)
+        reason = clean_text(reason, 2000)
+        self.client_results.record(client, key, 'failed', core.isotime(),
+                                   {'reason': reason})
+        attempts.give_up(key, PROCESSING, reason)
+        return core.problem(f'{client}: {key}: given up, kept as '
+                            f'{FAILED}{key}: {reason}')
 
     # -- check ----------------------------------------------------------------
 
     def check(self, out=sys.stdout):
         out.write(f'{self.config.path}: node {self.name}\n')
         problems = []
-        for tool in ('git', 'sftp', 'ssh'):
+        try:
+            core.check_git_version()
+        except GitBackupError as e:
+            problems.append(str(e))
+        for tool in ('sftp', 'ssh'):
             if not shutil.which(tool):
                 problems.append(f'{tool}: not installed or not in PATH')
-        for key in ('todo_dir', 'data_dir', 'log_dir', 'repositories'):
-            path = self.settings[key]
-            if not os.path.isdir(path):
-                problems.append(f'[server] {key} = {path}: no such directory')
-            elif not os.access(path, os.W_OK | os.X_OK):
-                problems.append(f'[server] {key} = {path}: not writable')
+        problems += core.directory_problems('server', self.settings, (
+            'todo_dir', 'data_dir', 'log_dir', 'repositories'))
         for key in ('alert_after', 'stale_after', 'command_timeout',
                     'keep_requests'):
             self.config.get_duration('server', key)
@@ -899,15 +1153,29 @@ class Node:
                 problems.append(f'[client {client}] git = {settings["git"]}: '
                                 f'want a URL whose scheme is one of '
                                 f'[server] git_protocols ({", ".join(allowed)})')
+        problems += self.check_clock()
         for name in ('sftp', 'git'):
             try:
-                gb.load_module(self.config.modules_dir('server'), name)
-            except gb.ModuleError as e:
+                core.load_module(self.config.modules_dir('server'), name)
+            except core.ModuleError as e:
                 problems.append(str(e))
         for p in problems:
             out.write(f'problem: {p}\n')
         if not problems:
             out.write(f'looks ready ({len(self.clients())} client(s))\n')
+        return problems
+
+
+    def check_clock(self):
+        """Stored times ahead of the node's clock: it was (or is) wrong."""
+        problems = []
+        now = core.utcnow()
+        for client in known_clients(self):
+            for source, backups in stored_backups(self, client).items():
+                good = [b for b in backups if b.good and b.time]
+                problems += [f'{client}/{source}: {note}' for note in
+                             arrival_last_success(good, now)[1]
+                             if 'future' in note]
         return problems
 
 
@@ -921,7 +1189,7 @@ class Node:
 #   the gitosis-admin post-update hook) gives each one the ingest hook and
 #   the ledger settings.
 # * gitolite3: ``RW`` (never ``RW+``) per client; a repo-specific
-#   post-update hook runs ``ingest "$GL_REPO"`` (see docs/access-readme.md).
+#   post-update hook runs ``ingest "$GL_REPO"`` (see docs/access-control.md).
 # * neither: ``gate <client>`` is the ssh forced command of the client's
 #   key (``add-client`` writes that authorized_keys line).  Its structure
 #   follows gitosis' serve.py: a side-effect-free gate_command() that checks
@@ -929,6 +1197,21 @@ class Node:
 #   returns what to exec; main() creates the repository and execs.
 
 IGNORED_NOTES = '.ignored'
+
+
+def parse_tree(data):
+    """[(mode, kind, sha, raw name)] of a raw tree object (what `git
+    ls-tree` prints, modes zero-padded as it does)."""
+    entries, pos = [], 0
+    while pos < len(data):
+        space = data.index(b' ', pos)
+        nul = data.index(b'\0', space)
+        mode = data[pos:space].decode().zfill(6)
+        kind = {'040000': 'tree', '160000': 'commit'}.get(mode, 'blob')
+        entries.append((mode, kind, data[nul + 1:nul + 21].hex(),
+                        data[space + 1:nul]))
+        pos = nul + 21
+    return entries
 
 
 def note_ignored(pool, text):
@@ -942,10 +1225,10 @@ def note_ignored(pool, text):
 def take_ignored_notes(node, client):
     """The ingest notes of a client's pool since the last run (removed)."""
     pool = node.pool(client)
-    path = os.path.join(pool, IGNORED_NOTES)
+    path = os.path.join(pool.path, IGNORED_NOTES)
     if not os.path.exists(path):
         return []
-    lock = Lock(os.path.join(pool, '.lock'))
+    lock = pool.lock()
     if not lock.acquire(wait=20):
         return []
     with lock:
@@ -1197,14 +1480,22 @@ URL_PATH_RE = re.compile(r'^[a-z][a-z0-9+.-]{0,15}://[^/\s]*(/\S*)?$')
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
                 '.tar.bz2', '.tbz2')
 DUMP_SUFFIXES = ('.dump',)
+# Files a client sends beside its data, describing it (an archive's
+# listing, a dump's row statistics): what `drill` proves a restore against.
+LISTING_SUFFIX = '.listing'
+STATS_SUFFIX = '.stats.json'
+COMPANION_SUFFIXES = (LISTING_SUFFIX, STATS_SUFFIX)
 TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
              (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
-# A Prometheus sample line (text exposition format 0.0.4).
+# The Prometheus series of `report --format prometheus`, all gauges, with
+# their HELP text (names: gitbackup_ prefix, base units; checked by
+# `promtool check metrics` in tests/test_monitoring.py).
 PROM_HELP = {
     'gitbackup_last_success_timestamp_seconds':
         'Node time (Unix seconds) of the newest good backup of a source.',
     'gitbackup_last_success_age_seconds':
-        'Seconds since the newest good backup of a source.',
+        'Seconds since the newest good backup of a source, when the report '
+        'was made (alert on time() - ..._timestamp_seconds instead).',
     'gitbackup_backup_size_bytes':
         'Size of the newest good backup of a source.',
     'gitbackup_stored_bytes':
@@ -1221,6 +1512,10 @@ PROM_HELP = {
         'Worst status of a client: 0 ok, 1 warning, 2 critical.',
     'gitbackup_stale_after_seconds':
         'Age at which a source of the client becomes a warning.',
+    'gitbackup_last_drill_timestamp_seconds':
+        'Node time (Unix seconds) of the last restore drill of a source.',
+    'gitbackup_last_drill_success':
+        'Whether the last restore drill of a source passed (1) or not (0).',
     'gitbackup_report_timestamp_seconds':
         'When this report was made (node time).',
 }
@@ -1235,7 +1530,7 @@ def parse_node_time(text):
     try:
         if m:
             return datetime.datetime.strptime(
-                m.group(1), gb.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+                m.group(1), core.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
         return datetime.datetime.strptime(
             text, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=UTC)
     except ValueError:
@@ -1281,15 +1576,31 @@ class StoredBackup:
 
     @property
     def series(self):
-        """The file names it holds: backups of one source with the same
-        names (one database's dump, one directory's archive) form a series;
-        retention and the restore check work per series."""
+        """The names of the data files it holds: snapshots of one source
+        with the same names (one directory's archive, one database's dump,
+        the dumps and globals of `postgresdb all`) form a series; retention,
+        the restore check and drills work per series.  Not the source
+        alone: `postgresdb all` and `postgresdb shop` share a source but
+        neither may push the other out of retention.  Companion files (an
+        archive's listing, row statistics) do not count, so that adding
+        them did not start new series."""
         return tuple(sorted(str(f.get('name')) for f in
                             (self.manifest or {}).get('files') or []
-                            if isinstance(f, dict)))
+                            if isinstance(f, dict) and
+                            not str(f.get('name')).endswith(
+                                COMPANION_SUFFIXES)))
+
+    @property
+    def seq(self):
+        """Arrival number (0: a manifest older than sequences)."""
+        seq = (self.manifest or {}).get('seq')
+        return seq if isinstance(seq, int) and seq > 0 else 0
 
     def sort_key(self):
-        return (self.time or datetime.datetime.min.replace(tzinfo=UTC),
+        # Arrival first: a node clock that went back must not make an older
+        # backup look newer (prune would keep the wrong one).
+        return (self.seq,
+                self.time or datetime.datetime.min.replace(tzinfo=UTC),
                 self.name)
 
 
@@ -1317,6 +1628,44 @@ def stored_backups(node, client):
         backups.sort(key=StoredBackup.sort_key)
         result[source] = backups
     return result
+
+
+def backups_by_request(backups):
+    """{client request id: StoredBackup} of the good backups of a source:
+    how an increment's base= is found."""
+    return {manifest_request_id(b.manifest): b for b in backups
+            if b.good and manifest_request_id(b.manifest)}
+
+
+def missing_link(backup, by_request):
+    """The request id of the first base missing from backup's chain (down
+    to its level 0 full), or None when the chain is whole."""
+    seen = set()
+    while isinstance(backup.manifest.get('level'), int) and \
+            backup.manifest['level'] > 0:
+        base = backup.manifest.get('base')
+        if not isinstance(base, str) or base in seen or \
+                base not in by_request:
+            return str(base)
+        seen.add(base)
+        backup = by_request[base]
+    return None
+
+
+def keep_bases(keep, backups):
+    """Add to keep ({path: reason}) every snapshot a kept increment builds
+    on, down to its full: a chain is never cut below a kept link."""
+    by_request = backups_by_request(backups)
+    by_path = {b.path: b for b in backups}
+    todo = [by_path[path] for path in keep if path in by_path]
+    while todo:
+        backup = todo.pop()
+        base = by_request.get((backup.manifest or {}).get('base'))
+        if base and base.path not in keep and \
+                (backup.manifest or {}).get('level'):
+            keep[base.path] = f'base of {backup.name}'
+            todo.append(base)
+    return keep
 
 
 def find_repositories(top):
@@ -1362,20 +1711,7 @@ def known_clients(node):
 
 def read_results(node, client):
     """The entries of data_dir/<client>/results.jsonl (bad lines skipped)."""
-    path = os.path.join(node.settings['data_dir'], client, 'results.jsonl')
-    entries = []
-    try:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict):
-                    entries.append(entry)
-    except FileNotFoundError:
-        pass
-    return entries
+    return node.client_results.journal(client).read()[0]
 
 
 def read_request_line(path):
@@ -1416,7 +1752,7 @@ def request_source(node, client, line):
             if SOURCE_RE.match(rel) and '..' not in rel.split('/'):
                 return 'git/' + rel
         return 'git'
-    return module if gb.MODULE_RE.match(module) else None
+    return module if core.MODULE_RE.match(module) else None
 
 
 def stored_source(node, client, stored):
@@ -1439,14 +1775,14 @@ def pool_requests(node, client):
     pool = node.pool(client)
     counts = {'pending': {}, 'failed': {}, 'pending_total': 0,
               'failed_total': 0, 'failed_keys': {}}
-    for state, keys in list_pool(pool).items():
+    for state, keys in pool.list().items():
         kind = 'failed' if state == FAILED else \
             'pending' if state in (NEW, PROCESSING) else None
         if kind is None:
             continue
         for key in keys:
             source = request_source(node, client, read_request_line(
-                os.path.join(pool, state + key))) or '?'
+                pool.file(state, key))) or '?'
             counts[kind][source] = counts[kind].get(source, 0) + 1
             counts[kind + '_total'] += 1
             if kind == 'failed':
@@ -1459,36 +1795,42 @@ def client_limits(node, client):
     section = node.config.section(f'client {client}')
     value = section.get('stale_after') or node.settings['stale_after']
     try:
-        stale = gb.parse_duration(value)
+        stale = core.parse_duration(value)
     except ValueError as e:
         raise ConfigError(f'[client {client}] stale_after: {e}') from None
     return stale, section.get('expect', '').split()
 
 
-def source_report(node, client, now):
-    """The report rows of one client: a dict per source, plus the client's
-    own problems and status."""
-    stale, expected = client_limits(node, client)
-    rows = {}
+def report_row(rows, client, source):
+    """The report row of one source in rows, added empty if new."""
+    return rows.setdefault(source, {
+        'client': client, 'source': source, 'kind': 'files',
+        'last_success': None, 'age_seconds': None, 'size_bytes': 0,
+        'stored_bytes': 0, 'count': 0, 'failed': 0, 'pending': 0,
+        'last_failure': None, 'last_failure_reason': None,
+        'expected': False, 'status': 'ok', 'problems': []})
 
-    def row(source):
-        return rows.setdefault(source, {
-            'client': client, 'source': source, 'kind': 'files',
-            'last_success': None, 'age_seconds': None, 'size_bytes': 0,
-            'stored_bytes': 0, 'count': 0, 'failed': 0, 'pending': 0,
-            'last_failure': None, 'last_failure_reason': None,
-            'expected': False, 'status': 'ok', 'problems': []})
 
+def add_stored_rows(node, client, now, rows):
+    """Rows of the sources with good stored backups (files, databases)."""
     for source, backups in stored_backups(node, client).items():
         good = [b for b in backups if b.good and b.time]
         if not good:
             continue
-        r = row(source)
+        r = report_row(rows, client, source)
         r['count'] = len(good)
         r['stored_bytes'] = sum(b.size for b in good)
         r['size_bytes'] = sum(b.size for b in newest_of_series(good))
-        r['last_success'] = good[-1].time
-    journal = read_results(node, client)
+        r['last_success'], r['clock'] = arrival_last_success(good, now)
+        by_request = backups_by_request(good)
+        for backup in newest_of_series(good):
+            missing = missing_link(backup, by_request)
+            if missing:
+                r['broken_chain'] = f'{backup.name}: base {missing} missing'
+
+
+def add_mirror_rows(node, client, journal, rows):
+    """Rows of the git mirrors: their fetches come from the journal."""
     fetched = {}
     for entry in journal:
         if entry.get('outcome') != 'stored':
@@ -1498,7 +1840,7 @@ def source_report(node, client, now):
         if source and source.startswith('git/') and when:
             fetched.setdefault(source, []).append(when)
     for source, repo in client_mirrors(node, client).items():
-        r = row(source)
+        r = report_row(rows, client, source)
         r['kind'] = 'git'
         times = fetched.get(source, [])
         if not times:
@@ -1511,55 +1853,85 @@ def source_report(node, client, now):
                 times = [datetime.datetime.fromtimestamp(max(stamps), UTC)]
         r['count'] = len(fetched.get(source, [])) or (1 if times else 0)
         r['last_success'] = max(times) if times else None
-        r['size_bytes'] = r['stored_bytes'] = gb.tree_size(repo)
-    pool = pool_requests(node, client)
+        r['size_bytes'] = r['stored_bytes'] = core.tree_size(repo)
+
+
+def add_pool_counts(client, pool, journal, rows):
+    """Pending and failed requests per source, and the latest failure."""
     for source, n in pool['pending'].items():
         if source != '?':
-            row(source)['pending'] = n
+            report_row(rows, client, source)['pending'] = n
     for source, n in pool['failed'].items():
         if source != '?':
-            row(source)['failed'] = n
+            report_row(rows, client, source)['failed'] = n
     for entry in journal:
         if entry.get('outcome') != 'failed':
             continue
         source = pool['failed_keys'].get(entry.get('request'))
         when = parse_node_time(entry.get('finished'))
         if source and source != '?' and when:
-            r = row(source)
+            r = report_row(rows, client, source)
             if not r['last_failure'] or when > r['last_failure']:
                 r['last_failure'] = when
                 r['last_failure_reason'] = clean_text(
                     entry.get('reason') or '', 300)
+
+
+def row_level(r, drill, now, stale):
+    """The status level of one report row; its problems are added to it."""
+    level = drill_level(r, drill)
+    if r['expected'] and not r['last_success']:
+        level = CRITICAL
+        r['problems'].append('expected source has no backup on this '
+                             'node')
+    elif r['last_success']:
+        age = (now - r['last_success']).total_seconds()
+        r['age_seconds'] = int(max(age, 0))
+        if age > stale:
+            level = max(level, CRITICAL if r['expected'] or
+                        age > 2 * stale else WARNING)
+            r['problems'].append(
+                f'last good backup {human_age(age)} ago (stale_after '
+                f'{human_age(stale)})')
+    else:
+        level = max(level, CRITICAL if r['expected'] else WARNING)
+        r['problems'].append('no good backup stored yet')
+    for note in r.get('clock', ()):
+        level = max(level, WARNING if 'future' in note else OK)
+        r['problems'].append(note)
+    if r.get('broken_chain'):
+        # The newest backup cannot be restored: as bad as none.
+        level = CRITICAL
+        r['problems'].append('incremental chain has a missing link: '
+                             f'{r["broken_chain"]}')
+    if r['last_failure'] and (not r['last_success'] or
+                              r['last_failure'] > r['last_success']):
+        level = max(level, WARNING)
+        r['problems'].append(f'latest request failed: '
+                             f'{r["last_failure_reason"]}')
+    return level
+
+
+def source_report(node, client, now):
+    """The report rows of one client: a dict per source, plus the client's
+    own problems and status."""
+    stale, expected = client_limits(node, client)
+    rows = {}
+    add_stored_rows(node, client, now, rows)
+    journal = read_results(node, client)
+    add_mirror_rows(node, client, journal, rows)
+    pool = pool_requests(node, client)
+    add_pool_counts(client, pool, journal, rows)
     client_problems = []
     client_status = OK
     for token in expected:
         matches = [s for s in rows if s == token or
                    (token == 'git' and s.startswith('git/'))]
         for s in matches or [token]:
-            row(s)['expected'] = True
+            report_row(rows, client, s)['expected'] = True
+    drills = last_drills(node, client, now)
     for r in rows.values():
-        level = OK
-        if r['expected'] and not r['last_success']:
-            level = CRITICAL
-            r['problems'].append('expected source has no backup on this '
-                                 'node')
-        elif r['last_success']:
-            age = (now - r['last_success']).total_seconds()
-            r['age_seconds'] = int(max(age, 0))
-            if age > stale:
-                level = CRITICAL if r['expected'] or age > 2 * stale \
-                    else WARNING
-                r['problems'].append(
-                    f'last good backup {human_age(age)} ago (stale_after '
-                    f'{human_age(stale)})')
-        else:
-            level = CRITICAL if r['expected'] else WARNING
-            r['problems'].append('no good backup stored yet')
-        if r['last_failure'] and (not r['last_success'] or
-                                  r['last_failure'] > r['last_success']):
-            level = max(level, WARNING)
-            r['problems'].append(f'latest request failed: '
-                                 f'{r["last_failure_reason"]}')
+        level = row_level(r, drills.get(r['source']), now, stale)
         r['status'] = STATUS_NAMES[level]
         client_status = max(client_status, level)
     if not rows and not expected:
@@ -1569,7 +1941,33 @@ def source_report(node, client, now):
             'stale_after_seconds': stale, 'expect': expected,
             'pending': pool['pending_total'], 'failed': pool['failed_total'],
             'problems': client_problems,
-            'sources': [rows[s] for s in sorted(rows)]}
+            'sources': [rows[s] for s in sorted(rows)],
+            'history': report_history(node, client, now)}
+
+
+CLOCK_SLACK = 300   # seconds a stored time may be ahead before it is news
+
+
+def arrival_last_success(good, now):
+    """(time to measure staleness from, clock notes) of good backups in
+    arrival order.  A backup stamped in the future was stored while the
+    node's clock was ahead: when it really arrived is unknown, so age is
+    measured from the newest arrival stamped before now (too old rather
+    than falsely fresh), and the report says so."""
+    notes = []
+    ahead = datetime.timedelta(seconds=CLOCK_SLACK)
+    future = [b for b in good if b.time > now + ahead]
+    if future:
+        latest = core.isotime(max(b.time for b in future))
+        notes.append(f'clock problem: {len(future)} backup(s) stamped in the '
+                     f'future (up to {latest}): the node clock was ahead when they were stored; age '
+                     'counts from the newest arrival stamped before now')
+    times = [b.time for b in good]
+    if any(later < earlier for earlier, later in zip(times, times[1:])):
+        notes.append('stored times are out of arrival order (the node clock '
+                     'went back): prune and report follow arrival order')
+    trusted = [b for b in good if b.time <= now + ahead]
+    return (trusted[-1].time if trusted else None), notes
 
 
 def newest_of_series(backups):
@@ -1581,18 +1979,20 @@ def newest_of_series(backups):
 
 
 def build_report(node, now=None):
-    now = now or gb.utcnow()
+    now = now or core.utcnow()
     clients = [source_report(node, client, now)
                for client in known_clients(node)]
+    for c in clients:
+        add_offsite_lag(node, c, now)
     worst = max([STATUS_NAMES.index(c['status']) for c in clients] or [OK])
-    return {'node': node.name, 'generated': gb.isotime(now),
+    return {'node': node.name, 'generated': core.isotime(now),
             'status': STATUS_NAMES[worst], 'clients': clients}
 
 
 def report_json(report):
     def plain(value):
         if isinstance(value, datetime.datetime):
-            return gb.isotime(value)
+            return core.isotime(value)
         raise TypeError(type(value).__name__)
     return json.dumps(report, default=plain, indent=1, sort_keys=True) + '\n'
 
@@ -1605,9 +2005,9 @@ def report_text(report):
     for c in report['clients']:
         for r in c['sources']:
             rows.append((c['client'], r['source'], r['status'],
-                         gb.isotime(r['last_success']) if r['last_success']
+                         core.isotime(r['last_success']) if r['last_success']
                          else 'never', human_age(r['age_seconds']),
-                         gb.human_size(r['size_bytes']), str(r['count']),
+                         core.human_size(r['size_bytes']), str(r['count']),
                          str(r['failed']), str(r['pending'])))
             problems += [f'{c["client"]}/{r["source"]}: {r["status"]}: {p}'
                          for p in r['problems']]
@@ -1623,10 +2023,84 @@ def report_text(report):
     for line in [head] + rows:
         lines.append('  '.join(cell.ljust(w) for cell, w in
                                zip(line, widths)).rstrip())
+    lines += offsite_report_lines(report)
+    drills = [f'  {c["client"]}/{r["source"]}: '
+              f'{"ok" if r["last_drill"]["ok"] else "FAILED"} '
+              f'{human_age(r["last_drill"]["age_seconds"])} ago'
+              for c in report['clients'] for r in c['sources']
+              if r.get('last_drill')]
+    if drills:
+        lines += ['', 'Last restore drill:'] + drills
     if problems:
         lines += ['', 'Problems:'] + ['  ' + clean_text(p, 1000)
                                       for p in problems]
+    if any(c['failed'] for c in report['clients']):
+        lines += ['', 'Given-up requests go back with: server.py retry '
+                  '<client> <key>|--all-failed']
     return '\n'.join(lines) + '\n'
+
+
+UNKNOWN = 3   # report: the check itself could not be made (Nagios)
+NAGIOS_STATES = ('OK', 'WARNING', 'CRITICAL', 'UNKNOWN')
+
+
+def nagios_text(text):
+    """Plugin output text: printable, one line, no '|' (it starts the
+    performance data)."""
+    return clean_text(text, 1000).replace('|', '/')
+
+
+def nagios_label(text):
+    """A performance data label: quoted, quotes doubled, no '='."""
+    return "'" + str(text).replace("'", "''").replace('=', '_') + "'"
+
+
+def report_nagios(report):
+    """A Nagios/Icinga plugin answer (plugin guidelines): the status line
+    `GITBACKUP <STATE> - <summary> | <performance data>`, then one line per
+    problem.  Per source: age in seconds (warn at stale_after, crit at
+    twice that, or at stale_after for an expected source), size in bytes,
+    failed and pending requests."""
+    counts = [0, 0, 0]
+    problems = []          # (level, where, text), worst first below
+    perfdata = []
+    for c in report['clients']:
+        stale = c['stale_after_seconds']
+        for r in c['sources']:
+            level = STATUS_NAMES.index(r['status'])
+            counts[level] += 1
+            name = f'{c["client"]}/{r["source"]}'
+            problems += [(level, name, p) for p in r['problems']]
+            crit = stale if r['expected'] else 2 * stale
+            age = 'U' if r['age_seconds'] is None else f'{r["age_seconds"]}s'
+            perfdata += [
+                f'{nagios_label(name + "_age")}={age};{stale};{crit};0;',
+                f'{nagios_label(name + "_size")}={r["size_bytes"]}B;;;0;',
+                f'{nagios_label(name + "_failed")}={r["failed"]};;;0;',
+                f'{nagios_label(name + "_pending")}={r["pending"]};;;0;']
+        level = STATUS_NAMES.index(c['status'])
+        if not c['sources']:
+            counts[level] += 1
+        problems += [(level, c['client'], p) for p in c['problems']]
+    status = STATUS_NAMES.index(report['status'])
+    total = sum(counts)
+    if status == OK:
+        summary = (f'{total} of {total} sources ok on node '
+                   f'{report["node"]}')
+    else:
+        bad = [f'{counts[level]} {STATUS_NAMES[level]}'
+               for level in (CRITICAL, WARNING) if counts[level]]
+        summary = f'{", ".join(bad)} of {total} sources on node ' \
+            f'{report["node"]}'
+    problems.sort(key=lambda problem: -problem[0])
+    if problems:
+        summary += f': {problems[0][1]}: {problems[0][2]}'
+    line = f'GITBACKUP {NAGIOS_STATES[status]} - {nagios_text(summary)}'
+    if perfdata:
+        line += ' | ' + ' '.join(perfdata)
+    return '\n'.join([line] + [
+        nagios_text(f'{where}: {STATUS_NAMES[level]}: {text}')
+        for level, where, text in problems]) + '\n'
 
 
 def prometheus_label(value):
@@ -1662,6 +2136,11 @@ def report_prometheus(report):
                 (labels, r['pending']))
             samples['gitbackup_status'].append(
                 (labels, STATUS_NAMES.index(r['status'])))
+            if r.get('last_drill'):
+                samples['gitbackup_last_drill_timestamp_seconds'].append(
+                    (labels, int(r['last_drill']['time'].timestamp())))
+                samples['gitbackup_last_drill_success'].append(
+                    (labels, int(r['last_drill']['ok'])))
     generated = parse_node_time(report['generated'])
     samples['gitbackup_report_timestamp_seconds'].append(
         (f'{{node="{prometheus_label(report["node"])}"}}',
@@ -1676,83 +2155,619 @@ def report_prometheus(report):
     return '\n'.join(lines) + '\n'
 
 
-def report_html(report):
-    """A static, self-contained page (no scripts, no external files)."""
-    e = html.escape
+# -- the HTML status page ---------------------------------------------------
+#
+# One static page: a banner with the worst state, counts per state, and a
+# table of every series (client + source), worst first, each with a
+# sparkline of its last HISTORY_DAYS.  Inline SVG and CSS only: no script,
+# no network, no external file, so it can be served as a plain file or
+# mailed.  Every client-provided string is escaped.
+
+HISTORY_DAYS = 90
+# Bounds what one series adds to the report (and the JSON report).
+HISTORY_POINTS = 500
+SVG_WIDTH, SVG_HEIGHT = 240, 40
+# A snapshot smaller than this fraction of the one before is marked.
+SIZE_DROP = 0.5
+# Where `drill` is expected to journal its outcomes, one JSON object per
+# line like results.jsonl: source, finished (node time), ok / outcome /
+# status.  Read only if present.
+DRILL_JOURNAL = 'drills.jsonl'
+WAITING_KINDS = ((Unreachable, 'cannot be reached'),
+                 (NoSpace, 'no space to store'),
+                 (Misconfigured, 'node configuration incomplete'))
+
+
+def report_transfer_seconds(entry):
+    """Seconds a journaled request took (handling started -> finished,
+    the download included), or None."""
+    if not entry:
+        return None
+    started = parse_node_time(entry.get('started'))
+    finished = parse_node_time(entry.get('finished'))
+    if not started or not finished:
+        return None
+    return max(int((finished - started).total_seconds()), 0)
+
+
+def report_request_line(node, client, key):
+    """The first line of a request in any state of the pool, or ''."""
+    if not KEY_RE.match(key or ''):
+        return ''
+    pool = node.pool(client)
+    for state in (FAILED, NEW, PROCESSING, FINISHED):
+        path = pool.file(state, key)
+        if os.path.exists(path):
+            return read_request_line(path)
+    return ''
+
+
+def read_drills(node, client):
+    """Drill outcomes of one client: [{'source', 'time', 'ok'}] (bad
+    lines skipped; nothing when no drill has run)."""
+    drills = []
+    for entry in Journal(os.path.join(node.settings['data_dir'], client,
+                                      DRILL_JOURNAL)).read()[0]:
+        if not isinstance(entry, dict) or \
+                not isinstance(entry.get('source'), str):
+            continue
+        when = parse_node_time(entry.get('finished') or entry.get('time'))
+        if not when:
+            continue
+        ok = entry.get('ok') is True or \
+            entry.get('outcome') in ('ok', 'passed', 'restored') or \
+            entry.get('status') == 'ok'
+        drills.append({'source': entry['source'], 'time': when, 'ok': ok})
+    return drills
+
+
+def history_series(sources, source):
+    """The entry of `source` in report_history()'s 'sources', made empty
+    on first use."""
+    return sources.setdefault(source, {
+        'snapshots': [], 'failures': [], 'drills': [], 'before': None})
+
+
+def add_history_snapshot(sources, start, source, when, size, seconds):
+    """One snapshot of a series: drawn if inside the window; older, it
+    only moves 'before', the newest snapshot older than the window."""
+    s = history_series(sources, source)
+    if when < start:
+        s['before'] = max(s['before'] or when, when)
+    else:
+        s['snapshots'].append({'time': when, 'size': size,
+                               'seconds': seconds})
+
+
+def mirror_last_change(repo):
+    """When a git mirror last changed, as source_report counts it (for a
+    mirror without a journaled fetch, made by hand), or None."""
+    stamps = [os.stat(os.path.join(repo, name)).st_mtime
+              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
+              if os.path.exists(os.path.join(repo, name))]
+    if stamps:
+        return datetime.datetime.fromtimestamp(max(stamps), UTC)
+    return None
+
+
+def add_stored_history(sources, start, node, client, journal):
+    """The snapshots of every source: stored backups with their transfer
+    time from the journal, then git mirrors' journaled fetches, then the
+    last change of mirrors that have none."""
+    # A request journaled twice (re-handled after a crash): the last wins.
+    stored = {e['request']: e for e in journal
+              if e.get('outcome') == 'stored' and
+              isinstance(e.get('request'), str)}
+    for source, backups in stored_backups(node, client).items():
+        for b in backups:
+            if b.good and b.time:
+                add_history_snapshot(
+                    sources, start, source, b.time, b.size,
+                    report_transfer_seconds(
+                        stored.get(b.manifest.get('request'))))
+    mirrors = client_mirrors(node, client)
+    for entry in stored.values():
+        source = stored_source(node, client, entry.get('stored'))
+        when = parse_node_time(entry.get('finished'))
+        if source in mirrors and when:
+            add_history_snapshot(sources, start, source, when, None,
+                                 report_transfer_seconds(entry))
+    for source, repo in mirrors.items():
+        if source not in sources:
+            when = mirror_last_change(repo)
+            if when:
+                add_history_snapshot(sources, start, source, when, None,
+                                     None)
+
+
+def failed_requests(node, client, journal):
+    """{request: (when, reason)} of the client's failed requests: from the
+    journal, else from the note of a request given up before the journal
+    existed."""
+    failed = {}
+    for entry in journal:
+        when = parse_node_time(entry.get('finished'))
+        if entry.get('outcome') == 'failed' and when and \
+                isinstance(entry.get('request'), str):
+            failed[entry['request']] = (when, entry.get('reason'))
+    pool = node.pool(client)
+    for key in pool.list()[FAILED]:
+        if key not in failed:
+            # Given up before the journal existed: the note says when.
+            note = Attempts(pool, 0).reason(key)
+            when = parse_node_time(note.split(' ', 1)[0])
+            if when:
+                failed[key] = (when, note.partition(' ')[2])
+    return failed
+
+
+def add_failure_history(sources, start, node, client, journal):
+    """Failed requests inside the window, on the series of their source."""
+    for key, (when, reason) in failed_requests(node, client,
+                                               journal).items():
+        source = request_source(node, client,
+                                report_request_line(node, client, key))
+        if source and when >= start:
+            history_series(sources, source)['failures'].append(
+                {'time': when, 'reason': clean_text(reason or '', 300)})
+
+
+def report_waiting(node, client):
+    """[{'what', 'since', 'error'}]: why fetches from this client wait
+    right now (unreachable, no space, misconfigured)."""
+    waiting = []
+    for kind, what in WAITING_KINDS:
+        state = read_json(os.path.join(
+            node.state_dir, f'{kind.health}-{client}.json'), {}) or {}
+        since = parse_node_time(state.get('first_failure'))
+        if since:
+            waiting.append({'what': what, 'since': since, 'error': clean_text(
+                state.get('last_error') or '', 300)})
+    return waiting
+
+
+def report_history(node, client, now, days=HISTORY_DAYS):
+    """What the status page draws for one client over the last `days`:
+    per source its snapshots (node time, stored bytes, transfer seconds
+    from the journal; a git mirror's fetches, size unknown), its failed
+    requests and drill outcomes, and 'before', the newest snapshot older
+    than the window (where a gap began); plus 'waiting', why fetches from
+    this client wait right now (unreachable, no space, misconfigured)."""
+    start = now - datetime.timedelta(days=days)
+    journal = read_results(node, client)
+    sources = {}
+    add_stored_history(sources, start, node, client, journal)
+    add_failure_history(sources, start, node, client, journal)
+    for drill in read_drills(node, client):
+        if drill['time'] >= start and drill['source'] in sources:
+            sources[drill['source']]['drills'].append(
+                {'time': drill['time'], 'ok': drill['ok']})
+    for s in sources.values():
+        for name in ('snapshots', 'failures', 'drills'):
+            s[name] = sorted(s[name], key=lambda x: x['time'])[
+                -HISTORY_POINTS:]
+    return {'days': days, 'sources': sources,
+            'waiting': report_waiting(node, client)}
+
+
+def report_html_time(value):
+    """A datetime, or the ISO text a JSON report holds, -> datetime."""
+    if isinstance(value, datetime.datetime):
+        return value
+    return parse_node_time(value)
+
+
+def report_html_gaps(times, before, start, now, stale):
+    """[(from, to)]: periods longer than stale (seconds) without a
+    snapshot, clipped to the window start..now.  `times` sorted; `before`
+    is the newest snapshot older than the window, or None."""
+    gaps = []
+    previous = before
+    if not times and before is None:
+        return [(start, now)]
+    for when in list(times) + [now]:
+        if previous is not None and when > previous and \
+                (when - previous).total_seconds() > stale:
+            gaps.append((max(previous, start), min(when, now)))
+        previous = max(previous, when) if previous else when
+    return [(a, b) for a, b in gaps if b > a]
+
+
+def svg_series_points(history):
+    """(snapshots, failures, drills) of one series, times parsed, entries
+    without a readable time dropped: snapshots as sorted (time, size,
+    seconds), failures as times, drills as (time, ok)."""
+    snapshots = []
+    for s in history.get('snapshots') or []:
+        when = report_html_time(s.get('time'))
+        if when:
+            snapshots.append((when, s.get('size'), s.get('seconds')))
+    snapshots.sort(key=lambda s: s[0])
+    failures = [t for t in (report_html_time(f.get('time')) for f in
+                            history.get('failures') or []) if t]
+    drills = [(t, bool(d.get('ok'))) for t, d in
+              ((report_html_time(d.get('time')), d) for d in
+               history.get('drills') or []) if t]
+    return snapshots, failures, drills
+
+
+def svg_time_scale(start, now, width):
+    """time -> x: the window start..now across the width, 1 pixel of
+    margin on either side; times outside are clamped to the edge."""
+    span = max((now - start).total_seconds(), 1)
+
+    def x(when):
+        offset = (when - start).total_seconds() / span * (width - 2) + 1
+        return round(min(max(offset, 1), width - 1), 1)
+    return x
+
+
+def svg_size_scale(biggest, top, bottom):
+    """size -> y: 0 at the bottom, the biggest at the top."""
+    def y(size):
+        if biggest <= 0:
+            return bottom
+        return round(bottom - size / biggest * (bottom - top), 1)
+    return y
+
+
+def svg_transfer_bars(snapshots, x, bottom, slowest):
+    """Transfer time as grey bars from the bottom, the slowest 12 pixels
+    high; [] when no snapshot knows its transfer time."""
+    timed = [s for s in snapshots if isinstance(s[2], (int, float))]
+    if not timed:
+        return []
+    # At most 12 pixels high; at least one, so that a transfer the
+    # journal's one-second resolution rounds to 0 still shows.
+    bars = ''.join(
+        f'M{x(s[0])} {bottom}V'
+        f'{round(bottom - max(s[2] / max(slowest, 1) * 12, 1), 1)}'
+        for s in timed)
+    return [f'<path class="transfer" d="{bars}" stroke="#7c8797" '
+            f'stroke-width="1.5"/>']
+
+
+def svg_size_points(sized, x, y, stale):
+    """[(x, y, broken)]: one point per pixel column of the sized
+    snapshots; broken where the line must start afresh (first point, or
+    more than stale seconds after the snapshot before)."""
+    # One point per pixel column keeps the page small with many
+    # snapshots; drops are found on the full series.
+    # The line is broken where a gap is: no slope drawn across it.
+    columns = {}
+    previous = None
+    for when, size, _ in sized:
+        broken = previous is None or \
+            (when - previous).total_seconds() > stale
+        if x(when) not in columns or broken:
+            columns[x(when)] = (x(when), y(size), broken)
+        else:
+            columns[x(when)] = (x(when), y(size), columns[x(when)][2])
+        previous = when
+    return list(columns.values())
+
+
+def svg_size_line(sized, x, y, stale):
+    """Stored size as a blue line (with a dot per snapshot while there
+    are few), a drop below SIZE_DROP of the snapshot before ringed red."""
+    if not sized:
+        return []
+    parts = []
+    points = svg_size_points(sized, x, y, stale)
+    if len(points) > 1:
+        parts.append('<path class="size" fill="none" stroke="#2563eb" '
+                     'stroke-width="1.5" stroke-linejoin="round" d="' +
+                     ''.join(f'{"M" if broken else "L"}{px} {py}'
+                             for px, py, broken in points) + '"/>')
+    if len(points) <= 60:
+        parts.append('<path class="snapshot" stroke="#1d4ed8" '
+                     'stroke-width="3" stroke-linecap="round" d="' +
+                     ''.join(f'M{px} {py}h0' for px, py, _ in points) +
+                     '"/>')
+    for previous, current in zip(sized, sized[1:]):
+        if previous[1] > 0 and current[1] < previous[1] * SIZE_DROP:
+            parts.append(f'<circle class="drop" cx="{x(current[0])}" '
+                         f'cy="{y(current[1])}" r="3" fill="none" '
+                         f'stroke="#dc2626" stroke-width="1.5"/>')
+    return parts
+
+
+def svg_event_marks(unsized, failures, drills, x, middle, height):
+    """Git fetches as dots on the middle line, failed requests as red
+    vertical lines, drills as diamonds at the top (green ok, red
+    failed)."""
+    parts = []
+    if unsized:
+        # Git fetches: when they landed (size per fetch is not recorded).
+        parts.append('<path class="snapshot" stroke="#1d4ed8" '
+                     'stroke-width="3" stroke-linecap="round" d="' +
+                     ''.join(f'M{x(s[0])} {middle}h0'
+                             for s in unsized) + '"/>')
+    if failures:
+        parts.append('<path class="failure" stroke="#dc2626" '
+                     'stroke-width="1.5" d="' +
+                     ''.join(f'M{x(t)} 0V{height}' for t in failures) +
+                     '"/>')
+    for ok in (True, False):
+        marks = [t for t, outcome in drills if outcome is ok]
+        if marks:
+            parts.append(
+                f'<path class="drill {"ok" if ok else "failed"}" fill="'
+                f'{"#16a34a" if ok else "#dc2626"}" stroke="#333" '
+                'stroke-width="0.5" d="' +
+                ''.join(f'M{x(t)} 0l3 3l-3 3l-3-3z' for t in marks) + '"/>')
+    return parts
+
+
+def svg_series_summary(label, days, stale, facts, sized, drills):
+    """The sparkline's text for screen readers and tooltips: counts,
+    newest and largest size, slowest transfer, failures, gaps, drills."""
+    summary = [f'{label}: ' if label else '',
+               f'{facts["snapshots"]} snapshot(s) in {days} days']
+    if sized:
+        summary.append(f', newest {core.human_size(sized[-1][1])}, largest '
+                       f'{core.human_size(facts["largest"])}')
+    if facts['slowest']:
+        summary.append(f', slowest transfer {human_age(facts["slowest"])}')
+    if facts['failures']:
+        summary.append(f', {facts["failures"]} failed')
+    if facts['gaps']:
+        summary.append(f', {facts["gaps"]} gap(s) longer than '
+                       f'{human_age(stale)}')
+    if drills:
+        summary.append(f', drills {sum(ok for _, ok in drills)} ok '
+                       f'{sum(not ok for _, ok in drills)} failed')
+    return ''.join(summary)
+
+
+def svg_series(history, now, stale, days=HISTORY_DAYS, width=SVG_WIDTH,
+               height=SVG_HEIGHT, label=''):
+    """A sparkline of one series as inline SVG: stored size per snapshot
+    (blue line; a drop below SIZE_DROP of the snapshot before ringed
+    red), transfer time (grey bars from the bottom), failed requests (red
+    lines), drill outcomes (diamonds at the top: green ok, red failed;
+    none drawn when there are none) and gaps longer than stale_after
+    (amber bands).  `history` is one entry of report_history()'s
+    'sources'; times may be datetimes or ISO text."""
+    history = history or {}
+    start = now - datetime.timedelta(days=days)
+    x = svg_time_scale(start, now, width)
+    snapshots, failures, drills = svg_series_points(history)
+    gaps = report_html_gaps([s[0] for s in snapshots],
+                            report_html_time(history.get('before')),
+                            start, now, stale)
+    top, bottom = (8 if drills else 3), height - 3
+    parts = [f'<rect width="{width}" height="{height}" fill="#fbfbfb" '
+             f'stroke="#c8c8c8"/>']
+    for a, b in gaps:
+        parts.append(f'<rect class="gap" x="{x(a)}" y="0" width="'
+                     f'{max(round(x(b) - x(a), 1), 1.5)}" height="{height}" '
+                     f'fill="#f59e0b" fill-opacity="0.35"/>')
+    seconds = [s[2] for s in snapshots if isinstance(s[2], (int, float))]
+    slowest = max(seconds or [0])
+    parts += svg_transfer_bars(snapshots, x, bottom, slowest)
+    sized = [s for s in snapshots if isinstance(s[1], (int, float))]
+    biggest = max([s[1] for s in sized] or [0])
+    parts += svg_size_line(sized, x, svg_size_scale(biggest, top, bottom),
+                           stale)
+    parts += svg_event_marks(
+        [s for s in snapshots if not isinstance(s[1], (int, float))],
+        failures, drills, x, round((top + bottom) / 2, 1), height)
+    facts = {'snapshots': len(snapshots), 'failures': len(failures),
+             'gaps': len(gaps), 'largest': biggest, 'slowest': slowest,
+             'transfers': len(seconds)}
+    title = html.escape(svg_series_summary(label, days, stale, facts, sized,
+                                           drills))
+    return (f'<svg class="series" xmlns="http://www.w3.org/2000/svg" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} '
+            f'{height}" role="img" aria-label="{title}"><title>{title}'
+            f'</title>{"".join(parts)}</svg>'), facts
+
+
+def report_html_rows(report, now):
+    """(level, client, source, cells, svg, caption, problems) per series,
+    worst first.  A client whose fetches wait (unreachable, no space,
+    misconfigured) is at least a warning here, however fresh its last
+    backup."""
     rows = []
     for c in report['clients']:
-        sources = c['sources'] or [None]
-        for r in sources:
-            status = r['status'] if r else c['status']
-            problems = (r['problems'] if r else []) + c['problems']
-            cells = [c['client'], r['source'] if r else '-', status.upper(),
-                     gb.isotime(r['last_success'])
-                     if r and r['last_success'] else 'never',
+        history = c.get('history') or {}
+        waiting = []
+        for w in history.get('waiting') or []:
+            since = report_html_time(w.get('since'))
+            waiting.append(f'{w.get("what")} since '
+                           f'{core.isotime(since) if since else "?"}: '
+                           f'{w.get("error") or ""}')
+        stale = c.get('stale_after_seconds') or 86400
+        for r in c['sources'] or [None]:
+            level = STATUS_NAMES.index(r['status'] if r else c['status'])
+            if waiting:
+                level = max(level, WARNING)
+            source = r['source'] if r else '-'
+            svg, facts = svg_series(
+                (history.get('sources') or {}).get(source), now, stale,
+                days=history.get('days') or HISTORY_DAYS,
+                label=f'{c["client"]} {source}')
+            last = report_html_time(r['last_success']) if r else None
+            cells = [c['client'], source, STATUS_NAMES[level].upper(),
+                     core.isotime(last) if last else 'never',
                      human_age(r['age_seconds']) if r else '-',
-                     gb.human_size(r['size_bytes']) if r else '-',
+                     core.human_size(r['size_bytes']) if r else '-',
                      str(r['count']) if r else '0',
                      str(r['failed'] if r else c['failed']),
-                     str(r['pending'] if r else c['pending']),
-                     '; '.join(problems)]
-            rows.append(f'<tr class="{e(status)}" data-client="'
-                        f'{e(c["client"])}">' +
-                        ''.join(f'<td>{e(cell)}</td>' for cell in cells) +
-                        '</tr>')
+                     str(r['pending'] if r else c['pending'])]
+            problems = waiting + (r['problems'] if r else []) + c['problems']
+            caption = [f'max {core.human_size(facts["largest"])}'
+                       if facts['largest'] else '',
+                       f'xfer ≤ {human_age(facts["slowest"])}'
+                       if facts['slowest'] else
+                       'xfer < 1s' if facts['transfers'] else '',
+                       f'{facts["failures"]} failed' if facts['failures']
+                       else '',
+                       f'{facts["gaps"]} gap(s)' if facts['gaps'] else '']
+            rows.append((level, c['client'], source, cells, svg,
+                         ' · '.join(p for p in caption if p), problems))
+    rows.sort(key=lambda row: (-row[0], row[1], row[2]))
+    return rows
+
+
+REPORT_HTML_STYLE = '''
+body { font: 14px/1.35 sans-serif; margin: 0; color: #1f2328; }
+header { position: sticky; top: 0; z-index: 2; background: #fff; }
+.banner { padding: 0.7em 1.2em; font-size: 1.35em; font-weight: bold; }
+.banner.ok { background: #15803d; color: #fff; }
+.banner.warning { background: #f59e0b; color: #111; }
+.banner.critical { background: #b91c1c; color: #fff; }
+.summary { padding: 0.5em 1.2em; border-bottom: 1px solid #ccc; }
+.count { display: inline-block; padding: 0.15em 0.6em; margin-right: 0.4em;
+  border-radius: 0.8em; font-weight: bold; }
+.count.ok { background: #dcfce7; } .count.warning { background: #fef3c7; }
+.count.critical { background: #fee2e2; }
+.legend { color: #555; font-size: 12px; margin-left: 1em; }
+.legend i { display: inline-block; width: 1.1em; height: 0.7em;
+  margin: 0 0.3em 0 0.8em; vertical-align: middle; }
+.scroll { max-height: calc(100vh - 8.5em); overflow: auto; margin: 0 1.2em; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left;
+  white-space: nowrap; vertical-align: middle; }
+th { background: #eee; position: sticky; top: 0; z-index: 1; }
+td.problems { white-space: normal; min-width: 12em; max-width: 26em;
+  font-size: 12px; overflow-wrap: anywhere; }
+td.history { padding: 2px 0.5em; line-height: 1; }
+td.history svg { display: block; }
+.caption { font-size: 10px; color: #555; }
+tr.ok td.status { background: #15803d; color: #fff; }
+tr.warning td.status { background: #f59e0b; color: #111; }
+tr.critical td.status { background: #b91c1c; color: #fff; }
+tr.warning td { background-color: #fffbeb; }
+tr.critical td { background-color: #fef2f2; }
+td.status { font-weight: bold; text-align: center; }
+'''
+
+
+def report_html_table_row(row):
+    """One <tr> of the table: its cells escaped, the status cell marked,
+    the sparkline with its caption, the problems."""
+    e = html.escape
+    level, client, source, cells, svg, caption, problems = row
+    tds = ''.join(f'<td>{e(cell)}</td>' for cell in cells[:2])
+    tds += f'<td class="status">{e(cells[2])}</td>'
+    tds += ''.join(f'<td>{e(cell)}</td>' for cell in cells[3:])
+    tds += (f'<td class="history">{svg}<span class="caption">'
+            f'{e(caption)}</span></td>')
+    tds += f'<td class="problems">{e("; ".join(problems))}</td>'
+    return (f'<tr class="{STATUS_NAMES[level]}" data-client="{e(client)}" '
+            f'data-source="{e(source)}">{tds}</tr>')
+
+
+def report_html_summary(report, rows):
+    """The line under the banner: series per state as pills, clients per
+    state (a client counts at its worst series), when the report was made,
+    and the legend of the sparklines."""
+    e = html.escape
+    counts = [0, 0, 0]
+    for row in rows:
+        counts[row[0]] += 1
+    client_levels = {}
+    for row in rows:
+        client_levels[row[1]] = max(client_levels.get(row[1], OK), row[0])
+    client_counts = [list(client_levels.values()).count(level)
+                     for level in (OK, WARNING, CRITICAL)]
+    pills = ''.join(
+        f'<span class="count {name}">{counts[level]} {name}</span>'
+        for level, name in reversed(list(enumerate(STATUS_NAMES))))
+    client_text = ', '.join(f'{client_counts[level]} {name}' for level, name
+                            in reversed(list(enumerate(STATUS_NAMES))))
+    legend = ''.join(
+        f'<i style="background:{color}"></i>{e(text)}' for color, text in (
+            ('#2563eb', 'stored size'), ('#7c8797', 'transfer time'),
+            ('#dc2626', 'failed request / size drop'),
+            ('rgba(245,158,11,0.5)', 'gap > stale_after'),
+            ('#16a34a', 'drill ok (red: failed)')))
+    return f'''Series: {pills} Clients ({len(client_levels)}): {e(
+        client_text)}. Generated {e(report["generated"])} (node time).
+<span class="legend">{legend}</span>'''
+
+
+def report_html(report):
+    """A static, self-contained page (no scripts, no external files): the
+    worst state as a coloured banner, counts per state, then one row per
+    series, worst first, with a sparkline of its last HISTORY_DAYS."""
+    e = html.escape
+    now = report_html_time(report['generated']) or core.utcnow()
+    rows = report_html_rows(report, now)
+    worst = max([row[0] for row in rows] +
+                [STATUS_NAMES.index(report['status'])])
+    overall = STATUS_NAMES[worst]
+    body = [report_html_table_row(row) for row in rows]
     head = ''.join(f'<th>{e(h)}</th>' for h in (
         'Client', 'Source', 'Status', 'Last good (node time)', 'Age', 'Size',
-        'Backups', 'Failed', 'Pending', 'Problems'))
+        'Backups', 'Failed', 'Pending', f'Last {HISTORY_DAYS} days',
+        'Problems'))
     title = f'gitbackup: node {report["node"]}'
     return f'''<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="refresh" content="300">
-<title>{e(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #999; padding: 0.25em 0.6em; text-align: left; }}
-th {{ background: #eee; }}
-td {{ white-space: nowrap; }}
-td:last-child {{ white-space: normal; }}
-tr.ok td {{ background: #dfd; }}
-tr.warning td {{ background: #ffd; }}
-tr.critical td {{ background: #fdd; }}
-</style>
+<title>{e(overall.upper())} - {e(title)}</title>
+<style>{REPORT_HTML_STYLE}</style>
 </head>
 <body>
-<h1>{e(title)}</h1>
-<p>Generated {e(report["generated"])} (node time).
-Overall status: <strong class="{e(report["status"])}">{e(
-        report["status"].upper())}</strong>.</p>
+<header>
+<div id="overall" class="banner {overall}">{e(overall.upper())} &mdash; {e(
+        title)}</div>
+<div class="summary">{report_html_summary(report, rows)}</div>
+</header>
+<div class="scroll">
 <table id="clients">
 <thead><tr>{head}</tr></thead>
 <tbody>
-{chr(10).join(rows)}
+{chr(10).join(body)}
 </tbody>
 </table>
+</div>
 </body>
 </html>
 '''
 
 
 REPORT_FORMATS = {'text': report_text, 'json': report_json,
-                  'prometheus': report_prometheus, 'html': report_html}
+                  'prometheus': report_prometheus, 'html': report_html,
+                  'nagios': report_nagios}
 
 
 def report_command(node, fmt='text', mail=False, output=None,
                    out=sys.stdout):
     """Print (or write atomically to output) the report; return the
-    Nagios exit status: 0 ok, 1 warning, 2 critical."""
-    report = build_report(node)
-    text = REPORT_FORMATS[fmt](report)
-    if output:
-        atomic_write(output, text, mode=0o644)
-    else:
-        out.write(text)
+    Nagios exit status: 0 ok, 1 warning, 2 critical, 3 unknown.
+
+    Unknown means the check could not be made (data_dir unreadable,
+    --output not writable): that says nothing about the backups, so it
+    must not look like a warning.  The nagios format then still prints its
+    status line, and --mail tells the admins."""
+    try:
+        report = build_report(node)
+        text = REPORT_FORMATS[fmt](report)
+        if output:
+            atomic_write(output, text, mode=0o644)
+        else:
+            out.write(text)
+    except BrokenPipeError:
+        raise
+    except (GitBackupError, OSError) as e:
+        reason = f'could not check: {e}'
+        log.error('report: %s', reason)
+        if fmt == 'nagios':
+            out.write(f'GITBACKUP UNKNOWN - {nagios_text(reason)}\n')
+        if mail:
+            core.mail_admins(node.config, 'server',
+                           f'gitbackup: report of {node.name}: UNKNOWN',
+                           reason + '\n')
+        return UNKNOWN
     status = STATUS_NAMES.index(report['status'])
     if mail and status != OK:
-        gb.mail_admins(node.config, 'server',
+        core.mail_admins(node.config, 'server',
                        f'gitbackup: report of {node.name}: '
                        f'{report["status"].upper()}', report_text(report))
         for c in report['clients']:
@@ -1769,20 +2784,34 @@ def mail_client_admins(node, client, subject, body):
     """Mail [client NAME] admin, the extra admins of one client's
     problems (the [server] admins are mailed separately)."""
     admins = node.config.admins(f'client {client}')
-    if not admins:
-        return False
-    try:
-        how = gb.sendmail.send(subject, body, admins,
-                               node.config.section('mail'),
-                               node.settings['log_dir'])
-    except gb.sendmail.MailError as e:
-        log.error('mail to %s failed: %s', ' '.join(admins), e)
-        return False
-    log.info('mailed %s: %s (%s)', ' '.join(admins), subject, how)
-    return True
+    return bool(admins) and core.mail_admins(node.config, 'server', subject,
+                                             body, admins)
 
 
 # -- gc ---------------------------------------------------------------------
+
+def retry_command(node, client, key=None, all_failed=False, out=sys.stdout):
+    """Put given-up requests (X*) of a client back as RQ* with a fresh
+    attempt count (SPEC 4); the next run handles them and reports the new
+    outcome to the client.  Returns how many."""
+    check_client_name(client)
+    if bool(key) == bool(all_failed):
+        raise UsageError('give a request key or --all-failed')
+    pool = node.pool(client)
+    attempts = Attempts(pool, 0)
+    failed = pool.list()[FAILED]
+    keys = failed if all_failed else [k for k in failed if k == key]
+    if key and not keys:
+        raise UsageError(f'{client}: no given-up request {key!r} (see '
+                         f'server.py report, or ls {pool.path})')
+    count = 0
+    for k in keys:
+        if attempts.retry(k, NEW):
+            out.write(f'{client}: {k} put back\n')
+            log.info('%s: %s put back by retry', client, k)
+            count += 1
+    return count
+
 
 def gc_command(node, aggressive=False):
     """git gc of every mirror and client repository; log mailed.  Returns
@@ -1792,7 +2821,7 @@ def gc_command(node, aggressive=False):
     for client in known_clients(node):
         repos += find_repositories(os.path.join(data_dir, client, 'git'))
     repos += find_repositories(node.settings['repositories'])
-    return gb.gc_repositories(node.config, 'server', repos, aggressive,
+    return core.gc_repositories(node.config, 'server', repos, aggressive,
                               f'node {node.name}')
 
 
@@ -1855,70 +2884,96 @@ def prune_command(node, dry_run=False, out=sys.stdout):
     keep_requests = node.config.get_duration('server', 'keep_requests')
     removed = kept = 0
     for client in known_clients(node):
-        daily, weekly, monthly = retention(node, client)
+        retain = retention(node, client)
         for source, backups in stored_backups(node, client).items():
             directory = os.path.join(node.settings['data_dir'], client,
                                      'files', source)
-            if not dry_run:
-                for name in os.listdir(directory):
-                    if name.startswith('.trash-'):   # an interrupted prune
-                        shutil.rmtree(os.path.join(directory, name),
-                                      ignore_errors=True)
-            good = [b for b in backups if b.good and b.time]
-            keep = {}
-            for series in {b.series for b in good}:
-                keep.update(backups_to_keep(
-                    [b for b in good if b.series == series], daily, weekly,
-                    monthly))
-            for backup in good:
-                if backup.path in keep:
-                    kept += 1
-                    log.debug('keeping %s (%s)', backup.path,
-                              keep[backup.path])
-                    continue
-                try:
-                    if not dry_run:
-                        remove_tree(backup.path)
-                except OSError as e:
-                    errors.append(f'{backup.path}: {e}')
-                    log.error('cannot remove %s: %s', backup.path, e)
-                    continue
-                removed += 1
-                out.write(f'{verb} {backup.path}\n')
-            for backup in backups:
-                if not backup.good or not backup.time:
-                    log.warning('%s: no readable manifest; not pruned (see '
-                                '`server.py verify`)', backup.path)
+            source_errors, source_removed, source_kept = prune_source(
+                directory, backups, retain, dry_run, verb, out)
+            errors += source_errors
+            removed += source_removed
+            kept += source_kept
         pool = node.pool(client)
-        states = list_pool(pool)
+        states = pool.list()
         errors += prune_incoming(node, client, states, dry_run, out)
-        for state in (FINISHED, FAILED):
-            for key in states[state]:
-                path = os.path.join(pool, state + key)
-                extras = [p for p in (path + '.reason',
-                                      os.path.join(pool, '.attempts', key))
-                          if os.path.exists(p)]
-                try:
-                    mtime = max(os.lstat(p).st_mtime
-                                for p in [path] + extras)
-                except OSError:
-                    continue
-                if now - mtime <= keep_requests:
-                    continue
-                for p in [path] + extras:
-                    try:
-                        if not dry_run:
-                            os.unlink(p)
-                    except FileNotFoundError:
-                        pass
-                    except OSError as e:
-                        errors.append(f'{p}: {e}')
-                        continue
-                    out.write(f'{verb} {p}\n')
-        if not dry_run and os.path.isdir(pool):
-            fsync_dir(pool)
+        errors += prune_request_files(pool, states, now, keep_requests,
+                                      dry_run, verb, out)
+        if not dry_run and os.path.isdir(pool.path):
+            fsync_dir(pool.path)
     log.info('prune%s: %d backup(s) %s, %d kept', ' --dry-run' if dry_run
              else '', removed, verb, kept)
+    return errors
+
+
+def prune_source(directory, backups, retain, dry_run, verb, out):
+    """Apply retention (daily, weekly, monthly) to the backups of one
+    source; return (errors, how many removed, how many kept)."""
+    daily, weekly, monthly = retain
+    errors = []
+    removed = kept = 0
+    if not dry_run:
+        for name in os.listdir(directory):
+            if name.startswith('.trash-'):   # an interrupted prune
+                shutil.rmtree(os.path.join(directory, name),
+                              ignore_errors=True)
+    good = [b for b in backups if b.good and b.time]
+    keep = {}
+    for series in {b.series for b in good}:
+        keep.update(backups_to_keep(
+            [b for b in good if b.series == series], daily, weekly,
+            monthly))
+    keep_bases(keep, good)
+    for backup in good:
+        if backup.path in keep:
+            kept += 1
+            log.debug('keeping %s (%s)', backup.path,
+                      keep[backup.path])
+            continue
+        try:
+            if not dry_run:
+                remove_tree(backup.path)
+        except OSError as e:
+            errors.append(f'{backup.path}: {e}')
+            log.error('cannot remove %s: %s', backup.path, e)
+            continue
+        removed += 1
+        out.write(f'{verb} {backup.path}\n')
+    for backup in backups:
+        if not backup.good or not backup.time:
+            log.warning('%s: no readable manifest; not pruned (see '
+                        '`server.py verify`)', backup.path)
+    return errors, removed, kept
+
+
+def prune_request_files(pool, states, now, keep_requests, dry_run, verb,
+                        out):
+    """Remove F*/X* request files (and their .reason and attempt count)
+    last changed more than keep_requests seconds before now; return the
+    list of errors."""
+    errors = []
+    for state in (FINISHED, FAILED):
+        for key in states[state]:
+            path = pool.file(state, key)
+            extras = [p for p in (path + '.reason',
+                                  Attempts(pool, 0).path(key))
+                      if os.path.exists(p)]
+            try:
+                mtime = max(os.lstat(p).st_mtime
+                            for p in [path] + extras)
+            except OSError:
+                continue
+            if now - mtime <= keep_requests:
+                continue
+            for p in [path] + extras:
+                try:
+                    if not dry_run:
+                        os.unlink(p)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    errors.append(f'{p}: {e}')
+                    continue
+                out.write(f'{verb} {p}\n')
     return errors
 
 
@@ -1942,7 +2997,7 @@ def prune_incoming(node, client, states, dry_run, out):
         paths += [os.path.join(root, d) for d in sorted(dirs)
                   if d.startswith('.') and d.endswith('.git.incoming')]
         dirs[:] = [d for d in dirs if not d.endswith(('.git', '.incoming'))]
-    return gb.remove_listed(gb.older_than(paths, limit), dry_run, out)
+    return core.remove_listed(core.older_than(paths, limit), dry_run, out)
 
 
 # -- verify -----------------------------------------------------------------
@@ -1965,10 +3020,10 @@ def restore_check(path, timeout):
     else:
         return None
     try:
-        gb.run(args, stdout=subprocess.DEVNULL, timeout=timeout)
-    except gb.ToolMissing as e:
+        core.run(args, stdout=subprocess.DEVNULL, timeout=timeout)
+    except core.ToolMissing as e:
         return WARNING, f'{path}: cannot check: {e}'
-    except gb.CommandFailed as e:
+    except core.CommandFailed as e:
         return CRITICAL, f'{path}: restore check failed: {e}'
     log.debug('restore check of %s passed', path)
     return None
@@ -1989,7 +3044,7 @@ def verify_backup(backup):
             continue
         path = os.path.join(backup.path, name)
         try:
-            digest, size = gb.sha256_file(path)
+            digest, size = core.sha256_file(path)
         except FileNotFoundError:
             problems.append((CRITICAL, f'{path}: missing'))
             continue
@@ -2005,6 +3060,21 @@ def verify_backup(backup):
     return problems
 
 
+def chain_problems(good):
+    """[(CRITICAL, message)] for every increment whose base is gone."""
+    by_request = backups_by_request(good)
+    problems = []
+    for backup in good:
+        level = backup.manifest.get('level')
+        if isinstance(level, int) and level > 0 and \
+                backup.manifest.get('base') not in by_request:
+            problems.append((CRITICAL, f'{backup.path}: incremental chain '
+                             f'has a missing link: base '
+                             f'{backup.manifest.get("base")} (level '
+                             f'{level - 1}) is not stored'))
+    return problems
+
+
 def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     """Re-hash every stored file, git fsck every mirror and client
     repository, and check that the newest backup of each source can be
@@ -2015,37 +3085,15 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     clients = [check_client_name(only_client)] if only_client else \
         known_clients(node)
     for client in clients:
-        for source, backups in stored_backups(node, client).items():
-            for backup in backups:
-                found = verify_backup(backup)
-                if found and not os.path.isdir(backup.path):
-                    continue  # pruned meanwhile
-                problems += found
-                files += len((backup.manifest or {}).get('files') or [])
-            good = [b for b in backups if b.good]
-            for backup in newest_of_series(good) if restore else []:
-                for entry in backup.manifest['files']:
-                    if isinstance(entry, dict) and \
-                            isinstance(entry.get('name'), str) and \
-                            '/' not in entry['name']:
-                        found = restore_check(os.path.join(
-                            backup.path, entry['name']), timeout)
-                        if found:
-                            problems.append(found)
-        targets = list(client_mirrors(node, client).values())
-        repository = node.repository(client)
-        if os.path.isdir(os.path.join(repository, 'objects')):
-            targets.append(repository)
-        for repo in targets:
-            repos += 1
-            proc = git(repo, 'fsck', '--no-progress', '--no-dangling',
-                       check=False, timeout=timeout)
-            if proc.returncode != 0:
-                detail = '\n'.join('    ' + line for line in
-                                   (proc.stderr + proc.stdout).strip()
-                                   .splitlines()[-20:])
-                problems.append((CRITICAL, f'{repo}: git fsck failed (exit '
-                                 f'{proc.returncode}):\n{detail}'))
+        for backups in stored_backups(node, client).values():
+            source_problems, source_files = verify_source(backups, restore,
+                                                          timeout)
+            problems += source_problems
+            files += source_files
+        repo_problems, repo_count = fsck_client_repositories(node, client,
+                                                             timeout)
+        problems += repo_problems
+        repos += repo_count
     status = max([level for level, _ in problems] or [OK])
     for level, message in problems:
         out.write(f'{STATUS_NAMES[level]}: {message}\n')
@@ -2055,10 +3103,10 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     out.write(summary + '\n')
     log.info('%s', summary)
     write_json(os.path.join(node.state_dir, 'verify.json'),
-               {'finished': gb.isotime(), 'status': STATUS_NAMES[status],
+               {'finished': core.isotime(), 'status': STATUS_NAMES[status],
                 'problems': [m for _, m in problems][:100]})
     if problems:
-        gb.mail_admins(node.config, 'server',
+        core.mail_admins(node.config, 'server',
                        f'gitbackup: verify on {node.name}: '
                        f'{STATUS_NAMES[status].upper()}',
                        '\n'.join(f'{STATUS_NAMES[level]}: {message}'
@@ -2067,35 +3115,1314 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     return status
 
 
+def verify_source(backups, restore, timeout):
+    """Re-hash the backups of one source, check its incremental chains and,
+    with restore, read its newest backups back; return ([(level, message)],
+    how many files were re-hashed)."""
+    problems = []
+    files = 0
+    for backup in backups:
+        found = verify_backup(backup)
+        if found and not os.path.isdir(backup.path):
+            continue  # pruned meanwhile
+        problems += found
+        files += len((backup.manifest or {}).get('files') or [])
+    good = [b for b in backups if b.good]
+    problems += chain_problems(good)
+    for backup in newest_of_series(good) if restore else []:
+        for entry in backup.manifest['files']:
+            if isinstance(entry, dict) and \
+                    isinstance(entry.get('name'), str) and \
+                    '/' not in entry['name']:
+                found = restore_check(os.path.join(
+                    backup.path, entry['name']), timeout)
+                if found:
+                    problems.append(found)
+    return problems, files
+
+
+def fsck_client_repositories(node, client, timeout):
+    """git fsck the client's mirrors and its request repository; return
+    ([(level, message)], how many repositories were checked)."""
+    problems = []
+    targets = list(client_mirrors(node, client).values())
+    repository = node.repository(client)
+    if os.path.isdir(os.path.join(repository, 'objects')):
+        targets.append(repository)
+    for repo in targets:
+        proc = git(repo, 'fsck', '--no-progress', '--no-dangling',
+                   check=False, timeout=timeout)
+        if proc.returncode != 0:
+            detail = '\n'.join('    ' + line for line in
+                               (proc.stderr + proc.stdout).strip()
+                               .splitlines()[-20:])
+            problems.append((CRITICAL, f'{repo}: git fsck failed (exit '
+                             f'{proc.returncode}):\n{detail}'))
+    return problems, len(targets)
+
+
+# --------------------------------------------------------------------------
+# -- offsite: a second copy on an rclone remote
+#
+# rclone is the engine: it speaks the remote's protocol (sftp, S3, WebDAV,
+# ...), encrypts when the remote is a `crypt` remote, and checks hashes.
+# This section only decides what to copy and what to remove there.  The
+# remote mirrors data_dir:
+#   <remote>/<client>/files/<source>/<snapshot>/   (manifest.json included)
+#   <remote>/<client>/git/<path>.git/<node time>.bundle
+# A git mirror travels as one `git bundle --all` whenever its refs changed:
+# one self-contained file that `git bundle verify` and a hash can prove,
+# where a file-by-file `rclone copy` of a bare repository (never `sync`)
+# would keep stale loose refs and packs beside the new ones after a gc.
+# The mirror never loses history (preserved refs), so its newest bundle
+# holds all that older ones did: those are removed once it is verified.
+# Snapshots are removed remotely only after prune removed them here, and
+# only while their source still has a snapshot here (prune always keeps
+# the newest: an empty source means a missing disk, not a prune).
+# Every step is recorded in data_dir/<client>/offsite.jsonl: 'start'
+# before a copy (so a copy cut short is still known to be there, partly),
+# 'copied' once verified, 'removed' once gone.
+
+OFFSITE_JOURNAL = 'offsite.jsonl'
+OFFSITE_REMOTE_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_. -]*:[^\s]*$')
+# rclone's exit statuses for "directory not found" and "file not found":
+# what was to be removed is already gone.
+RCLONE_NOT_FOUND = (3, 4)
+
+
+class OffsiteFailed(GitBackupError):
+    """A copy, a check or a fetch from the offsite remote failed."""
+
+
+class Offsite:
+    """rclone with this node's [offsite] settings."""
+
+    def __init__(self, node):
+        if not node.config.has('offsite'):
+            raise ConfigError(f'{node.config.path}: no [offsite] section '
+                              '(remote = name:path, rclone_config = PATH)')
+        settings = node.config.section('offsite')
+        self.remote = settings['remote'].strip()
+        if not OFFSITE_REMOTE_RE.match(self.remote):
+            raise ConfigError(f'[offsite] remote = {self.remote}: not an '
+                              'rclone remote (name:path)')
+        self.rclone_config = settings['rclone_config']
+        if not os.path.isfile(self.rclone_config):
+            raise ConfigError(f'[offsite] rclone_config = '
+                              f'{self.rclone_config}: no such file')
+        self.program = shlex.split(settings['rclone'])
+        self.options = ['--transfers', settings['transfers'] or '4']
+        if settings['bwlimit']:
+            self.options += ['--bwlimit', settings['bwlimit']]
+        self.timeout = node.config.get_duration('server', 'command_timeout')
+        self.crypt = self.remote_type() == 'crypt'
+
+    def rclone(self, *args, check=True):
+        # --ask-password=false: cron has no terminal to type one into.
+        return core.run([*self.program, '--config', self.rclone_config,
+                         '--ask-password=false', *args],
+                        timeout=self.timeout, check=check)
+
+    def remote_type(self):
+        """The type of the named remote ('crypt', 's3', ...); a name the
+        rclone config lacks is a configuration error, said now."""
+        name = self.remote.split(':', 1)[0]
+        dump = self.rclone('config', 'dump').stdout
+        try:
+            remotes = json.loads(dump)
+        except ValueError:
+            remotes = {}
+        if name not in remotes:
+            raise ConfigError(f'[offsite] remote = {self.remote}: no remote '
+                              f'[{name}] in {self.rclone_config}')
+        return remotes[name].get('type')
+
+    def path(self, client, rel=''):
+        base = self.remote if self.remote.endswith((':', '/')) \
+            else self.remote + '/'
+        return f'{base}{client}/{rel}'.rstrip('/')
+
+    def verify(self, local_dir, remote_dir):
+        """Prove that every file of local_dir arrived whole.  A crypt
+        remote stores no plaintext hashes: cryptcheck encrypts ours and
+        compares.  A remote without a hash in common (WebDAV) would be
+        compared by size alone: download and compare bytes instead."""
+        if self.crypt:
+            self.rclone('cryptcheck', '--one-way', local_dir, remote_dir)
+            return
+        result = self.rclone('check', '--one-way', local_dir, remote_dir)
+        if 'No common hash' in result.stderr:
+            self.rclone('check', '--one-way', '--download', local_dir,
+                        remote_dir)
+
+    def remove(self, remote_path, directory):
+        """Remove a snapshot directory or a file; gone already is fine."""
+        result = self.rclone('purge' if directory else 'deletefile',
+                             remote_path, check=False)
+        if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
+            raise core.CommandFailed(result.args, result.returncode,
+                                     result.stderr)
+
+    def entry(self, event, rel, **extra):
+        return {'event': event, 'remote': self.remote, 'path': rel,
+                'time': core.isotime(), **extra}
+
+
+def offsite_journal(node, client):
+    return Journal(os.path.join(node.settings['data_dir'], client,
+                                OFFSITE_JOURNAL))
+
+
+def offsite_state(node, client, remote):
+    """{remote path: last journal entry} on this remote: what is there
+    ('start': perhaps partly, 'copied': verified); removed ones dropped."""
+    state = {}
+    for entry in offsite_journal(node, client).read()[0]:
+        if entry.get('remote') == remote and isinstance(entry.get('path'),
+                                                        str):
+            state[entry['path']] = entry
+    return {path: e for path, e in state.items()
+            if e.get('event') in ('start', 'copied')}
+
+
+def snapshot_rel(backup):
+    return f'files/{backup.source}/{backup.name}'
+
+
+def offsite_copy_snapshot(off, journal, client, backup):
+    rel = snapshot_rel(backup)
+    manifest_sha256 = core.sha256_file(
+        os.path.join(backup.path, 'manifest.json'))[0]
+    journal.append([off.entry('start', rel)])
+    target = off.path(client, rel)
+    off.rclone('copy', *off.options, backup.path, target)
+    off.verify(backup.path, target)
+    journal.append([off.entry('copied', rel, bytes=backup.size,
+                              manifest_sha256=manifest_sha256)])
+    log.info('offsite: copied %s/%s', client, rel)
+
+
+def offsite_snapshots(off, node, client, state, out):
+    """Copy the snapshots not yet verified there (oldest first, so an
+    increment's base goes before it); remove those prune removed here.
+    Returns (copied, removed, errors)."""
+    journal = offsite_journal(node, client)
+    local = {}
+    for backups in stored_backups(node, client).values():
+        for backup in backups:
+            if backup.good and backup.time:
+                local[snapshot_rel(backup)] = backup
+    copied, removed, errors = 0, 0, []
+    for rel, backup in local.items():
+        if state.get(rel, {}).get('event') == 'copied':
+            continue
+        try:
+            offsite_copy_snapshot(off, journal, client, backup)
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{rel}: {e}')
+            continue
+        copied += 1
+        out.write(f'copied {client}/{rel}\n')
+    sources = {rel.rsplit('/', 1)[0] for rel in local}
+    for rel in sorted(state):
+        if not rel.startswith('files/') or rel in local or \
+                rel.rsplit('/', 1)[0] not in sources or \
+                os.path.exists(os.path.join(node.settings['data_dir'],
+                                            client, rel)):
+            continue
+        try:
+            off.remove(off.path(client, rel), directory=True)
+        except GitBackupError as e:
+            errors.append(f'{client}/{rel}: cannot remove: {e}')
+            continue
+        journal.append([off.entry('removed', rel)])
+        removed += 1
+        out.write(f'removed {client}/{rel}\n')
+    return copied, removed, errors
+
+
+def mirror_refs_digest(repo):
+    """A digest of every ref and its target: a changed mirror changes it.
+    None for a mirror without refs (git refuses an empty bundle)."""
+    refs = git(repo, 'for-each-ref', '--format=%(objectname) %(refname)',
+               env={**os.environ, 'LC_ALL': 'C'}).stdout
+    return hashlib.sha256(refs.encode()).hexdigest() if refs.strip() \
+        else None
+
+
+def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
+    """Bundle one mirror into staging/, prove the bundle, copy and check
+    it; return its remote path."""
+    os.makedirs(staging)
+    name = f'{core.timestamp()}.bundle'
+    bundle = os.path.join(staging, name)
+    git(repo, 'bundle', 'create', bundle, '--all')
+    git(repo, 'bundle', 'verify', bundle)
+    bundle_rel = f'git/{rel}.git/{name}'
+    journal.append([off.entry('start', bundle_rel)])
+    target = off.path(client, f'git/{rel}.git')
+    off.rclone('copy', *off.options, staging, target)
+    off.verify(staging, target)
+    sha256, size = core.sha256_file(bundle)
+    journal.append([off.entry('copied', bundle_rel, refs=digest,
+                              sha256=sha256, bytes=size)])
+    return bundle_rel
+
+
+def offsite_mirrors(off, node, client, state, out):
+    """A new bundle of each mirror whose refs changed since its last
+    verified bundle; older bundles of it removed after.  Returns
+    (copied, removed, errors)."""
+    journal = offsite_journal(node, client)
+    staging_top = os.path.join(node.settings['data_dir'], client,
+                               '.offsite-staging')
+    copied, removed, errors = 0, 0, []
+    for source, repo in sorted(client_mirrors(node, client).items()):
+        rel = source[len('git/'):]
+        prefix = f'git/{rel}.git/'
+        mine = {p: e for p, e in state.items() if p.startswith(prefix)}
+        last = max((e for e in mine.values() if e['event'] == 'copied'),
+                   key=lambda e: e['path'], default={})
+        staging = os.path.join(staging_top, core.new_request_id())
+        try:
+            digest = mirror_refs_digest(repo)
+            if digest is None or digest == last.get('refs'):
+                continue
+            new = offsite_copy_bundle(off, journal, client, rel, repo,
+                                      digest, staging)
+            copied += 1
+            out.write(f'copied {client}/{new}\n')
+            for old in sorted(mine):
+                off.remove(off.path(client, old), directory=False)
+                journal.append([off.entry('removed', old)])
+                removed += 1
+                out.write(f'removed {client}/{old} (superseded)\n')
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{source}: {e}')
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return copied, removed, errors
+
+
+def offsite_command(node, out=sys.stdout):
+    """Copy every client's new snapshots and changed mirrors to the
+    remote, remove what prune removed here; return the errors (each item
+    is tried, a failure does not stop the others)."""
+    off = Offsite(node)
+    totals, errors = [0, 0], []
+    for client in known_clients(node):
+        state = offsite_state(node, client, off.remote)
+        for step in (offsite_snapshots, offsite_mirrors):
+            copied, removed, failed = step(off, node, client, state, out)
+            totals[0] += copied
+            totals[1] += removed
+            errors += failed
+    for error in errors:
+        log.error('offsite: %s', error)
+    log.info('offsite to %s: %d copied and verified, %d removed, %d '
+             'error(s)', off.remote, totals[0], totals[1], len(errors))
+    return errors
+
+
+def offsite_fetch(node, client, source, snapshot, target_dir):
+    """Download one snapshot from the offsite remote into target_dir
+    (absent or empty) and prove every file against its manifest (sha256
+    and size; nothing missing, nothing extra).  When this node's journal
+    recorded the manifest's own sha256 at copy time, the manifest must
+    match it too, so a plain remote cannot swap manifest and files
+    together.  Returns the manifest; raises OffsiteFailed."""
+    check_client_name(client)
+    if not SOURCE_NAME_RE.match(source or '') or \
+            not STORED_NAME_RE.match(snapshot or ''):
+        raise UsageError(f'not a source and snapshot name: {source!r} '
+                         f'{snapshot!r} (see `server.py list`)')
+    if os.path.exists(target_dir) and (not os.path.isdir(target_dir) or
+                                       os.listdir(target_dir)):
+        raise UsageError(f'{target_dir}: exists and is not an empty '
+                         'directory')
+    off = Offsite(node)
+    rel = f'files/{source}/{snapshot}'
+    os.makedirs(target_dir, exist_ok=True)
+    off.rclone('copy', *off.options, off.path(client, rel), target_dir)
+    problems = offsite_fetch_problems(
+        target_dir, offsite_state(node, client, off.remote).get(rel, {}))
+    if problems:
+        raise OffsiteFailed(f'{off.path(client, rel)} fetched into '
+                            f'{target_dir} is not what was stored:\n  ' +
+                            '\n  '.join(problems))
+    log.info('offsite: fetched %s/%s into %s; every sha256 matches its '
+             'manifest', client, rel, target_dir)
+    return read_json(os.path.join(target_dir, 'manifest.json'))
+
+
+def offsite_fetch_problems(target_dir, journal_entry):
+    """What is wrong with a fetched snapshot directory ([] when nothing)."""
+    manifest_path = os.path.join(target_dir, 'manifest.json')
+    if not os.path.isfile(manifest_path):
+        return ['no manifest.json (no such snapshot on the remote?)']
+    recorded = journal_entry.get('manifest_sha256')
+    if recorded and core.sha256_file(manifest_path)[0] != recorded:
+        return ['manifest.json differs from the one this node copied']
+    manifest = read_json(manifest_path)
+    files = manifest.get('files') if isinstance(manifest, dict) else None
+    if not isinstance(files, list):
+        return ['manifest.json lists no files']
+    problems, named = [], {'manifest.json'}
+    for entry in files:
+        name = entry.get('name') if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not core.NAME_RE.match(name):
+            problems.append(f'bad entry {clean_text(entry)!r} in manifest')
+            continue
+        named.add(name)
+        path = os.path.join(target_dir, name)
+        if not os.path.isfile(path):
+            problems.append(f'{name}: missing')
+            continue
+        digest, size = core.sha256_file(path)
+        if digest != entry.get('sha256') or size != entry.get('size'):
+            problems.append(f'{name}: sha256 {digest} size {size}, manifest '
+                            f'says {entry.get("sha256")} size '
+                            f'{entry.get("size")}')
+    problems += [f'{name}: not in the manifest'
+                 for name in sorted(set(os.listdir(target_dir)) - named)]
+    return problems
+
+
+def offsite_lag(node, client, now):
+    """For `report`: the client's snapshots not yet verified offsite, the
+    newest of them and its age, and the age of the oldest (how far the
+    offsite copy is behind).  None when no [offsite] is configured."""
+    if not node.config.has('offsite'):
+        return None
+    remote = node.config.section('offsite')['remote'].strip()
+    state = offsite_state(node, client, remote)
+    copied = [e for e in state.values() if e.get('event') == 'copied']
+    pending = sorted((b for backups in stored_backups(node, client).values()
+                      for b in backups if b.good and b.time and
+                      state.get(snapshot_rel(b), {}).get('event') !=
+                      'copied'), key=StoredBackup.sort_key)
+
+    def age(backup):
+        return int(max((now - backup.time).total_seconds(), 0))
+    return {'remote': remote, 'pending': len(pending),
+            'newest_pending': snapshot_rel(pending[-1]) if pending else None,
+            'newest_pending_age_seconds': age(pending[-1]) if pending
+            else None,
+            'lag_seconds': age(pending[0]) if pending else 0,
+            'last_copy': max((e.get('time') for e in copied), default=None)}
+
+
+def add_offsite_lag(node, client_report, now):
+    """report: the offsite lag of one client; a warning once the oldest
+    snapshot not yet offsite is older than stale_after."""
+    lag = offsite_lag(node, client_report['client'], now)
+    client_report['offsite'] = lag
+    if lag and lag['lag_seconds'] > client_report['stale_after_seconds']:
+        client_report['problems'].append(
+            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
+            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
+        client_report['status'] = STATUS_NAMES[max(
+            WARNING, STATUS_NAMES.index(client_report['status']))]
+
+
+def offsite_report_lines(report):
+    """The text report's offsite block (empty without [offsite])."""
+    lines = []
+    for c in report['clients']:
+        lag = c.get('offsite')
+        if not lag:
+            continue
+        if lag['pending']:
+            lines.append(
+                f'  {c["client"]}: {lag["pending"]} snapshot(s) not yet '
+                f'offsite; newest {lag["newest_pending"]} '
+                f'({human_age(lag["newest_pending_age_seconds"])} old), '
+                f'oldest {human_age(lag["lag_seconds"])} old')
+        else:
+            lines.append(f'  {c["client"]}: up to date (last copy '
+                         f'{lag["last_copy"] or "never"})')
+    if lines:
+        remote = clean_text(report['clients'][0]['offsite']['remote'])
+        lines = ['', f'Offsite ({remote}):'] + [clean_text(l, 1000)
+                                                 for l in lines]
+    return lines
+
+
+def offsite_cli(node, fetch):
+    """`server.py offsite [--fetch CLIENT SOURCE SNAPSHOT DIR]`."""
+    if fetch:
+        offsite_fetch(node, *fetch)
+        return 0
+    return core.exclusive(node.settings['log_dir'], 'offsite',
+                          lambda: 1 if offsite_command(node) else 0)
+# -- list, restore, drill
+#
+# A backup is only worth its restore.  `list` shows what a node holds under
+# the names `restore` and `drill` accept; `restore` gets any of it back
+# with one command (hashes checked before anything is written); `drill`
+# restores the newest snapshot of every series into a scratch directory
+# and proves it against what the client recorded when it made it.
+
+# `restore --at`: a snapshot name, or ISO 8601 (UTC unless an offset).
+AT_COMPACT_RE = re.compile(r'^[0-9]{8}T[0-9]{6}Z$')
+AT_DATE_RE = re.compile(r'^[0-9]{4}-[0-9]{2}-[0-9]{2}$')
+GIT_SNAPSHOT = 'mirror'       # the one "snapshot" of a git mirror
+
+
+class RestoreError(GitBackupError):
+    """A restore (or drill) that cannot be done as asked."""
+    exit_code = 1
+
+
+def manifest_level(manifest):
+    """0 for a full archive or a plain file, n for an increment."""
+    try:
+        return max(int((manifest or {}).get('level') or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def archive_entry(backup):
+    """The manifest entry of a snapshot's tar archive, or None."""
+    for entry in (backup.manifest or {}).get('files') or []:
+        if isinstance(entry, dict) and \
+                str(entry.get('name')).endswith(TAR_SUFFIXES):
+            return entry
+    return None
+
+
+def snapshot_kind(backup):
+    if manifest_level(backup.manifest) > 0:
+        return 'incremental'
+    return 'full' if archive_entry(backup) else 'file'
+
+
+def base_snapshot(backups, backup):
+    """The stored snapshot an increment builds on: the one whose client
+    request id its manifest's `base` names; None if not stored."""
+    wanted = (backup.manifest or {}).get('base')
+    for other in reversed(backups):
+        if wanted and (other.manifest or {}).get('request_id') == wanted:
+            return other
+    return None
+
+
+def restore_chain(backups, backup):
+    """[full, increment, ...] ending at backup: `base` links walked back to
+    level 0.  A missing link is an error naming it."""
+    chain = [backup]
+    while manifest_level(chain[0].manifest) > 0:
+        base = base_snapshot(backups, chain[0])
+        if base is None or base in chain:
+            raise RestoreError(
+                f'{backup.source} {backup.name}: chain broken: '
+                f'{chain[0].name} (level '
+                f'{manifest_level(chain[0].manifest)}) builds on request '
+                f'{clean_text(chain[0].manifest.get("base"))}, which is not '
+                'stored on this node')
+        chain.insert(0, base)
+    return chain
+
+
+def last_outcomes(node, client):
+    """({path: verify outcome}, {(source, snapshot): drill outcome}) from
+    the last verify and the drill journal."""
+    state = read_json(os.path.join(node.state_dir, 'verify.json'), {}) or {}
+    verify = {}
+    if isinstance(state, dict) and state.get('finished'):
+        problems = [str(p) for p in state.get('problems') or []]
+        verify = {'time': state['finished'], 'problems': problems}
+    drills = {}
+    for entry in Journal(os.path.join(node.settings['data_dir'], client,
+                                      DRILL_JOURNAL)).read()[0]:
+        key = (entry.get('source'), entry.get('snapshot'))
+        drills[key] = {'outcome': 'ok' if entry.get('ok') is True
+                       else 'failed', 'time': entry.get('finished'),
+                       'detail': clean_text(entry.get('detail') or '', 500)}
+    return verify, drills
+
+
+def verify_outcome(verify, path):
+    """The last verify's word on one snapshot or mirror path, or None."""
+    if not verify:
+        return None
+    bad = [p for p in verify['problems'] if p.startswith(path + '/') or
+           p.startswith(path + ':')]
+    return {'outcome': 'failed' if bad else 'ok', 'time': verify['time']}
+
+
+def list_snapshots(node, client, source=None):
+    """The `list` entries of one client: every good snapshot, oldest
+    first per source, then its git mirrors."""
+    verify, drills = last_outcomes(node, client)
+    entries = []
+    for name, backups in stored_backups(node, client).items():
+        if source and name != source:
+            continue
+        good = [b for b in backups if b.good and b.time]
+        for b in good:
+            base = base_snapshot(good, b)
+            wanted = b.manifest.get('base')
+            entries.append({
+                'client': client, 'source': name, 'snapshot': b.name,
+                'time': core.isotime(b.time), 'kind': snapshot_kind(b),
+                'level': manifest_level(b.manifest),
+                'base': base.name if base else None,
+                # The client request id the increment builds on; with no
+                # `base` snapshot for it, the chain is broken.
+                'base_request': wanted,
+                'chain_broken': bool(wanted) and base is None,
+                'request_id': b.manifest.get('request_id'),
+                'size': b.size,
+                'files': [{'name': f.get('name'), 'size': f.get('size'),
+                           'sha256': f.get('sha256')}
+                          for f in b.manifest['files'] if isinstance(f, dict)],
+                'verify': verify_outcome(verify, b.path),
+                'drill': drills.get((name, b.name))})
+    for name, repo in client_mirrors(node, client).items():
+        if source and name != source:
+            continue
+        entries.append({
+            'client': client, 'source': name, 'snapshot': GIT_SNAPSHOT,
+            'time': core.isotime(mirror_time(repo)) if mirror_time(repo)
+            else None, 'kind': 'git', 'level': 0, 'base': None,
+            'base_request': None, 'chain_broken': False, 'request_id': None, 'size': core.tree_size(repo), 'files': [],
+            'verify': verify_outcome(verify, repo),
+            'drill': drills.get((name, GIT_SNAPSHOT))})
+    return entries
+
+
+def mirror_time(repo):
+    """A mirror's last change on the node's clock (its last fetch)."""
+    stamps = [os.stat(os.path.join(repo, name)).st_mtime
+              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
+              if os.path.exists(os.path.join(repo, name))]
+    return datetime.datetime.fromtimestamp(max(stamps), UTC) \
+        if stamps else None
+
+
+def list_text(entries):
+    lines = [f'{"CLIENT":<12} {"SOURCE":<16} {"SNAPSHOT":<18} {"KIND":<11} '
+             f'{"SIZE":>10}  {"VERIFY":<7} {"DRILL":<7} FILES']
+    for e in entries:
+        kind = e['kind'] + (f' <{e["base"]}' if e['base'] else
+                            ' <MISSING BASE' if e['chain_broken'] else '')
+        lines.append(
+            f'{e["client"]:<12} {e["source"]:<16} {e["snapshot"]:<18} '
+            f'{kind:<11} {core.human_size(e["size"]):>10}  '
+            f'{(e["verify"] or {}).get("outcome", "-"):<7} '
+            f'{(e["drill"] or {}).get("outcome", "-"):<7} '
+            + ' '.join(clean_text(f['name']) for f in e['files']))
+    return '\n'.join(lines) + '\n'
+
+
+def list_command(node, client=None, source=None, fmt='text',
+                 out=sys.stdout):
+    clients = [check_client_name(client)] if client else known_clients(node)
+    entries = []
+    for name in clients:
+        entries += list_snapshots(node, name, source)
+    if fmt == 'json':
+        out.write(json.dumps(entries, indent=1, sort_keys=True) + '\n')
+    else:
+        out.write(list_text(entries))
+    return 0
+
+
+# -- restore ----------------------------------------------------------------
+
+def parse_at(text):
+    """TIME of `restore --at` -> aware datetime (a bare date: the end of
+    that day, UTC unless an offset is given)."""
+    try:
+        if AT_COMPACT_RE.match(text):
+            return datetime.datetime.strptime(
+                text, core.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+        if AT_DATE_RE.match(text):
+            day = datetime.date.fromisoformat(text)
+            return datetime.datetime.combine(
+                day, datetime.time.max).replace(tzinfo=UTC)
+        when = datetime.datetime.fromisoformat(
+            re.sub(r'[zZ]$', '+00:00', text))
+    except ValueError:
+        raise UsageError(f'--at {clean_text(text)!r}: not a snapshot name '
+                         'nor an ISO date/time (2026-11-20, '
+                         '2026-11-20T13:00Z, 20261120T130000Z)') from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def choose_snapshot(backups, source, at=None, file=None):
+    """The newest good snapshot at or before `at` (a snapshot name or a
+    time), holding `file` if given."""
+    good = [b for b in backups if b.good and b.time]
+    if file:
+        good = [b for b in good if any(
+            isinstance(f, dict) and f.get('name') == file
+            for f in b.manifest['files'])]
+    if at and any(b.name == at for b in backups):
+        chosen = [b for b in good if b.name == at]
+        if not chosen:
+            raise RestoreError(f'{source} {at}: no readable manifest'
+                               + (f' or no file {file}' if file else ''))
+        return chosen[0]
+    if at:
+        limit = parse_at(at)
+        good = [b for b in good if b.time <= limit]
+    if not good:
+        raise RestoreError(f'no snapshot of {source}' +
+                           (f' holding {file}' if file else '') +
+                           (f' at or before {at}' if at else '') +
+                           ' on this node (see `server.py list`)')
+    return good[-1]
+
+
+def check_hashes(backups, names, force):
+    """Re-hash (streaming) every file a restore will read, before it writes
+    anything; a mismatch is refused unless force."""
+    for backup in backups:
+        for entry in backup.manifest['files']:
+            if not isinstance(entry, dict) or (
+                    names is not None and entry.get('name') not in names):
+                continue
+            path = os.path.join(backup.path, str(entry.get('name')))
+            try:
+                digest, size = core.sha256_file(path)
+            except OSError as e:
+                raise RestoreError(f'{path}: cannot read: {e}') from None
+            if digest == entry.get('sha256') and size == entry.get('size'):
+                continue
+            message = (f'{path}: DAMAGED: sha256 {digest} ({size} bytes), '
+                       f'the manifest says {entry.get("sha256")} '
+                       f'({entry.get("size")} bytes)')
+            if not force:
+                raise RestoreError(message + '; refusing to restore it '
+                                   '(--force restores it anyway)')
+            log.error('%s; restoring it anyway (--force)', message)
+
+
+def prepare_target(directory):
+    """DIR may exist if empty, else it is created; never written into
+    when it holds anything."""
+    if os.path.lexists(directory):
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            raise RestoreError(f'{directory}: exists and is not a directory')
+        if os.listdir(directory):
+            raise RestoreError(f'{directory}: not empty; refusing to '
+                               'restore into it')
+    else:
+        os.makedirs(directory)
+    return os.path.abspath(directory)
+
+
+def member_path(path):
+    """--path SUBDIR -> the archive member './SUBDIR' (fs archives are made
+    with `-C DIR .`); no absolute paths, no '..'."""
+    rel = os.path.normpath(path.strip('/'))
+    if not path.strip('/') or rel in ('.', '..') or rel.startswith('../'):
+        raise UsageError(f'--path {clean_text(path)!r}: want a directory '
+                         'inside the backup, e.g. --path www/uploads')
+    return './' + rel
+
+
+def tar_extract_args(archive, directory, incremental, members):
+    """GNU tar extracting one archive of a chain; as root with numeric
+    owners and modes.  --listed-incremental=/dev/null applies an
+    increment's deletions (and needs no snapshot file)."""
+    args = ['tar', '--extract', f'--file={archive}', f'--directory={directory}']
+    if incremental:
+        args.append('--listed-incremental=/dev/null')
+    if os.geteuid() == 0:
+        args += ['--numeric-owner', '--same-owner', '--same-permissions']
+    else:
+        args.append('--same-permissions')
+    return args + ['--', *members]
+
+
+def extract_chain(chain, directory, members=()):
+    """Extract full, then each increment in order, into directory."""
+    incremental = len(chain) > 1 or manifest_level(chain[0].manifest) > 0 \
+        or 'level' in chain[0].manifest
+    for backup in chain:
+        entry = archive_entry(backup)
+        if entry is None:
+            raise RestoreError(f'{backup.path}: no archive in this snapshot')
+        core.run(tar_extract_args(os.path.join(backup.path, entry['name']),
+                                  directory, incremental, list(members)),
+                 stdout=subprocess.DEVNULL)
+        log.info('extracted %s/%s', backup.path, entry['name'])
+
+
+def scratch_dir(node, client, what):
+    """A private directory on the node's data disk for one restore."""
+    base = os.path.join(node.settings['data_dir'], client)
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f'.{what}-', dir=base)
+
+
+def stream_file(path, out):
+    """Copy a file to a binary stream in chunks (never whole in memory)."""
+    with open(path, 'rb') as f:
+        shutil.copyfileobj(f, out, core.CHUNK)
+    out.flush()
+
+
+def stream_archive(path, out):
+    """Write a stored archive to out as a plain tar stream: decompressed,
+    so that `| tar -x` needs no option and owners stay exactly as
+    archived, whoever runs the restore."""
+    name = os.path.basename(path)
+    for suffixes, tool in TAR_TOOLS:
+        if name.endswith(suffixes):
+            out.flush()
+            core.run([tool, '--decompress', '--stdout', '--', path],
+                     stdout=out.fileno(), text=False)
+            return
+    stream_file(path, out)
+
+
+def restore_archive(node, client, backups, backup, args, out):
+    """A directory backup: its chain extracted into --to DIR, or one tar
+    stream of the restored tree on stdout."""
+    chain = restore_chain(backups, backup)
+    check_hashes(chain, None, args.force)
+    members = [member_path(args.path)] if args.path else []
+    if args.stdout and len(chain) == 1 and not members and \
+            'level' not in backup.manifest:
+        stream_archive(os.path.join(backup.path,
+                                    archive_entry(backup)['name']), out)
+        return
+    if args.to:
+        extract_chain(chain, prepare_target(args.to), members)
+        return
+    scratch = scratch_dir(node, client, 'restore')
+    try:
+        extract_chain(chain, scratch, members)
+        out.flush()
+        core.run(['tar', '--create', '--file=-', '--numeric-owner',
+                  f'--directory={scratch}', '--', *(members or ['.'])],
+                 stdout=out.fileno(), text=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def restore_file(backup, name, args, out):
+    """One stored file (a dump, globals.sql, any file) to stdout or DIR."""
+    check_hashes([backup], {name}, args.force)
+    path = os.path.join(backup.path, name)
+    if args.stdout:
+        stream_file(path, out)
+    else:
+        target = os.path.join(prepare_target(args.to), name)
+        shutil.copyfile(path, target)
+
+
+def git_safe(mirror):
+    """git options that let any account (root) read a mirror it does not
+    own: without them git >= 2.35.2 refuses with "dubious ownership"."""
+    return ['git', '-c', f'safe.directory={mirror}']
+
+
+def restore_git(mirror, args, out):
+    """A mirror: --to DIR clones it with every ref (refs/preserved/*
+    included: --mirror copies all of refs/), --stdout writes a bundle."""
+    if args.stdout:
+        out.flush()
+        core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
+                  'create', '-', '--all'], stdout=out.fileno(), text=False)
+        return
+    target = prepare_target(args.to)
+    core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
+              '--no-hardlinks', '--', mirror, target])
+    # The clone is a copy, not a mirror of the node: fetching into it must
+    # not prune what it restored.
+    core.run(['git', f'--git-dir={target}', 'config', '--unset',
+              'remote.origin.mirror'], check=False)
+
+
+def restore_command(node, args, out=None):
+    """server.py restore: see build_parser."""
+    out = out or sys.stdout.buffer
+    client = check_client_name(args.client)
+    if args.stdout == bool(args.to):
+        raise UsageError('restore: give exactly one of --to DIR, --stdout')
+    mirrors = client_mirrors(node, client)
+    if args.source in mirrors or args.source.startswith('git/'):
+        if args.source not in mirrors:
+            raise RestoreError(f'no git mirror {args.source} of {client}')
+        restore_git(mirrors[args.source], args, out)
+        log.info('restored %s %s', client, args.source)
+        return 0
+    if getattr(args, 'origin', 'local') == 'offsite':
+        with tempfile.TemporaryDirectory(
+                prefix='.offsite-restore-', dir=node.settings['data_dir']) \
+                as scratch:
+            backup = fetch_offsite_snapshot(node, client, args, scratch)
+            return restore_snapshot(node, client, [backup], backup, args,
+                                    out)
+    backups = stored_backups(node, client).get(args.source)
+    if not backups:
+        raise RestoreError(f'nothing stored for {client} {args.source} '
+                           '(see `server.py list`)')
+    backup = choose_snapshot(backups, args.source, args.at, args.file)
+    return restore_snapshot(node, client, backups, backup, args, out)
+
+
+def fetch_offsite_snapshot(node, client, args, scratch):
+    """restore --from offsite: the snapshot --at names, fetched from the
+    remote into scratch and proven against its manifest (offsite_fetch).
+    An increment's chain lies on the remote as separate snapshots: fetch
+    each with `offsite --fetch` and restore by hand (see README)."""
+    if not args.at or not core.NAME_RE.match(args.at):
+        raise UsageError('restore --from offsite: give the snapshot name '
+                         'with --at (as `server.py list` printed it before '
+                         'it was pruned, or from the offsite journal)')
+    target = os.path.join(scratch, args.source.replace('/', '_'), args.at)
+    manifest = offsite_fetch(node, client, args.source, args.at, target)
+    backup = StoredBackup(args.source, target, manifest)
+    if manifest_level(manifest) > 0:
+        raise RestoreError(f'{args.source} {args.at} is an increment: fetch '
+                           'its chain with `server.py offsite --fetch` and '
+                           'extract it in order (README, "Restoring")')
+    return backup
+
+
+def restore_snapshot(node, client, backups, backup, args, out):
+    """Restore one chosen snapshot (its chain from backups)."""
+    log.info('restoring %s %s %s', client, args.source, backup.name)
+    if args.file:
+        restore_file(backup, args.file, args, out)
+    elif archive_entry(backup):
+        restore_archive(node, client, backups, backup, args, out)
+    else:
+        names = [f.get('name') for f in backup.manifest['files']]
+        raise UsageError(f'{args.source} {backup.name} holds no archive: '
+                         'name one of its files with --file ('
+                         + ', '.join(map(str, names)) + ')')
+    return 0
+
+
+# -- drill ------------------------------------------------------------------
+
+# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
+# mode, owner/group, size (major,minor for devices), date, time, name.
+LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
+                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
+                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
+LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
+                 'p': 'fifo', 'c': 'char', 'b': 'block'}
+ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
+           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
+# A restored table with fewer than this fraction of the rows recorded at
+# dump time fails the drill (n_live_tup is an estimate, not a count).
+ROWS_FLOOR = 0.5
+
+
+def unescape_name(text):
+    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
+    out, i = bytearray(), 0
+    raw = text.encode('utf-8', 'surrogateescape')
+    while i < len(raw):
+        c = raw[i:i + 1]
+        if c == b'\\' and i + 1 < len(raw):
+            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
+            if octal:
+                out.append(int(octal.group(), 8))
+                i += 4
+                continue
+            nxt = chr(raw[i + 1])
+            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
+            i += 2
+            continue
+        out += c
+        i += 1
+    return os.fsdecode(bytes(out))
+
+
+def parse_listing(path):
+    """{relative name: (type, size or None)} of a listing file."""
+    entries = {}
+    with open(path, encoding='utf-8', errors='surrogateescape') as f:
+        for line in f:
+            m = LISTING_RE.match(line.rstrip('\n'))
+            if not m:
+                continue
+            kind = LISTING_TYPES.get(m.group('type'), 'other')
+            name = m.group('name')
+            # A symlink's target and a hard link's original follow the
+            # name; names holding these words are too rare to guess for.
+            for sep in ((' -> ',) if kind == 'link' else
+                        (' link to ',) if m.group('type') == 'h' else ()):
+                name = name.split(sep, 1)[0]
+            name = unescape_name(name).rstrip('/')
+            name = name[2:] if name.startswith('./') else name
+            if name in ('', '.'):
+                continue
+            size = int(m.group('size')) if kind == 'file' and \
+                m.group('type') != 'h' else None
+            entries[name] = (kind, size)
+    return entries
+
+
+def restored_tree(top):
+    """{relative name: (type, size or None)} of a restored directory."""
+    found = {}
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            mode = st.st_mode
+            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
+                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
+                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
+                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
+                else 'other'
+            found[os.path.relpath(path, top)] = (
+                kind, st.st_size if kind == 'file' else None)
+    return found
+
+
+def compare_listing(listing, tree, complete):
+    """Problems between what the client listed and what came back; an
+    increment's listing names only what changed (complete=False)."""
+    problems = []
+    for name, (kind, size) in sorted(listing.items()):
+        got = tree.get(name)
+        if got is None:
+            problems.append(f'{clean_text(name)}: missing')
+        elif got[0] != kind:
+            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
+        elif size is not None and got[1] != size:
+            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
+                            f'with {size}')
+    if complete:
+        problems += [f'{clean_text(name)}: not in the listing'
+                     for name in sorted(set(tree) - set(listing))]
+    return problems
+
+
+def drill_archive(node, client, backups, backup, scratch):
+    """Restore an archive (its chain) and hold it against its listing."""
+    chain = restore_chain(backups, backup)
+    check_hashes(chain, None, force=False)
+    extract_chain(chain, scratch)
+    entry = archive_entry(backup)
+    listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
+    if not os.path.exists(listing):
+        return [], f'{entry["name"]}: extracted; no listing recorded to ' \
+            'compare with'
+    tree = restored_tree(scratch)
+    problems = compare_listing(parse_listing(listing), tree,
+                               complete=len(chain) == 1)
+    return problems, f'{entry["name"]}: {len(tree)} entries match the ' \
+        'listing'
+
+
+class ScratchCluster:
+    """A throw-away PostgreSQL cluster for drills: initdb in a temporary
+    directory, unix socket only, trust auth, run as the `postgres` account
+    when we are root (postgres refuses to run as root); removed on exit."""
+
+    def __init__(self, bindir, timeout):
+        self.bindir, self.timeout = bindir, timeout
+        self.as_postgres = ['runuser', '-u', 'postgres', '--'] \
+            if os.geteuid() == 0 else []
+
+    def tool(self, name):
+        path = os.path.join(self.bindir, name)
+        return path if os.path.exists(path) else name
+
+    def __enter__(self):
+        # /tmp, not data_dir: the postgres account must reach it, and the
+        # socket path must stay short.
+        self.work = tempfile.mkdtemp(prefix='gitbackup-drill-pg-')
+        os.chmod(self.work, 0o755)
+        self.data = os.path.join(self.work, 'data')
+        os.mkdir(self.data, 0o700)
+        if self.as_postgres:
+            owner = pwd.getpwnam('postgres')
+            os.chown(self.data, owner.pw_uid, owner.pw_gid)
+            os.chown(self.work, owner.pw_uid, owner.pw_gid)
+        env = {**os.environ, 'LC_ALL': 'C'}
+        try:
+            core.run(self.as_postgres + [
+                self.tool('initdb'), '-D', self.data, '--auth=trust', '-U',
+                'postgres', '-E', 'UTF8', '--locale=C', '--no-sync'],
+                env=env, cwd=self.work, timeout=self.timeout)
+            core.run(self.as_postgres + [
+                self.tool('pg_ctl'), '-w', '-t', '120', '-D', self.data,
+                '-l', os.path.join(self.work, 'log'), '-o',
+                f"-k {self.work} -c listen_addresses='' -c fsync=off",
+                'start'], env=env, cwd=self.work, timeout=self.timeout)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        core.run(self.as_postgres + [self.tool('pg_ctl'), '-w', '-D',
+                                     self.data, '-m', 'immediate', 'stop'],
+                 check=False, cwd=self.work, timeout=120)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def run(self, program, *args, check=True):
+        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
+        env.update({'PGHOST': self.work, 'PGUSER': 'postgres'})
+        return core.run([self.tool(program), *args], env=env, check=check,
+                        timeout=self.timeout)
+
+
+def quote_ident(name):
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def drill_dump_rows(cluster, dump, stats, database):
+    """Restore one dump into the scratch cluster; compare every table's
+    row count with the client's statistics.  Problems, [] when fine."""
+    cluster.run('psql', '-X', '-q', '-d', 'postgres', '-c',
+                f'CREATE DATABASE {quote_ident(database)}')
+    # Without the globals the dump's owners and grants would not resolve:
+    # the drill proves data, so they are left out.
+    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
+                       '--no-privileges', '-d', database, '--', dump,
+                       check=False)
+    if proc.returncode != 0:
+        return [f'pg_restore failed: {clean_text(proc.stderr, 500)}']
+    problems = []
+    for table in (stats or {}).get('tables') or []:
+        name = f'{quote_ident(table.get("schema"))}.' \
+            f'{quote_ident(table.get("table"))}'
+        got = cluster.run('psql', '-X', '-A', '-t', '-q', '-d', database,
+                          '-c', f'SELECT count(*) FROM {name}', check=False)
+        recorded = int(table.get('rows') or 0)
+        rows = int(got.stdout.strip()) if got.returncode == 0 and \
+            got.stdout.strip().isdigit() else None
+        if rows is None:
+            problems.append(f'table {clean_text(name)} did not come back')
+        elif recorded > 0 and (rows == 0 or rows < recorded * ROWS_FLOOR):
+            problems.append(f'table {clean_text(name)}: {rows} rows '
+                            f'restored, {recorded} recorded at dump time')
+    return problems
+
+
+def drill_dumps(node, backup):
+    """Every dump of a snapshot: into a scratch cluster when [server]
+    drill_postgres is set, else read back with pg_restore --list."""
+    check_hashes([backup], None, force=False)
+    dumps = [f['name'] for f in backup.manifest['files']
+             if isinstance(f, dict) and str(f.get('name')).endswith(
+                 DUMP_SUFFIXES)]
+    bindir = node.settings.get('drill_postgres')
+    timeout = node.config.get_duration('server', 'command_timeout')
+    problems = []
+    if not bindir:
+        for name in dumps:
+            found = restore_check(os.path.join(backup.path, name), timeout)
+            if found:
+                problems.append(found[1])
+        return problems, (f'{len(dumps)} dump(s) read back with pg_restore '
+                          '--list only ([server] drill_postgres not set)')
+    with ScratchCluster(bindir, timeout) as cluster:
+        for n, name in enumerate(dumps):
+            stats = read_json(os.path.join(backup.path,
+                                           name + STATS_SUFFIX))
+            problems += [f'{name}: {p}' for p in drill_dump_rows(
+                cluster, os.path.join(backup.path, name),
+                stats if isinstance(stats, dict) else None, f'drill{n}')]
+    return problems, (f'{len(dumps)} dump(s) restored into a scratch '
+                      'cluster, row counts compared')
+
+
+def announced_heads(node, client, repo):
+    """Every tip the client announced for a mirror (results journal)."""
+    heads = set()
+    for entry in read_results(node, client):
+        stored = entry.get('stored')
+        if entry.get('outcome') == 'stored' and isinstance(stored, str) and \
+                os.path.join(node.settings['data_dir'], client, stored) \
+                == repo:
+            heads.update(h for h in entry.get('heads') or []
+                         if isinstance(h, str) and
+                         re.fullmatch(r'[0-9a-f]{40,64}', h))
+    return sorted(heads)
+
+
+def drill_mirror(node, client, repo, scratch):
+    """Clone the mirror, fsck the clone, find every announced tip in it
+    (a clone carries only what refs reach: a tip only in loose objects of
+    the mirror does not count)."""
+    clone = os.path.join(scratch, 'clone.git')
+    core.run([*git_safe(repo), 'clone', '--quiet', '--mirror',
+              '--no-hardlinks', '--', repo, clone])
+    problems = []
+    proc = git(clone, 'fsck', '--no-progress', '--no-dangling', check=False)
+    if proc.returncode != 0:
+        problems.append(f'git fsck of the clone failed: '
+                        f'{clean_text(proc.stderr, 500)}')
+    heads = announced_heads(node, client, repo)
+    for head in heads:
+        if git(clone, 'cat-file', '-e', f'{head}^{{commit}}',
+               check=False).returncode != 0:
+            problems.append(f'announced tip {head} is not in the restored '
+                            'clone')
+    return problems, f'cloned, fsck passed, {len(heads)} announced tip(s) ' \
+        'checked'
+
+
+def drill_targets(node, client):
+    """(source, snapshot name, proof) of the newest snapshot of every
+    series and of every mirror; proof(scratch) -> (problems, detail)."""
+    targets = []
+    for source, backups in stored_backups(node, client).items():
+        good = [b for b in backups if b.good and b.time]
+        for backup in newest_of_series(good):
+            if archive_entry(backup):
+                proof = (lambda s, b=backup, g=good:
+                         drill_archive(node, client, g, b, s))
+            elif any(str(f.get('name')).endswith(DUMP_SUFFIXES)
+                     for f in backup.manifest['files'] if isinstance(f, dict)):
+                proof = (lambda s, b=backup: drill_dumps(node, b))
+            else:
+                proof = (lambda s, b=backup: (
+                    check_hashes([b], None, False) or [], 'files re-hashed'))
+            targets.append((source, backup.name, proof))
+    for source, repo in client_mirrors(node, client).items():
+        targets.append((source, GIT_SNAPSHOT, lambda s, r=repo:
+                        drill_mirror(node, client, r, s)))
+    return targets
+
+
+def drill_one(node, client, run_id, source, name, proof):
+    """Run one proof in a scratch directory; its journal entry."""
+    scratch = scratch_dir(node, client, 'drill')
+    try:
+        problems, detail = proof(scratch)
+    except (GitBackupError, OSError) as e:
+        problems, detail = [str(e)], ''
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {'source': source, 'snapshot': name, 'run': run_id,
+            'finished': core.isotime(), 'ok': not problems,
+            'detail': clean_text('; '.join(problems) if problems else detail,
+                                 2000)}
+
+
+def drill_command(node, only_client=None, out=sys.stdout):
+    """server.py drill: prove the newest snapshot of every series restores.
+    Outcomes journaled per client (drills.jsonl, read by report); failures
+    printed with the snapshot's list name and mailed.  0 ok, 2 critical."""
+    clients = [check_client_name(only_client)] if only_client else \
+        known_clients(node)
+    run_id = core.isotime()
+    failed = []
+    count = 0
+    for client in clients:
+        entries = []
+        for source, name, proof in drill_targets(node, client):
+            entry = drill_one(node, client, run_id, source, name, proof)
+            entries.append(entry)
+            word = 'ok' if entry['ok'] else 'FAILED'
+            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+            out.write(line + '\n')
+            (log.info if entry['ok'] else log.error)('drill %s', line)
+            if not entry['ok']:
+                failed.append(line)
+        Journal(os.path.join(node.settings['data_dir'], client,
+                             DRILL_JOURNAL)).append(entries)
+        count += len(entries)
+    status = CRITICAL if failed else OK
+    summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
+               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
+    out.write(summary + '\n')
+    if failed:
+        core.mail_admins(node.config, 'server',
+                         f'gitbackup: drill on {node.name}: CRITICAL',
+                         '\n'.join(failed) + '\n\n' + summary + '\n')
+    return status
+
+
+def last_drills(node, client, now):
+    """{source: last drill} for report: the newest drill run that covered
+    the source; failed if any of its series failed there."""
+    runs = {}
+    for entry in Journal(os.path.join(node.settings['data_dir'], client,
+                                      DRILL_JOURNAL)).read()[0]:
+        when = parse_node_time(entry.get('finished'))
+        if not when or not isinstance(entry.get('source'), str):
+            continue
+        run = str(entry.get('run') or entry.get('finished'))
+        last = runs.get(entry['source'])
+        if last is None or run > last['run']:
+            last = runs[entry['source']] = {'run': run, 'ok': True,
+                                            'time': when, 'problems': []}
+        if run == last['run']:
+            last['time'] = max(last['time'], when)
+            if entry.get('ok') is not True:
+                last['ok'] = False
+                words = [clean_text(entry[k], 500) for k in ('snapshot',
+                                                              'detail')
+                         if entry.get(k)]
+                if words:
+                    last['problems'].append(': '.join(words))
+    for last in runs.values():
+        last['age_seconds'] = int(max((now - last['time']).total_seconds(),
+                                      0))
+    return runs
+
+
+def drill_level(row, drill):
+    """A source's report level from its last drill (failed = critical)."""
+    row['last_drill'] = drill and {k: drill[k] for k in
+                                   ('time', 'ok', 'age_seconds')}
+    if drill and not drill['ok']:
+        row['problems'].append('last restore drill failed' + (
+            ': ' + '; '.join(drill['problems']) if drill['problems'] else ''))
+        return CRITICAL
+    return OK
+
+
 # --------------------------------------------------------------------------
 # Command line
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog='server.py', formatter_class=gb.HelpFormatter,
+        prog='server.py', formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split('\n\n')[0] + '\n\n' + '''\
 Typical crontab of the backup user on the node:
   */5 * * * *  server.py run -q
   0 0 8 * *    server.py gc -q
   30 3 * * *   server.py prune -q
   0 4 * * 0    server.py verify -q >/dev/null
+  0 5 * * 0    server.py drill -q >/dev/null
   0 7 * * *    server.py report -q --mail >/dev/null
+  30 4 * * *   server.py offsite -q         (after prune; if [offsite])
 and the post-update hook of every client repository <client>.git:
   exec python3 /path/to/server.py --config /path/backup.ini ingest <client>
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration;
-report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
-    gb.common_options(parser, suppress=False)
-    parser.add_argument('--version', action='version', version=gb.VERSION)
+report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
+(could not check).''')
+    core.common_options(parser, suppress=False)
+    parser.add_argument('--version', action='version', version=core.VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
 
     def command(name, help, description=''):
         p = sub.add_parser(name, help=help, description=description or help,
-                           formatter_class=gb.HelpFormatter)
-        gb.common_options(p, suppress=True)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        core.common_options(p, suppress=True)
         return p
 
+    pipeline_parsers(command)
+    access_parsers(command)
+    operations_parsers(command)
+    offsite_and_retry_parsers(command)
+    restore_parsers(command)
+    drill_parser(command)
+    return parser
+
+
+def pipeline_parsers(command):
+    """ingest, run and check: the request pipeline of the node."""
     p = command('ingest', 'post-update hook: take in pushed requests',
                 'Run as the post-update hook of <client>.git (cwd or $GIT_DIR '
                 'is the repository).\nEvery pushed commit not yet ingested '
@@ -2112,7 +4439,10 @@ report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
             'max_attempts a request becomes X*.\nA second concurrent run '
             'exits 0 at once.')
     command('check', 'test the configuration and environment')
-    # -- access control
+
+
+def access_parsers(command):
+    """provision, gate and add-client: who may push where."""
     p = command('provision', 'gitosis-admin post-update hook: create and '
                 'harden the client repositories gitosis.conf names',
                 'For every repository gitosis.conf gives write access to '
@@ -2145,7 +4475,11 @@ report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
     p.add_argument('public_key', help='file with the client\'s public key')
     p.add_argument('--authorized-keys', metavar='PATH',
                    help='default: ~/.ssh/authorized_keys of this user')
-    # -- operations
+
+
+def operations_parsers(command):
+    """gc, report, prune and verify: the cron jobs that keep the
+    store healthy."""
     p = command('gc', 'git gc of every mirror and client repository; the '
                 'log is mailed (cron, monthly)',
                 'Run `git gc` on every stored mirror (data_dir/<client>/git/'
@@ -2154,35 +4488,7 @@ report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
                 'and mailed to the admins.  Exit 1 if any gc failed.')
     p.add_argument('--aggressive', action='store_true',
                    help='git gc --aggressive (slow; as the seed did)')
-    p = command('report', 'status per client and source; exit 0/1/2 like a '
-                'Nagios check',
-                'Per client and source: newest good backup (node time), its '
-                'age and size, the number\nof stored backups, failed (X*) and '
-                'pending (RQ*, P*) requests.\n\n'
-                'Status of a source, on the node\'s clock only:\n'
-                '  ok        newest good backup younger than stale_after\n'
-                '  warning   older than stale_after, or its latest request '
-                'failed, or nothing\n            stored yet\n'
-                '  critical  older than twice stale_after\n'
-                'A source named in [client NAME] expect (e.g. "expect = trac '
-                'postgresdb"; "git"\nmatches every mirror) is critical as '
-                'soon as it is stale or has never arrived.\nstale_after: '
-                '[client NAME] stale_after, else [server] stale_after.\n\n'
-                'Exit status (Nagios plugin convention): 0 ok, 1 warning, 2 '
-                'critical.  Note that 2\nalso means bad usage or '
-                'configuration, as for every other command: a broken\n'
-                'configuration shows as critical.\n\n'
-                'Formats: text (a table), json, prometheus (node_exporter '
-                'textfile collector;\nuse --output /var/lib/prometheus/'
-                'node-exporter/gitbackup.prom), html (a static\n'
-                'self-contained page for any web server).')
-    p.add_argument('--format', choices=sorted(REPORT_FORMATS),
-                   default='text', help='output format (default: text)')
-    p.add_argument('--mail', action='store_true',
-                   help='mail the text report to the admins when not ok')
-    p.add_argument('--output', metavar='PATH',
-                   help='write to PATH (replaced atomically) instead of '
-                   'stdout')
+    report_parser(command)
     p = command('prune', 'apply retention to stored backups and old '
                 'request files (cron, daily)',
                 'Per source, on node time: keep the newest backup of each of '
@@ -2208,7 +4514,147 @@ report and verify: 0 ok, 1 warning, 2 critical (Nagios).''')
     p.add_argument('--no-restore-check', dest='restore',
                    action='store_false',
                    help='skip the tar/pg_restore read-back')
-    return parser
+
+
+def report_parser(command):
+    """report: the status page, mail and monitoring check."""
+    p = command('report', 'status per client and source; exit 0/1/2/3 like '
+                'a Nagios check',
+                'Per client and source: newest good backup (node time), its '
+                'age and size, the number\nof stored backups, failed (X*) and '
+                'pending (RQ*, P*) requests.\n\n'
+                'Status of a source, on the node\'s clock only:\n'
+                '  ok        newest good backup younger than stale_after\n'
+                '  warning   older than stale_after, or its latest request '
+                'failed, or nothing\n            stored yet\n'
+                '  critical  older than twice stale_after\n'
+                'A source named in [client NAME] expect (e.g. "expect = trac '
+                'postgresdb"; "git"\nmatches every mirror) is critical as '
+                'soon as it is stale or has never arrived.\nstale_after: '
+                '[client NAME] stale_after, else [server] stale_after.\n\n'
+                'Exit status (Nagios plugin convention), whatever the '
+                'format:\n'
+                '  0 OK        every source ok\n'
+                '  1 WARNING   a source is warning, none critical\n'
+                '  2 CRITICAL  a source is critical\n'
+                '  3 UNKNOWN   could not check (data_dir unreadable, '
+                '--output not writable)\n'
+                'As for every other command, bad usage or a configuration '
+                'file that cannot be\nread exits 2 before any check: it '
+                'shows as critical.\n\n'
+                'Formats: text (a table), json, nagios (a plugin status line\n'
+                '"GITBACKUP OK - ... | \'c1/app_age\'=300s;172800;345600;0; '
+                '..." and one line per\nproblem; for check_by_ssh or NRPE), '
+                'prometheus (node_exporter textfile\ncollector; use --output '
+                '/var/lib/prometheus/node-exporter/gitbackup.prom), html\n'
+                '(a static self-contained page for any web server).')
+    p.add_argument('--format', choices=sorted(REPORT_FORMATS),
+                   default='text', help='output format (default: text)')
+    p.add_argument('--mail', action='store_true',
+                   help='mail the text report to the admins when not ok')
+    p.add_argument('--output', metavar='PATH',
+                   help='write to PATH (replaced atomically) instead of '
+                   'stdout')
+
+
+def offsite_and_retry_parsers(command):
+    """offsite (the second copy) and retry (given-up requests back)."""
+    p = command('offsite', 'copy new snapshots and changed mirrors to the '
+                '[offsite] rclone remote (cron, daily after prune)',
+                'Copy every stored snapshot not yet offsite (rclone copy, '
+                'never sync) to\n<remote>/<client>/files/<source>/<snapshot>/'
+                ' and check it (rclone check, or\nrclone cryptcheck for a '
+                'crypt remote); a git mirror whose refs changed goes\nas one '
+                'verified `git bundle --all` to <remote>/<client>/git/<path>'
+                '.git/, its\nolder bundles removed after.  A snapshot prune '
+                'removed here is removed there;\nnothing else is ever '
+                'deleted.  Journal: data_dir/<client>/offsite.jsonl.\n\n'
+                '--fetch CLIENT SOURCE SNAPSHOT DIR downloads one snapshot '
+                'into DIR (absent or\nempty) and checks every file against '
+                'its manifest\'s sha256.')
+    p.add_argument('--fetch', nargs=4, metavar=('CLIENT', 'SOURCE',
+                                                'SNAPSHOT', 'DIR'),
+                   help='get one snapshot back from the remote into DIR')
+    p = command('retry', 'put given-up (X*) requests of a client back',
+                'Put a request given up after max_attempts (X* in '
+                'todo_dir/<client>/, counted under\nFAILED in `report`) back '
+                'as RQ* with a fresh attempt count; the next `run`\nhandles '
+                'it and sends the new outcome to the client.  The old reason '
+                'is kept in\ntodo_dir/<client>/.attempts/<key>.history.')
+    p.add_argument('client', help='the client')
+    p.add_argument('key', nargs='?', help='the request key (the file name '
+                   'without X)')
+    p.add_argument('--all-failed', action='store_true',
+                   help='every given-up request of the client')
+
+
+def restore_parsers(command):
+    """The parsers of list and restore."""
+    p = command('list', 'the snapshots this node holds',
+                'Every stored snapshot (and git mirror): node time, source, '
+                'kind (full, incremental\nwith its base, file, git), size, '
+                'files, the last verify and drill outcome.\nSNAPSHOT is the '
+                'name restore --at and drill reports use.')
+    p.add_argument('client', nargs='?', help='only this client')
+    p.add_argument('source', nargs='?', help='only this source (e.g. app, '
+                   'postgresdb, git/proj)')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('restore', 'get a backup back',
+                'Restore a snapshot of <client> <source> (default: the '
+                'newest).\n'
+                '  directory archive: --to DIR extracts it (owners and modes '
+                'as root), an\n    incremental one by applying its chain; '
+                '--stdout writes one tar stream:\n'
+                '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
+                '-C /srv/restore\n'
+                '  one file (a dump, globals.sql): --file NAME --stdout\n'
+                '      server.py restore c1 postgresdb --file shop.dump '
+                '--stdout | ssh c1 pg_restore -d shop\n'
+                '  git mirror (source git/<path>): --to DIR clones every ref '
+                '(refs/preserved/*\n    included), --stdout writes a git '
+                'bundle.\n'
+                'Every file read is checked against its sha256 first; a '
+                'damaged snapshot is\nrefused unless --force.  DIR may exist '
+                'only if empty.')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('--at', metavar='TIME', help='a snapshot name as list '
+                   'prints it, or an ISO date/time (2026-11-20 = end of that '
+                   'day, 2026-11-20T13:00Z, 20261120T130000Z; UTC unless an '
+                   'offset is given): the newest snapshot stored at or '
+                   'before it')
+    p.add_argument('--file', metavar='NAME', help='one stored file of the '
+                   'snapshot')
+    p.add_argument('--path', metavar='SUBDIR', help='only this directory '
+                   'of an archive')
+    p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
+                   'may exist if empty)')
+    p.add_argument('--stdout', action='store_true',
+                   help='write a tar stream, the file, or a git bundle')
+    p.add_argument('--force', action='store_true',
+                   help='restore a snapshot whose sha256 does not match')
+    p.add_argument('--from', dest='origin', choices=('local', 'offsite'),
+                   default='local', help='offsite: fetch the snapshot --at '
+                   'names from the [offsite] remote first (its sha256s '
+                   'checked), then restore it as above')
+
+
+def drill_parser(command):
+    """The parser of drill."""
+    p = command('drill', 'restore the newest snapshot of every series and '
+                'prove it (cron, weekly)',
+                'Into a scratch directory on the node, per client: every '
+                'archive is restored\n(its chain) and compared with the '
+                'listing the client made (names, types,\nsizes); every dump '
+                'is restored into a scratch PostgreSQL cluster when\n'
+                '[server] drill_postgres names the server programs, and its '
+                'row counts compared\nwith the client\'s statistics (else '
+                'read back with pg_restore --list); every\ngit mirror is '
+                'cloned, fsck\'d and must hold every tip the client '
+                'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
+                '(report shows them); failures\nare printed with the '
+                'snapshot\'s list name and mailed.  Exit 0 ok, 2 critical.')
+    p.add_argument('client', nargs='?', help='only this client')
 
 
 def main(argv=None):
@@ -2221,55 +4667,67 @@ def main(argv=None):
     # readable and renamable by the backup user's group.
     if args.command in GIT_SIDE_COMMANDS:
         os.umask(0o002)
-    gb.setup_logging(None, 'server.py', args.verbose, args.quiet)
-    return gb.guarded(lambda: run_command(args))
+    core.setup_logging(None, 'server.py', args.verbose, args.quiet)
+    return core.guarded(lambda: run_command(args))
+
+
+def gate_exec(node, client):
+    """The forced command: check, create the repository if need be, exec."""
+    argv = gate_command(node, client, os.environ.get('SSH_ORIGINAL_COMMAND'))
+    if gate_needs_repository(node, client):
+        node.ensure_repository(client)
+    log.debug('gate %s: exec %s', client, shlex.join(argv))
+    os.execvp(argv[0], argv)
+
+
+def run_cron(node):
+    return core.exclusive(
+        node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
+        2 * node.config.get_duration('server', 'command_timeout'))
+
+
+COMMANDS = {
+    'ingest': lambda n, a: n.ingest(a.client, a.repository) and 0,
+    'check': lambda n, a: 1 if n.check() else 0,
+    # -- access control
+    'provision': lambda n, a: 1 if provision(n, a.gitosis_conf) else 0,
+    'add-client': lambda n, a: add_client(
+        n, a.client, a.public_key, a.authorized_keys) and 0,
+    'gate': lambda n, a: gate_exec(n, a.client),
+    # -- operations
+    'run': lambda n, a: run_cron(n),
+    'gc': lambda n, a: 1 if gc_command(n, a.aggressive) else 0,
+    'report': lambda n, a: report_command(n, a.format, a.mail, a.output),
+    'prune': lambda n, a: core.exclusive(
+        n.settings['log_dir'], 'prune',
+        lambda: 1 if prune_command(n, a.dry_run) else 0),
+    'verify': lambda n, a: verify_command(n, a.client, a.restore),
+    # -- offsite
+    'offsite': lambda n, a: offsite_cli(n, a.fetch),
+    'retry': lambda n, a: retry_command(n, a.client, a.key,
+                                        a.all_failed) and 0,
+    # -- list, restore, drill
+    'list': lambda n, a: list_command(n, a.client, a.source, a.format),
+    'restore': lambda n, a: restore_command(n, a),
+    'drill': lambda n, a: drill_command(n, a.client),
+}
 
 
 def run_command(args):
-    config = gb.Config(gb.find_config(args.config, __file__))
+    config = core.Config(core.find_config(args.config, __file__))
     node = Node(config)
     # The git account runs ingest/gate/provision: its own log file, so
     # that neither account needs to write the other's.
     git_side = args.command in GIT_SIDE_COMMANDS
-    gb.setup_logging(node.settings['log_dir'], 'server.py',
-                     args.verbose, args.quiet,
-                     create=args.command != 'check',
-                     log_name='server-git.log' if git_side else None)
-    if args.command == 'ingest':
-        node.ingest(args.client, args.repository)
-        return 0
-    if args.command == 'check':
-        return 1 if node.check() else 0
-    # -- access control
-    if args.command == 'provision':
-        return 1 if provision(node, args.gitosis_conf) else 0
-    if args.command == 'add-client':
-        add_client(node, args.client, args.public_key,
-                   args.authorized_keys)
-        return 0
-    if args.command == 'gate':
-        argv = gate_command(node, args.client,
-                            os.environ.get('SSH_ORIGINAL_COMMAND'))
-        if gate_needs_repository(node, args.client):
-            node.ensure_repository(args.client)
-        log.debug('gate %s: exec %s', args.client, shlex.join(argv))
-        os.execvp(argv[0], argv)
-    # -- operations
-    if args.command == 'gc':
-        return 1 if gc_command(node, args.aggressive) else 0
-    if args.command == 'report':
-        return report_command(node, args.format, args.mail, args.output)
-    if args.command == 'prune':
-        return gb.exclusive(
-            node.settings['log_dir'], 'prune',
-            lambda: 1 if prune_command(node, args.dry_run) else 0)
-    if args.command == 'verify':
-        return verify_command(node, args.client, args.restore)
-    if args.command == 'run':
-        return gb.exclusive(
-            node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
-            2 * config.get_duration('server', 'command_timeout'))
-    return 2
+    core.setup_logging(node.settings['log_dir'], 'server.py',
+                       args.verbose, args.quiet,
+                       create=args.command != 'check',
+                       log_name='server-git.log' if git_side else None)
+    # Not on the hook's path (ingest, gate): a push must not pay one more
+    # git process for it; check and the cron commands say it.
+    if args.command not in ('check', 'report', 'ingest', 'gate'):
+        core.check_git_version()   # check reports it as a problem
+    return COMMANDS[args.command](node, args)
 
 
 if __name__ == '__main__':

@@ -1,17 +1,26 @@
-"""make bench: size-dependent measurements, kept out of the timed suite.
+"""make bench: what users compare, kept out of the timed suite.
 
-For each size in $BENCH_SIZES (MiB, default "64 256 1024") a directory
-holding one incompressible file of that size goes through the whole
-pipeline on this machine (private sshd on 127.0.0.1, as in make demo):
-client.py send (tar + gzip + sha256 + push) and server.py run (sftp
-download + sha256 + store).  Printed per size: wall time of each step and
-the peak resident memory of the largest process of that step (Python,
-tar, ssh, sftp), which must stay flat as the size grows: data is streamed,
-never held whole.  Then ingest's time for one push of $BENCH_REQUESTS
-requests (default 1000).
+On this machine (private sshd on 127.0.0.1, as in make demo), with the
+default configuration (zstd, incremental archives):
+
+1. first backup of a big tree: half random, half text (1 GiB);
+2. first backup of 20,000 small text files;
+3. second backup of the unchanged big tree (time and bytes stored);
+4. seven days of 1% churn in the small files (bytes stored after them);
+5. peak RSS of the largest process of ours (Python, tar, zstd, ssh, sftp).
+
+A gitbackup backup is `client.py send` (tar, zstd, sha256, push) plus
+`server.py run` (sftp pull, sha256, store); the results fetch the next
+cron send does is not counted.  Where restic or borg is installed
+(`make bench-deps`), the same work is done with them in the same run, over
+the same loopback sshd (restic: sftp repository; borg: over ssh), and
+the ratios gitbackup/restic are printed.
+
+Sizes scale with $BENCH_SCALE (default 1; 0.05 for a quick run).
 """
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests import support  # noqa: E402
 from tests.demo import Demo  # noqa: E402
-from tests.pipeline import Pipeline  # noqa: E402
+from tests.pipeline import CLIENT, Pipeline  # noqa: E402
 
 MEASURE = '''
 import resource, subprocess, sys
@@ -29,64 +38,201 @@ rc = subprocess.run(sys.argv[1:]).returncode
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
 sys.exit(rc)
 '''
+WORDS = [f'w{i:x}' * (1 + i % 4) for i in range(4000)]
 
 
-def measured(p, script, *args):
+def measured(args, env):
     """(seconds, peak RSS in MiB of the largest process) of one command."""
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, '-c', MEASURE, sys.executable,
-         os.path.join(support.ROOT, script), '--config', p.config, '-q',
-         *args], env=p.env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, '-c', MEASURE, *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
     seconds = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f'{script} {" ".join(args)} failed:\n{proc.stderr}')
+    if proc.returncode not in (0, 1):   # 1: tar saw files change (ok)
+        raise SystemExit(f'{" ".join(args)} failed:\n{proc.stderr}')
     return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
-def write_random(path, mib):
-    block = os.urandom(1 << 20)
-    with open(path, 'wb') as f:
-        for i in range(mib):
-            f.write(block[i % 4096:] + block[:i % 4096])
+def tree_size(path):
+    return sum(os.lstat(os.path.join(d, f)).st_size
+               for d, _, files in os.walk(path) for f in files)
+
+
+def text(rng, size):
+    out, n = [], 0
+    while n < size:
+        line = ' '.join(rng.choice(WORDS) for _ in range(10)) + '\n'
+        out.append(line)
+        n += len(line)
+    return ''.join(out)[:size]
+
+
+def make_big(root, mib):
+    """Half random (64 MiB files), half text: mib MiB in all."""
+    os.makedirs(root)
+    rng = random.Random(1)
+    for i in range(max(mib // 2 // 64, 1)):
+        with open(os.path.join(root, f'random-{i}.bin'), 'wb') as f:
+            for _ in range(min(64, mib // 2)):
+                f.write(os.urandom(1 << 20))
+    chunk = text(rng, 1 << 20)
+    for i in range(max(mib // 2 // 64, 1)):
+        with open(os.path.join(root, f'text-{i}.txt'), 'w') as f:
+            for j in range(min(64, mib // 2)):
+                f.write(chunk[j:] + chunk[:j])
+
+
+def make_small(root, count, rng, names=None):
+    """count text files of about 10 kB in 100 directories (or rewrite
+    the given names)."""
+    for i in names if names is not None else range(count):
+        path = os.path.join(root, f'd{i % 100:02d}', f'f{i:05d}.txt')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            f.write(text(rng, 4000 + rng.randrange(12000)))
+
+
+class Gitbackup:
+    name = 'gitbackup'
+
+    def __init__(self, p):
+        self.p = p
+
+    def backup(self, source, src):
+        p = self.p
+        p.client('commit', source, src)
+        run = [os.path.join(support.ROOT, 'client.py'), '--config', p.config,
+               '-q']
+        send_s, send_rss = measured([sys.executable, *run, 'send'], p.env)
+        run[0] = os.path.join(support.ROOT, 'server.py')
+        run_s, run_rss = measured([sys.executable, *run, 'run'], p.env)
+        p.client('send')     # the next cron send learns the result
+        return send_s + run_s, max(send_rss, run_rss)
+
+    def stored(self, source):
+        return tree_size(os.path.join(self.p.node_dir, 'data', CLIENT,
+                                      'files', source))
+
+
+class Restic:
+    name = 'restic'
+
+    def __init__(self, p):
+        self.p = p
+        sshd = p.sshd
+        self.env = {**p.env, 'RESTIC_PASSWORD': 'bench',
+                    'RESTIC_CACHE_DIR': os.path.join(p.root, 'restic-cache')}
+        self.ssh = (f'{sshd.ssh_command(p.client_key)} -p {sshd.port} '
+                    f'{sshd.user}@127.0.0.1 -s sftp')
+
+    def repo(self, source):
+        return os.path.join(self.p.root, f'{self.name}-{source}')
+
+    def command(self, source, *args):
+        return ['restic', '-q', '-r', f'sftp::{self.repo(source)}',
+                '-o', f'sftp.command={self.ssh}', *args]
+
+    def backup(self, source, src):
+        if not os.path.exists(self.repo(source)):
+            subprocess.run(self.command(source, 'init'), env=self.env,
+                           check=True, stdout=subprocess.DEVNULL)
+        return measured(self.command(source, 'backup', src), self.env)
+
+    def stored(self, source):
+        return tree_size(self.repo(source))
+
+
+class Borg(Restic):
+    name = 'borg'
+
+    def __init__(self, p):
+        super().__init__(p)
+        self.env = {**p.env, 'BORG_RSH': p.sshd.ssh_command(p.client_key),
+                    'BORG_PASSPHRASE': '', 'BORG_BASE_DIR':
+                    os.path.join(p.root, 'borg-base')}
+        self.count = 0
+
+    def url(self, source):
+        return (f'ssh://{self.p.sshd.user}@127.0.0.1:{self.p.sshd.port}'
+                f'{self.repo(source)}')
+
+    def backup(self, source, src):
+        if not os.path.exists(self.repo(source)):
+            subprocess.run(['borg', 'init', '-e', 'none', self.url(source)],
+                           env=self.env, check=True)
+        self.count += 1
+        return measured(['borg', 'create', f'{self.url(source)}::'
+                         f'b{self.count}', src], self.env)
+
+
+def run_scenarios(tools, root, scale):
+    """{scenario: {tool: (value, unit)}} and the peak RSS per tool."""
+    big, small = os.path.join(root, 'big'), os.path.join(root, 'small')
+    mib, count = max(int(1024 * scale), 2), max(int(20000 * scale), 100)
+    make_big(big, mib)
+    rng = random.Random(2)
+    make_small(small, count, rng)
+    size_big = tree_size(big)
+    rows, peak = {}, {t.name: 0.0 for t in tools}
+
+    def note(scenario, tool, value, unit, rss=0.0):
+        rows.setdefault(scenario, {})[tool.name] = (value, unit)
+        peak[tool.name] = max(peak[tool.name], rss)
+
+    for t in tools:
+        s, rss = t.backup('big', big)
+        note(f'first backup, {mib} MiB (half random, half text)', t, s, 's',
+             rss)
+        s, rss = t.backup('small', small)
+        note(f'first backup, {count} small files '
+             f'({tree_size(small) / 1e6:.0f} MB)', t, s, 's', rss)
+        before = t.stored('big')
+        s, rss = t.backup('big', big)
+        note('second backup, unchanged big tree', t, s, 's', rss)
+        note('  stored by it (% of the tree)', t,
+             100.0 * (t.stored('big') - before) / size_big, '%')
+    for day in range(7):
+        names = rng.sample(range(count), max(count // 100, 1))
+        make_small(small, count, rng, names)
+        for t in tools:
+            s, rss = t.backup('small', small)
+            note('seven days of 1% churn: time of one day', t, s, 's', rss)
+    for t in tools:
+        note('  stored after the first backup and 7 days (MB)', t,
+             t.stored('small') / 1e6, 'MB')
+    for t in tools:
+        note('peak RSS of the largest process', t, peak[t.name], 'MiB')
+    return rows
+
+
+def print_rows(rows, tools):
+    names = [t.name for t in tools]
+    print(f'{"":52} ' + ' '.join(f'{n:>12}' for n in names) +
+          ('   ratio to restic' if 'restic' in names else ''))
+    for scenario, values in rows.items():
+        cells = [f'{values[n][0]:>9.3f} {values[n][1]:<3}'
+                 if n in values else f'{"-":>13}' for n in names]
+        line = f'{scenario:52} ' + ' '.join(cells)
+        if 'restic' in values and values['restic'][0]:
+            line += f'   {values["gitbackup"][0] / values["restic"][0]:.2f}'
+        print(line)
 
 
 def main():
-    sizes = [int(s) for s in os.environ.get('BENCH_SIZES',
-                                            '64 256 1024').split()]
-    n_requests = int(os.environ.get('BENCH_REQUESTS', '1000'))
+    scale = float(os.environ.get('BENCH_SCALE', '1'))
     demo = Demo()
     with demo.cleanups:
-        p = Pipeline(demo)
+        p = Pipeline(demo, modules={'big': 'fs', 'small': 'fs'})
         demo.cleanups.callback(shutil.rmtree, p.root, ignore_errors=True)
-        print(f'{"size":>8}  {"send s":>7} {"send MiB":>9}  {"run s":>7} '
-              f'{"run MiB":>8}  {"MB/s":>6}')
-        for mib in sizes:
-            src = os.path.join(p.root, f'src-{mib}')
-            os.makedirs(src)
-            write_random(os.path.join(src, 'data.bin'), mib)
-            p.client('commit', 'app', src)
-            send_s, send_rss = measured(p, 'client.py', 'send')
-            run_s, run_rss = measured(p, 'server.py', 'run')
-            rate = mib * 1.048576 / (send_s + run_s)
-            print(f'{mib:>5} MiB  {send_s:>7.1f} {send_rss:>9.1f}  '
-                  f'{run_s:>7.1f} {run_rss:>8.1f}  {rate:>6.1f}')
-            shutil.rmtree(src)
-            sys.stdout.flush()
-
-        # ingest: one push carrying many requests.
-        for i in range(n_requests):
-            p.client('commit', 'dummy', f'r{i}') if i < 3 else \
-                open(os.path.join(p.client_dir, 'requests', 'n1',
-                                  f'C20260101T000000.{i:06d}Z-1-0001'),
-                     'w').write('dummy\tbench\n')
-        hook = os.path.join(p.repo, 'hooks', 'post-update')
-        os.rename(hook, hook + '.off')
-        p.client('send')
-        start = time.monotonic()
-        p.server('ingest', '--repository', p.repo, 'c1')
-        print(f'ingest of one push with {n_requests} requests: '
-              f'{time.monotonic() - start:.2f} s')
+        tools = [Gitbackup(p)] + [cls(p) for cls in (Restic, Borg)
+                                  if shutil.which(cls.name.lower())]
+        missing = {'restic', 'borg'} - {t.name for t in tools}
+        if missing:
+            print(f'not installed, not compared: {" ".join(sorted(missing))}'
+                  ' (make bench-deps)')
+        print(f'BENCH_SCALE={scale}, {os.cpu_count()} cores')
+        rows = run_scenarios(tools, os.path.join(p.root, 'trees'), scale)
+        print_rows(rows, tools)
     return 0
 
 

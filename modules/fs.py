@@ -3,14 +3,25 @@
 The archive is written by tar to a file in the request's own directory of
 export_dir (streamed, never held in memory), published by rename when
 complete, and offered to the node as one ``sftp`` server request with its
-sha256 and size.  ``[client] tar_command`` may carry a prefix such as
-``sudo -n tar`` (see docs/modules.md), ``compression`` picks gzip, xz,
-zstd, bzip2 or none.
+sha256 and size, together with ``<archive>.listing``, tar's verbose index
+made while archiving, which the node's ``drill`` proves restores against.  ``[client] tar_command`` may carry a prefix such as
+``sudo -n tar`` (see docs/modules.md), ``compression`` picks auto (the
+default: multithreaded zstd when tar and zstd support it, else gzip),
+gzip, xz, zstd, bzip2 or none.
+
+With ``full_every`` (default 7d) the archives are a chain: a full one
+(``level=0``), then GNU tar ``--listed-incremental`` increments, each on
+the last archive the node confirmed storing (``level=<n> base=<request
+id>``); see ArchiveChain in client.py.
 """
 
 import os
 import re
 import shlex
+
+# Beside every archive: tar's verbose index of it (server.py's drill reads
+# files ending so as listings).
+LISTING_SUFFIX = '.listing'
 
 
 def check_path(client, module, path):
@@ -29,9 +40,18 @@ def archive_name(path):
 def prepare(ctx, module, path):
     options, suffix = ctx.compression
     archive = ctx.export_path(archive_name(path) + suffix)
+    listing = archive + LISTING_SUFFIX
+    # The listing is tar's own verbose index, written while it archives
+    # (no second read of the data): one `ls -l`-like line per member, names
+    # escaped (\n, \\, octal) so that every name is one line.  The node's
+    # drill proves a restored tree against it (names, types, sizes).
+    # None when [client] full_every = 0: every archive is full.
+    chain = ctx.archive_chain(path)
+    incremental = chain.start() if chain else []
     args = shlex.split(ctx.settings['tar_command']) + [
-        '--create', '--file=-', '--sparse', *options,
-        f'--directory={path}', '.']
+        '--create', '--file=-', '--sparse', *options, *incremental,
+        '--verbose', '--verbose', '--quoting-style=escape',
+        f'--index-file={listing}.part', f'--directory={path}', '.']
     status, stderr = ctx.stream_command_to_file(args, archive)
     # GNU tar: 1 = some files changed while being read (a live system);
     # the archive is still good.  2 = fatal.
@@ -42,4 +62,8 @@ def prepare(ctx, module, path):
         raise ctx.ModuleError(f'tar of {path} failed (exit {status}): '
                               f'{stderr.strip()[-1000:]}')
     ctx.publish(archive)
-    yield 'fs', ctx.sftp_request(archive, source=module)
+    ctx.publish(listing)
+    if chain:
+        chain.advance()
+    yield 'fs', ctx.sftp_request(archive, source=module, companion=listing,
+                                 **(chain.request_options() if chain else {}))

@@ -2,7 +2,8 @@
 
 Client side, ``git <repository>`` accepts only a repository below
 ``[client] git_base`` (resolved real paths, so no symlink or '..' leads out
-of it) and emits the server request ``git <git_export>/<relative path>``; it
+of it) and emits the server request ``git <git_export>/<relative path> head=<sha>``
+(the commit HEAD named, which the node checks its mirror holds); it
 prepares no data, since git daemon (or ssh, https) already serves the
 repository.  A repository's ``post-update`` hook runs
 ``client.py commit git "$PWD"``, so every push is backed up (see
@@ -123,7 +124,22 @@ def prepare(ctx, module, path):
     except ValueError as e:
         raise ctx.ModuleError(str(e)) from None
     rel = os.path.relpath(real, os.path.realpath(ctx.settings['git_base']))
-    yield 'git', f'git {ctx.settings["git_export"].rstrip("/")}/{rel}'
+    line = f'git {ctx.settings["git_export"].rstrip("/")}/{rel}'
+    head = client_head(ctx, real)
+    yield 'git', line + (f' head={head}' if head else '')
+
+
+def client_head(ctx, repo):
+    """The commit HEAD names now, announced so that the node can check its
+    mirror holds it (and its drill, that a restore does); None for an
+    empty repository.  safe.directory: the repository belongs to its git
+    account, not to the one preparing the backup."""
+    proc = ctx.run(['git', '-c', f'safe.directory={repo}', '-C', repo,
+                    'rev-parse', '--verify', '--quiet', 'HEAD^{commit}'],
+                   check=False, timeout=60)
+    head = proc.stdout.strip()
+    return head if proc.returncode == 0 and re.fullmatch(
+        r'[0-9a-f]{40}(?:[0-9a-f]{24})?', head) else None
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +204,15 @@ def git_environment(ctx, protocols):
         'GIT_ALLOW_PROTOCOL': ':'.join(protocols),
         'GIT_PROTOCOL_FROM_USER': '0',
         'GIT_TERMINAL_PROMPT': '0',
-        'GIT_SSH_COMMAND': ctx.config.section('server')['ssh_command'],
+        # Bounded connect and keepalives: a client that accepts and never
+        # answers costs connect_timeout, not command_timeout.
+        'GIT_SSH_COMMAND': ' '.join([
+            ctx.config.section('server')['ssh_command'],
+            *ctx.ssh_timeout_options()]),
+        # http(s): a transfer slower than 1 byte/s for stall_timeout stops.
+        'GIT_HTTP_LOW_SPEED_LIMIT': '1',
+        'GIT_HTTP_LOW_SPEED_TIME': str(ctx.config.get_duration(
+            'server', 'stall_timeout', '10m')),
         'LC_ALL': 'C',  # ctx.connection_lost reads English messages
     })
     return env
@@ -198,7 +222,10 @@ def hardening(protocols):
     options = ['-c', 'protocol.allow=never']
     for p in protocols:
         options += ['-c', f'protocol.{p}.allow=always']
-    return options + ['-c', 'transfer.fsckObjects=true',
+    # Redirects off: a client's server answering 302 must not make the
+    # node mirror a repository from another host or port.
+    return options + ['-c', 'http.followRedirects=false',
+                      '-c', 'transfer.fsckObjects=true',
                       '-c', 'fetch.fsckObjects=true',
                       '-c', 'fetch.recurseSubmodules=false',
                       '-c', 'submodule.recurse=false']
@@ -226,17 +253,30 @@ def list_refs(ctx, mirror, prefixes=MIRRORED):
 
 
 def fetch(ctx, mirror, url, protocols):
-    proc = ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
-                    'fetch', '--prune', '--no-recurse-submodules', '--quiet',
-                    '--', url, *REFSPECS],
-                   env=git_environment(ctx, protocols), check=False,
-                   timeout=ctx.timeout)
+    try:
+        proc = fetch_process(ctx, mirror, url, protocols)
+    except ctx.CommandFailed as e:
+        # command_timeout passed: the client is treated as unreachable for
+        # the rest of the run (its other requests wait).
+        raise ctx.TimedOut(f'git fetch from {url}: {e}') from None
     if proc.returncode != 0:
         # Cannot connect at all: the client is down, not the request bad.
         error = ctx.Unreachable if ctx.connection_lost(proc.stderr) \
             else ctx.TransientError
+        hint = ''
+        if re.search(r'returned error: 30[1-8]', proc.stderr):
+            hint = (' (the server redirects; the node follows no redirect: '
+                    f'set [client {ctx.client}] git to the final URL)')
         raise error(f'git fetch from {url} failed (exit {proc.returncode}): '
-                    f'{proc.stderr.strip()[-1000:]}')
+                    f'{proc.stderr.strip()[-1000:]}{hint}')
+
+
+def fetch_process(ctx, mirror, url, protocols):
+    return ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
+                    'fetch', '--prune', '--no-recurse-submodules', '--quiet',
+                    '--', url, *REFSPECS],
+                   env=git_environment(ctx, protocols), check=False,
+                   timeout=ctx.timeout)
 
 
 def follow_head(ctx, mirror, url, protocols, refs):
@@ -336,9 +376,24 @@ def update_mirror(ctx, mirror, url, protocols):
     return after, preserved
 
 
+def check_tips(ctx, mirror, heads):
+    """Every tip the client announced must be in the mirror after the
+    fetch; one missing means the fetch did not get what the client had."""
+    for head in heads:
+        if git(ctx, mirror, 'cat-file', '-e', f'{head}^{{commit}}',
+               check=False).returncode != 0:
+            raise ctx.TransientError(f'{mirror}: the client announced '
+                                     f'{head}, but the mirror lacks it '
+                                     'after the fetch')
+
+
 def handle(ctx, rest):
-    if not rest or ' ' in rest:
-        ctx.refuse(f'git request wants exactly one URL, got {rest!r}')
+    words = (rest or '').split(' ')
+    options = ctx.parse_options(words[1:])
+    rest = words[0]
+    if not rest:
+        ctx.refuse(f'git request wants one URL, got {rest!r}')
+    heads = [options['head']] if 'head' in options else []
     _, base_path = base_url(ctx)
     rel = requested_path(ctx, rest, base_path)
     protocols = allowed_protocols(ctx)
@@ -359,7 +414,9 @@ def handle(ctx, rest):
         refs, preserved = update_mirror(ctx, mirror, url, protocols)
     else:
         refs, preserved = create_mirror(ctx, mirror, url, protocols), []
+    check_tips(ctx, mirror, heads)
     ctx.log.info('%s: mirrored %s into %s (%d refs%s)', ctx.client, url,
                  mirror, len(refs),
                  f', {len(preserved)} preserved' if preserved else '')
-    return {'stored': mirror, 'refs': len(refs), 'preserved': preserved}
+    return {'stored': mirror, 'refs': len(refs), 'preserved': preserved,
+            'heads': heads}

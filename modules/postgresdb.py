@@ -6,7 +6,9 @@ plus ``pg_dumpall --globals-only`` (roles, tablespaces) as a plain SQL file.
 Each database becomes one custom-format dump (``pg_dump -Fc``: compressed,
 restorable table by table with ``pg_restore``), streamed to a file in the
 request's directory of export_dir and offered to the node as one ``sftp``
-server request with its sha256 and size.  A file appears under its final
+server request with its sha256 and size, and with it, as a companion file
+``<dump>.stats.json``, every table's live-row estimate at dump time (for the
+node's restore drill).  A file appears under its final
 name only when its dump exited 0: a node is never offered half a dump.
 
 The programs are run as ``[client] pg_dump``, ``pg_dumpall`` and ``psql``
@@ -24,6 +26,7 @@ mailed) while the other databases are sent.
 """
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -33,6 +36,11 @@ ALL = 'all'
 # No '=' (libpq would read a connection string), no leading '-' (an option).
 DATABASE_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.$-]{0,62}$')
 GLOBALS_FILE = 'globals.sql'
+# Row estimates of every user table, one JSON array (names stay exact).
+ROW_COUNTS = ("SELECT coalesce(json_agg(json_build_array(schemaname, relname, "
+              "n_live_tup) ORDER BY schemaname, relname), '[]') "
+              "FROM pg_stat_user_tables")
+STATS_SUFFIX = '.stats.json'
 LIST_DATABASES = ("SELECT datname FROM pg_database "
                   "WHERE NOT datistemplate AND datallowconn ORDER BY datname")
 
@@ -116,6 +124,36 @@ def dump(ctx, args, filename, what):
     return path
 
 
+def record_row_counts(ctx, database, filename):
+    """Write <dump>.stats.json: every user table's live-row estimate
+    (pg_stat_user_tables.n_live_tup, kept by the statistics collector, so
+    reading it costs the database nothing noticeable), taken just before
+    the dump.  The node's drill compares a restored dump's row counts with
+    it.  Statistics are a nicety: if they cannot be read, the dump goes
+    without them (with a warning).  Returns the file, or None."""
+    proc = ctx.run(command(ctx, 'psql') + [
+        '-X', '-A', '-t', '-q', '-v', 'ON_ERROR_STOP=1',
+        *connection_options(ctx.settings),
+        f'--dbname={conninfo_dbname(database)}', '--command', ROW_COUNTS],
+        check=False, timeout=300)
+    try:
+        tables = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except ValueError:
+        tables = None
+    if not isinstance(tables, list):
+        ctx.log.warning('no row statistics for database %r: %s', database,
+                        proc.stderr.strip()[-300:])
+        return None
+    path = ctx.export_path(filename + STATS_SUFFIX)
+    ctx.atomic_write(path, json.dumps({
+        'database': database, 'dump': filename, 'recorded': ctx.now(),
+        'source': 'pg_stat_user_tables.n_live_tup',
+        'tables': [{'schema': t[0], 'table': t[1], 'rows': t[2]}
+                   for t in tables if isinstance(t, list) and len(t) == 3]},
+        indent=1, sort_keys=True) + '\n')
+    return path
+
+
 def prepare(ctx, module, path):
     check_path(None, module, path)
     connection = connection_options(ctx.settings)
@@ -136,13 +174,17 @@ def prepare(ctx, module, path):
             raise ctx.ModuleError(f'two databases map to the file name '
                                   f'{filename}; rename one of them')
         names.add(filename)
+        stats = None
         try:
+            stats = record_row_counts(ctx, database, filename)
             dumped = dump(
                 ctx, command(ctx, 'pg_dump') + [
                     '--format=custom', *connection,
                     f'--dbname={conninfo_dbname(database)}'],
                 filename, f'pg_dump of database {database!r}')
         except ctx.ModuleError as e:
+            if stats:
+                os.unlink(stats)    # statistics of a dump never sent
             if path != ALL:
                 raise
             # One broken database must not stop the others: it becomes a
@@ -150,4 +192,4 @@ def prepare(ctx, module, path):
             ctx.request_separately(module, database, e)
             continue
         yield 'db-' + filename[:-len('.dump')], \
-            ctx.sftp_request(dumped, source=module)
+            ctx.sftp_request(dumped, source=module, companion=stats)

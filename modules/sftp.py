@@ -1,7 +1,10 @@
 """sftp: fetch one file a client prepared (node side).
 
 Request: ``sftp <timestamp> <user@host:/absolute/path> [sha256=.. size=..
-source=..]``.  Only the path is taken from the request, and only if it lies
+source=.. companion=NAME companion_sha256=.. companion_size=..]``; a
+companion is a file beside the main one that describes it (an archive's
+listing, a dump's row statistics), stored in the same snapshot; ``level=.. base=..`` mark an
+increment (level > 0), refused unless its base is stored here.  Only the path is taken from the request, and only if it lies
 inside the client's ``sftp_root``; the user, host and port are the node's
 own (``[client NAME] sftp``, ``sftp_port``), and a request naming another
 account is refused.  The file is downloaded by ``sftp`` in batch mode with
@@ -10,6 +13,10 @@ sha256, and stored with a manifest as ``files/<source>/<node time>/``.
 """
 
 import os
+import shlex
+import subprocess
+import tempfile
+import time
 
 
 def handle(ctx, rest):
@@ -27,6 +34,7 @@ def handle(ctx, rest):
     options = ctx.parse_options(words[2:])
     remote = ctx.check_remote_path(path, ctx.settings['sftp_root'])
     source = options.get('source', 'files')
+    level, base = ctx.check_base(source, options)
     name = os.path.basename(remote)
     if name == 'manifest.json':
         ctx.refuse('a file may not be called manifest.json')
@@ -40,8 +48,8 @@ def handle(ctx, rest):
     allowance = ctx.check_space(size or 0)
     incoming = ctx.incoming_dir()
     part = os.path.join(incoming, name + '.part')
-    ctx.sftp_get(remote, part, max_size=size if size is not None
-                 else allowance)
+    sftp_get(ctx, remote, part, max_size=size if size is not None
+             else allowance)
     ctx.pause_point('run:downloaded')
     digest, got = ctx.sha256_file(part)
     if size is None and allowance is not None and got > allowance:
@@ -55,9 +63,129 @@ def handle(ctx, rest):
         raise ctx.TransientError(f'{remote}: sha256 {digest} does not match '
                                  f'the request\'s {options["sha256"]}')
     os.rename(part, os.path.join(incoming, name))
+    files = [{'name': name, 'sha256': digest, 'size': got}]
+    files += fetch_companion(ctx, remote, options, incoming)
     received = ctx.now()
     stored = ctx.store(incoming, source, {
         'module': 'sftp', 'client_timestamp': client_time,
-        'remote': remote, 'received': received,
-        'files': [{'name': name, 'sha256': digest, 'size': got}]})
+        'remote': remote, 'received': received, 'files': files,
+        # An incremental archive: restore needs the chain down to level 0.
+        **({'level': level} if 'level' in options else {}),
+        **({'base': base} if base else {})})
     return {'stored': stored, 'sha256': digest, 'size': got}
+
+
+def fetch_companion(ctx, remote, options, incoming):
+    """The file beside the main one that describes it (``companion=NAME``
+    with its own sha256 and size): fetched, checked and stored in the same
+    snapshot.  Returns its manifest entries ([] when there is none)."""
+    name = options.get('companion')
+    if not name:
+        return []
+    if 'companion_sha256' not in options or 'companion_size' not in options:
+        ctx.refuse('companion= needs companion_sha256= and companion_size=')
+    if name == os.path.basename(remote):
+        ctx.refuse('a companion must be another file')
+    path = ctx.check_remote_path(os.path.join(os.path.dirname(remote), name),
+                                 ctx.settings['sftp_root'])
+    size = int(options['companion_size'])
+    ctx.check_space(size)
+    part = os.path.join(incoming, name + '.part')
+    sftp_get(ctx, path, part, max_size=size)
+    digest, got = ctx.sha256_file(part)
+    if (digest, got) != (options['companion_sha256'], size):
+        raise ctx.TransientError(f'{path}: got sha256 {digest}, {got} bytes; '
+                                 f'request says {options["companion_sha256"]}'
+                                 f', {size}')
+    os.rename(part, os.path.join(incoming, name))
+    return [{'name': name, 'sha256': digest, 'size': got}]
+
+
+# -- transport ---------------------------------------------------------------
+
+def ssh_args(ctx):
+    """[server] ssh_command split into what sftp accepts: -S program and
+    the options."""
+    words = shlex.split(ctx.node.settings['ssh_command'])
+    args = [] if words[0] == 'ssh' else ['-S', words[0]]
+    return args + words[1:]
+
+
+def bwlimit_args(ctx):
+    """sftp's own cap (-l, Kbit/s) from [client NAME] bwlimit, else
+    [server] bwlimit: a nightly full must not fill a small site's uplink."""
+    limit = ctx.settings.get('bwlimit') or 0
+    return ['-l', str(limit)] if limit > 0 else []
+
+
+def sftp_get(ctx, remote, local, max_size=None):
+    """Download one file with sftp in batch mode into local.  Streams to
+    disk; stops the transfer if the file grows beyond max_size."""
+    target = ctx.settings['sftp']
+    args = ['sftp', '-b', '-', *ssh_args(ctx),
+            '-o', f'Port={ctx.settings["sftp_port"]}',
+            '-o', 'BatchMode=yes', *ctx.ssh_timeout_options(),
+            *bwlimit_args(ctx), '--', target]
+    batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
+                                 .replace('"', '\\"'))
+    ctx.log.debug('running: %s <<< %s', shlex.join(args), batch.strip())
+    # stderr goes to a file: a pipe nobody reads while we poll could fill
+    # up and stall the transfer.
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(args, stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=err,
+                                    env={**os.environ, 'LC_ALL': 'C'},
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise ctx.ModuleError('sftp: not installed or not in PATH') \
+                from None
+        proc.stdin.write(batch.encode())
+        proc.stdin.close()
+        stopped = watch(ctx, proc, local, max_size, target, remote)
+        err.seek(0)
+        stderr = err.read().decode('utf-8', 'replace')
+    if stopped:
+        message, error = stopped
+        raise error(message)
+    if proc.returncode != 0:
+        # sftp exits 255 when ssh cannot connect or authenticate, and 1
+        # with a message when the connection drops in the middle.
+        error = ctx.Unreachable if proc.returncode == 255 or \
+            ctx.connection_lost(stderr) else ctx.TransientError
+        raise error(
+            f'sftp from {target} port {ctx.settings["sftp_port"]} '
+            f'failed (exit {proc.returncode}): '
+            f'{ctx.clean_text(stderr.strip(), 1000)}')
+
+
+def watch(ctx, proc, local, max_size, target, remote):
+    """Wait for sftp; kill it and its ssh (the whole process group) when
+    the file outgrows max_size, grows no more for stall_timeout, or
+    command_timeout passes.  Returns (why, exception class) when it was
+    stopped, or None."""
+    stall = ctx.config.get_duration('server', 'stall_timeout', '10m')
+    deadline = time.monotonic() + ctx.timeout
+    last_size, last_progress = -1, time.monotonic()
+    stopped = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        size = os.path.getsize(local) if os.path.exists(local) else 0
+        if size != last_size:
+            last_size, last_progress = size, now
+        if max_size is not None and size > max_size:
+            stopped = (f'{target}:{remote} is larger than the {max_size} '
+                       'bytes announced; stopped', ctx.TransientError)
+        elif now > deadline:
+            stopped = (f'sftp from {target} still running after '
+                       f'{ctx.timeout} s ([server] command_timeout); '
+                       'stopped', ctx.TimedOut)
+        elif now - last_progress > stall:
+            stopped = (f'sftp from {target}: {remote} made no progress for '
+                       f'{stall} s ([server] stall_timeout); stopped',
+                       ctx.TimedOut)
+        if stopped:
+            ctx.kill_tree(proc)
+            break
+        time.sleep(0.05)
+    return stopped

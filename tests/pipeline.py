@@ -10,13 +10,17 @@
 * the node's repository for the client, with the real post-update hook.
 
 Client and node commands run as real subprocesses (``client()``,
-``server()``), with HOME isolated.
+``server()``), with HOME isolated: the tree's client.py and server.py, or
+other commands for them (``commands=``, else $GITBACKUP_CLIENT_CMD and
+$GITBACKUP_SERVER_CMD, split like a shell would), e.g. the Debian package's
+gitbackup-client and gitbackup-server.
 """
 
 import email
 import email.policy
 import glob
 import os
+import shlex
 import subprocess
 import textwrap
 
@@ -24,12 +28,29 @@ from tests import support
 
 CLIENT = 'c1'
 NODE = 'n1'
+COMMAND_VARIABLES = {'client.py': 'GITBACKUP_CLIENT_CMD',
+                     'server.py': 'GITBACKUP_SERVER_CMD'}
+
+
+def tree_commands():
+    """{'client.py': argv, 'server.py': argv} of the tree's scripts."""
+    return {script: [support.PYTHON, os.path.join(support.ROOT, script)]
+            for script in COMMAND_VARIABLES}
+
+
+def script_commands():
+    """The tree's scripts, unless the environment names other commands."""
+    tree = tree_commands()
+    return {script: shlex.split(os.environ.get(variable, '')) or tree[script]
+            for script, variable in COMMAND_VARIABLES.items()}
 
 
 class Pipeline:
-    def __init__(self, testcase, start=True, extra_config='', modules=None):
+    def __init__(self, testcase, start=True, extra_config='', modules=None,
+                 commands=None):
         support.require_tools('git', 'ssh', 'sftp', 'sshd', 'tar')
         self.testcase = testcase
+        self.commands = {**script_commands(), **(commands or {})}
         self.root = support.temp_dir(
             testcase, getattr(testcase, 'temp_prefix', 'gitbackup-test-'))
         self.env = support.isolated_env(os.path.join(self.root, 'home'))
@@ -89,23 +110,35 @@ class Pipeline:
                 method = spool
                 spool_dir = {self.root}/mail
                 ''') + extra_config)
-        self.server('check', check=False)  # creates nothing; warms caches
+        # The node's configuration is valid before anything exists yet.
+        check = self.server('check', check=False)
+        if 'looks ready' not in check.stdout:
+            raise AssertionError(f'server.py check: {check.stdout}'
+                                 f'{check.stderr}')
         self.make_repository()
         if start:
             self.sshd.start()
             testcase.addCleanup(self.sshd.stop)
 
     def make_repository(self):
-        code = ('import sys; sys.path.insert(0, sys.argv[1]); import client, '
-                'server; server.Node(client.Config(sys.argv[2]))'
-                '.ensure_repository(sys.argv[3])')
+        if self.commands['server.py'] != tree_commands()['server.py']:
+            # Another server command: its own provision writes the hook, so
+            # that the hook runs that command's server.py.
+            conf = os.path.join(self.root, 'gitosis.conf')
+            with open(conf, 'w') as f:
+                f.write(f'[group {CLIENT}]\nwritable = {CLIENT}\n'
+                        f'members = host-{CLIENT}\n')
+            self.server('provision', conf)
+            return
+        code = ('import sys; sys.path.insert(0, sys.argv[1]); import server; '
+                'from modules._core import Config; '
+                'server.Node(Config(sys.argv[2])).ensure_repository(sys.argv[3])')
         subprocess.run([support.PYTHON, '-c', code, support.ROOT,
                         self.config, CLIENT], check=True, env=self.env)
 
     def _run(self, script, args, check, timeout=300):
         proc = subprocess.run(
-            [support.PYTHON, os.path.join(support.ROOT, script),
-             '--config', self.config, *args],
+            [*self.commands[script], '--config', self.config, *args],
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
         if check and proc.returncode != 0:
@@ -143,6 +176,15 @@ class Pipeline:
         """Directories stored for a source, oldest first."""
         return sorted(glob.glob(os.path.join(
             self.node_dir, 'data', CLIENT, 'files', source, '*')))
+
+    def node_log(self, tail=4000):
+        """The end of the node's logs: what a failed assertion shows."""
+        text = ''
+        for path in sorted(glob.glob(os.path.join(self.node_dir, 'log',
+                                                  '*.log'))):
+            with open(path, errors='replace') as f:
+                text += f'--- {path}\n' + f.read()[-tail:]
+        return text
 
     def mails(self):
         out = []

@@ -11,6 +11,12 @@ only on 127.0.0.1 (or on a unix socket):
 - ``PostgresCluster``: a throw-away cluster made by initdb in a temporary
   directory, reachable only through a unix socket.  When the tests run as
   root, the cluster runs as the ``postgres`` user (PostgreSQL refuses root).
+- ``Postfix``: a private Postfix instance (``postfix -c DIR``) with its own
+  configuration, queue and mail spool in a temporary directory, SMTP on a
+  127.0.0.1 port, local delivery only, into mbox files.  Needs root (the
+  Postfix master does).
+- ``NodeExporter``: ``prometheus-node-exporter`` serving only its textfile
+  collector on a 127.0.0.1 port.
 
 Guarantees: nothing here mutates ``os.environ``; every ``start()`` either
 returns with the server accepting connections or raises ``RuntimeError``
@@ -25,8 +31,12 @@ package cannot pass by skipping everything.
 """
 
 import atexit
+import email.parser
+import email.policy
 import errno
 import glob
+import grp
+import mailbox
 import os
 import pwd
 import shlex
@@ -38,6 +48,7 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -72,7 +83,13 @@ TOOL_PACKAGES = {
     'initdb': 'postgresql',
     'pg_ctl': 'postgresql',
     'postgres': 'postgresql',
+    'postfix': 'postfix',
+    'sendmail': 'postfix',
+    'promtool': 'prometheus',
+    'prometheus-node-exporter': 'prometheus-node-exporter',
 }
+# Programs in /usr/sbin, which is not in every user's $PATH.
+SBIN_TOOLS = {'postfix': '/usr/sbin/postfix', 'sendmail': '/usr/sbin/sendmail'}
 # PostgreSQL server programs: Debian keeps them out of $PATH.
 PG_SERVER_TOOLS = {'initdb', 'pg_ctl', 'postgres', 'pg_controldata',
                    'pg_resetwal'}
@@ -110,6 +127,8 @@ def current_user():
 def _tool_present(name):
     if name == 'sshd':
         return os.access(SSHD_PATH, os.X_OK)
+    if name in SBIN_TOOLS:
+        return os.access(SBIN_TOOLS[name], os.X_OK)
     if name == 'git-daemon':
         git = shutil.which('git')
         if not git:
@@ -616,6 +635,23 @@ def _config_quote(path):
     return path
 
 
+def _grant_traversal(workdir):
+    """Let another account (postgres, postfix) reach workdir.
+
+    workdir becomes 0755; its parents up to the temp directory get o+x
+    when we own them.  Directories outside the temp directory are not
+    touched.
+    """
+    os.chmod(workdir, 0o755)
+    top = os.path.realpath(tempfile.gettempdir())
+    path = os.path.dirname(os.path.realpath(workdir))
+    while path.startswith(top + os.sep):
+        info = os.stat(path)
+        if info.st_uid == os.getuid() and not info.st_mode & 0o001:
+            os.chmod(path, (info.st_mode & 0o7777) | 0o001)
+        path = os.path.dirname(path)
+
+
 def _write(path, text, mode):
     with open(path, 'w') as handle:
         handle.write(text)
@@ -720,20 +756,8 @@ class PostgresCluster(_Server):
         self._started = False
 
     def _grant_traversal(self):
-        """Let the postgres account reach workdir (mkdtemp makes it 0700).
-
-        workdir becomes 0755; its parents up to the temp directory get o+x
-        when we own them.  Directories outside the temp directory are not
-        touched.
-        """
-        os.chmod(self.workdir, 0o755)
-        top = os.path.realpath(tempfile.gettempdir())
-        path = os.path.dirname(os.path.realpath(self.workdir))
-        while path.startswith(top + os.sep):
-            info = os.stat(path)
-            if info.st_uid == os.getuid() and not info.st_mode & 0o001:
-                os.chmod(path, (info.st_mode & 0o7777) | 0o001)
-            path = os.path.dirname(path)
+        """Let the postgres account reach workdir (mkdtemp makes it 0700)."""
+        _grant_traversal(self.workdir)
 
     def _server_argv(self, argv):
         """Run as the postgres account when we are root."""
@@ -865,3 +889,238 @@ class PostgresCluster(_Server):
                                % (result.returncode, sql,
                                   result.stderr.rstrip()))
         return result.stdout.strip()
+
+
+# ---------------------------------------------------------------------------
+# Postfix
+
+
+POSTFIX_MAIN_CF = """\
+# A private instance for the tests: local delivery only, nothing relayed.
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_spool_directory = {spool}
+maillog_file = {maillog}
+maillog_file_prefixes = {workdir}
+syslog_name = postfix-gitbackup-test
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = gitbackup-test.invalid
+mydomain = invalid
+myorigin = $myhostname
+mydestination = $myhostname, localhost
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost =
+default_transport = error
+relay_transport = error
+alias_maps =
+alias_database =
+home_mailbox =
+mailbox_command =
+biff = no
+"""
+# No chroot (the queue directory would need copies of /etc files), and only
+# the services local delivery needs.
+POSTFIX_MASTER_CF = """\
+{listen} inet n - n - - smtpd
+pickup     unix n - n 60 1 pickup
+cleanup    unix n - n -  0 cleanup
+qmgr       unix n - n 300 1 qmgr
+rewrite    unix - - n -  - trivial-rewrite
+bounce     unix - - n -  0 bounce
+defer      unix - - n -  0 bounce
+trace      unix - - n -  0 bounce
+verify     unix - - n -  1 verify
+flush      unix n - n 1000? 0 flush
+proxymap   unix - - n -  - proxymap
+proxywrite unix - - n -  1 proxymap
+showq      unix n - n -  - showq
+error      unix - - n -  - error
+retry      unix - - n -  - error
+discard    unix - - n -  - discard
+local      unix - n n -  - local
+anvil      unix - - n -  1 anvil
+scache     unix - - n -  1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+
+
+class Postfix(_Server):
+    """A private Postfix on 127.0.0.1:port that delivers locally only.
+
+    workdir/conf holds main.cf and master.cf, workdir/queue the queue,
+    workdir/mail the mbox files (one per local user), workdir/maillog the
+    log.  Mail for other domains bounces (default_transport = error).
+    `env()` points Postfix's own /usr/sbin/sendmail at this instance
+    (MAIL_CONFIG; postdrop honours it for root).  Runs as root only.
+    """
+
+    POSTFIX = SBIN_TOOLS['postfix']
+    SENDMAIL = SBIN_TOOLS['sendmail']
+
+    def __init__(self, workdir):
+        require_tools('postfix', 'sendmail')
+        if not _is_root():
+            _missing('a private postfix needs root (its master process '
+                     'runs as root)')
+        for name, lookup in (('postfix', pwd.getpwnam),
+                             ('postdrop', grp.getgrnam)):
+            try:
+                lookup(name)
+            except KeyError:
+                _missing('the %r account is missing (Debian package: '
+                         'postfix)' % name)
+        self.workdir = os.path.abspath(workdir)
+        self.port = free_port()
+        self.conf = os.path.join(self.workdir, 'conf')
+        self.queue = os.path.join(self.workdir, 'queue')
+        self.data = os.path.join(self.workdir, 'data')
+        self.spool = os.path.join(self.workdir, 'mail')
+        self.log = os.path.join(self.workdir, 'maillog')
+        self.out = os.path.join(self.workdir, 'postfix.out')
+        for path in (self.workdir, self.conf, self.queue, self.data,
+                     self.spool):
+            os.makedirs(path, exist_ok=True)
+            os.chmod(path, 0o755)
+        _grant_traversal(self.workdir)
+        owner = pwd.getpwnam('postfix')
+        os.chown(self.data, owner.pw_uid, owner.pw_gid)
+        _write(os.path.join(self.conf, 'main.cf'), POSTFIX_MAIN_CF.format(
+            queue=self.queue, data=self.data, spool=self.spool,
+            maillog=self.log, workdir=self.workdir), 0o644)
+        _write(os.path.join(self.conf, 'master.cf'), POSTFIX_MASTER_CF.format(
+            listen='%s:%d' % (HOST, self.port)), 0o644)
+        self.process = None
+
+    @property
+    def address(self):
+        return '%s:%d' % (HOST, self.port)
+
+    def env(self):
+        """Variables that make /usr/sbin/sendmail use this instance."""
+        return {'MAIL_CONFIG': self.conf}
+
+    def _env(self):
+        return {**os.environ, 'LC_ALL': 'C', 'TZ': 'UTC', **self.env()}
+
+    def start(self):
+        if self.process is not None and self.process.poll() is None:
+            return
+        offset = os.path.getsize(self.log) if os.path.exists(self.log) else 0
+        with open(self.out, 'ab') as out:
+            self.process = subprocess.Popen(
+                [self.POSTFIX, '-c', self.conf, 'start-fg'],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                cwd=self.workdir, env=self._env(), start_new_session=True)
+        _running.add(self)
+        try:
+            _wait_for_log(self.log, offset, 'daemon started', self.process,
+                          START_TIMEOUT, 'postfix')
+            wait_for_port(self.port, START_TIMEOUT, self.process, self.log)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError('postfix did not start: %s%s'
+                               % (exc, _log_excerpt(self.out))) from None
+
+    def stop(self):
+        _running.discard(self)
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:   # the master stops its children and exits
+                subprocess.run([self.POSTFIX, '-c', self.conf, 'stop'],
+                               stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=self._env(),
+                               timeout=STOP_TIMEOUT)
+                process.wait(STOP_TIMEOUT)
+            except (OSError, subprocess.SubprocessError):
+                pass
+        _terminate_tree(process)   # whatever `postfix stop` left
+
+    def mailbox(self, user):
+        return os.path.join(self.spool, user)
+
+    def wait_for_mail(self, user, count, timeout=30.0):
+        """The messages in user's mbox (email.message.EmailMessage, policy
+        default), once it holds `count` of them; RuntimeError after
+        `timeout` seconds, with the tail of the mail log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = []
+            if os.path.exists(self.mailbox(user)):
+                box = mailbox.mbox(self.mailbox(user), create=False)
+                try:
+                    messages = [email.parser.BytesParser(
+                        policy=email.policy.default).parsebytes(
+                            box.get_bytes(key)) for key in box.keys()]
+                finally:
+                    box.close()
+            if len(messages) >= count:
+                return messages
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    '%d of %d messages in %s after %.0f s%s'
+                    % (len(messages), count, self.mailbox(user), timeout,
+                       _log_excerpt(self.log)))
+            time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------
+# prometheus-node-exporter
+
+
+class NodeExporter(_Server):
+    """prometheus-node-exporter on 127.0.0.1:port with only the textfile
+    collector (reading textfile_dir) and no metrics about itself."""
+
+    PROGRAM = 'prometheus-node-exporter'
+
+    def __init__(self, textfile_dir, workdir):
+        require_tools(self.PROGRAM)
+        self.textfile_dir = os.path.abspath(textfile_dir)
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.port = free_port()
+        self.log = os.path.join(self.workdir, 'node-exporter.log')
+        self.process = None
+
+    def url(self, path='/metrics'):
+        return 'http://%s:%d%s' % (HOST, self.port, path)
+
+    def start(self):
+        if self.process is not None and self.process.poll() is None:
+            return
+        argv = [shutil.which(self.PROGRAM), '--collector.disable-defaults',
+                '--collector.textfile',
+                '--collector.textfile.directory=%s' % self.textfile_dir,
+                '--web.disable-exporter-metrics',
+                '--web.listen-address=%s:%d' % (HOST, self.port)]
+        with open(self.log, 'ab') as log:
+            offset = log.tell()
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd=self.workdir, start_new_session=True)
+        _running.add(self)
+        try:
+            _wait_for_log(self.log, offset, 'Listening on', self.process,
+                          START_TIMEOUT, 'node exporter')
+            wait_for_port(self.port, START_TIMEOUT, self.process, self.log)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError('node exporter did not start: %s'
+                               % exc) from None
+
+    def scrape(self):
+        """The text of one scrape of /metrics."""
+        with urllib.request.urlopen(self.url(), timeout=10) as response:
+            return response.read().decode('utf-8')
+
+    def stop(self):
+        _running.discard(self)
+        process, self.process = self.process, None
+        _terminate_tree(process)

@@ -253,10 +253,10 @@ class GateCommandTest(unittest.TestCase):
         self.config = write_node_config(self.root)
         sys.path.insert(0, support.ROOT)
         self.addCleanup(sys.path.remove, support.ROOT)
-        import client
         import server
+        from modules._core import Config
         self.server = server
-        self.node = server.Node(client.Config(self.config))
+        self.node = server.Node(Config(self.config))
         self.repo = os.path.join(self.root, 'node', 'repositories', 'c1.git')
 
     def test_allowed(self):
@@ -487,7 +487,7 @@ class GitoliteTest(unittest.TestCase):
         return proc
 
     def configure_gitolite(self):
-        """What docs/access-readme.md tells the admin to do."""
+        """What docs/access-control.md tells the admin to do."""
         rc = os.path.join(self.gl_home, '.gitolite.rc')
         with open(rc) as f:
             text = f.read()
@@ -516,6 +516,7 @@ class GitoliteTest(unittest.TestCase):
             f.write(textwrap.dedent(f'''
                 repo c1 c2
                     config receive.fsckObjects = true
+                    config receive.maxInputSize = 64m
                     option hook.post-update = {GITOLITE_HOOK}
                 repo c1
                     RW  master$ = c1
@@ -537,6 +538,8 @@ class GitoliteTest(unittest.TestCase):
     def test_push_ingest_and_refusals(self):
         repo = os.path.join(self.gl_home, 'repositories', 'c1.git')
         self.assertEqual(git_config(repo, 'receive.fsckObjects'), 'true')
+        # As [server] max_push_size: a push cannot fill the node's disk.
+        self.assertEqual(git_config(repo, 'receive.maxInputSize'), '64m')
         c1 = Scratch(self.root, self.env, self.sshd.ssh_command(
             self.keys['c1'][0]))
         first = c1.commit({'RQa': f'dummy {TS} a\n'})

@@ -25,7 +25,7 @@ class DemoTest(unittest.TestCase):
             shutil.rmtree(path, ignore_errors=True)
         self.assertEqual(proc.returncode, 0, proc.stdout)
         out = proc.stdout
-        self.assertRegex(out, r'c1/files/app/\d{8}T\d{6}Z/\S+\.tar\.gz')
+        self.assertRegex(out, r'c1/files/app/\d{8}T\d{6}Z/\S+\.tar\.(gz|zst)')
         self.assertRegex(out, r'c1/files/postgresdb/\S+/shop\.dump')
         self.assertRegex(out, r'c1/git/project\.git  refs/heads/master')
         self.assertGreaterEqual(len(re.findall(r'sha256 [0-9a-f]{64}', out)),

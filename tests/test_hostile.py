@@ -12,6 +12,7 @@ clients alone, and not stop the valid requests of the same push.
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import time
 import unittest
@@ -139,9 +140,9 @@ class HostileTestCase(unittest.TestCase):
         self.forge = Forger(self.p)
         n = self.p.node_dir
         # Another client with a repository, a pool and stored data.
-        code = ('import sys; sys.path.insert(0, sys.argv[1]); import client, '
-                'server; server.Node(client.Config(sys.argv[2]))'
-                '.ensure_repository(sys.argv[3])')
+        code = ('import sys; sys.path.insert(0, sys.argv[1]); import server; '
+                'from modules._core import Config; '
+                'server.Node(Config(sys.argv[2])).ensure_repository(sys.argv[3])')
         subprocess.run([support.PYTHON, '-c', code, support.ROOT,
                         self.p.config, OTHER], check=True, env=self.p.env)
         self.secret = os.path.join(n, 'data', OTHER, 'files', 'app', 'x',
@@ -455,10 +456,12 @@ class HostileRequestTest(HostileTestCase):
             self.p.node_dir, 'data', CLIENT)), 4096 + 20000)
         # The free-space floor.
         set_config(self.p, f'client {CLIENT}', 'quota', '0')
-        # Room now, none once this fetch landed: announced 100 TB.
+        # Room now, none once this fetch landed: announced the whole file
+        # system (never free; more than that is refused at once).
         set_config(self.p, 'server', 'free_space_floor', '1M')
+        total = shutil.disk_usage(self.p.node_dir).total
         keys = self.push_requests({
-            'floor': f'sftp {TS} {account}:{path} size={10 ** 14} '
+            'floor': f'sftp {TS} {account}:{path} size={total} '
                      'source=q3'})
         self.p.server('run', check=False)
         self.assertEqual(self.outcome(keys['floor']), ('RQ', ''),

@@ -78,16 +78,19 @@ class PipelineTest(unittest.TestCase):
         self.assertEqual(len(stored), 1)
         with open(os.path.join(stored[0], 'manifest.json')) as f:
             manifest = json.load(f)
-        [entry] = manifest['files']
+        # The archive and, beside it, tar's listing of it.
+        [entry, listing] = manifest['files']
+        self.assertEqual(listing['name'], entry['name'] + '.listing')
         archive = os.path.join(stored[0], entry['name'])
-        self.assertTrue(archive.endswith('.tar.gz'))
+        # compression = auto: zstd where tar and zstd support it.
+        self.assertTrue(archive.endswith(('.tar.zst', '.tar.gz')))
         with open(archive, 'rb') as f:
             self.assertEqual(hashlib.sha256(f.read()).hexdigest(),
                              entry['sha256'])
         self.assertEqual(os.path.getsize(archive), entry['size'])
         restored = os.path.join(self.p.root, 'restored')
         os.mkdir(restored)
-        subprocess.run(['tar', '-xzf', archive, '-C', restored], check=True)
+        subprocess.run(['tar', '-xf', archive, '-C', restored], check=True)
         self.assertEqual(snapshot(restored), snapshot(src))
         self.assertEqual(manifest['client'], CLIENT)
         self.assertTrue(manifest['request'].endswith('-fs'))

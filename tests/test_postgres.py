@@ -50,8 +50,10 @@ class PostgresModuleTest(PostgresMixin, unittest.TestCase):
         p.server('run')
         self.assertEqual(p.states('node'), {'F': 4})
         files = p.stored_files('postgresdb')
-        self.assertEqual(sorted(files), ['globals.sql', 'hr.dump',
-                                         'postgres.dump', 'shop.dump'])
+        # Every dump comes with its tables' row statistics at dump time.
+        self.assertEqual(sorted(files), [
+            'globals.sql', 'hr.dump', 'hr.dump.stats.json', 'postgres.dump',
+            'postgres.dump.stats.json', 'shop.dump', 'shop.dump.stats.json'])
         self.restore(files['shop.dump'], 'shop_restored')
         self.assertEqual(self.rows('shop_restored',
                                    'SELECT * FROM items ORDER BY id'),
@@ -94,19 +96,22 @@ class PostgresModuleTest(PostgresMixin, unittest.TestCase):
         exported = []
         for root, _, names in os.walk(os.path.join(p.client_dir, 'export')):
             exported += names
-        self.assertEqual(exported, ['shop.dump'])
+        self.assertEqual(sorted(exported), ['shop.dump',
+                                            'shop.dump.stats.json'])
         p.server('run')
         self.assertEqual(p.states('node'), {'F': 2})
         files = p.stored_files('postgresdb')
-        self.assertEqual(list(files), ['shop.dump'])
+        self.assertEqual(sorted(files), ['shop.dump', 'shop.dump.stats.json'])
         self.restore(files['shop.dump'], 'shop_again')
         self.assertEqual(self.rows('shop_again',
                                    'SELECT * FROM items ORDER BY id'),
                          ROWS_SHOP)
         self.cluster.psql('DROP DATABASE shop_again')
-        # The failed request is retried by the next send, with its history.
-        with open(os.path.join(p.client_dir, 'requests', 'n1', [
-                n for n in p.pool() if n.startswith('C')][0])) as f:
+        # The failed request is retried by the next send, with its history
+        # (the attempts beside the pool, as on the node).
+        [name] = [n for n in p.pool() if n.startswith('C')]
+        with open(os.path.join(p.client_dir, 'requests', 'n1', '.attempts',
+                               name[1:])) as f:
             self.assertIn('does not exist', f.read())
 
     def test_one_broken_database_does_not_hold_up_all(self):

@@ -5,6 +5,7 @@ Crashes are real processes killed with SIGKILL at named points
 the private sshd stopped and started again; mail is read from the spool.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -68,9 +69,11 @@ class CrashTest(unittest.TestCase):
         stored = self.p.stored('app')
         self.assertEqual(len(stored), 1, stored)
         files = sorted(os.listdir(stored[0]))
-        self.assertEqual(len(files), 2, files)
+        # The archive, its listing (fetched with it) and the manifest.
+        self.assertEqual(len(files), 3, files)
         self.assertIn('manifest.json', files)
-        self.assertTrue(files[1].endswith('.tar.gz'), files)
+        self.assertTrue(files[1].endswith(('.tar.zst', '.tar.gz')), files)
+        self.assertEqual(files[2], files[1] + '.listing')
         incoming = os.path.join(self.p.node_dir, 'data', CLIENT, 'files',
                                 '.incoming')
         self.assertEqual(os.listdir(incoming) if os.path.isdir(incoming)
@@ -263,7 +266,8 @@ class OutageTest(unittest.TestCase):
             'gitbackup: pushing to node n1 failing',
             'gitbackup: pushing to node n1 recovered',
             f'gitbackup: fetching from client {CLIENT} failing',
-            f'gitbackup: fetching from client {CLIENT} recovered'])
+            f'gitbackup: fetching from client {CLIENT} recovered'],
+            self.p.node_log())
 
     def test_client_down_during_run(self):
         src = os.path.join(self.p.root, 'src')
@@ -295,7 +299,8 @@ class OutageTest(unittest.TestCase):
         self.p.client('send')
         export = os.path.join(self.p.client_dir, 'export')
         [request_dir] = os.listdir(export)
-        [archive] = os.listdir(os.path.join(export, request_dir))
+        [archive] = [n for n in os.listdir(os.path.join(export, request_dir))
+                     if n.endswith(('.tar.gz', '.tar.zst'))]
         path = os.path.join(export, request_dir, archive)
         with open(path, 'r+b') as f:  # same size, different bytes
             f.seek(100)
@@ -467,18 +472,23 @@ class ClientGiveUpTest(unittest.TestCase):
         self.assertEqual(p.states(), {'C': 1})
         self.assertEqual(p.mails(), [])  # a retry is no news yet
         self.assertEqual(p.client('send', check=False).returncode, 1)
-        self.assertEqual(p.states(), {'X': 1})
-        [name] = p.pool()
-        with open(os.path.join(p.client_dir, 'requests', 'n1', name)) as f:
-            lines = f.read().splitlines()
-        self.assertEqual(lines[0], f'bad\t{thing}')
-        self.assertEqual(len([x for x in lines if x.startswith('# attempt')]),
-                         2)
+        # Given up: X* with its reason beside it (as on the node), the
+        # request itself unchanged, the attempts counted beside the pool.
+        self.assertEqual(p.states(), {'X': 1, 'reason': 1})
+        [name] = [n for n in p.pool() if not n.endswith('.reason')]
+        pool = os.path.join(p.client_dir, 'requests', 'n1')
+        with open(os.path.join(pool, name)) as f:
+            self.assertEqual(f.read(), f'bad\t{thing}\n')
+        with open(os.path.join(pool, name + '.reason')) as f:
+            self.assertIn(f'cannot read {thing}', f.read())
+        with open(os.path.join(pool, '.attempts', name[1:])) as f:
+            self.assertEqual(json.load(f)['attempts'], 2)
         [mail] = p.mails()
         self.assertIn('given up', mail.get_content())
         self.assertIn(f'cannot read {thing}', mail.get_content())
+        self.assertIn(f'cannot read {thing}', p.client('status').stdout)
         p.client('send')  # X* is left alone from now on
-        self.assertEqual(p.states(), {'X': 1})
+        self.assertEqual(p.states(), {'X': 1, 'reason': 1})
 
 
 class ConcurrencyTest(unittest.TestCase):

@@ -1,6 +1,8 @@
-"""Tests of sendmail.py: spool files, SMTP against a small real server on
-127.0.0.1, the sendmail interface with stand-in programs, the mail queue,
-and the command line called in-process (and once as a real process)."""
+"""Tests of sendmail.py: spool files; delivery through a real MTA (a
+private Postfix on 127.0.0.1, local delivery into an mbox file) over SMTP
+and through its sendmail program; failures of the sendmail interface with
+stand-in programs; the mail queue; and the command line called in-process
+(and as a real process)."""
 
 import contextlib
 import email.parser
@@ -9,12 +11,12 @@ import fcntl
 import io
 import os
 import re
+import shutil
 import socket
-import socketserver
 import stat
 import subprocess
 import sys
-import threading
+import tempfile
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +29,8 @@ from tests import support  # noqa: E402
 SENDER = 'backup@example.org'
 SUBJECT = 'git gc: Prüfung 备份'
 BODY = 'héllo wörld\n.\n.leading dot\n备份完成\n'
+# ASCII goes out as 7bit text, so its '.' lines reach the MTA as they are.
+DOTS_BODY = 'a log\n.\n..two dots\n.leading dot\nend of log\n'
 NAME_RE = re.compile(r'\d{8}T\d{6}\.\d{6}Z-\d+-\d+\.eml\Z')
 
 
@@ -49,73 +53,22 @@ def message_files(directory):
     return names
 
 
-class SMTPHandler(socketserver.StreamRequestHandler):
-    """Just enough SMTP: EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT."""
-
-    def reply(self, line):
-        self.wfile.write(line.encode('ascii') + b'\r\n')
-
-    def handle(self):
-        self.reply('220 127.0.0.1 test ESMTP')
-        sender, receivers = None, []
-        while True:
-            line = self.rfile.readline()
-            if not line:
-                return
-            command = line.decode('ascii', 'replace').strip()
-            verb, argument = command[:4].upper(), command[5:]
-            if verb in ('EHLO', 'HELO', 'RSET'):
-                sender, receivers = None, []
-                self.reply('250 OK')
-            elif verb == 'MAIL':
-                sender = re.search(r'<(.*?)>', argument).group(1)
-                self.reply('250 OK')
-            elif verb == 'RCPT':
-                receivers.append(re.search(r'<(.*?)>', argument).group(1))
-                self.reply('250 OK')
-            elif verb == 'DATA':
-                if sender is None or not receivers:
-                    self.reply('503 need MAIL and RCPT first')
-                    continue
-                self.reply('354 end with <CRLF>.<CRLF>')
-                lines = []
-                while True:
-                    line = self.rfile.readline()
-                    if not line:
-                        return
-                    if line == b'.\r\n':
-                        break
-                    lines.append(line[1:] if line.startswith(b'.') else line)
-                self.server.messages.append((sender, receivers, lines))
-                sender, receivers = None, []
-                self.reply('250 OK queued')
-            elif verb == 'NOOP':
-                self.reply('250 OK')
-            elif verb == 'QUIT':
-                self.reply('221 bye')
-                return
-            else:
-                self.reply('502 not implemented')
+_postfix = None
 
 
-class SMTPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self):
-        super().__init__(('127.0.0.1', 0), SMTPHandler)
-        self.messages = []   # (envelope sender, receivers, DATA lines)
-        self.address = '127.0.0.1:%d' % self.server_address[1]
-
-
-def start_smtp_server(testcase):
-    server = SMTPServer()
-    thread = threading.Thread(target=server.serve_forever,
-                              kwargs={'poll_interval': 0.05}, daemon=True)
-    thread.start()
-    testcase.addCleanup(server.server_close)
-    testcase.addCleanup(server.shutdown)
-    return server
+def real_mta():
+    """This module's private Postfix on 127.0.0.1 (local delivery into mbox
+    files), started on first use and stopped when the module's tests end.
+    Skips the test (fails it under CI=true) where Postfix is missing."""
+    global _postfix
+    if _postfix is None:
+        workdir = tempfile.mkdtemp(prefix='gitbackup-postfix-')
+        unittest.addModuleCleanup(shutil.rmtree, workdir, ignore_errors=True)
+        postfix = support.Postfix(os.path.join(workdir, 'postfix'))
+        unittest.addModuleCleanup(postfix.stop)
+        postfix.start()
+        _postfix = postfix
+    return _postfix
 
 
 def closed_port(testcase):
@@ -151,7 +104,19 @@ class MailTestCase(unittest.TestCase):
             '[ %(status)d -eq 0 ] || echo "sendmail: local MTA is down" >&2\n'
             'exit %(status)d\n') % {'tmp': self.tmp, 'status': status})
 
-    def assert_message(self, message, receivers):
+    def real_mta(self):
+        """The private Postfix, with an empty mailbox for self.user (the
+        account the tests run as) and self.address, a local address of it."""
+        postfix = real_mta()
+        self.user = support.current_user()
+        self.address = '%s@localhost' % self.user
+        try:
+            os.unlink(postfix.mailbox(self.user))
+        except FileNotFoundError:
+            pass
+        return postfix
+
+    def assert_message(self, message, receivers, body=BODY):
         self.assertEqual(message['Subject'], SUBJECT)
         self.assertEqual(message['From'], SENDER)
         self.assertEqual([a.addr_spec for a in message['To'].addresses],
@@ -159,7 +124,7 @@ class MailTestCase(unittest.TestCase):
         self.assertTrue(message['Date'])
         self.assertTrue(message['Message-ID'].endswith('@example.org>'))
         self.assertEqual(message['Auto-Submitted'], 'auto-generated')
-        self.assertEqual(message.get_content(), BODY)
+        self.assertEqual(message.get_content(), body)
 
 
 class SpoolTest(MailTestCase):
@@ -197,24 +162,42 @@ class SpoolTest(MailTestCase):
 
 class SMTPTest(MailTestCase):
 
-    def test_smtp_delivers(self):
-        server = start_smtp_server(self)
-        receivers = ['a@example.org', 'b@example.org']
-        mail = {'method': 'smtp', 'smtp': server.address, 'from': SENDER}
-        done = sendmail.send(SUBJECT, BODY, receivers, mail, self.log_dir)
-        self.assertEqual(done, 'sent via smtp %s' % server.address)
-        (sender, got_receivers, lines), = server.messages
-        self.assertEqual(sender, SENDER)
-        self.assertEqual(got_receivers, receivers)
-        self.assertTrue(all(line.endswith(b'\r\n') for line in lines))
-        self.assert_message(parse(b''.join(lines)), receivers)
+    def test_smtp_delivers_into_a_local_mailbox(self):
+        postfix = self.real_mta()
+        receivers = [self.address]
+        mail = {'method': 'smtp', 'smtp': postfix.address, 'from': SENDER}
+        for body in (BODY, DOTS_BODY):
+            done = sendmail.send(SUBJECT, body, receivers, mail, self.log_dir)
+            self.assertEqual(done, 'sent via smtp %s' % postfix.address)
+        # Headers and bodies as built (the '.' lines survived SMTP's
+        # dot-stuffing), the envelope sender is `from`.
+        messages = postfix.wait_for_mail(self.user, 2)
+        for message, body in zip(messages, (BODY, DOTS_BODY)):
+            self.assert_message(message, receivers, body)
+            self.assertEqual(message['Return-Path'], '<%s>' % SENDER)
+            self.assertIn('with ESMTP', message['Received'])
+        self.assertEqual(messages[1]['Content-Transfer-Encoding'], '7bit')
+        self.assertFalse(os.path.exists(self.queue))
+
+    def test_smtp_partly_refused_is_sent_not_queued(self):
+        # Retrying would duplicate the mail for those who got it.
+        postfix = self.real_mta()
+        mail = {'method': 'smtp', 'smtp': postfix.address, 'from': SENDER}
+        done = sendmail.send(SUBJECT, BODY, [self.address,
+                                             'no-such-user@localhost'],
+                             mail, self.log_dir)
+        self.assertEqual(done, 'sent via smtp %s (refused: '
+                         'no-such-user@localhost)' % postfix.address)
+        [message] = postfix.wait_for_mail(self.user, 1)
+        self.assertEqual(message['Subject'], SUBJECT)
         self.assertFalse(os.path.exists(self.queue))
 
     def test_failure_queues_and_flush_delivers_oldest_first(self):
+        postfix = self.real_mta()
         down = {'method': 'smtp', 'smtp': closed_port(self), 'from': SENDER}
         for subject in ('first', 'second'):
             with self.assertRaises(sendmail.MailError) as caught:
-                sendmail.send(subject, BODY, ['a@example.org'], down,
+                sendmail.send(subject, BODY, [self.address], down,
                               self.log_dir)
             self.assertIn('message queued as %s/' % self.queue,
                           str(caught.exception))
@@ -226,14 +209,16 @@ class SMTPTest(MailTestCase):
         self.assertEqual(sendmail.flush_queue(down, self.log_dir), (0, 2))
         self.assertEqual(message_files(self.queue), names)
 
-        server = start_smtp_server(self)
-        up = dict(down, smtp=server.address)
+        up = dict(down, smtp=postfix.address)
         self.assertEqual(sendmail.flush_queue(up, self.log_dir), (2, 0))
         self.assertEqual(message_files(self.queue), [])
-        self.assertEqual([parse(b''.join(lines))['Subject']
-                          for _, _, lines in server.messages],
+        messages = postfix.wait_for_mail(self.user, 2)
+        self.assertEqual([m['Subject'] for m in messages],
                          ['first', 'second'])
-        self.assertEqual(server.messages[0][:2], (SENDER, ['a@example.org']))
+        for message in messages:
+            self.assertEqual(message['Return-Path'], '<%s>' % SENDER)
+            self.assertEqual(message['To'], self.address)
+            self.assertEqual(message.get_content(), BODY)
         self.assertEqual(sendmail.flush_queue(up, self.log_dir), (0, 0))
 
     def test_flush_into_spool(self):
@@ -252,15 +237,33 @@ class SMTPTest(MailTestCase):
 
 class SendmailProgramTest(MailTestCase):
 
-    def test_sendmail_gets_receivers_and_message(self):
-        mail = {'sendmail': self.fake_sendmail(), 'from': SENDER}
-        receivers = ['root', 'admin@example.org']
-        done = sendmail.send(SUBJECT, BODY, receivers, mail, self.log_dir)
-        self.assertEqual(done, 'sent via sendmail %s' % mail['sendmail'])
-        with open(os.path.join(self.tmp, 'argv')) as f:
-            self.assertEqual(f.read().splitlines(), ['-i', '--'] + receivers)
-        self.assert_message(read_message(os.path.join(self.tmp, 'stdin')),
-                            receivers)
+    def test_sendmail_program_delivers_into_a_local_mailbox(self):
+        # The real /usr/sbin/sendmail of Postfix, run by the command line
+        # as cron runs it; MAIL_CONFIG points it at the private instance.
+        postfix = self.real_mta()
+        config = os.path.join(self.tmp, 'backup.ini')
+        with open(config, 'w') as f:
+            f.write('[server]\nlog_dir = %s\n\n[mail]\nmethod = sendmail\n'
+                    'sendmail = %s\nfrom = %s\n'
+                    % (self.log_dir, postfix.SENDMAIL, SENDER))
+        env = support.isolated_env(os.path.join(self.tmp, 'home'))
+        env.update(postfix.env())
+        for body in (BODY, DOTS_BODY):
+            result = subprocess.run(
+                [sys.executable, os.path.join(ROOT, 'sendmail.py'), '-v',
+                 '--config', config, SUBJECT, '-', self.address],
+                input=body.encode('utf-8'), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=env, cwd=self.tmp, timeout=60)
+            self.assertEqual(
+                (result.returncode, result.stdout, result.stderr),
+                (0, b'sent via sendmail %s\n' % postfix.SENDMAIL.encode(),
+                 b''))
+        messages = postfix.wait_for_mail(self.user, 2)
+        # -i: the line with a single '.' did not end the message early.
+        for message, body in zip(messages, (BODY, DOTS_BODY)):
+            self.assert_message(message, [self.address], body)
+            self.assertIn('Postfix, from userid %d' % os.getuid(),
+                          message['Received'])
         self.assertFalse(os.path.exists(self.queue))
 
     def test_failing_sendmail_queues_then_flush(self):
@@ -434,22 +437,23 @@ class CommandLineTest(MailTestCase):
         self.assertFalse(os.path.exists(self.log_dir))
 
     def test_failure_then_flush(self):
+        postfix = self.real_mta()
         down = self.write_config({'method': 'smtp', 'from': SENDER,
                                   'smtp': closed_port(self)})
         self.assert_error(self.main('--config', down, SUBJECT,
-                                    self.write_body(), 'root'),
+                                    self.write_body(), self.address),
                           1, 'queued as %s/' % re.escape(self.queue))
         status, out, err = self.main('--config', down, '--flush')
         self.assertEqual((status, out, err),
                          (1, '0 sent, 1 still queued in %s\n' % self.queue, ''))
 
-        server = start_smtp_server(self)
-        up = self.write_config({'method': 'smtp', 'smtp': server.address,
+        up = self.write_config({'method': 'smtp', 'smtp': postfix.address,
                                 'from': SENDER})
         status, out, err = self.main('--config', up, '--flush')
         self.assertEqual((status, out, err),
                          (0, '1 sent, 0 still queued in %s\n' % self.queue, ''))
-        self.assertEqual(len(server.messages), 1)
+        [message] = postfix.wait_for_mail(self.user, 1)
+        self.assertEqual(message['Subject'], SUBJECT)
         self.assertEqual(self.main('--config', up, '--flush'), (0, '', ''))
 
     def test_help(self):
