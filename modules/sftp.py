@@ -150,8 +150,13 @@ def sftp_get(ctx, remote, local, max_size=None):
         raise error(message)
     if proc.returncode != 0:
         # sftp exits 255 when ssh cannot connect or authenticate, and 1
-        # with a message when the connection drops in the middle.
+        # with a message when the connection drops in the middle; killed
+        # by a signal (SIGPIPE from a dead ssh) it says nothing.  A file
+        # that had started to arrive and then failed is a cut connection,
+        # whatever the wording: an outage, not a bad request.
+        started = os.path.exists(local) and os.path.getsize(local) > 0
         error = ctx.Unreachable if proc.returncode == 255 or \
+            proc.returncode < 0 or started or \
             ctx.connection_lost(stderr) else ctx.TransientError
         raise error(
             f'sftp from {target} port {ctx.settings["sftp_port"]} '
