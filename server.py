@@ -1516,6 +1516,11 @@ PROM_HELP = {
         'Node time (Unix seconds) of the last restore drill of a source.',
     'gitbackup_last_drill_success':
         'Whether the last restore drill of a source passed (1) or not (0).',
+    'gitbackup_offsite_pending_snapshots':
+        'Good snapshots of a client not yet verified in the offsite copy.',
+    'gitbackup_offsite_lag_seconds':
+        'Age of the oldest snapshot of a client not yet offsite (0: the '
+        'offsite copy is up to date).',
     'gitbackup_report_timestamp_seconds':
         'When this report was made (node time).',
 }
@@ -2118,6 +2123,11 @@ def report_prometheus(report):
             (f'{{client="{client}"}}', STATUS_NAMES.index(c['status'])))
         samples['gitbackup_stale_after_seconds'].append(
             (f'{{client="{client}"}}', c['stale_after_seconds']))
+        if c.get('offsite'):
+            samples['gitbackup_offsite_pending_snapshots'].append(
+                (f'{{client="{client}"}}', c['offsite']['pending']))
+            samples['gitbackup_offsite_lag_seconds'].append(
+                (f'{{client="{client}"}}', c['offsite']['lag_seconds']))
         for r in c['sources']:
             labels = (f'{{client="{client}",source="'
                       f'{prometheus_label(r["source"])}"}}')
@@ -2604,11 +2614,23 @@ def report_html_rows(report, now):
                        'xfer < 1s' if facts['transfers'] else '',
                        f'{facts["failures"]} failed' if facts['failures']
                        else '',
-                       f'{facts["gaps"]} gap(s)' if facts['gaps'] else '']
+                       f'{facts["gaps"]} gap(s)' if facts['gaps'] else '',
+                       offsite_caption(c.get('offsite'))]
             rows.append((level, c['client'], source, cells, svg,
                          ' · '.join(p for p in caption if p), problems))
     rows.sort(key=lambda row: (-row[0], row[1], row[2]))
     return rows
+
+
+def offsite_caption(lag):
+    """The status page's word on a client's offsite copy ('' without
+    [offsite])."""
+    if not lag:
+        return ''
+    if not lag['pending']:
+        return 'offsite up to date'
+    return (f'offsite: {lag["pending"]} behind, oldest '
+            f'{human_age(lag["lag_seconds"])}')
 
 
 REPORT_HTML_STYLE = '''

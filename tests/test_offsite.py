@@ -331,7 +331,18 @@ class OffsiteTest(unittest.TestCase):
         newest = os.path.basename(self.snapshots()[-1])
         self.assertEqual(lag['newest_pending'], f'files/{SOURCE}/{newest}')
         self.assertIsInstance(lag['newest_pending_age_seconds'], int)
+        prom = self.server('report', '--format', 'prometheus').stdout
+        self.assertIn(f'gitbackup_offsite_pending_snapshots{{client='
+                      f'"{CLIENT}"}} 2\n', prom)
+        self.assertRegex(prom, r'gitbackup_offsite_lag_seconds\{client="'
+                         + CLIENT + r'"\} \d+\n')
+        page = self.server('report', '--format', 'html').stdout
+        self.assertIn('offsite: 2 behind, oldest', page)
         self.server('offsite')
+        self.assertIn(f'gitbackup_offsite_lag_seconds{{client="{CLIENT}"}} 0\n',
+                      self.server('report', '--format', 'prometheus').stdout)
+        self.assertIn('offsite up to date',
+                      self.server('report', '--format', 'html').stdout)
         text = self.server('report').stdout
         self.assertIn('Offsite (offsite:gitbackup):', text)
         self.assertIn(f'{CLIENT}: up to date', text)
