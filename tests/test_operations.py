@@ -388,7 +388,7 @@ class OperationsTest(unittest.TestCase):
 
     def test_report_counts_failed_and_pending_requests(self):
         key = '0' * 40 + '-RQ20260101T000000.000000Z-1-0001-fs'
-        line = f'sftp 20260101T000000Z backup@127.0.0.1:/x/a.tgz source=app'
+        line = 'sftp 20260101T000000Z backup@127.0.0.1:/x/a.tgz source=app'
         self.make_pool_file('X', key, line)
         self.make_pool_file('RQ', '1' * 40 + '-RQx-fs', line)
         journal = os.path.join(self.node, 'data', CLIENT, 'results.jsonl')
