@@ -1003,22 +1003,31 @@ class NodeResults:
         return late
 
     def status(self, out):
+        """Counts per request, not per node-side part: one `postgresdb
+        all` is one request the node stores as several parts (each
+        database, the globals) in one snapshot.  A request counts as
+        failed when any part failed."""
         results = self.read()
-        outcomes = [r for parts in results.values() for r in parts.values()]
-        stored = [r for r in outcomes if r.get('outcome') == 'stored']
-        failed = [r for r in outcomes if r.get('outcome') == 'failed']
+        outcome = {request_id: 'failed' if any(
+            r.get('outcome') == 'failed' for r in parts.values())
+            else 'stored' for request_id, parts in results.items()}
         unconfirmed = self.unconfirmed(results)
-        out.write(f'  node stored {len(stored)}, node failed '
-                  f'{len(failed)}, not yet confirmed {len(unconfirmed)}\n')
+        out.write(f'  node stored {list(outcome.values()).count("stored")}, '
+                  f'node failed {list(outcome.values()).count("failed")}, '
+                  f'not yet confirmed {len(unconfirmed)}\n')
         late = read_json(self.unconfirmed_path, [])
         if late:
             out.write(f'  unconfirmed after {self.settings["confirm_after"]}: '
                       f'{" ".join(late[:10])}\n')
-        for r in sorted(outcomes, key=lambda r: r['finished'])[-5:]:
+        newest = sorted(results.items(), key=lambda item: max(
+            r['finished'] for r in item[1].values()))[-5:]
+        for request_id, parts in newest:
+            last = max(parts.values(), key=lambda r: r['finished'])
             # What a node wrote never reaches the terminal raw.
-            detail = clean_text(r.get('stored') or r.get('reason') or '')
-            out.write(f'  {r["finished"]} {request_id_of(r["request"])} '
-                      f'{r["outcome"]} {detail}\n')
+            detail = clean_text(last.get('stored') or last.get('reason') or '')
+            count = f' ({len(parts)} parts)' if len(parts) > 1 else ''
+            out.write(f'  {last["finished"]} {request_id} '
+                      f'{outcome[request_id]}{count} {detail}\n')
 
 
 class NodeLink:

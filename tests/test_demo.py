@@ -32,8 +32,11 @@ class DemoTest(unittest.TestCase):
                                 3)
         self.assertIn('identical', out)
         self.assertIn('gitbackup report of node n1', out)
-        self.assertIn('node stored 5, node failed 0, not yet confirmed 0',
+        # Three requests (a tree, a git repository, `postgresdb all`);
+        # the database request is stored as three parts in one snapshot.
+        self.assertIn('node stored 3, node failed 0, not yet confirmed 0',
                       out)
+        self.assertRegex(out, r'-0001 stored \(3 parts\) .*/postgresdb/')
 
 
 if __name__ == '__main__':
