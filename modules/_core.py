@@ -135,6 +135,8 @@ SCHEMA = {
         'connect_timeout': '30s',
         'stall_timeout': '10m',
         'max_commits_per_push': '10000',
+        # Refs (branches, tags, notes) one mirrored git repository may have.
+        'max_refs': '10000',
     },
     'client *': {
         'sftp': '',
@@ -147,6 +149,7 @@ SCHEMA = {
         'keep_monthly': '',
         'quota': '',
         'bwlimit': '',
+        'max_refs': '',
         'expect': '',
         'admin': '',
     },
@@ -176,7 +179,7 @@ SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
 INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
             'max_requests_per_push', 'sftp_port', 'keep_daily',
             'keep_weekly', 'keep_monthly', 'transfers', 'jobs',
-            'max_commits_per_push', 'bwlimit'}
+            'max_commits_per_push', 'bwlimit', 'max_refs'}
 
 
 # --------------------------------------------------------------------------

@@ -55,7 +55,9 @@ MIRRORED = ('refs/heads/', 'refs/tags/', 'refs/notes/')
 PRESERVED = 'refs/preserved/'
 # The refs before a fetch, kept until their changes are preserved.
 SNAPSHOT = 'gitbackup-refs-before-fetch'
-ZERO = '0' * 40
+# Moved refs that the bulk walk cannot decide get one merge-base each, up
+# to this many (see moved_forward).
+MAX_ANCESTRY_CHECKS = 16
 
 
 # --------------------------------------------------------------------------
@@ -232,6 +234,7 @@ def hardening(protocols):
 
 
 def git(ctx, mirror, *args, check=True, **kwargs):
+    kwargs.setdefault('timeout', ctx.timeout)
     proc = ctx.run(['git', f'--git-dir={mirror}', *args], check=False,
                    **kwargs)
     if check and proc.returncode != 0:
@@ -279,20 +282,40 @@ def fetch_process(ctx, mirror, url, protocols):
                    timeout=ctx.timeout)
 
 
-def follow_head(ctx, mirror, url, protocols, refs):
+def remote_refs(ctx, url, protocols):
+    """One ls-remote before the fetch: (the branch HEAD names or None,
+    how many refs the fetch would mirror), or (None, None) when it fails
+    (the fetch then says why)."""
+    proc = ctx.run(['git', *hardening(protocols), 'ls-remote', '--symref',
+                    '--', url], env=git_environment(ctx, protocols),
+                   check=False, timeout=ctx.timeout)
+    if proc.returncode != 0:
+        ctx.log.debug('ls-remote %s: %s', url, proc.stderr.strip()[-300:])
+        return None, None
+    m = re.search(r'^ref: (refs/heads/\S+)\tHEAD$', proc.stdout, re.M)
+    count = 0
+    for line in proc.stdout.splitlines():
+        ref = line.partition('\t')[2]
+        if ref.startswith(MIRRORED) and not ref.endswith('^{}'):
+            count += 1
+    return (m.group(1) if m else None), count
+
+
+def check_ref_count(ctx, url, count):
+    """Refuse a repository with more refs than max_refs: each costs the
+    node work at every fetch and a file or line in the mirror."""
+    cap = ctx.settings['max_refs']
+    if cap and count is not None and count > cap:
+        ctx.refuse(f'{url} has {count} refs (branches, tags, notes), more '
+                   f'than max_refs {cap} ([client {ctx.client}] max_refs or '
+                   '[server] max_refs); the mirror was not changed')
+
+
+def follow_head(ctx, mirror, head, refs):
     """Point the mirror's HEAD where the client's points (for cgit and
-    clones); a failure here costs nothing but a warning."""
-    proc = ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
-                    'ls-remote', '--symref', '--', url, 'HEAD'],
-                   env=git_environment(ctx, protocols), check=False,
-                   timeout=min(ctx.timeout, 300))
-    m = re.match(r'ref: (refs/heads/\S+)\tHEAD$', proc.stdout, re.M)
-    if proc.returncode != 0 or not m:
-        ctx.log.debug('%s: no HEAD from %s: %s', mirror, url,
-                      proc.stderr.strip()[-300:])
-        return
-    if m.group(1) in refs:
-        git(ctx, mirror, 'symbolic-ref', 'HEAD', m.group(1))
+    clones); without an answer from the client it stays as it is."""
+    if head in refs:
+        git(ctx, mirror, 'symbolic-ref', 'HEAD', head)
 
 
 def node_stamp():
@@ -301,44 +324,121 @@ def node_stamp():
 
 
 def preserve(ctx, mirror, before, after):
-    """Keep the old tip of every ref that was deleted or rewritten."""
-    already = {}
+    """Keep the old tip of every ref that was deleted or rewritten, all
+    created by one ``update-ref --stdin`` transaction; the number of git
+    processes does not grow with the number of refs (moved_forward)."""
+    already, stamps = {}, set()
     for ref, sha in list_refs(ctx, mirror, (PRESERVED,)).items():
-        original = ref.split('/', 3)[3] if ref.count('/') >= 3 else ''
-        already.setdefault(original, set()).add(sha)
+        parts = ref.split('/', 3)
+        if len(parts) == 4:
+            stamps.add(parts[2])
+            already.setdefault(parts[3], set()).add(sha)
+    changed = {ref: (old, after.get(ref)) for ref, old in before.items()
+               if after.get(ref) != old and old not in already.get(ref, ())}
+    # A moved tag is always kept; a moved branch or notes ref only when
+    # its new tip does not contain the old one (a fast-forward loses
+    # nothing).
+    forward = moved_forward(ctx, mirror, {
+        ref: pair for ref, pair in changed.items()
+        if pair[1] is not None and not ref.startswith('refs/tags/')})
+    lost = {ref: old for ref, (old, _) in sorted(changed.items())
+            if ref not in forward}
+    if not lost:
+        return []
     stamp = node_stamp()
-    kept = []
-    for ref, old in sorted(before.items()):
-        new = after.get(ref)
-        if new == old or old in already.get(ref, ()):
-            continue
-        if new is not None and not ref.startswith('refs/tags/') and git(
-                ctx, mirror, 'merge-base', '--is-ancestor', old, new,
-                check=False).returncode == 0:
-            continue        # a fast-forward loses nothing
-        for n in range(1, 20):
-            name = f'{PRESERVED}{stamp if n == 1 else f"{stamp}.{n}"}/{ref}'
-            if git(ctx, mirror, 'update-ref', '-m', 'gitbackup: preserved',
-                   name, old, ZERO, check=False).returncode == 0:
-                break
-        else:
-            raise ctx.TransientError(f'{mirror}: cannot create a preserved '
-                                     f'ref for {ref} at {old}')
-        what = 'deleted' if new is None else 'rewritten'
+    stamp = next(s for s in (stamp, *(f'{stamp}.{n}' for n in
+                                      range(2, len(stamps) + 3)))
+                 if s not in stamps)
+    names = {ref: f'{PRESERVED}{stamp}/{ref}' for ref in lost}
+    # One transaction: all preserved refs exist, or none and a retry.
+    proc = git(ctx, mirror, 'update-ref', '-m', 'gitbackup: preserved',
+               '--stdin', check=False, input=''.join(
+                   f'create {names[ref]} {old}\n' for ref, old in lost.items()))
+    if proc.returncode != 0:
+        raise ctx.TransientError(
+            f'{mirror}: cannot create {len(lost)} preserved refs: '
+            f'{proc.stderr.strip()[-500:]}')
+    for n, (ref, old) in enumerate(lost.items()):
+        if n == 10:
+            ctx.log.warning('%s: %s: %d more refs rewritten or deleted, old '
+                            'tips kept below %s%s/', ctx.client, mirror,
+                            len(lost) - n, PRESERVED, stamp)
+            break
+        what = 'deleted' if changed[ref][1] is None else 'rewritten'
         ctx.log.warning('%s: %s: %s by the client; old tip %s kept as %s',
-                        ctx.client, mirror, what, old[:12], name)
-        kept.append(name)
-    return kept
+                        ctx.client, mirror, what, old[:12], names[ref])
+    return list(names.values())
+
+
+def moved_forward(ctx, mirror, moved):
+    """The refs of moved ({ref: (old tip, new tip)}) whose new tip
+    contains the old one.
+
+    One ``rev-list`` walks from the new and old tips down to the old tips'
+    parents: what the fetch added and what was rewritten, not the whole
+    history.  An old tip that is in the walk is an ancestor of a new tip
+    exactly when a path inside the walk leads there (every commit on such
+    a path descends from it, so none is cut off); ``reachable_olds``
+    follows the paths for all old tips at once, as bit sets.  An old tip
+    below another old tip's parent is not in the walk: up to
+    MAX_ANCESTRY_CHECKS such refs get a ``merge-base --is-ancestor``
+    each, the others count as rewritten (a spare preserved ref costs
+    nothing, a lost tip everything)."""
+    if not moved:
+        return set()
+    olds = sorted({old for old, _ in moved.values()})
+    starts = sorted({new for _, new in moved.values()} | set(olds))
+    walk = git(ctx, mirror, 'rev-list', '--parents', '--topo-order',
+               '--stdin', check=False, input=''.join(
+                   [f'{c}\n' for c in starts] + [f'^{c}^@\n' for c in olds]))
+    if walk.returncode != 0:
+        ctx.log.warning('%s: rev-list failed, every moved ref counts as '
+                        'rewritten: %s', mirror, walk.stderr.strip()[-300:])
+        return set()
+    bits, reach = reachable_olds(walk.stdout, olds)
+    forward, hidden = set(), []
+    for ref, (old, new) in sorted(moved.items()):
+        if old not in reach:
+            hidden.append(ref)
+        elif reach.get(new, 0) & bits[old]:
+            forward.add(ref)
+    for ref in hidden[:MAX_ANCESTRY_CHECKS]:
+        old, new = moved[ref]
+        if git(ctx, mirror, 'merge-base', '--is-ancestor', old, new,
+               check=False).returncode == 0:
+            forward.add(ref)
+    if len(hidden) > MAX_ANCESTRY_CHECKS:
+        ctx.log.info('%s: %d moved refs preserved without an ancestry '
+                     'check', mirror, len(hidden) - MAX_ANCESTRY_CHECKS)
+    return forward
+
+
+def reachable_olds(walk, olds):
+    """({old: its bit}, {commit: bits of the old tips it reaches}) from
+    ``rev-list --parents --topo-order`` output (children first, so read
+    backwards every parent comes before its children)."""
+    bits = {old: 1 << n for n, old in enumerate(olds)}
+    reach = {}
+    for line in reversed(walk.splitlines()):
+        commit, *parents = line.split()
+        found = bits.get(commit, 0)
+        for parent in parents:
+            found |= reach.get(parent, 0)
+        if found:
+            reach[commit] = found
+    return bits, reach
 
 
 def create_mirror(ctx, mirror, url, protocols):
     """First backup: an empty bare repository under a temporary name,
     filled by the same hardened fetch, then renamed into place."""
+    head, count = remote_refs(ctx, url, protocols)
+    check_ref_count(ctx, url, count)
     parent = os.path.dirname(mirror)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, '.' + os.path.basename(mirror) + '.incoming')
     shutil.rmtree(tmp, ignore_errors=True)
-    ctx.run(['git', 'init', '--quiet', '--bare', tmp])
+    ctx.run(['git', 'init', '--quiet', '--bare', tmp], timeout=ctx.timeout)
     for key, value in (('core.logAllRefUpdates', 'true'),
                        ('transfer.fsckObjects', 'true'),
                        ('fetch.fsckObjects', 'true'),
@@ -346,10 +446,29 @@ def create_mirror(ctx, mirror, url, protocols):
         git(ctx, tmp, 'config', key, value)
     fetch(ctx, tmp, url, protocols)
     refs = list_refs(ctx, tmp)
-    follow_head(ctx, tmp, url, protocols, refs)
+    if over_cap(ctx, refs):
+        # More refs than ls-remote showed: the client added some meanwhile.
+        shutil.rmtree(tmp)
+        check_ref_count(ctx, url, len(refs))
+    follow_head(ctx, tmp, head, refs)
     os.rename(tmp, mirror)
     ctx.fsync_dir(parent)
     return refs
+
+
+def over_cap(ctx, refs):
+    return bool(ctx.settings['max_refs']) and \
+        len(refs) > ctx.settings['max_refs']
+
+
+def restore_refs(ctx, mirror, before, after):
+    """Put the mirrored refs back as they were before the fetch, in one
+    transaction (a fetch that brought more than max_refs)."""
+    lines = [f'update {ref} {sha}\n' for ref, sha in sorted(before.items())
+             if after.get(ref) != sha]
+    lines += [f'delete {ref}\n' for ref in sorted(after) if ref not in before]
+    git(ctx, mirror, 'update-ref', '-m', 'gitbackup: over max_refs',
+        '--stdin', input=''.join(lines))
 
 
 def update_mirror(ctx, mirror, url, protocols):
@@ -365,14 +484,22 @@ def update_mirror(ctx, mirror, url, protocols):
                 if ref.startswith(MIRRORED):
                     old[ref] = sha
         preserved += preserve(ctx, mirror, old, list_refs(ctx, mirror))
+        os.unlink(snapshot)
+    head, count = remote_refs(ctx, url, protocols)
+    check_ref_count(ctx, url, count)
     before = list_refs(ctx, mirror)
     ctx.atomic_write(snapshot, ''.join(f'{sha} {ref}\n'
                                        for ref, sha in before.items()))
     fetch(ctx, mirror, url, protocols)
     after = list_refs(ctx, mirror)
+    if over_cap(ctx, after):
+        # The client added refs after ls-remote: undo, then refuse.
+        restore_refs(ctx, mirror, before, after)
+        os.unlink(snapshot)
+        check_ref_count(ctx, url, len(after))
     preserved += preserve(ctx, mirror, before, after)
     os.unlink(snapshot)
-    follow_head(ctx, mirror, url, protocols, after)
+    follow_head(ctx, mirror, head, after)
     return after, preserved
 
 
