@@ -36,6 +36,8 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 import time
 
 # Protocols a node may ever fetch with; [server] git_protocols picks among
@@ -256,12 +258,9 @@ def list_refs(ctx, mirror, prefixes=MIRRORED):
 
 
 def fetch(ctx, mirror, url, protocols):
-    try:
-        proc = fetch_process(ctx, mirror, url, protocols)
-    except ctx.CommandFailed as e:
-        # command_timeout passed: the client is treated as unreachable for
-        # the rest of the run (its other requests wait).
-        raise ctx.TimedOut(f'git fetch from {url}: {e}') from None
+    # A stall or command_timeout raises TimedOut: the client is treated as
+    # unreachable for the rest of the run (its other requests wait).
+    proc = fetch_process(ctx, mirror, url, protocols)
     if proc.returncode != 0:
         # Cannot connect at all: the client is down, not the request bad.
         error = ctx.Unreachable if ctx.connection_lost(proc.stderr) \
@@ -275,20 +274,89 @@ def fetch(ctx, mirror, url, protocols):
 
 
 def fetch_process(ctx, mirror, url, protocols):
-    return ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
-                    'fetch', '--prune', '--no-recurse-submodules', '--quiet',
-                    '--', url, *REFSPECS],
-                   env=git_environment(ctx, protocols), check=False,
-                   timeout=ctx.timeout)
+    return run_transfer(ctx, ['git', *hardening(protocols),
+                              f'--git-dir={mirror}', 'fetch', '--prune',
+                              '--no-recurse-submodules', '--quiet', '--',
+                              url, *REFSPECS],
+                        git_environment(ctx, protocols), f'git fetch from {url}')
+
+
+def run_transfer(ctx, args, env, what):
+    """Run a git command that talks to the client, like ctx.run with
+    check=False, but stopped (its whole process group) when none of its
+    processes has read a byte for [server] stall_timeout, or after
+    command_timeout: git:// and ssh have no stall bound of their own (git's
+    low-speed limit covers http only).  Raises ctx.TimedOut."""
+    stall = ctx.config.get_duration('server', 'stall_timeout', '10m')
+    ctx.log.debug('running: %s', ' '.join(args))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise ctx.ModuleError('git: not installed or not in PATH') \
+                from None
+        stopped = watch_reads(ctx, proc, stall)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(
+            args, proc.returncode,
+            out.read().decode('utf-8', 'surrogateescape'),
+            err.read().decode('utf-8', 'replace'))
+    if stopped:
+        raise ctx.TimedOut(f'{what}: {stopped}; stopped')
+    return result
+
+
+def watch_reads(ctx, proc, stall):
+    """Wait for proc; kill its process group when it read nothing for
+    stall seconds or outlived ctx.timeout.  Returns why, or None."""
+    deadline = time.monotonic() + ctx.timeout
+    last_read, last_progress = -1, time.monotonic()
+    while proc.poll() is None:
+        now = time.monotonic()
+        read = bytes_read(proc.pid)
+        if read != last_read:
+            last_read, last_progress = read, now
+        why = None
+        if now > deadline:
+            why = f'still running after {ctx.timeout} s ([server] ' \
+                  'command_timeout)'
+        elif now - last_progress > stall:
+            why = f'no data for {stall} s ([server] stall_timeout)'
+        if why:
+            ctx.kill_tree(proc)
+            return why
+        time.sleep(0.2)
+    return None
+
+
+def bytes_read(group):
+    """Bytes read so far by the processes of a process group (git, its
+    ssh, index-pack...), from /proc.  Where /proc tells nothing, a value
+    that always changes: then only command_timeout bounds the transfer."""
+    total, seen = 0, False
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                if int(f.read().rpartition(')')[2].split()[2]) != group:
+                    continue
+            with open(f'/proc/{pid}/io') as f:
+                total += int(f.read().split('rchar:')[1].split()[0])
+                seen = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if seen else time.monotonic()
 
 
 def remote_refs(ctx, url, protocols):
     """One ls-remote before the fetch: (the branch HEAD names or None,
     how many refs the fetch would mirror), or (None, None) when it fails
     (the fetch then says why)."""
-    proc = ctx.run(['git', *hardening(protocols), 'ls-remote', '--symref',
-                    '--', url], env=git_environment(ctx, protocols),
-                   check=False, timeout=ctx.timeout)
+    proc = run_transfer(ctx, ['git', *hardening(protocols), 'ls-remote',
+                              '--symref', '--', url],
+                        git_environment(ctx, protocols), f'git ls-remote {url}')
     if proc.returncode != 0:
         ctx.log.debug('ls-remote %s: %s', url, proc.stderr.strip()[-300:])
         return None, None

@@ -545,6 +545,53 @@ class RedirectTest(HostileTestCase):
         self.assert_contained()
 
 
+def processes_with(text):
+    """[(pid, argv)] of any process whose command line holds text."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                argv = f.read().decode(errors='replace').split('\0')
+        except OSError:
+            continue
+        if text in ' '.join(argv):
+            found.append((int(pid), argv))
+    return found
+
+
+class GitStallTest(HostileTestCase):
+    """A client whose git daemon accepts and never answers: git:// has no
+    stall bound of its own, so before this the fetch waited for
+    command_timeout (default 6 h)."""
+    outcome = HostileRequestTest.outcome
+
+    def test_git_fetch_from_a_tarpit_stops_after_stall_timeout(self):
+        tarpit = Tarpit(self)
+        url = f'git://127.0.0.1:{tarpit.port}'
+        set_config(self.p, 'server', 'git_protocols', 'git')
+        set_config(self.p, 'server', 'stall_timeout', '2s')
+        set_config(self.p, f'client {CLIENT}', 'git', url)
+        commit = self.forge.push_tree(self.forge.files({
+            'RQ1ok': f'dummy {TS} still processed\n',
+            'RQ2git': f'git {url}/repo.git\n'}))
+        start = time.monotonic()
+        proc = self.p.server('run', check=False)
+        elapsed = time.monotonic() - start
+        self.assertLess(elapsed, 15, proc.stderr)
+        self.assertEqual(self.outcome(f'{commit}-RQ1ok')[0], 'F')
+        # A timeout costs an attempt; the request waits for the next run.
+        self.assertEqual(self.outcome(f'{commit}-RQ2git')[0], 'RQ')
+        self.assertIn('no data for 2 s ([server] stall_timeout)',
+                      self.node_log())
+        self.assertFalse(os.path.exists(os.path.join(
+            self.p.node_dir, 'data', CLIENT, 'git', 'repo.git')))
+        time.sleep(0.5)
+        self.assertEqual(processes_with(f':{tarpit.port}'), [])
+        self.assertEqual(tarpit.still_connected(), 0)
+        self.assertEqual(len(tarpit.connections), 1)
+        self.assert_contained()
+
+
 class ManyRefsTest(unittest.TestCase):
     """A served repository with many refs: rewriting them all costs the
     node a few git processes, and a repository with more than max_refs is
