@@ -592,6 +592,71 @@ class GitStallTest(HostileTestCase):
         self.assert_contained()
 
 
+class NetworkAttackerTest(unittest.TestCase):
+    """Someone on the path between client and node: ssh's pinned host
+    keys stop a man in the middle on both ssh legs, and what git:// (not
+    authenticated) serves must hold the tip the client announced."""
+
+    def foreign_host_key(self, p):
+        """known_hosts now pins another key for the sshd's address: what
+        ssh sees when someone else answers there."""
+        mitm = os.path.join(p.root, 'mitm')
+        if not os.path.exists(mitm):
+            support.make_identity(mitm, 'mitm')
+        with open(os.path.join(mitm, 'mitm.pub')) as f:
+            pub = ' '.join(f.read().split()[:2])
+        with open(p.sshd.known_hosts) as f:
+            pinned = f.read()
+        with open(p.sshd.known_hosts, 'w') as f:
+            f.write(f'[127.0.0.1]:{p.sshd.port} {pub}\n')
+        return pinned
+
+    def test_changed_host_key_refused_both_ways(self):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'f'), 'w') as f:
+            f.write('data\n')
+        p.client('commit', 'app', src)
+        pinned = self.foreign_host_key(p)
+        p.client('send', check=False)
+        self.assertNotIn('F', p.states())
+        self.assertIn('Host key verification failed', client_log(p))
+        self.assertEqual(p.pool('node'), [])
+        with open(p.sshd.known_hosts, 'w') as f:
+            f.write(pinned)
+        p.client('send')
+        self.assertEqual(p.states('node'), {'RQ': 1})
+        self.foreign_host_key(p)
+        p.server('run', check=False)
+        self.assertEqual(p.states('node'), {'RQ': 1})
+        self.assertEqual(p.stored('app'), [])
+        self.assertIn('Host key verification failed', p.node_log())
+
+    def test_git_tip_the_client_announced_is_verified(self):
+        p = ModulePipeline(self)
+        p.start_daemon()
+        set_config(p, 'server', 'max_attempts', '1')
+        bare = p.client_repository('a.git', hook=False)
+        work = p.work_clone(bare)
+        head = p.commit_file(work, 'f', 'the real history\n')
+        p.git('push', '--quiet', 'origin', 'master', cwd=work)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        # What the node reaches over git:// now serves other history.
+        forged = p.git('--git-dir', bare, 'commit-tree', EMPTY_TREE, '-m',
+                       'forged').stdout.strip()
+        p.git('--git-dir', bare, 'update-ref', 'refs/heads/master', forged)
+        proc = p.server('run', check=False)
+        names = [n for n in p.pool('node') if n.endswith('.reason')]
+        self.assertEqual(len(names), 1, (p.pool('node'), proc.stderr))
+        name = names[0]
+        with open(os.path.join(p.node_dir, 'TODO', CLIENT, name)) as f:
+            reason = f.read()
+        self.assertIn(f'announced {head}, but the mirror lacks it', reason)
+        self.assertEqual(p.states('node'), {'X': 1, 'reason': 1})
+
+
 class ManyRefsTest(unittest.TestCase):
     """A served repository with many refs: rewriting them all costs the
     node a few git processes, and a repository with more than max_refs is
