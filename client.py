@@ -69,7 +69,7 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
     load_module, log, mail_admins, mail_summary, new_request_id, older_than,
     pause_point, problem, read_json, remove_listed, setup_logging,
-    sha256_file, timestamp, write_json, fsync_dir)
+    sha256_file, ssh_timeout_options, timestamp, write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -1070,7 +1070,10 @@ class NodeLink:
 
     def git_ssh_env(self):
         # LC_ALL=C: NodeResults.fetch reads git's English error messages.
-        ssh = self.settings['ssh_command']
+        # Bounded connect and keepalives: a node that accepts and never
+        # answers costs connect_timeout, not command_timeout.
+        ssh = ' '.join([self.settings['ssh_command'],
+                        *ssh_timeout_options(self.config, 'client')])
         control = self.control_path()
         if control:
             os.makedirs(self.client.state_dir, exist_ok=True)

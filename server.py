@@ -826,12 +826,14 @@ class Node:
             port = int(section.get('sftp_port') or 22)
             # Kbit/s, as sftp -l takes it; 0 = no cap.
             bwlimit = int(section.get('bwlimit') or server['bwlimit'])
+            # Refs per mirrored git repository; 0 = no cap.
+            max_refs = int(section.get('max_refs') or server['max_refs'])
         except ValueError as e:
             raise ConfigError(f'[client {client}]: {e}') from None
         return {'sftp': sftp, 'sftp_port': port,
                 'sftp_root': section.get('sftp_root') or server['sftp_root'],
                 'git': (section.get('git') or f'git://{client}').rstrip('/'),
-                'quota': quota, 'bwlimit': bwlimit}
+                'quota': quota, 'bwlimit': bwlimit, 'max_refs': max_refs}
 
     def clients(self):
         """Clients with a pool or a repository on this node."""

@@ -99,6 +99,10 @@ SCHEMA = {
         'alert_after': '1h',
         'confirm_after': '1d',
         'command_timeout': '6h',
+        # ssh to the nodes (git push, results fetch): connect and silence
+        # bounds, as the node's.
+        'connect_timeout': '30s',
+        'stall_timeout': '10m',
     },
     'server': {
         'name': REQUIRED,
@@ -135,6 +139,8 @@ SCHEMA = {
         'connect_timeout': '30s',
         'stall_timeout': '10m',
         'max_commits_per_push': '10000',
+        # Refs (branches, tags, notes) one mirrored git repository may have.
+        'max_refs': '10000',
     },
     'client *': {
         'sftp': '',
@@ -147,6 +153,7 @@ SCHEMA = {
         'keep_monthly': '',
         'quota': '',
         'bwlimit': '',
+        'max_refs': '',
         'expect': '',
         'admin': '',
     },
@@ -176,7 +183,7 @@ SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
 INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
             'max_requests_per_push', 'sftp_port', 'keep_daily',
             'keep_weekly', 'keep_monthly', 'transfers', 'jobs',
-            'max_commits_per_push', 'bwlimit'}
+            'max_commits_per_push', 'bwlimit', 'max_refs'}
 
 
 # --------------------------------------------------------------------------
@@ -341,6 +348,19 @@ def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
         err = err if text else err.decode('utf-8', 'replace')
         raise CommandFailed(args, proc.returncode, err, cwd)
     return result
+
+
+def ssh_timeout_options(config, side):
+    """ssh options that bound the connect (TCP and handshake) and detect
+    a peer that stops answering (keepalives), from [side] connect_timeout
+    and stall_timeout; appended after ssh_command's own words, so an
+    admin's explicit -o still wins (ssh keeps an option's first value)."""
+    connect = config.get_duration(side, 'connect_timeout', '30s')
+    stall = config.get_duration(side, 'stall_timeout', '10m')
+    interval = max(1, min(15, stall // 4))
+    return ['-o', f'ConnectTimeout={max(1, connect)}',
+            '-o', f'ServerAliveInterval={interval}',
+            '-o', f'ServerAliveCountMax={max(1, stall // interval)}']
 
 
 def kill_tree(proc):
@@ -1188,16 +1208,7 @@ class ModuleContext:
     clean_text = staticmethod(lambda *a: clean_text(*a))
 
     def ssh_timeout_options(self):
-        """ssh options that bound the connect (TCP and handshake) and
-        detect a peer that stops answering (keepalives), appended after
-        ssh_command's own words, so an admin's explicit -o still wins."""
-        get = self.config.get_duration
-        connect = get(self.side, 'connect_timeout', '30s')
-        stall = get(self.side, 'stall_timeout', '10m')
-        interval = max(1, min(15, stall // 4))
-        return ['-o', f'ConnectTimeout={max(1, connect)}',
-                '-o', f'ServerAliveInterval={interval}',
-                '-o', f'ServerAliveCountMax={max(1, stall // interval)}']
+        return ssh_timeout_options(self.config, self.side)
 
     @staticmethod
     def connection_lost(stderr):

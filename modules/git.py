@@ -36,6 +36,8 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 import time
 
 # Protocols a node may ever fetch with; [server] git_protocols picks among
@@ -55,7 +57,9 @@ MIRRORED = ('refs/heads/', 'refs/tags/', 'refs/notes/')
 PRESERVED = 'refs/preserved/'
 # The refs before a fetch, kept until their changes are preserved.
 SNAPSHOT = 'gitbackup-refs-before-fetch'
-ZERO = '0' * 40
+# Moved refs that the bulk walk cannot decide get one merge-base each, up
+# to this many (see moved_forward).
+MAX_ANCESTRY_CHECKS = 16
 
 
 # --------------------------------------------------------------------------
@@ -232,6 +236,7 @@ def hardening(protocols):
 
 
 def git(ctx, mirror, *args, check=True, **kwargs):
+    kwargs.setdefault('timeout', ctx.timeout)
     proc = ctx.run(['git', f'--git-dir={mirror}', *args], check=False,
                    **kwargs)
     if check and proc.returncode != 0:
@@ -253,12 +258,9 @@ def list_refs(ctx, mirror, prefixes=MIRRORED):
 
 
 def fetch(ctx, mirror, url, protocols):
-    try:
-        proc = fetch_process(ctx, mirror, url, protocols)
-    except ctx.CommandFailed as e:
-        # command_timeout passed: the client is treated as unreachable for
-        # the rest of the run (its other requests wait).
-        raise ctx.TimedOut(f'git fetch from {url}: {e}') from None
+    # A stall or command_timeout raises TimedOut: the client is treated as
+    # unreachable for the rest of the run (its other requests wait).
+    proc = fetch_process(ctx, mirror, url, protocols)
     if proc.returncode != 0:
         # Cannot connect at all: the client is down, not the request bad.
         error = ctx.Unreachable if ctx.connection_lost(proc.stderr) \
@@ -272,27 +274,116 @@ def fetch(ctx, mirror, url, protocols):
 
 
 def fetch_process(ctx, mirror, url, protocols):
-    return ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
-                    'fetch', '--prune', '--no-recurse-submodules', '--quiet',
-                    '--', url, *REFSPECS],
-                   env=git_environment(ctx, protocols), check=False,
-                   timeout=ctx.timeout)
+    return run_transfer(ctx, ['git', *hardening(protocols),
+                              f'--git-dir={mirror}', 'fetch', '--prune',
+                              '--no-recurse-submodules', '--quiet', '--',
+                              url, *REFSPECS],
+                        git_environment(ctx, protocols), f'git fetch from {url}')
 
 
-def follow_head(ctx, mirror, url, protocols, refs):
+def run_transfer(ctx, args, env, what):
+    """Run a git command that talks to the client, like ctx.run with
+    check=False, but stopped (its whole process group) when none of its
+    processes has read a byte for [server] stall_timeout, or after
+    command_timeout: git:// and ssh have no stall bound of their own (git's
+    low-speed limit covers http only).  Raises ctx.TimedOut."""
+    stall = ctx.config.get_duration('server', 'stall_timeout', '10m')
+    ctx.log.debug('running: %s', ' '.join(args))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise ctx.ModuleError('git: not installed or not in PATH') \
+                from None
+        stopped = watch_reads(ctx, proc, stall)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(
+            args, proc.returncode,
+            out.read().decode('utf-8', 'surrogateescape'),
+            err.read().decode('utf-8', 'replace'))
+    if stopped:
+        raise ctx.TimedOut(f'{what}: {stopped}; stopped')
+    return result
+
+
+def watch_reads(ctx, proc, stall):
+    """Wait for proc; kill its process group when it read nothing for
+    stall seconds or outlived ctx.timeout.  Returns why, or None."""
+    deadline = time.monotonic() + ctx.timeout
+    last_read, last_progress = -1, time.monotonic()
+    while proc.poll() is None:
+        now = time.monotonic()
+        read = bytes_read(proc.pid)
+        if read != last_read:
+            last_read, last_progress = read, now
+        why = None
+        if now > deadline:
+            why = f'still running after {ctx.timeout} s ([server] ' \
+                  'command_timeout)'
+        elif now - last_progress > stall:
+            why = f'no data for {stall} s ([server] stall_timeout)'
+        if why:
+            ctx.kill_tree(proc)
+            return why
+        time.sleep(0.2)
+    return None
+
+
+def bytes_read(group):
+    """Bytes read so far by the processes of a process group (git, its
+    ssh, index-pack...), from /proc.  Where /proc tells nothing, a value
+    that always changes: then only command_timeout bounds the transfer."""
+    total, seen = 0, False
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                if int(f.read().rpartition(')')[2].split()[2]) != group:
+                    continue
+            with open(f'/proc/{pid}/io') as f:
+                total += int(f.read().split('rchar:')[1].split()[0])
+                seen = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if seen else time.monotonic()
+
+
+def remote_refs(ctx, url, protocols):
+    """One ls-remote before the fetch: (the branch HEAD names or None,
+    how many refs the fetch would mirror), or (None, None) when it fails
+    (the fetch then says why)."""
+    proc = run_transfer(ctx, ['git', *hardening(protocols), 'ls-remote',
+                              '--symref', '--', url],
+                        git_environment(ctx, protocols), f'git ls-remote {url}')
+    if proc.returncode != 0:
+        ctx.log.debug('ls-remote %s: %s', url, proc.stderr.strip()[-300:])
+        return None, None
+    m = re.search(r'^ref: (refs/heads/\S+)\tHEAD$', proc.stdout, re.M)
+    count = 0
+    for line in proc.stdout.splitlines():
+        ref = line.partition('\t')[2]
+        if ref.startswith(MIRRORED) and not ref.endswith('^{}'):
+            count += 1
+    return (m.group(1) if m else None), count
+
+
+def check_ref_count(ctx, url, count):
+    """Refuse a repository with more refs than max_refs: each costs the
+    node work at every fetch and a file or line in the mirror."""
+    cap = ctx.settings['max_refs']
+    if cap and count is not None and count > cap:
+        ctx.refuse(f'{url} has {count} refs (branches, tags, notes), more '
+                   f'than max_refs {cap} ([client {ctx.client}] max_refs or '
+                   '[server] max_refs); the mirror was not changed')
+
+
+def follow_head(ctx, mirror, head, refs):
     """Point the mirror's HEAD where the client's points (for cgit and
-    clones); a failure here costs nothing but a warning."""
-    proc = ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
-                    'ls-remote', '--symref', '--', url, 'HEAD'],
-                   env=git_environment(ctx, protocols), check=False,
-                   timeout=min(ctx.timeout, 300))
-    m = re.match(r'ref: (refs/heads/\S+)\tHEAD$', proc.stdout, re.M)
-    if proc.returncode != 0 or not m:
-        ctx.log.debug('%s: no HEAD from %s: %s', mirror, url,
-                      proc.stderr.strip()[-300:])
-        return
-    if m.group(1) in refs:
-        git(ctx, mirror, 'symbolic-ref', 'HEAD', m.group(1))
+    clones); without an answer from the client it stays as it is."""
+    if head in refs:
+        git(ctx, mirror, 'symbolic-ref', 'HEAD', head)
 
 
 def node_stamp():
@@ -301,44 +392,121 @@ def node_stamp():
 
 
 def preserve(ctx, mirror, before, after):
-    """Keep the old tip of every ref that was deleted or rewritten."""
-    already = {}
+    """Keep the old tip of every ref that was deleted or rewritten, all
+    created by one ``update-ref --stdin`` transaction; the number of git
+    processes does not grow with the number of refs (moved_forward)."""
+    already, stamps = {}, set()
     for ref, sha in list_refs(ctx, mirror, (PRESERVED,)).items():
-        original = ref.split('/', 3)[3] if ref.count('/') >= 3 else ''
-        already.setdefault(original, set()).add(sha)
+        parts = ref.split('/', 3)
+        if len(parts) == 4:
+            stamps.add(parts[2])
+            already.setdefault(parts[3], set()).add(sha)
+    changed = {ref: (old, after.get(ref)) for ref, old in before.items()
+               if after.get(ref) != old and old not in already.get(ref, ())}
+    # A moved tag is always kept; a moved branch or notes ref only when
+    # its new tip does not contain the old one (a fast-forward loses
+    # nothing).
+    forward = moved_forward(ctx, mirror, {
+        ref: pair for ref, pair in changed.items()
+        if pair[1] is not None and not ref.startswith('refs/tags/')})
+    lost = {ref: old for ref, (old, _) in sorted(changed.items())
+            if ref not in forward}
+    if not lost:
+        return []
     stamp = node_stamp()
-    kept = []
-    for ref, old in sorted(before.items()):
-        new = after.get(ref)
-        if new == old or old in already.get(ref, ()):
-            continue
-        if new is not None and not ref.startswith('refs/tags/') and git(
-                ctx, mirror, 'merge-base', '--is-ancestor', old, new,
-                check=False).returncode == 0:
-            continue        # a fast-forward loses nothing
-        for n in range(1, 20):
-            name = f'{PRESERVED}{stamp if n == 1 else f"{stamp}.{n}"}/{ref}'
-            if git(ctx, mirror, 'update-ref', '-m', 'gitbackup: preserved',
-                   name, old, ZERO, check=False).returncode == 0:
-                break
-        else:
-            raise ctx.TransientError(f'{mirror}: cannot create a preserved '
-                                     f'ref for {ref} at {old}')
-        what = 'deleted' if new is None else 'rewritten'
+    stamp = next(s for s in (stamp, *(f'{stamp}.{n}' for n in
+                                      range(2, len(stamps) + 3)))
+                 if s not in stamps)
+    names = {ref: f'{PRESERVED}{stamp}/{ref}' for ref in lost}
+    # One transaction: all preserved refs exist, or none and a retry.
+    proc = git(ctx, mirror, 'update-ref', '-m', 'gitbackup: preserved',
+               '--stdin', check=False, input=''.join(
+                   f'create {names[ref]} {old}\n' for ref, old in lost.items()))
+    if proc.returncode != 0:
+        raise ctx.TransientError(
+            f'{mirror}: cannot create {len(lost)} preserved refs: '
+            f'{proc.stderr.strip()[-500:]}')
+    for n, (ref, old) in enumerate(lost.items()):
+        if n == 10:
+            ctx.log.warning('%s: %s: %d more refs rewritten or deleted, old '
+                            'tips kept below %s%s/', ctx.client, mirror,
+                            len(lost) - n, PRESERVED, stamp)
+            break
+        what = 'deleted' if changed[ref][1] is None else 'rewritten'
         ctx.log.warning('%s: %s: %s by the client; old tip %s kept as %s',
-                        ctx.client, mirror, what, old[:12], name)
-        kept.append(name)
-    return kept
+                        ctx.client, mirror, what, old[:12], names[ref])
+    return list(names.values())
+
+
+def moved_forward(ctx, mirror, moved):
+    """The refs of moved ({ref: (old tip, new tip)}) whose new tip
+    contains the old one.
+
+    One ``rev-list`` walks from the new and old tips down to the old tips'
+    parents: what the fetch added and what was rewritten, not the whole
+    history.  An old tip that is in the walk is an ancestor of a new tip
+    exactly when a path inside the walk leads there (every commit on such
+    a path descends from it, so none is cut off); ``reachable_olds``
+    follows the paths for all old tips at once, as bit sets.  An old tip
+    below another old tip's parent is not in the walk: up to
+    MAX_ANCESTRY_CHECKS such refs get a ``merge-base --is-ancestor``
+    each, the others count as rewritten (a spare preserved ref costs
+    nothing, a lost tip everything)."""
+    if not moved:
+        return set()
+    olds = sorted({old for old, _ in moved.values()})
+    starts = sorted({new for _, new in moved.values()} | set(olds))
+    walk = git(ctx, mirror, 'rev-list', '--parents', '--topo-order',
+               '--stdin', check=False, input=''.join(
+                   [f'{c}\n' for c in starts] + [f'^{c}^@\n' for c in olds]))
+    if walk.returncode != 0:
+        ctx.log.warning('%s: rev-list failed, every moved ref counts as '
+                        'rewritten: %s', mirror, walk.stderr.strip()[-300:])
+        return set()
+    bits, reach = reachable_olds(walk.stdout, olds)
+    forward, hidden = set(), []
+    for ref, (old, new) in sorted(moved.items()):
+        if old not in reach:
+            hidden.append(ref)
+        elif reach.get(new, 0) & bits[old]:
+            forward.add(ref)
+    for ref in hidden[:MAX_ANCESTRY_CHECKS]:
+        old, new = moved[ref]
+        if git(ctx, mirror, 'merge-base', '--is-ancestor', old, new,
+               check=False).returncode == 0:
+            forward.add(ref)
+    if len(hidden) > MAX_ANCESTRY_CHECKS:
+        ctx.log.info('%s: %d moved refs preserved without an ancestry '
+                     'check', mirror, len(hidden) - MAX_ANCESTRY_CHECKS)
+    return forward
+
+
+def reachable_olds(walk, olds):
+    """({old: its bit}, {commit: bits of the old tips it reaches}) from
+    ``rev-list --parents --topo-order`` output (children first, so read
+    backwards every parent comes before its children)."""
+    bits = {old: 1 << n for n, old in enumerate(olds)}
+    reach = {}
+    for line in reversed(walk.splitlines()):
+        commit, *parents = line.split()
+        found = bits.get(commit, 0)
+        for parent in parents:
+            found |= reach.get(parent, 0)
+        if found:
+            reach[commit] = found
+    return bits, reach
 
 
 def create_mirror(ctx, mirror, url, protocols):
     """First backup: an empty bare repository under a temporary name,
     filled by the same hardened fetch, then renamed into place."""
+    head, count = remote_refs(ctx, url, protocols)
+    check_ref_count(ctx, url, count)
     parent = os.path.dirname(mirror)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, '.' + os.path.basename(mirror) + '.incoming')
     shutil.rmtree(tmp, ignore_errors=True)
-    ctx.run(['git', 'init', '--quiet', '--bare', tmp])
+    ctx.run(['git', 'init', '--quiet', '--bare', tmp], timeout=ctx.timeout)
     for key, value in (('core.logAllRefUpdates', 'true'),
                        ('transfer.fsckObjects', 'true'),
                        ('fetch.fsckObjects', 'true'),
@@ -346,10 +514,29 @@ def create_mirror(ctx, mirror, url, protocols):
         git(ctx, tmp, 'config', key, value)
     fetch(ctx, tmp, url, protocols)
     refs = list_refs(ctx, tmp)
-    follow_head(ctx, tmp, url, protocols, refs)
+    if over_cap(ctx, refs):
+        # More refs than ls-remote showed: the client added some meanwhile.
+        shutil.rmtree(tmp)
+        check_ref_count(ctx, url, len(refs))
+    follow_head(ctx, tmp, head, refs)
     os.rename(tmp, mirror)
     ctx.fsync_dir(parent)
     return refs
+
+
+def over_cap(ctx, refs):
+    return bool(ctx.settings['max_refs']) and \
+        len(refs) > ctx.settings['max_refs']
+
+
+def restore_refs(ctx, mirror, before, after):
+    """Put the mirrored refs back as they were before the fetch, in one
+    transaction (a fetch that brought more than max_refs)."""
+    lines = [f'update {ref} {sha}\n' for ref, sha in sorted(before.items())
+             if after.get(ref) != sha]
+    lines += [f'delete {ref}\n' for ref in sorted(after) if ref not in before]
+    git(ctx, mirror, 'update-ref', '-m', 'gitbackup: over max_refs',
+        '--stdin', input=''.join(lines))
 
 
 def update_mirror(ctx, mirror, url, protocols):
@@ -365,14 +552,22 @@ def update_mirror(ctx, mirror, url, protocols):
                 if ref.startswith(MIRRORED):
                     old[ref] = sha
         preserved += preserve(ctx, mirror, old, list_refs(ctx, mirror))
+        os.unlink(snapshot)
+    head, count = remote_refs(ctx, url, protocols)
+    check_ref_count(ctx, url, count)
     before = list_refs(ctx, mirror)
     ctx.atomic_write(snapshot, ''.join(f'{sha} {ref}\n'
                                        for ref, sha in before.items()))
     fetch(ctx, mirror, url, protocols)
     after = list_refs(ctx, mirror)
+    if over_cap(ctx, after):
+        # The client added refs after ls-remote: undo, then refuse.
+        restore_refs(ctx, mirror, before, after)
+        os.unlink(snapshot)
+        check_ref_count(ctx, url, len(after))
     preserved += preserve(ctx, mirror, before, after)
     os.unlink(snapshot)
-    follow_head(ctx, mirror, url, protocols, after)
+    follow_head(ctx, mirror, head, after)
     return after, preserved
 
 

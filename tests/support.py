@@ -159,6 +159,12 @@ def _missing(message):
     raise unittest.SkipTest(message)
 
 
+def require_root(why):
+    """Skip (or under CI=true fail) unless running as root."""
+    if not _is_root():
+        _missing('must run as root: ' + why)
+
+
 def require_tools(*names):
     """Skip (or under CI=true fail) unless every named program is usable.
 
@@ -563,6 +569,16 @@ class SSHD(_Server):
         line = ('%s %s' % (options, pubkey_line.strip())).strip()
         with open(self.authorized_keys, 'a') as handle:
             handle.write(line + '\n')
+
+    def add_config(self, text, users=()):
+        """Append sshd_config lines (e.g. a Match block, which must come
+        last) and let more accounts in (AllowUsers); before start()."""
+        with open(self.sshd_config) as handle:
+            lines = handle.read().splitlines()
+        lines = [' '.join([line, *users]) if line.startswith('AllowUsers ')
+                 else line for line in lines]
+        _write(self.sshd_config, '\n'.join(lines + text.splitlines()) + '\n',
+               0o644)
 
     def ssh_command(self, key_path):
         """'ssh -F <ssh_config> -i <key>', for GIT_SSH_COMMAND or the like."""

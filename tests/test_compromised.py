@@ -16,6 +16,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -23,11 +24,13 @@ import time
 import unittest
 
 from tests import support
+from tests.modules_pipeline import ModulePipeline
 from tests.pipeline import CLIENT, NODE, Pipeline
 from tests.test_hostile import (HostileRequestTest, HostileTestCase,
                                 set_config)
 
 OTHER_NODE = 'n2'
+EMPTY_TREE = '4b825dc642cb6eb9a060e54bf8d69288fbee4904'
 
 
 def node_git(repo, *args, input=None):
@@ -540,6 +543,265 @@ class RedirectTest(HostileTestCase):
             self.p.node_dir, 'data', CLIENT, 'git', 'repo.git')))
         self.assertIn(f'{commit}-RQgit', self.mail_text())
         self.assert_contained()
+
+
+def processes_with(text):
+    """[(pid, argv)] of any process whose command line holds text."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                argv = f.read().decode(errors='replace').split('\0')
+        except OSError:
+            continue
+        if text in ' '.join(argv):
+            found.append((int(pid), argv))
+    return found
+
+
+class GitStallTest(HostileTestCase):
+    """A client whose git daemon accepts and never answers: git:// has no
+    stall bound of its own, so before this the fetch waited for
+    command_timeout (default 6 h)."""
+    outcome = HostileRequestTest.outcome
+
+    def test_git_fetch_from_a_tarpit_stops_after_stall_timeout(self):
+        tarpit = Tarpit(self)
+        url = f'git://127.0.0.1:{tarpit.port}'
+        set_config(self.p, 'server', 'git_protocols', 'git')
+        set_config(self.p, 'server', 'stall_timeout', '2s')
+        set_config(self.p, f'client {CLIENT}', 'git', url)
+        commit = self.forge.push_tree(self.forge.files({
+            'RQ1ok': f'dummy {TS} still processed\n',
+            'RQ2git': f'git {url}/repo.git\n'}))
+        start = time.monotonic()
+        proc = self.p.server('run', check=False)
+        elapsed = time.monotonic() - start
+        self.assertLess(elapsed, 15, proc.stderr)
+        self.assertEqual(self.outcome(f'{commit}-RQ1ok')[0], 'F')
+        # A timeout costs an attempt; the request waits for the next run.
+        self.assertEqual(self.outcome(f'{commit}-RQ2git')[0], 'RQ')
+        self.assertIn('no data for 2 s ([server] stall_timeout)',
+                      self.node_log())
+        self.assertFalse(os.path.exists(os.path.join(
+            self.p.node_dir, 'data', CLIENT, 'git', 'repo.git')))
+        time.sleep(0.5)
+        self.assertEqual(processes_with(f':{tarpit.port}'), [])
+        self.assertEqual(tarpit.still_connected(), 0)
+        self.assertEqual(len(tarpit.connections), 1)
+        self.assert_contained()
+
+
+class NetworkAttackerTest(unittest.TestCase):
+    """Someone on the path between client and node: ssh's pinned host
+    keys stop a man in the middle on both ssh legs, and what git:// (not
+    authenticated) serves must hold the tip the client announced."""
+
+    def foreign_host_key(self, p):
+        """known_hosts now pins another key for the sshd's address: what
+        ssh sees when someone else answers there."""
+        mitm = os.path.join(p.root, 'mitm')
+        if not os.path.exists(mitm):
+            support.make_identity(mitm, 'mitm')
+        with open(os.path.join(mitm, 'mitm.pub')) as f:
+            pub = ' '.join(f.read().split()[:2])
+        with open(p.sshd.known_hosts) as f:
+            pinned = f.read()
+        with open(p.sshd.known_hosts, 'w') as f:
+            f.write(f'[127.0.0.1]:{p.sshd.port} {pub}\n')
+        return pinned
+
+    def test_changed_host_key_refused_both_ways(self):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'f'), 'w') as f:
+            f.write('data\n')
+        p.client('commit', 'app', src)
+        pinned = self.foreign_host_key(p)
+        p.client('send', check=False)
+        self.assertNotIn('F', p.states())
+        self.assertIn('Host key verification failed', client_log(p))
+        self.assertEqual(p.pool('node'), [])
+        with open(p.sshd.known_hosts, 'w') as f:
+            f.write(pinned)
+        p.client('send')
+        self.assertEqual(p.states('node'), {'RQ': 1})
+        self.foreign_host_key(p)
+        p.server('run', check=False)
+        self.assertEqual(p.states('node'), {'RQ': 1})
+        self.assertEqual(p.stored('app'), [])
+        self.assertIn('Host key verification failed', p.node_log())
+
+    def test_git_tip_the_client_announced_is_verified(self):
+        p = ModulePipeline(self)
+        p.start_daemon()
+        set_config(p, 'server', 'max_attempts', '1')
+        bare = p.client_repository('a.git', hook=False)
+        work = p.work_clone(bare)
+        head = p.commit_file(work, 'f', 'the real history\n')
+        p.git('push', '--quiet', 'origin', 'master', cwd=work)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        # What the node reaches over git:// now serves other history.
+        forged = p.git('--git-dir', bare, 'commit-tree', EMPTY_TREE, '-m',
+                       'forged').stdout.strip()
+        p.git('--git-dir', bare, 'update-ref', 'refs/heads/master', forged)
+        proc = p.server('run', check=False)
+        names = [n for n in p.pool('node') if n.endswith('.reason')]
+        self.assertEqual(len(names), 1, (p.pool('node'), proc.stderr))
+        name = names[0]
+        with open(os.path.join(p.node_dir, 'TODO', CLIENT, name)) as f:
+            reason = f.read()
+        self.assertIn(f'announced {head}, but the mirror lacks it', reason)
+        self.assertEqual(p.states('node'), {'X': 1, 'reason': 1})
+
+
+class ManyRefsTest(unittest.TestCase):
+    """A served repository with many refs: rewriting them all costs the
+    node a few git processes, and a repository with more than max_refs is
+    refused with its mirror untouched (issue 10, item 7)."""
+
+    def setUp(self):
+        self.p = ModulePipeline(self)
+        self.p.start_daemon()
+
+    def fast_import(self, bare, branches, base=None):
+        """{branch: text}: one commit per branch, each with one file, on
+        base (a commit) or as a root commit; existing branches are
+        overwritten (a force-push)."""
+        stream = []
+        for branch, text in sorted(branches.items()):
+            stream += [f'commit refs/heads/{branch}',
+                       'committer x <x@example.invalid> 1700000000 +0000',
+                       'data 1', 'c']
+            stream += [f'from {base}'] if base else []
+            stream += ['M 100644 inline f', f'data {len(text.encode())}',
+                       text, '']
+        subprocess.run(['git', '--git-dir', bare, 'fast-import', '--quiet',
+                        '--force'], input=('\n'.join(stream) + '\n').encode(),
+                       check=True, env=self.p.env)
+
+    def backup(self, bare):
+        """commit, send, run; returns the request's node key."""
+        p = self.p
+        before = set(p.pool('node'))
+        p.client('commit', 'git', bare)
+        p.client('send')
+        proc = p.server('run', check=False)
+        [key] = {n[1:] if n[0] in 'FX' else n[2:] for n in
+                 set(p.pool('node')) - before if not n.endswith('.reason')}
+        return key, proc
+
+    def counted_git(self):
+        """A git in front of PATH that logs each invocation and execs the
+        real one: the node's git processes, counted."""
+        shim = os.path.join(self.p.root, 'shim')
+        os.makedirs(shim, exist_ok=True)
+        log = os.path.join(self.p.root, 'git-calls')
+        real = shutil.which('git')
+        with open(os.path.join(shim, 'git'), 'w') as f:
+            f.write(f'#!/bin/sh\necho "$*" >>{log}\nexec {real} "$@"\n')
+        os.chmod(os.path.join(shim, 'git'), 0o755)
+        self.p.env['PATH'] = f'{shim}:{self.p.env["PATH"]}'
+        return log
+
+    def test_1500_rewritten_branches_preserved_in_bulk(self):
+        p = self.p
+        bare = p.client_repository('many.git', hook=False)
+        names = [f'b{n:04d}' for n in range(1500)]
+        self.fast_import(bare, {name: f'{name} one\n' for name in names})
+        self.fast_import(bare, {'master': 'root\n'})
+        key, _ = self.backup(bare)
+        mirror = p.mirror('many.git')
+        old = p.refs(bare)
+        self.assertEqual(p.refs(mirror), old)
+        self.assertEqual(p.results()[-1]['refs'], 1501)
+        # Every branch force-rewritten; master only fast-forwarded.
+        self.fast_import(bare, {name: f'{name} two\n' for name in names})
+        self.fast_import(bare, {'master': 'next\n'},
+                         base=old['refs/heads/master'])
+        log = self.counted_git()
+        start = time.monotonic()
+        key, proc = self.backup(bare)
+        elapsed = time.monotonic() - start
+        self.assertEqual(p.states('node').get('X', 0), 0, proc.stderr)
+        refs = p.refs(mirror)
+        preserved = {ref.split('/', 3)[3]: sha for ref, sha in refs.items()
+                     if ref.startswith('refs/preserved/')}
+        self.assertEqual(preserved, {f'refs/heads/{name}':
+                                     old[f'refs/heads/{name}']
+                                     for name in names})
+        self.assertEqual({r: s for r, s in refs.items()
+                          if not r.startswith('refs/preserved/')},
+                         p.refs(bare))
+        self.assertEqual(len(p.results()[-1]['preserved']), 1500)
+        with open(log) as f:
+            calls = f.read().splitlines()
+        on_mirror = [c for c in calls if f'--git-dir={mirror}' in c]
+        print(f'\n1500 rewritten refs: run {elapsed:.1f} s, {len(calls)} '
+              f'git processes, {len(on_mirror)} on the mirror')
+        self.assertLessEqual(len(on_mirror), 10, '\n'.join(on_mirror))
+        self.assertLess(len(calls), 60, '\n'.join(calls))
+        # The log says it once per ref for the first few, then sums up.
+        self.assertIn('1490 more refs rewritten or deleted', p.node_log())
+
+    def test_bulk_walk_tells_fast_forwards_from_rewrites(self):
+        """A branch behind another (its old tip below the other's old
+        parent), a rewind, a branch moved onto another's old tip and
+        fast-forwards: only what a fast-forward would lose is kept."""
+        p = self.p
+        bare = p.client_repository('mixed.git', hook=False)
+
+        def commit(text, *parents):
+            return p.git('--git-dir', bare, 'commit-tree', EMPTY_TREE, '-m',
+                         text, *[a for c in parents for a in ('-p', c)]
+                         ).stdout.strip()
+
+        def point(**tips):
+            for branch, sha in tips.items():
+                p.git('--git-dir', bare, 'update-ref',
+                      f'refs/heads/{branch}', sha)
+        root = commit('root')
+        m1 = commit('m1', root)
+        m2 = commit('m2', m1)
+        side, other = commit('side', root), commit('other', root)
+        point(master=m2, release=m1, side=side, other=other)
+        self.backup(bare)
+        m3 = commit('m3', m2)
+        point(master=m3, release=m2, side=root, other=side)
+        self.backup(bare)
+        refs = p.refs(p.mirror('mixed.git'))
+        self.assertEqual({ref.split('/', 3)[3]: sha for ref, sha in
+                          refs.items() if ref.startswith('refs/preserved/')},
+                         {'refs/heads/side': side, 'refs/heads/other': other})
+
+    def test_repository_over_max_refs_refused_mirror_unchanged(self):
+        p = self.p
+        bare = p.client_repository('big.git', hook=False)
+        self.fast_import(bare, {f'b{n:02d}': f'{n}\n' for n in range(20)})
+        set_config(p, 'server', 'max_refs', '5')
+        set_config(p, 'server', 'max_attempts', '1')
+        key, _ = self.backup(bare)
+        self.assertEqual(HostileRequestTest.outcome(self, key)[0], 'X')
+        self.assertFalse(os.path.exists(p.mirror('big.git')))
+        # A per-client cap overrides the node's.
+        set_config(p, f'client {CLIENT}', 'max_refs', '25')
+        key, _ = self.backup(bare)
+        self.assertEqual(HostileRequestTest.outcome(self, key)[0], 'F')
+        mirror = p.mirror('big.git')
+        before = p.refs(mirror)
+        self.assertEqual(len(before), 20)
+        # Ten more branches and one rewritten: 30 > 25.
+        self.fast_import(bare, {f'b{n:02d}': f'{n} again\n'
+                                for n in range(19, 30)})
+        key, _ = self.backup(bare)
+        state, reason = HostileRequestTest.outcome(self, key)
+        self.assertEqual(state, 'X')
+        self.assertIn('has 30 refs', reason)
+        self.assertIn('max_refs 25', reason)
+        self.assertEqual(p.refs(mirror), before)
+        self.assertEqual(p.node_log().count('has 30 refs'), 1, p.node_log())
 
 
 if __name__ == '__main__':
