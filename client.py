@@ -61,7 +61,8 @@ if sys.version_info < (3, 9):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules._core import (  # noqa: E402  (shared core, installed beside us)
     request_id_of,
-    CHUNK, NAME_RE, REQUEST_ID, REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
+    ACCESS_DENIED_HINT, ACCESS_DENIED_RE, CHUNK, NAME_RE, REQUEST_ID,
+    REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
     CommandFailed, atomic_write, Config, ConfigError, GitBackupError, Health, Journal,
     Ledger, ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
     check_git_version, clean_text, common_options, directory_problems,
@@ -1309,9 +1310,14 @@ class NodeLink:
                 'refs/heads/master:refs/heads/master',
                 env=self.git_ssh_env(), timeout=self.timeout)
         except GitBackupError as e:
-            health.failed(str(e), self.alert_after)
+            # ssh refusing the login (key, host key) waits for a human: the
+            # admins hear at once, not after alert_after as for an outage.
+            denied = ACCESS_DENIED_RE.search(str(e))
+            text = f'{e} ({ACCESS_DENIED_HINT})' if denied else str(e)
+            health.failed(text, 0 if denied else self.alert_after)
             errors.append(problem(f'push to {self.node} failed (requests '
-                                  f'kept for the next run): {e}', mail=False))
+                                  f'kept for the next run): {text}',
+                                  mail=False))
             return None
         git(self.repo, 'update-ref', 'refs/remotes/origin/master', local)
         log.info('pushed %s to %s', local[:12], self.node)

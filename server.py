@@ -1077,11 +1077,13 @@ class Node:
         self.pool(client).move(key, PROCESSING, NEW)
         if error.stops_pool:
             self.unreachable.add(client)
-        self.health_seen.setdefault(client, (set(), set()))[1].add(
-            type(error))
+        # Recorded as its Health kind (AccessDenied is a Misconfigured).
+        kind = next(k for k in (Unreachable, NoSpace, Misconfigured)
+                    if isinstance(error, k))
+        self.health_seen.setdefault(client, (set(), set()))[1].add(kind)
         alert_after = self.config.get_duration('server', error.alert_after) \
             if error.alert_after else 0
-        self.health(client, type(error)).failed(str(error), alert_after)
+        self.health(client, kind).failed(str(error), alert_after)
         return core.problem(f'{client}: {key}: waits for the next run: '
                             f'{error}', mail=False)
 
@@ -1510,6 +1512,9 @@ PROM_HELP = {
         'Status of a source: 0 ok, 1 warning, 2 critical.',
     'gitbackup_client_status':
         'Worst status of a client: 0 ok, 1 warning, 2 critical.',
+    'gitbackup_client_misconfigured':
+        'Whether fetches from a client wait for a human (1): the node '
+        'configuration for it, or ssh refusing the login or host key.',
     'gitbackup_stale_after_seconds':
         'Age at which a source of the client becomes a warning.',
     'gitbackup_last_drill_timestamp_seconds':
@@ -1930,8 +1935,16 @@ def source_report(node, client, now):
         for s in matches or [token]:
             report_row(rows, client, s)['expected'] = True
     drills = last_drills(node, client, now)
+    misconfigured = report_misconfigured(node, client)
+    if misconfigured:
+        client_problems.append(misconfigured)
+        client_status = CRITICAL
     for r in rows.values():
         level = row_level(r, drills.get(r['source']), now, stale)
+        if misconfigured:
+            # Nothing more arrives until a human acts, however fresh the
+            # last backup: every series of the client shows it.
+            level = CRITICAL
         r['status'] = STATUS_NAMES[level]
         client_status = max(client_status, level)
     if not rows and not expected:
@@ -1940,7 +1953,7 @@ def source_report(node, client, now):
     return {'client': client, 'status': STATUS_NAMES[client_status],
             'stale_after_seconds': stale, 'expect': expected,
             'pending': pool['pending_total'], 'failed': pool['failed_total'],
-            'problems': client_problems,
+            'problems': client_problems, 'misconfigured': bool(misconfigured),
             'sources': [rows[s] for s in sorted(rows)],
             'history': report_history(node, client, now)}
 
@@ -2116,6 +2129,8 @@ def report_prometheus(report):
         client = prometheus_label(c['client'])
         samples['gitbackup_client_status'].append(
             (f'{{client="{client}"}}', STATUS_NAMES.index(c['status'])))
+        samples['gitbackup_client_misconfigured'].append(
+            (f'{{client="{client}"}}', int(bool(c.get('misconfigured')))))
         samples['gitbackup_stale_after_seconds'].append(
             (f'{{client="{client}"}}', c['stale_after_seconds']))
         for r in c['sources']:
@@ -2175,7 +2190,8 @@ SIZE_DROP = 0.5
 DRILL_JOURNAL = 'drills.jsonl'
 WAITING_KINDS = ((Unreachable, 'cannot be reached'),
                  (NoSpace, 'no space to store'),
-                 (Misconfigured, 'node configuration incomplete'))
+                 (Misconfigured, 'misconfigured (node configuration or ssh '
+                  'access)'))
 
 
 def report_transfer_seconds(entry):
@@ -2321,9 +2337,26 @@ def report_waiting(node, client):
             node.state_dir, f'{kind.health}-{client}.json'), {}) or {}
         since = parse_node_time(state.get('first_failure'))
         if since:
-            waiting.append({'what': what, 'since': since, 'error': clean_text(
-                state.get('last_error') or '', 300)})
+            waiting.append({'what': what, 'since': since, 'kind': kind,
+                            'error': clean_text(
+                                state.get('last_error') or '', 300)})
     return waiting
+
+
+def report_waiting_text(waiting):
+    """One line per entry of report_waiting(), as every format shows it."""
+    return f'{waiting["what"]} since {core.isotime(waiting["since"])}: ' \
+        f'{waiting["error"]}'
+
+
+def report_misconfigured(node, client):
+    """The problem text when fetches from this client wait for a human
+    (the node's configuration for it, or ssh refusing the node's login:
+    a Misconfigured Health record), else ''."""
+    for w in report_waiting(node, client):
+        if w['kind'] is Misconfigured:
+            return report_waiting_text(w)
+    return ''
 
 
 def report_history(node, client, now, days=HISTORY_DAYS):
@@ -2346,8 +2379,9 @@ def report_history(node, client, now, days=HISTORY_DAYS):
         for name in ('snapshots', 'failures', 'drills'):
             s[name] = sorted(s[name], key=lambda x: x['time'])[
                 -HISTORY_POINTS:]
-    return {'days': days, 'sources': sources,
-            'waiting': report_waiting(node, client)}
+    waiting = [{k: v for k, v in w.items() if k != 'kind'}
+               for w in report_waiting(node, client)]
+    return {'days': days, 'sources': sources, 'waiting': waiting}
 
 
 def report_html_time(value):
@@ -2596,7 +2630,8 @@ def report_html_rows(report, now):
                      str(r['count']) if r else '0',
                      str(r['failed'] if r else c['failed']),
                      str(r['pending'] if r else c['pending'])]
-            problems = waiting + (r['problems'] if r else []) + c['problems']
+            problems = waiting + (r['problems'] if r else []) + [
+                p for p in c['problems'] if p not in waiting]
             caption = [f'max {core.human_size(facts["largest"])}'
                        if facts['largest'] else '',
                        f'xfer ≤ {human_age(facts["slowest"])}'

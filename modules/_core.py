@@ -260,10 +260,18 @@ class NoSpace(Waiting):
 
 class Misconfigured(Waiting):
     """The node's own configuration for this client is incomplete or
-    wrong: fix backup.ini, the requests wait."""
+    wrong, or ssh refuses the login: fix it, the requests wait."""
     health = 'config'
     what = 'the node configuration for client {client}'
     alert_after = None
+
+
+class AccessDenied(Misconfigured):
+    """ssh reached the client but may not log in, or does not trust its
+    host key: a human must act, so the admins hear at once (not after
+    alert_after, as for an outage), and the client's other requests wait
+    too, since they would all be refused the same way."""
+    stops_pool = True
 
 
 # What ssh, sftp and git say (LC_ALL=C) when the other side cannot be
@@ -273,6 +281,20 @@ CONNECTION_LOST_RE = re.compile(
     r'Could not resolve host|No route to host|Network is unreachable|'
     r'Connection closed|Connection reset|Broken pipe|'
     r'connect to host|Connection to \S+ closed|Timeout, server')
+
+# What ssh says (LC_ALL=C) when it reached the peer but may not log in, or
+# does not trust it: a configuration a human must fix, never an outage.
+# Checked before CONNECTION_LOST_RE ("Connection closed" follows these).
+ACCESS_DENIED_RE = re.compile(
+    r'Permission denied \(|Host key verification failed|'
+    r'REMOTE HOST IDENTIFICATION HAS CHANGED|'
+    r'Too many authentication failures|No \S+ host key is known|'
+    r'Identity file \S+ not accessible|no such identity')
+ACCESS_DENIED_HINT = (
+    'ssh refused the login: authorize the key in the peer\'s '
+    'authorized_keys, check the identity file (-i of ssh_command), or add '
+    'the peer\'s host key to known_hosts (a changed host key: make sure '
+    'why, then ssh-keygen -R HOST); the requests wait meanwhile')
 
 
 class Problem(str):
@@ -1169,6 +1191,8 @@ class ModuleContext:
     CommandFailed = CommandFailed
     NoSpace = NoSpace
     Misconfigured = Misconfigured
+    AccessDenied = AccessDenied
+    ACCESS_DENIED_HINT = ACCESS_DENIED_HINT
 
     def __init__(self, config, side):
         self.config = config
@@ -1202,6 +1226,10 @@ class ModuleContext:
     @staticmethod
     def connection_lost(stderr):
         return bool(CONNECTION_LOST_RE.search(stderr or ''))
+
+    @staticmethod
+    def access_denied(stderr):
+        return bool(ACCESS_DENIED_RE.search(stderr or ''))
 
 
 class BackupModule:

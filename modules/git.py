@@ -260,10 +260,15 @@ def fetch(ctx, mirror, url, protocols):
         # the rest of the run (its other requests wait).
         raise ctx.TimedOut(f'git fetch from {url}: {e}') from None
     if proc.returncode != 0:
-        # Cannot connect at all: the client is down, not the request bad.
-        error = ctx.Unreachable if ctx.connection_lost(proc.stderr) \
-            else ctx.TransientError
+        # Cannot connect at all: the client is down, not the request bad;
+        # ssh refusing the login waits for a human (alerted at once).
         hint = ''
+        if ctx.access_denied(proc.stderr):
+            error, hint = ctx.AccessDenied, f' ({ctx.ACCESS_DENIED_HINT})'
+        elif ctx.connection_lost(proc.stderr):
+            error = ctx.Unreachable
+        else:
+            error = ctx.TransientError
         if re.search(r'returned error: 30[1-8]', proc.stderr):
             hint = (' (the server redirects; the node follows no redirect: '
                     f'set [client {ctx.client}] git to the final URL)')

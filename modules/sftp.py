@@ -154,14 +154,21 @@ def sftp_get(ctx, remote, local, max_size=None):
         # by a signal (SIGPIPE from a dead ssh) it says nothing.  A file
         # that had started to arrive and then failed is a cut connection,
         # whatever the wording: an outage, not a bad request.
+        # A login ssh refuses (key not authorized, host key unknown or
+        # changed) also exits 255, but waits for a human, not an outage.
         started = os.path.exists(local) and os.path.getsize(local) > 0
-        error = ctx.Unreachable if proc.returncode == 255 or \
-            proc.returncode < 0 or started or \
-            ctx.connection_lost(stderr) else ctx.TransientError
+        hint = ''
+        if not started and ctx.access_denied(stderr):
+            error, hint = ctx.AccessDenied, f' ({ctx.ACCESS_DENIED_HINT})'
+        elif proc.returncode == 255 or proc.returncode < 0 or started or \
+                ctx.connection_lost(stderr):
+            error = ctx.Unreachable
+        else:
+            error = ctx.TransientError
         raise error(
             f'sftp from {target} port {ctx.settings["sftp_port"]} '
             f'failed (exit {proc.returncode}): '
-            f'{ctx.clean_text(stderr.strip(), 1000)}')
+            f'{ctx.clean_text(stderr.strip(), 1000)}{hint}')
 
 
 def watch(ctx, proc, local, max_size, target, remote):
