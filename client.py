@@ -65,11 +65,12 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
     CommandFailed, atomic_write, Config, ConfigError, GitBackupError, Health, Journal,
     Ledger, ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
-    check_git_version, clean_text, common_options, directory_problems,
+    check_git_version, clean_text, common_options, connection_line,
+    directory_problems, ssh_problem,
     exclusive, find_config,
     flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
     load_module, log, mail_admins, mail_summary, new_request_id, older_than,
-    pause_point, problem, read_json, remove_listed, setup_logging,
+    pause_point, problem, read_json, remove_listed, run, setup_logging,
     sha256_file, timestamp, write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
@@ -700,7 +701,7 @@ class Client:
                 if health.state.get('first_failure'):
                     health.ok()
 
-    def check(self, out=sys.stdout):
+    def check(self, out=sys.stdout, connect=False):
         """Print every problem found; return them."""
         out.write(f'{self.config.path}: client {self.name}\n')
         if self.settings['compression'] in COMPRESSION_CHOICES:
@@ -709,6 +710,8 @@ class Client:
             self.check_modules()
         for p in problems:
             out.write(f'problem: {p}\n')
+        if connect:
+            problems += self.check_connections(out)
         if not problems:
             out.write(f'looks ready ({len(self.nodes)} node(s), '
                       f'{len(self.modules)} module(s))\n')
@@ -753,6 +756,27 @@ class Client:
             elif not NodeLink(self, node).has_queue():
                 problems.append(f'node {node}: no queue repository yet (run: '
                                 f'client.py init-node {node})')
+        return problems
+
+    def check_connections(self, out):
+        """`check --connect`: push access to every node, as `send` pushes
+        (its host key known, this client's key let in, the repository
+        there), and what each configured module connects to (PostgreSQL
+        and its sudo prefix).  One line each; returns the failures."""
+        problems = []
+        for link in self.links():
+            problems += connection_line(out, f'node {link.node}: push to '
+                                        f'{link.url}', link.push_problem())
+        for request_module, name in sorted(self.modules.items()):
+            try:
+                module = load_module(self.config.modules_dir('client'), name)
+            except ModuleError:
+                continue    # check_modules said so
+            if module.has('check_connection'):
+                ctx = ModuleContext(self.config, 'client')
+                for what, failure in module.python.check_connection(ctx):
+                    problems += connection_line(
+                        out, f'[modules] {request_module}: {what}', failure)
         return problems
 
     def check_modules(self):
@@ -1088,6 +1112,33 @@ class NodeLink:
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning('node %s: closing the ssh connection: %s',
                         self.node, e)
+
+    def push_problem(self):
+        """'' when this client may push to the node, else what fails and
+        the fix.  git-receive-pack is what a push runs on the node (what
+        gitolite, gitosis and `gate` check), so its ref listing proves the
+        push access without pushing anything."""
+        try:
+            proc = run(['git', 'ls-remote', '--upload-pack=git-receive-pack',
+                        '--', self.url], env=self.git_ssh_env(), check=False,
+                       timeout=min(self.timeout, 120))
+        except GitBackupError as e:
+            return clean_text(str(e))
+        finally:
+            self.close_ssh()
+        if proc.returncode == 0:
+            return ''
+        m = re.match(r'(?:ssh://)?([^/:]+)(?::([0-9]+))?', self.url)
+        target, port = (m.group(1), m.group(2) or 22) if m else \
+            (self.url, 22)
+        return ssh_problem(
+            proc.stderr, target, port, 'add this client\'s public key on the '
+            'node (gitolite keydir, gitosis.conf or `server.py add-client`, '
+            'README "Install a client")') or (
+            f'{clean_text(proc.stderr.strip(), 300)}: no repository for '
+            f'this client at {self.url}: create it on the node (gitolite/'
+            'gitosis config, or `server.py add-client`), or fix [nodes] '
+            f'{self.node}')
 
     # -- init-node --------------------------------------------------------
 
@@ -1509,7 +1560,14 @@ def add_request_commands(sub):
     p = command('init-node', 'create the queue repository for a node')
     p.add_argument('node', help='a node named in [nodes]')
     command('status', 'show requests and push health per node')
-    command('check', 'test the configuration and environment')
+    p = command('check', 'test the configuration and environment')
+    p.add_argument('--connect', action='store_true',
+                   help='also make every connection `send` makes: push '
+                   'access to each node\n(its host key known, this '
+                   "client's key let in), and each module's own\n"
+                   '(postgresdb: PostgreSQL through the configured psql, '
+                   'pg_dump and\npg_dumpall, sudo prefixes included); one '
+                   'line each, OK or FAILED\nwith the fix')
 
 
 def add_operation_commands(sub):
@@ -1599,7 +1657,7 @@ COMMANDS = {
     'backup-all': lambda c, a: backup_all(c, a.node) and 0,
     'init-node': lambda c, a: init_node_command(c, a.node),
     'status': lambda c, a: c.status(),
-    'check': lambda c, a: 1 if c.check() else 0,
+    'check': lambda c, a: 1 if c.check(connect=a.connect) else 0,
     'gc': lambda c, a: 1 if client_gc(c, a.aggressive) else 0,
     'prune': lambda c, a: 1 if client_prune(c, a.dry_run) else 0,
     'retry': lambda c, a: client_retry(c, a.request_id, a.all_failed) and 0,

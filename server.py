@@ -1117,7 +1117,7 @@ class Node:
 
     # -- check ----------------------------------------------------------------
 
-    def check(self, out=sys.stdout):
+    def check(self, out=sys.stdout, connect=False):
         out.write(f'{self.config.path}: node {self.name}\n')
         problems = []
         try:
@@ -1163,8 +1163,40 @@ class Node:
                 problems.append(str(e))
         for p in problems:
             out.write(f'problem: {p}\n')
+        if connect:
+            problems += self.check_connections(out)
         if not problems:
-            out.write(f'looks ready ({len(self.clients())} client(s))\n')
+            out.write(f'looks ready ({len(known_clients(self))} client(s): '
+                      f'{len(self.config.client_sections())} configured, '
+                      f'{len(self.clients())} with a repository or pool)\n')
+        return problems
+
+    def check_connections(self, out):
+        """`check --connect`: for every configured client, each connection
+        `run` makes (sftp login into sftp_root; its git server when
+        [client NAME] git is set), one line each, OK or FAILED with the
+        fix.  Returns the failures."""
+        problems = []
+        modules_dir = self.config.modules_dir('server')
+        for client in sorted(self.config.client_sections()):
+            try:
+                check_client_name(client)
+                ctx = NodeContext(self, client, None, False)
+            except GitBackupError as e:
+                problems += core.connection_line(out, client, str(e))
+                continue
+            names = ['sftp'] + (['git'] if self.config.section(
+                f'client {client}').get('git') else [])
+            for name in names:
+                try:
+                    module = core.load_module(modules_dir, name)
+                except core.ModuleError as e:
+                    problems += core.connection_line(out, client, str(e))
+                    continue
+                if module.has('check_connection'):
+                    for what, problem in \
+                            module.python.check_connection(ctx):
+                        problems += core.connection_line(out, what, problem)
         return problems
 
 
@@ -4473,7 +4505,16 @@ def pipeline_parsers(command):
             'sftp or git.\nFailures are retried on later runs; after '
             'max_attempts a request becomes X*.\nA second concurrent run '
             'exits 0 at once.')
-    command('check', 'test the configuration and environment')
+    p = command('check', 'test the configuration and environment',
+                'Test the configuration, directories and tools; exit 1 when '
+                'anything is wrong.\nThe node counts every [client NAME] '
+                'section, with or without a repository.')
+    p.add_argument('--connect', action='store_true',
+                   help='also make every connection `run` makes, for each '
+                   '[client NAME]: the sftp\nlogin into sftp_root (key '
+                   'authorized, host key known), and the git server\nat '
+                   '[client NAME] git when set; one line each, OK or FAILED '
+                   'with the fix')
 
 
 def access_parsers(command):
@@ -4723,7 +4764,7 @@ def run_cron(node):
 
 COMMANDS = {
     'ingest': lambda n, a: n.ingest(a.client, a.repository) and 0,
-    'check': lambda n, a: 1 if n.check() else 0,
+    'check': lambda n, a: 1 if n.check(connect=a.connect) else 0,
     # -- access control
     'provision': lambda n, a: 1 if provision(n, a.gitosis_conf) else 0,
     'add-client': lambda n, a: add_client(

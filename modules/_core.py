@@ -388,6 +388,45 @@ def directory_problems(section, settings, keys):
     return problems
 
 
+HOST_KEY_RE = re.compile(r'Host key verification failed|No \S+ host key is '
+                         r'known|REMOTE HOST IDENTIFICATION HAS CHANGED')
+
+
+def ssh_problem(stderr, target, port, authorize):
+    """What a failed ssh/sftp/git-over-ssh connection from this account to
+    target (user@host) says, with the fix, for `check --connect`; None when
+    ssh itself worked (the failure is the command's).  `authorize` says
+    whose key to add where."""
+    host = target.rpartition('@')[2]
+    lines = (stderr or '').strip().splitlines()
+
+    def said(pattern):
+        """The first line of stderr that matches, as ssh wrote it."""
+        return next((clean_text(line, 300) for line in lines
+                     if pattern.search(line)), '')
+    if said(HOST_KEY_RE):
+        return (f'{said(HOST_KEY_RE)}: the host key of {host} is unknown '
+                f'here or changed; as this account run once `ssh -p {port} '
+                f'{target} true` and check the fingerprint (a changed key: '
+                f"find out why, then ssh-keygen -R '[{host}]:{port}')")
+    if said(ACCESS_DENIED_RE):
+        return f'{said(ACCESS_DENIED_RE)}: login refused; {authorize}'
+    if said(CONNECTION_LOST_RE):
+        return (f'{said(CONNECTION_LOST_RE)}: cannot connect; is sshd '
+                f'running on {host} and port {port} open to this host?')
+    return None
+
+
+def connection_line(out, what, problem):
+    """One line of `check --connect`: OK, or FAILED with what to fix.
+    Returns the problem text ([] when it worked), to be collected."""
+    if problem:
+        out.write(f'FAILED  {what}: {problem}\n')
+        return [f'{what}: {problem}']
+    out.write(f'OK      {what}\n')
+    return []
+
+
 def check_git_version():
     """Refuse to run with a git older than MIN_GIT (a clear message, not a
     strange plumbing error later)."""
@@ -1184,6 +1223,7 @@ class ModuleContext:
     ``handle`` (node) get a subclass with the request's details."""
 
     ModuleError = ModuleError
+    ToolMissing = ToolMissing
     RequestRefused = RequestRefused
     TransientError = TransientError
     Unreachable = Unreachable
@@ -1210,6 +1250,7 @@ class ModuleContext:
     now = staticmethod(lambda: isotime())
     kill_tree = staticmethod(lambda proc: kill_tree(proc))
     clean_text = staticmethod(lambda *a: clean_text(*a))
+    ssh_problem = staticmethod(lambda *a: ssh_problem(*a))
 
     def ssh_timeout_options(self):
         """ssh options that bound the connect (TCP and handshake) and

@@ -276,6 +276,45 @@ def fetch(ctx, mirror, url, protocols):
                     f'{proc.stderr.strip()[-1000:]}{hint}')
 
 
+def check_connection(ctx):
+    """`server.py check --connect`: whether the client's git server (git
+    daemon, ssh, https) answers at [client NAME] git.  Listing the base URL
+    itself: an answer such as "repository not exported" proves the server
+    up; only a refused connection or login fails.  Returns [(what was
+    tried, '' or what fails and how to fix it)]."""
+    if ctx.side != 'server':
+        return []
+    url = ctx.settings['git']
+    what = f'{ctx.client}: git server at {url}'
+    try:
+        scheme, _ = base_url(ctx)
+    except ctx.Misconfigured as e:
+        return [(what, str(e))]
+    protocols = allowed_protocols(ctx)
+    try:
+        proc = ctx.run(['git', *hardening(protocols), 'ls-remote', '--',
+                        url + '/'], env=git_environment(ctx, protocols),
+                       check=False, timeout=120)
+    except ctx.CommandFailed as e:
+        return [(what, ctx.clean_text(str(e)))]
+    if proc.returncode == 0 or not (ctx.access_denied(proc.stderr) or
+                                    ctx.connection_lost(proc.stderr)):
+        return [(what, '')]
+    m = URL_RE.fullmatch(url)
+    authority = m.group('authority') if m else url
+    host, _, port = authority.rpartition('@')[2].partition(':')
+    if scheme == 'ssh':
+        return [(what, ctx.ssh_problem(
+            proc.stderr, authority.partition(':')[0], port or 22,
+            "add the node's public key to the client account's "
+            'authorized_keys'))]
+    return [(what, f'{ctx.clean_text(proc.stderr.strip(), 300)}: '
+             f'nothing answers at {url}: start the git server on {host} '
+             f'(git daemon: see docs/modules.md), open port '
+             f'{port or {"git": 9418, "http": 80}.get(scheme, 443)} to the '
+             f'node, or fix [client {ctx.client}] git')]
+
+
 def fetch_process(ctx, mirror, url, protocols):
     return ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
                     'fetch', '--prune', '--no-recurse-submodules', '--quiet',

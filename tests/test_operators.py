@@ -100,5 +100,93 @@ class AccessDeniedTest(unittest.TestCase):
         self.assertIn('recovered', p.mails()[-1]['Subject'])
 
 
+class ConnectTest(unittest.TestCase):
+    """Item 17: `check --connect` makes every real connection and names the
+    one that fails, with the fix."""
+
+    def setUp(self):
+        self.p = Pipeline(self)
+        self.daemon = support.GitDaemon(os.path.join(self.p.client_dir, 'git'),
+                                        os.path.join(self.p.root, 'daemon'))
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace(
+                f'[client {CLIENT}]\n', f'[client {CLIENT}]\ngit = '
+                f'git://127.0.0.1:{self.daemon.port}\n', 1)
+                + '\n[client other]\nsftp = nobody@127.0.0.1\n'
+                f'sftp_port = {self.p.sshd.port}\n')
+
+    def failed_lines(self, proc):
+        return [line for line in proc.stdout.splitlines()
+                if line.startswith('FAILED')]
+
+    def test_working_connections_are_all_ok(self):
+        self.p.client('init-node', 'n1')
+        client = self.p.client('check', '--connect')
+        self.assertRegex(client.stdout, r'(?m)^OK +node n1: push to ssh://')
+        server = self.p.server('check', '--connect', check=False)
+        lines = server.stdout.splitlines()
+        self.assertIn(f'OK      {CLIENT}: sftp', '\n'.join(lines))
+        self.assertIn(f'OK      {CLIENT}: git server at git://', server.stdout)
+        # A configured client without a repository is counted and checked:
+        # its account does not exist on the client (AllowUsers refuses it).
+        [failed] = self.failed_lines(server)
+        self.assertIn('other: sftp nobody@127.0.0.1', failed)
+        self.assertIn('authorized_keys', failed)
+        self.assertEqual(server.returncode, 1)
+
+    def test_node_key_not_authorized_is_named_with_the_fix(self):
+        remove_key(self.p.sshd, self.p.node_key)
+        server = self.p.server('check', '--connect', check=False)
+        self.assertEqual(server.returncode, 1, server.stdout)
+        failed = self.failed_lines(server)
+        self.assertTrue(any(line.startswith(f'FAILED  {CLIENT}: sftp')
+                            and 'Permission denied' in line and
+                            "add the node's public key" in line
+                            for line in failed), server.stdout)
+        self.assertIn(f'OK      {CLIENT}: git server', server.stdout)
+
+    def test_git_daemon_down_is_named(self):
+        self.daemon.stop()
+        server = self.p.server('check', '--connect', check=False)
+        self.assertEqual(server.returncode, 1)
+        self.assertTrue(any(line.startswith(f'FAILED  {CLIENT}: git server')
+                            and 'start the git server' in line
+                            for line in self.failed_lines(server)),
+                        server.stdout)
+        self.assertIn(f'OK      {CLIENT}: sftp', server.stdout)
+
+    def test_client_key_refused_and_unknown_host_key_are_named(self):
+        restore = remove_key(self.p.sshd, self.p.client_key)
+        client = self.p.client('check', '--connect', check=False)
+        self.assertEqual(client.returncode, 1)
+        self.assertRegex(client.stdout, r'FAILED  node n1: .*Permission '
+                         r"denied.*add this client's public key")
+        restore()
+        os.unlink(self.p.sshd.known_hosts)
+        client = self.p.client('check', '--connect', check=False)
+        self.assertEqual(client.returncode, 1)
+        self.assertRegex(client.stdout, r'FAILED  node n1: .*host key of '
+                         r'127.0.0.1 is unknown')
+
+    def test_postgres_sudo_prefix_that_fails_is_named(self):
+        support.require_tools('sudo', 'psql')
+        with open(self.p.config) as f:
+            text = f.read()
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace('[client]\n', '[client]\npg_dump = sudo -n '
+                                 '-u gitbackup-no-such-user pg_dump\n', 1)
+                    .replace('[modules]\n', '[modules]\ndb = postgresdb\n'))
+        client = self.p.client('check', '--connect', check=False)
+        self.assertEqual(client.returncode, 1)
+        self.assertRegex(client.stdout, r'FAILED  \[modules\] db: \[client\] '
+                         r'pg_dump = sudo .*add the sudoers line')
+        self.assertRegex(client.stdout, r'OK +\[modules\] db: \[client\] '
+                         r'pg_dumpall')
+
+
 if __name__ == '__main__':
     unittest.main()
