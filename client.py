@@ -65,7 +65,7 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
     CommandFailed, atomic_write, Config, ConfigError, GitBackupError, Health, Journal,
     Ledger, ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
-    check_git_version, clean_text, common_options, connection_line,
+    check_git_version, check_run_user, clean_text, common_options, connection_line,
     directory_problems, ssh_problem,
     exclusive, find_config,
     flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
@@ -1664,9 +1664,18 @@ COMMANDS = {
 }
 
 
+# Commands that write into the client's directories: refused to any user
+# but their owner (check_run_user).
+WRITING_COMMANDS = ('commit', 'send', 'backup-all', 'init-node', 'gc',
+                    'prune', 'retry')
+
+
 def run_command(args, quiet):
     config = Config(find_config(args.config, __file__))
     client = Client(config)
+    if args.command in WRITING_COMMANDS:
+        check_run_user('client.py', args.command, 'client', client.settings,
+                       ('request_dir', 'queue_dir', 'export_dir', 'log_dir'))
     setup_logging(client.settings['log_dir'], 'client.py', args.verbose,
                   quiet, create=args.command != 'check')
     if args.command not in ('commit', 'check'):

@@ -4789,12 +4789,23 @@ COMMANDS = {
 }
 
 
+# Commands that write nothing another run needs to change (restore writes
+# only where --to says, as whoever runs it); every other command is refused
+# to a user who does not own the directories it writes (check_run_user).
+READING_COMMANDS = ('check', 'report', 'list', 'restore')
+
+
 def run_command(args):
     config = core.Config(core.find_config(args.config, __file__))
     node = Node(config)
     # The git account runs ingest/gate/provision: its own log file, so
     # that neither account needs to write the other's.
     git_side = args.command in GIT_SIDE_COMMANDS
+    if args.command not in READING_COMMANDS:
+        core.check_run_user('server.py', args.command, 'server', node.settings,
+                            ('todo_dir', 'log_dir', 'repositories')
+                            if git_side else
+                            ('todo_dir', 'data_dir', 'log_dir'))
     core.setup_logging(node.settings['log_dir'], 'server.py',
                        args.verbose, args.quiet,
                        create=args.command != 'check',

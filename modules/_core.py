@@ -35,10 +35,12 @@ import json
 import logging
 import logging.handlers
 import os
+import pwd
 import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -425,6 +427,41 @@ def connection_line(out, what, problem):
         return [f'{what}: {problem}']
     out.write(f'OK      {what}\n')
     return []
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f'uid {uid}'
+
+
+def check_run_user(program, command, section, settings, keys):
+    """Refuse, before anything is written, a command run by a user who
+    does not own the directories it writes: one run as root leaves files
+    that every later run as the right user cannot change.  A directory
+    shared through its group (setgid and group-writable, as the node's
+    todo_dir and log_dir between the git account and adminbackup) lets
+    its group's members in, root excepted.  Missing directories are left
+    to the command (it creates them as the user running it)."""
+    euid = os.geteuid()
+    groups = set(os.getgroups()) | {os.getegid()}
+    for key in keys:
+        try:
+            st = os.stat(settings[key])
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        shared = st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IWGRP \
+            and st.st_gid in groups and euid != 0
+        if st.st_uid == euid or shared:
+            continue
+        owner = user_name(st.st_uid)
+        raise ConfigError(
+            f'{program} {command}: refusing to run as {user_name(euid)}: '
+            f'[{section}] {key} = {settings[key]} belongs to {owner}, and '
+            f'files written as {user_name(euid)} would break later runs as '
+            f'{owner}; run it as {owner} (sudo -u {owner} {program} '
+            f'{command} ...)')
 
 
 def check_git_version():

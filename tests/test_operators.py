@@ -5,7 +5,9 @@ unwritable client repositories, and a client git hook that never ran.
 
 import json
 import os
+import pwd
 import re
+import subprocess
 import unittest
 
 from tests import support
@@ -186,6 +188,99 @@ class ConnectTest(unittest.TestCase):
                          r'pg_dump = sudo .*add the sudoers line')
         self.assertRegex(client.stdout, r'OK +\[modules\] db: \[client\] '
                          r'pg_dumpall')
+
+
+def make_user(testcase):
+    """A throw-away system account (root only, as in CI), removed at
+    cleanup: the name of it."""
+    if os.geteuid() != 0:
+        testcase.skipTest('creating an account needs root')
+    support.require_tools('runuser')
+    name = f'gbtest{os.getpid() % 100000}'
+    subprocess.run(['useradd', '--system', '--no-create-home', '--shell',
+                    '/usr/sbin/nologin', name], check=True)
+    testcase.addCleanup(subprocess.run, ['userdel', name], check=False)
+    return name
+
+
+def chown_tree(paths, user):
+    entry = pwd.getpwnam(user)
+    for top in paths:
+        for parent, dirs, files in os.walk(top):
+            for name in [parent] + [os.path.join(parent, n)
+                                    for n in dirs + files]:
+                os.lchown(name, entry.pw_uid, entry.pw_gid)
+
+
+def listing(top):
+    """Every path under top with its owner: what a refused command must
+    leave as it was."""
+    found = []
+    for parent, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            found.append((path, os.lstat(path).st_uid))
+    return sorted(found)
+
+
+class WrongUserTest(unittest.TestCase):
+    """Item 14: a command run by a user who does not own the directories
+    it writes (root, typically) is refused at start, naming the owner, and
+    writes nothing; the owner runs it fine."""
+
+    def setUp(self):
+        self.p = Pipeline(self)
+        self.user = make_user(self)
+        support._grant_traversal(self.p.root)
+        os.chmod(self.p.config, 0o644)
+
+    def as_user(self, script, *args):
+        # The test's own python may live in root's home: Debian's instead.
+        command = ['/usr/bin/python3' if word == support.PYTHON else word
+                   for word in self.p.commands[script]]
+        return subprocess.run(
+            ['runuser', '-u', self.user, '--', *command,
+             '--config', self.p.config, *args], env=self.p.env,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=120)
+
+    def test_client_refuses_root_when_its_directories_are_another_users(self):
+        c = self.p.client_dir
+        chown_tree([os.path.join(c, d) for d in
+                    ('requests', 'queues', 'export', 'log')], self.user)
+        before = listing(c)
+        for args in (('commit', 'dummy', 'x'), ('send',), ('prune',)):
+            proc = self.p.client(*args, check=False)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn(f'belongs to {self.user}', proc.stderr)
+            self.assertIn(f'run it as {self.user}', proc.stderr)
+        self.assertEqual(listing(c), before)
+        # Reading commands still work for anyone.
+        self.assertEqual(self.p.client('status', check=False).returncode, 0)
+        proc = self.as_user('client.py', 'commit', 'dummy', 'x')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(self.p.states(), {'C': 1})
+        [request] = self.p.pool()
+        self.assertEqual(os.stat(os.path.join(c, 'requests', 'n1', request))
+                         .st_uid, pwd.getpwnam(self.user).pw_uid)
+
+    def test_node_refuses_root_when_its_directories_are_another_users(self):
+        n = self.p.node_dir
+        chown_tree([os.path.join(n, d) for d in ('TODO', 'data', 'log')],
+                   self.user)
+        # A directory shared through its group (setgid, group-writable) does
+        # not let root in either.
+        os.chmod(os.path.join(n, 'log'), 0o2775)
+        before = listing(n)
+        for command in ('run', 'prune', 'gc', 'verify'):
+            proc = self.p.server(command, check=False)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn(f'belongs to {self.user}', proc.stderr)
+        self.assertEqual(listing(n), before)
+        proc = self.as_user('server.py', 'run')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        log = os.path.join(n, 'log', 'server.py.log')
+        self.assertEqual(os.stat(log).st_uid, pwd.getpwnam(self.user).pw_uid)
 
 
 if __name__ == '__main__':
