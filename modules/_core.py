@@ -436,6 +436,20 @@ def user_name(uid):
         return f'uid {uid}'
 
 
+def ours(st):
+    """Whether the running user may write what st describes without
+    leaving files its owner cannot change: the owner, or a member of its
+    group when it is shared through the group (setgid and group-writable,
+    as git's core.sharedRepository=group makes a repository).  Root only
+    when it is the owner: it can write anything, which is the trap."""
+    euid = os.geteuid()
+    if st.st_uid == euid:
+        return True
+    groups = set(os.getgroups()) | {os.getegid()}
+    return bool(euid != 0 and st.st_mode & stat.S_ISGID and
+                st.st_mode & stat.S_IWGRP and st.st_gid in groups)
+
+
 def check_run_user(program, command, section, settings, keys):
     """Refuse, before anything is written, a command run by a user who
     does not own the directories it writes: one run as root leaves files
@@ -445,15 +459,12 @@ def check_run_user(program, command, section, settings, keys):
     its group's members in, root excepted.  Missing directories are left
     to the command (it creates them as the user running it)."""
     euid = os.geteuid()
-    groups = set(os.getgroups()) | {os.getegid()}
     for key in keys:
         try:
             st = os.stat(settings[key])
         except (FileNotFoundError, NotADirectoryError):
             continue
-        shared = st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IWGRP \
-            and st.st_gid in groups and euid != 0
-        if st.st_uid == euid or shared:
+        if ours(st):
             continue
         owner = user_name(st.st_uid)
         raise ConfigError(
@@ -1365,6 +1376,15 @@ def gc_repositories(config, section, repos, aggressive=False, where=''):
     does not stop the others.  Returns the repositories whose gc failed."""
     timeout = config.get_duration(section, 'command_timeout')
     lines, failed = [], []
+    # Another account's repository beside ours (gitosis-admin.git, the
+    # git account's own): not ours to gc, and trying fails every month.
+    skipped = [r for r in repos if not ours(os.stat(r))]
+    if skipped:
+        lines += [f'skipped {len(skipped)} repositories this user does not '
+                  f'own: {" ".join(skipped)}', '']
+        log.info('gc: skipped %d repositories %s does not own: %s',
+                 len(skipped), user_name(os.geteuid()), ' '.join(skipped))
+    repos = [r for r in repos if r not in skipped]
     for repo in repos:
         before = tree_size(repo)
         started = time.monotonic()

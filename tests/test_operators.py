@@ -283,5 +283,33 @@ class WrongUserTest(unittest.TestCase):
         self.assertEqual(os.stat(log).st_uid, pwd.getpwnam(self.user).pw_uid)
 
 
+class GcTest(unittest.TestCase):
+    """Item 18: `server.py gc` beside gitosis skips the repositories that
+    are not its user's (gitosis-admin.git) with one info line, and gcs
+    the others."""
+
+    def test_gc_skips_another_accounts_repository(self):
+        p = Pipeline(self)
+        user = make_user(self)
+        p.client('commit', 'dummy', 'x')
+        p.client('send')
+        admin = os.path.join(p.node_dir, 'repositories', 'gitosis-admin.git')
+        subprocess.run(['git', 'init', '--quiet', '--bare', admin],
+                       check=True)
+        chown_tree([admin], user)
+        before = listing(admin)
+        proc = p.server('gc', '-v')
+        self.assertEqual(listing(admin), before)
+        self.assertEqual(len(re.findall('skipped 1 repositories',
+                                        proc.stderr)), 1, proc.stderr)
+        self.assertIn('gitosis-admin.git', proc.stderr)
+        [mail] = p.mails()
+        self.assertNotIn('FAILED', mail['Subject'])
+        self.assertIn('1 repositories, 0 failed', mail['Subject'])
+        # The client's own repository was gc'd: its objects are packed.
+        packs = os.listdir(os.path.join(p.repo, 'objects', 'pack'))
+        self.assertTrue(any(n.endswith('.pack') for n in packs), packs)
+
+
 if __name__ == '__main__':
     unittest.main()
