@@ -1156,6 +1156,7 @@ class Node:
                                 f'want a URL whose scheme is one of '
                                 f'[server] git_protocols ({", ".join(allowed)})')
         problems += self.check_clock()
+        problems += self.unwritable_repositories()
         for name in ('sftp', 'git'):
             try:
                 core.load_module(self.config.modules_dir('server'), name)
@@ -1199,6 +1200,28 @@ class Node:
                         problems += core.connection_line(out, what, problem)
         return problems
 
+
+    def unwritable_repositories(self):
+        """Client repositories this user cannot write: `run` writes each
+        client's results into its repository (objects and a ref), so every
+        directory under objects/ and refs/ must be writable, e.g. through
+        the git account's group (docs/access-control.md)."""
+        problems = []
+        for client in self.clients():
+            repo = self.repository(client)
+            if not os.path.isdir(repo):
+                continue
+            for where in [repo] + [d for top in ('objects', 'refs') for d in
+                                   walk_dirs(os.path.join(repo, top))]:
+                if not os.access(where, os.W_OK | os.X_OK):
+                    problems.append(
+                        f'{repo}: {where} is not writable by '
+                        f'{core.user_name(os.geteuid())}: the results of '
+                        f'client {client} cannot be recorded (share the '
+                        'repository through the git account\'s group: see '
+                        'docs/access-control.md)')
+                    break
+        return problems
 
     def check_clock(self):
         """Stored times ahead of the node's clock: it was (or is) wrong."""
@@ -1727,6 +1750,15 @@ def client_mirrors(node, client):
             rel = rel[:-4]
         mirrors['git/' + rel] = repo
     return mirrors
+
+
+def walk_dirs(top):
+    """top and every directory below it (none when top is missing); one
+    this user cannot list is still named (os.walk would skip it)."""
+    found = [top] if os.path.isdir(top) else []
+    for parent, dirs, _ in os.walk(top):
+        found += [os.path.join(parent, d) for d in dirs]
+    return found
 
 
 def known_clients(node):

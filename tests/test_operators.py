@@ -223,6 +223,17 @@ def listing(top):
     return sorted(found)
 
 
+def run_as(pipeline, user, script, *args):
+    """client.py/server.py of the pipeline run as another account."""
+    # The test's own python may live in root's home: Debian's instead.
+    command = ['/usr/bin/python3' if word == support.PYTHON else word
+               for word in pipeline.commands[script]]
+    return subprocess.run(
+        ['runuser', '-u', user, '--', *command, '--config', pipeline.config,
+         *args], env=pipeline.env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=120)
+
+
 class WrongUserTest(unittest.TestCase):
     """Item 14: a command run by a user who does not own the directories
     it writes (root, typically) is refused at start, naming the owner, and
@@ -235,14 +246,7 @@ class WrongUserTest(unittest.TestCase):
         os.chmod(self.p.config, 0o644)
 
     def as_user(self, script, *args):
-        # The test's own python may live in root's home: Debian's instead.
-        command = ['/usr/bin/python3' if word == support.PYTHON else word
-                   for word in self.p.commands[script]]
-        return subprocess.run(
-            ['runuser', '-u', self.user, '--', *command,
-             '--config', self.p.config, *args], env=self.p.env,
-            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=120)
+        return run_as(self.p, self.user, script, *args)
 
     def test_client_refuses_root_when_its_directories_are_another_users(self):
         c = self.p.client_dir
@@ -309,6 +313,31 @@ class GcTest(unittest.TestCase):
         # The client's own repository was gc'd: its objects are packed.
         packs = os.listdir(os.path.join(p.repo, 'objects', 'pack'))
         self.assertTrue(any(n.endswith('.pack') for n in packs), packs)
+
+
+class UnwritableRepositoryTest(unittest.TestCase):
+    """Item 13: `server.py check` names a client repository the run user
+    cannot write (where `run` records the client's results)."""
+
+    def test_check_names_an_unwritable_client_repository(self):
+        p = Pipeline(self)
+        user = make_user(self)
+        support._grant_traversal(p.root)
+        os.chmod(p.config, 0o644)
+        chown_tree([p.node_dir], user)
+        proc = run_as(p, user, 'server.py', 'check')
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertIn('looks ready', proc.stdout)
+        # What gitolite with UMASK 0027 made: the git account's, group
+        # read-only.
+        heads = os.path.join(p.repo, 'refs', 'heads')
+        os.chown(heads, 0, 0)
+        os.chmod(heads, 0o750)
+        proc = run_as(p, user, 'server.py', 'check')
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn(f'problem: {p.repo}: {heads} is not writable by '
+                      f'{user}', proc.stdout)
+        self.assertIn('client c1', proc.stdout)
 
 
 if __name__ == '__main__':
