@@ -494,6 +494,8 @@ class Client:
         self.modules = config.names('modules')
         self.state_dir = os.path.join(self.settings['log_dir'], 'state')
         self.sends_path = os.path.join(self.state_dir, 'sends')
+        # {repository: digest of its refs when its last request was made}
+        self.git_refs_path = os.path.join(self.state_dir, 'git-refs.json')
 
     def node_or_default(self, node):
         node = node or self.settings.get('default_node')
@@ -546,7 +548,51 @@ class Client:
         link.pool.move(request_id, INCOMPLETE, COMPLETE)
         log.debug('request %s: %s %s for %s', request_id, request_module,
                   path, link.node)
+        if self.modules.get(request_module) == 'git':
+            self.record_git_refs(path)
         return request_id
+
+    def record_git_refs(self, repo, digest=None):
+        """Remember the refs a git request was made for (catch_up_git).
+        Never fails the request: without it, the next send asks again."""
+        try:
+            module = load_module(self.config.modules_dir('client'), 'git')
+            digest = digest or module.python.refs_digest(
+                ModuleContext(self.config, 'client'), repo)
+            os.makedirs(self.state_dir, exist_ok=True)
+            known = read_json(self.git_refs_path, {}) or {}
+            known[repo] = digest
+            write_json(self.git_refs_path, known)
+        except (GitBackupError, OSError, AttributeError) as e:
+            log.debug('%s: refs not recorded: %s', repo, e)
+
+    def catch_up_git(self):
+        """Repositories below git_base whose refs changed since their last
+        request (a hook that failed or never ran, e.g. a typo in this
+        file) get one now: a failing hook costs a delay, not a backup.
+        One `git for-each-ref` per repository."""
+        names = [m for m, name in sorted(self.modules.items())
+                 if name == 'git']
+        base = self.settings['git_base']
+        if not names or not base or not os.path.isdir(base) or \
+                not self.settings['default_node']:
+            return []
+        git_module = load_module(self.config.modules_dir('client'), 'git')
+        ctx = ModuleContext(self.config, 'client')
+        known = read_json(self.git_refs_path, {}) or {}
+        problems = []
+        for repo in git_module.python.repositories_below(base):
+            try:
+                digest = git_module.python.refs_digest(ctx, repo)
+                if digest is None or known.get(repo) == digest:
+                    continue
+                request_id = self.commit(names[0], repo)
+                log.info('%s: refs changed since its last request (did its '
+                         'hook run?): requested as %s', repo, request_id)
+            except GitBackupError as e:
+                problems.append(problem(f'catching up {repo}: {e}',
+                                        mail=False))
+        return problems
 
     def check_request(self, request_module, path):
         """The path of a request as its module wants it, or UsageError."""
@@ -588,6 +634,7 @@ class Client:
         errors = []
         self.count_send()
         flush_mail_queue(self.config, 'client')
+        errors += self.catch_up_git()
         links = [self.link(only_node)] if only_node else self.links()
         for link in links:
             try:

@@ -33,6 +33,7 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 ``refs/preserved/``: only heads, tags and notes are fetched.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -116,6 +117,36 @@ def check_path(client, module, path):
         raise ValueError(f'{path}: {rel} cannot be backed up by name: '
                          f'{problem}')
     return real
+
+
+def repositories_below(base):
+    """Every repository below base (bare, or a work tree with .git), as
+    real paths, not looking inside one, MAX_DEPTH levels at most."""
+    base = os.path.realpath(base)
+    found = []
+    for parent, dirs, _ in os.walk(base):
+        depth = parent[len(base):].count('/')
+        if parent != base and (is_git_dir(parent) or
+                               is_git_dir(os.path.join(parent, '.git'))):
+            found.append(parent)
+            dirs[:] = []
+        elif depth >= MAX_DEPTH:
+            dirs[:] = []
+        dirs.sort()
+    return found
+
+
+def refs_digest(ctx, repo):
+    """sha256 of the repository's refs (one `git for-each-ref`): what
+    changes when anything is pushed to it; None without any ref (nothing
+    to back up yet).  safe.directory: the repository belongs to its git
+    account, not to the one running send."""
+    out = ctx.run(['git', '-c', f'safe.directory={repo}', '-C', repo,
+                   'for-each-ref', '--format=%(objectname) %(refname)'],
+                  timeout=60).stdout
+    if not out.strip():
+        return None
+    return hashlib.sha256(out.encode('utf-8', 'surrogateescape')).hexdigest()
 
 
 def prepare(ctx, module, path):

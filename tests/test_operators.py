@@ -11,7 +11,8 @@ import subprocess
 import unittest
 
 from tests import support
-from tests.pipeline import CLIENT, Pipeline
+from tests.modules_pipeline import ModulePipeline
+from tests.pipeline import CLIENT, NODE, Pipeline
 from tests.test_reliability import write_tree
 
 
@@ -338,6 +339,63 @@ class UnwritableRepositoryTest(unittest.TestCase):
         self.assertIn(f'problem: {p.repo}: {heads} is not writable by '
                       f'{user}', proc.stdout)
         self.assertIn('client c1', proc.stdout)
+
+
+class HookCatchUpTest(unittest.TestCase):
+    """Item 12: a client git hook that failed (a typo) costs a delay, not
+    a backup: `send` requests every repository below git_base whose refs
+    changed since its last request, and no other."""
+
+    def requested(self, p):
+        """{repository: number of requests} in the client's pool."""
+        counts = {}
+        pool = os.path.join(p.client_dir, 'requests', NODE)
+        for name in p.pool():
+            with open(os.path.join(pool, name)) as f:
+                module, _, path = f.read().strip().partition('\t')
+            if module == 'git':
+                counts[os.path.basename(path)] = \
+                    counts.get(os.path.basename(path), 0) + 1
+        return counts
+
+    def test_send_requests_repositories_whose_hook_did_not_run(self):
+        p = ModulePipeline(self)
+        p.start_daemon()
+        broken = p.client_repository('broken.git', hook=False)
+        hook = os.path.join(broken, 'hooks', 'post-update')
+        with open(hook, 'w') as f:      # the typo: an unknown module
+            f.write(f'#!/bin/sh\nexec {support.PYTHON} '
+                    f'{os.path.join(support.ROOT, "client.py")} --config '
+                    f'{p.config} commit gti "$PWD"\n')
+        os.chmod(hook, 0o755)
+        p.client_repository('fine.git')
+        p.client_repository('empty.git')
+        heads = {}
+        for name in ('broken', 'fine'):
+            work = p.work_clone(os.path.join(p.git_base, name + '.git'),
+                                name)
+            heads[name] = p.commit_file(work, 'a', name)
+            push = p.git('push', '--quiet', 'origin', 'HEAD:master',
+                         cwd=work)
+            if name == 'broken':
+                self.assertIn('unknown module', push.stderr)
+        self.assertEqual(self.requested(p), {'fine.git': 1})
+        p.client('send')
+        # The broken hook's push is caught up; fine.git's hook recorded its
+        # request already; empty.git has nothing to back up.
+        self.assertEqual(self.requested(p), {'fine.git': 1, 'broken.git': 1})
+        p.client('send')
+        self.assertEqual(self.requested(p), {'fine.git': 1, 'broken.git': 1})
+        heads['broken'] = p.commit_file(os.path.join(p.root, 'broken'), 'b',
+                                        'again')
+        p.git('push', '--quiet', 'origin', 'HEAD:master',
+              cwd=os.path.join(p.root, 'broken'))
+        p.client('send')
+        self.assertEqual(self.requested(p), {'fine.git': 1, 'broken.git': 2})
+        p.server('run')
+        self.assertEqual(p.refs(p.mirror('broken.git'), 'refs/heads/'),
+                         {'refs/heads/master': heads['broken']},
+                         p.node_log())
 
 
 if __name__ == '__main__':
