@@ -1566,7 +1566,9 @@ Typical crontab of the backup user:
 and in the post-update hook of every git repository to back up:
   client.py commit git "$PWD"
 
-Exit status: 0 success, 1 failure, 2 bad usage or configuration.''')
+Exit status: 0 success, 1 failure, 2 bad usage or configuration.
+Run every command as the owner of request_dir, queue_dir, export_dir and
+log_dir: the commands that write refuse any other user (root too), exit 2.''')
     common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')

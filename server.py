@@ -4499,7 +4499,9 @@ and the post-update hook of every client repository <client>.git:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
-(could not check).''')
+(could not check).  Commands that write (all but check, report, list and
+restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
+shares them through their setgid group (root too): exit 2.''')
     core.common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=core.VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
