@@ -61,14 +61,16 @@ if sys.version_info < (3, 9):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules._core import (  # noqa: E402  (shared core, installed beside us)
     request_id_of,
-    CHUNK, NAME_RE, REQUEST_ID, REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
+    ACCESS_DENIED_HINT, ACCESS_DENIED_RE, CHUNK, NAME_RE, REQUEST_ID,
+    REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
     CommandFailed, atomic_write, Config, ConfigError, GitBackupError, Health, Journal,
     Ledger, ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
-    check_git_version, clean_text, common_options, directory_problems,
+    check_git_version, check_run_user, clean_text, common_options, connection_line,
+    directory_problems, ssh_problem,
     exclusive, find_config,
     flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
     load_module, log, mail_admins, mail_summary, new_request_id, older_than,
-    pause_point, problem, read_json, remove_listed, setup_logging,
+    pause_point, problem, read_json, remove_listed, run, setup_logging,
     sha256_file, ssh_timeout_options, timestamp, write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
@@ -492,6 +494,8 @@ class Client:
         self.modules = config.names('modules')
         self.state_dir = os.path.join(self.settings['log_dir'], 'state')
         self.sends_path = os.path.join(self.state_dir, 'sends')
+        # {repository: digest of its refs when its last request was made}
+        self.git_refs_path = os.path.join(self.state_dir, 'git-refs.json')
 
     def node_or_default(self, node):
         node = node or self.settings.get('default_node')
@@ -544,7 +548,51 @@ class Client:
         link.pool.move(request_id, INCOMPLETE, COMPLETE)
         log.debug('request %s: %s %s for %s', request_id, request_module,
                   path, link.node)
+        if self.modules.get(request_module) == 'git':
+            self.record_git_refs(path)
         return request_id
+
+    def record_git_refs(self, repo, digest=None):
+        """Remember the refs a git request was made for (catch_up_git).
+        Never fails the request: without it, the next send asks again."""
+        try:
+            module = load_module(self.config.modules_dir('client'), 'git')
+            digest = digest or module.python.refs_digest(
+                ModuleContext(self.config, 'client'), repo)
+            os.makedirs(self.state_dir, exist_ok=True)
+            known = read_json(self.git_refs_path, {}) or {}
+            known[repo] = digest
+            write_json(self.git_refs_path, known)
+        except (GitBackupError, OSError, AttributeError) as e:
+            log.debug('%s: refs not recorded: %s', repo, e)
+
+    def catch_up_git(self):
+        """Repositories below git_base whose refs changed since their last
+        request (a hook that failed or never ran, e.g. a typo in this
+        file) get one now: a failing hook costs a delay, not a backup.
+        One `git for-each-ref` per repository."""
+        names = [m for m, name in sorted(self.modules.items())
+                 if name == 'git']
+        base = self.settings['git_base']
+        if not names or not base or not os.path.isdir(base) or \
+                not self.settings['default_node']:
+            return []
+        git_module = load_module(self.config.modules_dir('client'), 'git')
+        ctx = ModuleContext(self.config, 'client')
+        known = read_json(self.git_refs_path, {}) or {}
+        problems = []
+        for repo in git_module.python.repositories_below(base):
+            try:
+                digest = git_module.python.refs_digest(ctx, repo)
+                if digest is None or known.get(repo) == digest:
+                    continue
+                request_id = self.commit(names[0], repo)
+                log.info('%s: refs changed since its last request (did its '
+                         'hook run?): requested as %s', repo, request_id)
+            except GitBackupError as e:
+                problems.append(problem(f'catching up {repo}: {e}',
+                                        mail=False))
+        return problems
 
     def check_request(self, request_module, path):
         """The path of a request as its module wants it, or UsageError."""
@@ -586,6 +634,7 @@ class Client:
         errors = []
         self.count_send()
         flush_mail_queue(self.config, 'client')
+        errors += self.catch_up_git()
         links = [self.link(only_node)] if only_node else self.links()
         for link in links:
             try:
@@ -699,7 +748,7 @@ class Client:
                 if health.state.get('first_failure'):
                     health.ok()
 
-    def check(self, out=sys.stdout):
+    def check(self, out=sys.stdout, connect=False):
         """Print every problem found; return them."""
         out.write(f'{self.config.path}: client {self.name}\n')
         if self.settings['compression'] in COMPRESSION_CHOICES:
@@ -708,6 +757,8 @@ class Client:
             self.check_modules()
         for p in problems:
             out.write(f'problem: {p}\n')
+        if connect:
+            problems += self.check_connections(out)
         if not problems:
             out.write(f'looks ready ({len(self.nodes)} node(s), '
                       f'{len(self.modules)} module(s))\n')
@@ -752,6 +803,27 @@ class Client:
             elif not NodeLink(self, node).has_queue():
                 problems.append(f'node {node}: no queue repository yet (run: '
                                 f'client.py init-node {node})')
+        return problems
+
+    def check_connections(self, out):
+        """`check --connect`: push access to every node, as `send` pushes
+        (its host key known, this client's key let in, the repository
+        there), and what each configured module connects to (PostgreSQL
+        and its sudo prefix).  One line each; returns the failures."""
+        problems = []
+        for link in self.links():
+            problems += connection_line(out, f'node {link.node}: push to '
+                                        f'{link.url}', link.push_problem())
+        for request_module, name in sorted(self.modules.items()):
+            try:
+                module = load_module(self.config.modules_dir('client'), name)
+            except ModuleError:
+                continue    # check_modules said so
+            if module.has('check_connection'):
+                ctx = ModuleContext(self.config, 'client')
+                for what, failure in module.python.check_connection(ctx):
+                    problems += connection_line(
+                        out, f'[modules] {request_module}: {what}', failure)
         return problems
 
     def check_modules(self):
@@ -1100,6 +1172,33 @@ class NodeLink:
             log.warning('node %s: closing the ssh connection: %s',
                         self.node, e)
 
+    def push_problem(self):
+        """'' when this client may push to the node, else what fails and
+        the fix.  git-receive-pack is what a push runs on the node (what
+        gitolite, gitosis and `gate` check), so its ref listing proves the
+        push access without pushing anything."""
+        try:
+            proc = run(['git', 'ls-remote', '--upload-pack=git-receive-pack',
+                        '--', self.url], env=self.git_ssh_env(), check=False,
+                       timeout=min(self.timeout, 120))
+        except GitBackupError as e:
+            return clean_text(str(e))
+        finally:
+            self.close_ssh()
+        if proc.returncode == 0:
+            return ''
+        m = re.match(r'(?:ssh://)?([^/:]+)(?::([0-9]+))?', self.url)
+        target, port = (m.group(1), m.group(2) or 22) if m else \
+            (self.url, 22)
+        return ssh_problem(
+            proc.stderr, target, port, 'add this client\'s public key on the '
+            'node (gitolite keydir, gitosis.conf or `server.py add-client`, '
+            'README "Install a client")') or (
+            f'{clean_text(proc.stderr.strip(), 300)}: no repository for '
+            f'this client at {self.url}: create it on the node (gitolite/'
+            'gitosis config, or `server.py add-client`), or fix [nodes] '
+            f'{self.node}')
+
     # -- init-node --------------------------------------------------------
 
     def init(self):
@@ -1321,9 +1420,14 @@ class NodeLink:
                 'refs/heads/master:refs/heads/master',
                 env=self.git_ssh_env(), timeout=self.timeout)
         except GitBackupError as e:
-            health.failed(str(e), self.alert_after)
+            # ssh refusing the login (key, host key) waits for a human: the
+            # admins hear at once, not after alert_after as for an outage.
+            denied = ACCESS_DENIED_RE.search(str(e))
+            text = f'{e} ({ACCESS_DENIED_HINT})' if denied else str(e)
+            health.failed(text, 0 if denied else self.alert_after)
             errors.append(problem(f'push to {self.node} failed (requests '
-                                  f'kept for the next run): {e}', mail=False))
+                                  f'kept for the next run): {text}',
+                                  mail=False))
             return None
         git(self.repo, 'update-ref', 'refs/remotes/origin/master', local)
         log.info('pushed %s to %s', local[:12], self.node)
@@ -1474,7 +1578,9 @@ Typical crontab of the backup user:
 and in the post-update hook of every git repository to back up:
   client.py commit git "$PWD"
 
-Exit status: 0 success, 1 failure, 2 bad usage or configuration.''')
+Exit status: 0 success, 1 failure, 2 bad usage or configuration.
+Run every command as the owner of request_dir, queue_dir, export_dir and
+log_dir: the commands that write refuse any other user (root too), exit 2.''')
     common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
@@ -1515,7 +1621,14 @@ def add_request_commands(sub):
     p = command('init-node', 'create the queue repository for a node')
     p.add_argument('node', help='a node named in [nodes]')
     command('status', 'show requests and push health per node')
-    command('check', 'test the configuration and environment')
+    p = command('check', 'test the configuration and environment')
+    p.add_argument('--connect', action='store_true',
+                   help='also make every connection `send` makes: push '
+                   'access to each node\n(its host key known, this '
+                   "client's key let in), and each module's own\n"
+                   '(postgresdb: PostgreSQL through the configured psql, '
+                   'pg_dump and\npg_dumpall, sudo prefixes included); one '
+                   'line each, OK or FAILED\nwith the fix')
 
 
 def add_operation_commands(sub):
@@ -1605,16 +1718,25 @@ COMMANDS = {
     'backup-all': lambda c, a: backup_all(c, a.node) and 0,
     'init-node': lambda c, a: init_node_command(c, a.node),
     'status': lambda c, a: c.status(),
-    'check': lambda c, a: 1 if c.check() else 0,
+    'check': lambda c, a: 1 if c.check(connect=a.connect) else 0,
     'gc': lambda c, a: 1 if client_gc(c, a.aggressive) else 0,
     'prune': lambda c, a: 1 if client_prune(c, a.dry_run) else 0,
     'retry': lambda c, a: client_retry(c, a.request_id, a.all_failed) and 0,
 }
 
 
+# Commands that write into the client's directories: refused to any user
+# but their owner (check_run_user).
+WRITING_COMMANDS = ('commit', 'send', 'backup-all', 'init-node', 'gc',
+                    'prune', 'retry')
+
+
 def run_command(args, quiet):
     config = Config(find_config(args.config, __file__))
     client = Client(config)
+    if args.command in WRITING_COMMANDS:
+        check_run_user('client.py', args.command, 'client', client.settings,
+                       ('request_dir', 'queue_dir', 'export_dir', 'log_dir'))
     setup_logging(client.settings['log_dir'], 'client.py', args.verbose,
                   quiet, create=args.command != 'check')
     if args.command not in ('commit', 'check'):

@@ -1079,11 +1079,13 @@ class Node:
         self.pool(client).move(key, PROCESSING, NEW)
         if error.stops_pool:
             self.unreachable.add(client)
-        self.health_seen.setdefault(client, (set(), set()))[1].add(
-            type(error))
+        # Recorded as its Health kind (AccessDenied is a Misconfigured).
+        kind = next(k for k in (Unreachable, NoSpace, Misconfigured)
+                    if isinstance(error, k))
+        self.health_seen.setdefault(client, (set(), set()))[1].add(kind)
         alert_after = self.config.get_duration('server', error.alert_after) \
             if error.alert_after else 0
-        self.health(client, type(error)).failed(str(error), alert_after)
+        self.health(client, kind).failed(str(error), alert_after)
         return core.problem(f'{client}: {key}: waits for the next run: '
                             f'{error}', mail=False)
 
@@ -1117,7 +1119,7 @@ class Node:
 
     # -- check ----------------------------------------------------------------
 
-    def check(self, out=sys.stdout):
+    def check(self, out=sys.stdout, connect=False):
         out.write(f'{self.config.path}: node {self.name}\n')
         problems = []
         try:
@@ -1156,6 +1158,7 @@ class Node:
                                 f'want a URL whose scheme is one of '
                                 f'[server] git_protocols ({", ".join(allowed)})')
         problems += self.check_clock()
+        problems += self.unwritable_repositories()
         for name in ('sftp', 'git'):
             try:
                 core.load_module(self.config.modules_dir('server'), name)
@@ -1163,10 +1166,64 @@ class Node:
                 problems.append(str(e))
         for p in problems:
             out.write(f'problem: {p}\n')
+        if connect:
+            problems += self.check_connections(out)
         if not problems:
-            out.write(f'looks ready ({len(self.clients())} client(s))\n')
+            out.write(f'looks ready ({len(known_clients(self))} client(s): '
+                      f'{len(self.config.client_sections())} configured, '
+                      f'{len(self.clients())} with a repository or pool)\n')
         return problems
 
+    def check_connections(self, out):
+        """`check --connect`: for every configured client, each connection
+        `run` makes (sftp login into sftp_root; its git server when
+        [client NAME] git is set), one line each, OK or FAILED with the
+        fix.  Returns the failures."""
+        problems = []
+        modules_dir = self.config.modules_dir('server')
+        for client in sorted(self.config.client_sections()):
+            try:
+                check_client_name(client)
+                ctx = NodeContext(self, client, None, False)
+            except GitBackupError as e:
+                problems += core.connection_line(out, client, str(e))
+                continue
+            names = ['sftp'] + (['git'] if self.config.section(
+                f'client {client}').get('git') else [])
+            for name in names:
+                try:
+                    module = core.load_module(modules_dir, name)
+                except core.ModuleError as e:
+                    problems += core.connection_line(out, client, str(e))
+                    continue
+                if module.has('check_connection'):
+                    for what, problem in \
+                            module.python.check_connection(ctx):
+                        problems += core.connection_line(out, what, problem)
+        return problems
+
+
+    def unwritable_repositories(self):
+        """Client repositories this user cannot write: `run` writes each
+        client's results into its repository (objects and a ref), so every
+        directory under objects/ and refs/ must be writable, e.g. through
+        the git account's group (docs/access-control.md)."""
+        problems = []
+        for client in self.clients():
+            repo = self.repository(client)
+            if not os.path.isdir(repo):
+                continue
+            for where in [repo] + [d for top in ('objects', 'refs') for d in
+                                   walk_dirs(os.path.join(repo, top))]:
+                if not os.access(where, os.W_OK | os.X_OK):
+                    problems.append(
+                        f'{repo}: {where} is not writable by '
+                        f'{core.user_name(os.geteuid())}: the results of '
+                        f'client {client} cannot be recorded (share the '
+                        'repository through the git account\'s group: see '
+                        'docs/access-control.md)')
+                    break
+        return problems
 
     def check_clock(self):
         """Stored times ahead of the node's clock: it was (or is) wrong."""
@@ -1512,6 +1569,9 @@ PROM_HELP = {
         'Status of a source: 0 ok, 1 warning, 2 critical.',
     'gitbackup_client_status':
         'Worst status of a client: 0 ok, 1 warning, 2 critical.',
+    'gitbackup_client_misconfigured':
+        'Whether fetches from a client wait for a human (1): the node '
+        'configuration for it, or ssh refusing the login or host key.',
     'gitbackup_stale_after_seconds':
         'Age at which a source of the client becomes a warning.',
     'gitbackup_last_drill_timestamp_seconds':
@@ -1697,6 +1757,15 @@ def client_mirrors(node, client):
             rel = rel[:-4]
         mirrors['git/' + rel] = repo
     return mirrors
+
+
+def walk_dirs(top):
+    """top and every directory below it (none when top is missing); one
+    this user cannot list is still named (os.walk would skip it)."""
+    found = [top] if os.path.isdir(top) else []
+    for parent, dirs, _ in os.walk(top):
+        found += [os.path.join(parent, d) for d in dirs]
+    return found
 
 
 def known_clients(node):
@@ -1937,8 +2006,16 @@ def source_report(node, client, now):
         for s in matches or [token]:
             report_row(rows, client, s)['expected'] = True
     drills = last_drills(node, client, now)
+    misconfigured = report_misconfigured(node, client)
+    if misconfigured:
+        client_problems.append(misconfigured)
+        client_status = CRITICAL
     for r in rows.values():
         level = row_level(r, drills.get(r['source']), now, stale)
+        if misconfigured:
+            # Nothing more arrives until a human acts, however fresh the
+            # last backup: every series of the client shows it.
+            level = CRITICAL
         r['status'] = STATUS_NAMES[level]
         client_status = max(client_status, level)
     if not rows and not expected:
@@ -1947,7 +2024,7 @@ def source_report(node, client, now):
     return {'client': client, 'status': STATUS_NAMES[client_status],
             'stale_after_seconds': stale, 'expect': expected,
             'pending': pool['pending_total'], 'failed': pool['failed_total'],
-            'problems': client_problems,
+            'problems': client_problems, 'misconfigured': bool(misconfigured),
             'sources': [rows[s] for s in sorted(rows)],
             'history': report_history(node, client, now)}
 
@@ -2123,6 +2200,8 @@ def report_prometheus(report):
         client = prometheus_label(c['client'])
         samples['gitbackup_client_status'].append(
             (f'{{client="{client}"}}', STATUS_NAMES.index(c['status'])))
+        samples['gitbackup_client_misconfigured'].append(
+            (f'{{client="{client}"}}', int(bool(c.get('misconfigured')))))
         samples['gitbackup_stale_after_seconds'].append(
             (f'{{client="{client}"}}', c['stale_after_seconds']))
         if c.get('offsite'):
@@ -2187,7 +2266,8 @@ SIZE_DROP = 0.5
 DRILL_JOURNAL = 'drills.jsonl'
 WAITING_KINDS = ((Unreachable, 'cannot be reached'),
                  (NoSpace, 'no space to store'),
-                 (Misconfigured, 'node configuration incomplete'))
+                 (Misconfigured, 'misconfigured (node configuration or ssh '
+                  'access)'))
 
 
 def report_transfer_seconds(entry):
@@ -2333,9 +2413,26 @@ def report_waiting(node, client):
             node.state_dir, f'{kind.health}-{client}.json'), {}) or {}
         since = parse_node_time(state.get('first_failure'))
         if since:
-            waiting.append({'what': what, 'since': since, 'error': clean_text(
-                state.get('last_error') or '', 300)})
+            waiting.append({'what': what, 'since': since, 'kind': kind,
+                            'error': clean_text(
+                                state.get('last_error') or '', 300)})
     return waiting
+
+
+def report_waiting_text(waiting):
+    """One line per entry of report_waiting(), as every format shows it."""
+    return f'{waiting["what"]} since {core.isotime(waiting["since"])}: ' \
+        f'{waiting["error"]}'
+
+
+def report_misconfigured(node, client):
+    """The problem text when fetches from this client wait for a human
+    (the node's configuration for it, or ssh refusing the node's login:
+    a Misconfigured Health record), else ''."""
+    for w in report_waiting(node, client):
+        if w['kind'] is Misconfigured:
+            return report_waiting_text(w)
+    return ''
 
 
 def report_history(node, client, now, days=HISTORY_DAYS):
@@ -2358,8 +2455,9 @@ def report_history(node, client, now, days=HISTORY_DAYS):
         for name in ('snapshots', 'failures', 'drills'):
             s[name] = sorted(s[name], key=lambda x: x['time'])[
                 -HISTORY_POINTS:]
-    return {'days': days, 'sources': sources,
-            'waiting': report_waiting(node, client)}
+    waiting = [{k: v for k, v in w.items() if k != 'kind'}
+               for w in report_waiting(node, client)]
+    return {'days': days, 'sources': sources, 'waiting': waiting}
 
 
 def report_html_time(value):
@@ -2608,7 +2706,8 @@ def report_html_rows(report, now):
                      str(r['count']) if r else '0',
                      str(r['failed'] if r else c['failed']),
                      str(r['pending'] if r else c['pending'])]
-            problems = waiting + (r['problems'] if r else []) + c['problems']
+            problems = waiting + (r['problems'] if r else []) + [
+                p for p in c['problems'] if p not in waiting]
             caption = [f'max {core.human_size(facts["largest"])}'
                        if facts['largest'] else '',
                        f'xfer ≤ {human_age(facts["slowest"])}'
@@ -4424,7 +4523,9 @@ and the post-update hook of every client repository <client>.git:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
-(could not check).''')
+(could not check).  Commands that write (all but check, report, list and
+restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
+shares them through their setgid group (root too): exit 2.''')
     core.common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=core.VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
@@ -4462,7 +4563,16 @@ def pipeline_parsers(command):
             'sftp or git.\nFailures are retried on later runs; after '
             'max_attempts a request becomes X*.\nA second concurrent run '
             'exits 0 at once.')
-    command('check', 'test the configuration and environment')
+    p = command('check', 'test the configuration and environment',
+                'Test the configuration, directories and tools; exit 1 when '
+                'anything is wrong.\nThe node counts every [client NAME] '
+                'section, with or without a repository.')
+    p.add_argument('--connect', action='store_true',
+                   help='also make every connection `run` makes, for each '
+                   '[client NAME]: the sftp\nlogin into sftp_root (key '
+                   'authorized, host key known), and the git server\nat '
+                   '[client NAME] git when set; one line each, OK or FAILED '
+                   'with the fix')
 
 
 def access_parsers(command):
@@ -4712,7 +4822,7 @@ def run_cron(node):
 
 COMMANDS = {
     'ingest': lambda n, a: n.ingest(a.client, a.repository) and 0,
-    'check': lambda n, a: 1 if n.check() else 0,
+    'check': lambda n, a: 1 if n.check(connect=a.connect) else 0,
     # -- access control
     'provision': lambda n, a: 1 if provision(n, a.gitosis_conf) else 0,
     'add-client': lambda n, a: add_client(
@@ -4737,12 +4847,23 @@ COMMANDS = {
 }
 
 
+# Commands that write nothing another run needs to change (restore writes
+# only where --to says, as whoever runs it); every other command is refused
+# to a user who does not own the directories it writes (check_run_user).
+READING_COMMANDS = ('check', 'report', 'list', 'restore')
+
+
 def run_command(args):
     config = core.Config(core.find_config(args.config, __file__))
     node = Node(config)
     # The git account runs ingest/gate/provision: its own log file, so
     # that neither account needs to write the other's.
     git_side = args.command in GIT_SIDE_COMMANDS
+    if args.command not in READING_COMMANDS:
+        core.check_run_user('server.py', args.command, 'server', node.settings,
+                            ('todo_dir', 'log_dir', 'repositories')
+                            if git_side else
+                            ('todo_dir', 'data_dir', 'log_dir'))
     core.setup_logging(node.settings['log_dir'], 'server.py',
                        args.verbose, args.quiet,
                        create=args.command != 'check',

@@ -35,10 +35,12 @@ import json
 import logging
 import logging.handlers
 import os
+import pwd
 import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -267,10 +269,18 @@ class NoSpace(Waiting):
 
 class Misconfigured(Waiting):
     """The node's own configuration for this client is incomplete or
-    wrong: fix backup.ini, the requests wait."""
+    wrong, or ssh refuses the login: fix it, the requests wait."""
     health = 'config'
     what = 'the node configuration for client {client}'
     alert_after = None
+
+
+class AccessDenied(Misconfigured):
+    """ssh reached the client but may not log in, or does not trust its
+    host key: a human must act, so the admins hear at once (not after
+    alert_after, as for an outage), and the client's other requests wait
+    too, since they would all be refused the same way."""
+    stops_pool = True
 
 
 # What ssh, sftp and git say (LC_ALL=C) when the other side cannot be
@@ -280,6 +290,20 @@ CONNECTION_LOST_RE = re.compile(
     r'Could not resolve host|No route to host|Network is unreachable|'
     r'Connection closed|Connection reset|Broken pipe|'
     r'connect to host|Connection to \S+ closed|Timeout, server')
+
+# What ssh says (LC_ALL=C) when it reached the peer but may not log in, or
+# does not trust it: a configuration a human must fix, never an outage.
+# Checked before CONNECTION_LOST_RE ("Connection closed" follows these).
+ACCESS_DENIED_RE = re.compile(
+    r'Permission denied \(|Host key verification failed|'
+    r'REMOTE HOST IDENTIFICATION HAS CHANGED|'
+    r'Too many authentication failures|No \S+ host key is known|'
+    r'Identity file \S+ not accessible|no such identity')
+ACCESS_DENIED_HINT = (
+    'ssh refused the login: authorize the key in the peer\'s '
+    'authorized_keys, check the identity file (-i of ssh_command), or add '
+    'the peer\'s host key to known_hosts (a changed host key: make sure '
+    'why, then ssh-keygen -R HOST); the requests wait meanwhile')
 
 
 class Problem(str):
@@ -384,6 +408,91 @@ def directory_problems(section, settings, keys):
         elif not os.access(path, os.W_OK | os.X_OK):
             problems.append(f'[{section}] {key} = {path}: not writable')
     return problems
+
+
+HOST_KEY_RE = re.compile(r'Host key verification failed|No \S+ host key is '
+                         r'known|REMOTE HOST IDENTIFICATION HAS CHANGED')
+
+
+def ssh_problem(stderr, target, port, authorize):
+    """What a failed ssh/sftp/git-over-ssh connection from this account to
+    target (user@host) says, with the fix, for `check --connect`; None when
+    ssh itself worked (the failure is the command's).  `authorize` says
+    whose key to add where."""
+    host = target.rpartition('@')[2]
+    lines = (stderr or '').strip().splitlines()
+
+    def said(pattern):
+        """The first line of stderr that matches, as ssh wrote it."""
+        return next((clean_text(line, 300) for line in lines
+                     if pattern.search(line)), '')
+    if said(HOST_KEY_RE):
+        return (f'{said(HOST_KEY_RE)}: the host key of {host} is unknown '
+                f'here or changed; as this account run once `ssh -p {port} '
+                f'{target} true` and check the fingerprint (a changed key: '
+                f"find out why, then ssh-keygen -R '[{host}]:{port}')")
+    if said(ACCESS_DENIED_RE):
+        return f'{said(ACCESS_DENIED_RE)}: login refused; {authorize}'
+    if said(CONNECTION_LOST_RE):
+        return (f'{said(CONNECTION_LOST_RE)}: cannot connect; is sshd '
+                f'running on {host} and port {port} open to this host?')
+    return None
+
+
+def connection_line(out, what, problem):
+    """One line of `check --connect`: OK, or FAILED with what to fix.
+    Returns the problem text ([] when it worked), to be collected."""
+    if problem:
+        out.write(f'FAILED  {what}: {problem}\n')
+        return [f'{what}: {problem}']
+    out.write(f'OK      {what}\n')
+    return []
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f'uid {uid}'
+
+
+def ours(st):
+    """Whether the running user may write what st describes without
+    leaving files its owner cannot change: the owner, or a member of its
+    group when it is shared through the group (setgid and group-writable,
+    as git's core.sharedRepository=group makes a repository).  Root only
+    when it is the owner: it can write anything, which is the trap."""
+    euid = os.geteuid()
+    if st.st_uid == euid:
+        return True
+    groups = set(os.getgroups()) | {os.getegid()}
+    return bool(euid != 0 and st.st_mode & stat.S_ISGID and
+                st.st_mode & stat.S_IWGRP and st.st_gid in groups)
+
+
+def check_run_user(program, command, section, settings, keys):
+    """Refuse, before anything is written, a command run by a user who
+    does not own the directories it writes: one run as root leaves files
+    that every later run as the right user cannot change.  A directory
+    shared through its group (setgid and group-writable, as the node's
+    todo_dir and log_dir between the git account and adminbackup) lets
+    its group's members in, root excepted.  Missing directories are left
+    to the command (it creates them as the user running it)."""
+    euid = os.geteuid()
+    for key in keys:
+        try:
+            st = os.stat(settings[key])
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if ours(st):
+            continue
+        owner = user_name(st.st_uid)
+        raise ConfigError(
+            f'{program} {command}: refusing to run as {user_name(euid)}: '
+            f'[{section}] {key} = {settings[key]} belongs to {owner}, and '
+            f'files written as {user_name(euid)} would break later runs as '
+            f'{owner}; run it as {owner} (sudo -u {owner} {program} '
+            f'{command} ...)')
 
 
 def check_git_version():
@@ -1182,6 +1291,7 @@ class ModuleContext:
     ``handle`` (node) get a subclass with the request's details."""
 
     ModuleError = ModuleError
+    ToolMissing = ToolMissing
     RequestRefused = RequestRefused
     TransientError = TransientError
     Unreachable = Unreachable
@@ -1189,6 +1299,8 @@ class ModuleContext:
     CommandFailed = CommandFailed
     NoSpace = NoSpace
     Misconfigured = Misconfigured
+    AccessDenied = AccessDenied
+    ACCESS_DENIED_HINT = ACCESS_DENIED_HINT
 
     def __init__(self, config, side):
         self.config = config
@@ -1206,6 +1318,7 @@ class ModuleContext:
     now = staticmethod(lambda: isotime())
     kill_tree = staticmethod(lambda proc: kill_tree(proc))
     clean_text = staticmethod(lambda *a: clean_text(*a))
+    ssh_problem = staticmethod(lambda *a: ssh_problem(*a))
 
     def ssh_timeout_options(self):
         return ssh_timeout_options(self.config, self.side)
@@ -1213,6 +1326,10 @@ class ModuleContext:
     @staticmethod
     def connection_lost(stderr):
         return bool(CONNECTION_LOST_RE.search(stderr or ''))
+
+    @staticmethod
+    def access_denied(stderr):
+        return bool(ACCESS_DENIED_RE.search(stderr or ''))
 
 
 class BackupModule:
@@ -1270,6 +1387,15 @@ def gc_repositories(config, section, repos, aggressive=False, where=''):
     does not stop the others.  Returns the repositories whose gc failed."""
     timeout = config.get_duration(section, 'command_timeout')
     lines, failed = [], []
+    # Another account's repository beside ours (gitosis-admin.git, the
+    # git account's own): not ours to gc, and trying fails every month.
+    skipped = [r for r in repos if not ours(os.stat(r))]
+    if skipped:
+        lines += [f'skipped {len(skipped)} repositories this user does not '
+                  f'own: {" ".join(skipped)}', '']
+        log.info('gc: skipped %d repositories %s does not own: %s',
+                 len(skipped), user_name(os.geteuid()), ' '.join(skipped))
+    repos = [r for r in repos if r not in skipped]
     for repo in repos:
         before = tree_size(repo)
         started = time.monotonic()

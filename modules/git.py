@@ -33,6 +33,7 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 ``refs/preserved/``: only heads, tags and notes are fetched.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -120,6 +121,36 @@ def check_path(client, module, path):
         raise ValueError(f'{path}: {rel} cannot be backed up by name: '
                          f'{problem}')
     return real
+
+
+def repositories_below(base):
+    """Every repository below base (bare, or a work tree with .git), as
+    real paths, not looking inside one, MAX_DEPTH levels at most."""
+    base = os.path.realpath(base)
+    found = []
+    for parent, dirs, _ in os.walk(base):
+        depth = parent[len(base):].count('/')
+        if parent != base and (is_git_dir(parent) or
+                               is_git_dir(os.path.join(parent, '.git'))):
+            found.append(parent)
+            dirs[:] = []
+        elif depth >= MAX_DEPTH:
+            dirs[:] = []
+        dirs.sort()
+    return found
+
+
+def refs_digest(ctx, repo):
+    """sha256 of the repository's refs (one `git for-each-ref`): what
+    changes when anything is pushed to it; None without any ref (nothing
+    to back up yet).  safe.directory: the repository belongs to its git
+    account, not to the one running send."""
+    out = ctx.run(['git', '-c', f'safe.directory={repo}', '-C', repo,
+                   'for-each-ref', '--format=%(objectname) %(refname)'],
+                  timeout=60).stdout
+    if not out.strip():
+        return None
+    return hashlib.sha256(out.encode('utf-8', 'surrogateescape')).hexdigest()
 
 
 def prepare(ctx, module, path):
@@ -262,15 +293,59 @@ def fetch(ctx, mirror, url, protocols):
     # unreachable for the rest of the run (its other requests wait).
     proc = fetch_process(ctx, mirror, url, protocols)
     if proc.returncode != 0:
-        # Cannot connect at all: the client is down, not the request bad.
-        error = ctx.Unreachable if ctx.connection_lost(proc.stderr) \
-            else ctx.TransientError
+        # Cannot connect at all: the client is down, not the request bad;
+        # ssh refusing the login waits for a human (alerted at once).
         hint = ''
+        if ctx.access_denied(proc.stderr):
+            error, hint = ctx.AccessDenied, f' ({ctx.ACCESS_DENIED_HINT})'
+        elif ctx.connection_lost(proc.stderr):
+            error = ctx.Unreachable
+        else:
+            error = ctx.TransientError
         if re.search(r'returned error: 30[1-8]', proc.stderr):
             hint = (' (the server redirects; the node follows no redirect: '
                     f'set [client {ctx.client}] git to the final URL)')
         raise error(f'git fetch from {url} failed (exit {proc.returncode}): '
                     f'{proc.stderr.strip()[-1000:]}{hint}')
+
+
+def check_connection(ctx):
+    """`server.py check --connect`: whether the client's git server (git
+    daemon, ssh, https) answers at [client NAME] git.  Listing the base URL
+    itself: an answer such as "repository not exported" proves the server
+    up; only a refused connection or login fails.  Returns [(what was
+    tried, '' or what fails and how to fix it)]."""
+    if ctx.side != 'server':
+        return []
+    url = ctx.settings['git']
+    what = f'{ctx.client}: git server at {url}'
+    try:
+        scheme, _ = base_url(ctx)
+    except ctx.Misconfigured as e:
+        return [(what, str(e))]
+    protocols = allowed_protocols(ctx)
+    try:
+        proc = ctx.run(['git', *hardening(protocols), 'ls-remote', '--',
+                        url + '/'], env=git_environment(ctx, protocols),
+                       check=False, timeout=120)
+    except ctx.CommandFailed as e:
+        return [(what, ctx.clean_text(str(e)))]
+    if proc.returncode == 0 or not (ctx.access_denied(proc.stderr) or
+                                    ctx.connection_lost(proc.stderr)):
+        return [(what, '')]
+    m = URL_RE.fullmatch(url)
+    authority = m.group('authority') if m else url
+    host, _, port = authority.rpartition('@')[2].partition(':')
+    if scheme == 'ssh':
+        return [(what, ctx.ssh_problem(
+            proc.stderr, authority.partition(':')[0], port or 22,
+            "add the node's public key to the client account's "
+            'authorized_keys'))]
+    return [(what, f'{ctx.clean_text(proc.stderr.strip(), 300)}: '
+             f'nothing answers at {url}: start the git server on {host} '
+             f'(git daemon: see docs/modules.md), open port '
+             f'{port or {"git": 9418, "http": 80}.get(scheme, 443)} to the '
+             f'node, or fix [client {ctx.client}] git')]
 
 
 def fetch_process(ctx, mirror, url, protocols):

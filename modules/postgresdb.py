@@ -88,6 +88,41 @@ def command(ctx, key):
     return words
 
 
+def check_connection(ctx):
+    """`client.py check --connect`: each configured program runs as
+    configured (a sudo prefix needs its sudoers line: sudo -n fails
+    without one instead of asking), and psql reaches the server.  Returns
+    [(what was tried, '' or what fails and how to fix it)]."""
+    if ctx.side != 'client':
+        return []
+    checks = []
+    for key in ('pg_dump', 'pg_dumpall', 'psql'):
+        what = f'[client] {key} = {ctx.settings[key]}'
+        checks.append((what, program_problem(ctx, key, ['--version'])))
+    if not checks[-1][1]:
+        checks.append(('PostgreSQL server (psql: SELECT 1)', program_problem(
+            ctx, 'psql', ['-X', '-A', '-t', '-q', *connection_options(
+                ctx.settings), '--dbname=postgres', '--command', 'SELECT 1'])))
+    return checks
+
+
+def program_problem(ctx, key, args):
+    """'' when [client] <key> runs args, else its error and the fix."""
+    try:
+        words = command(ctx, key)
+        proc = ctx.run(words + args, check=False, timeout=60)
+    except (ctx.ModuleError, ctx.ToolMissing, ctx.CommandFailed) as e:
+        return ctx.clean_text(str(e))
+    if proc.returncode == 0:
+        return ''
+    error = ctx.clean_text(proc.stderr.strip(), 300) or \
+        f'exit {proc.returncode}'
+    if os.path.basename(words[0]) == 'sudo' and 'sudo:' in proc.stderr:
+        return (f'{error}: add the sudoers line for it (docs/modules.md, '
+                '"PostgreSQL"), visudo -f /etc/sudoers.d/gitbackup')
+    return f'{error}: fix [client] {key}, pg_host, pg_port or pg_user'
+
+
 def list_databases(ctx):
     """Every database that is not a template and allows connections."""
     args = command(ctx, 'psql') + [

@@ -154,14 +154,53 @@ def sftp_get(ctx, remote, local, max_size=None):
         # by a signal (SIGPIPE from a dead ssh) it says nothing.  A file
         # that had started to arrive and then failed is a cut connection,
         # whatever the wording: an outage, not a bad request.
+        # A login ssh refuses (key not authorized, host key unknown or
+        # changed) also exits 255, but waits for a human, not an outage.
         started = os.path.exists(local) and os.path.getsize(local) > 0
-        error = ctx.Unreachable if proc.returncode == 255 or \
-            proc.returncode < 0 or started or \
-            ctx.connection_lost(stderr) else ctx.TransientError
+        hint = ''
+        if not started and ctx.access_denied(stderr):
+            error, hint = ctx.AccessDenied, f' ({ctx.ACCESS_DENIED_HINT})'
+        elif proc.returncode == 255 or proc.returncode < 0 or started or \
+                ctx.connection_lost(stderr):
+            error = ctx.Unreachable
+        else:
+            error = ctx.TransientError
         raise error(
             f'sftp from {target} port {ctx.settings["sftp_port"]} '
             f'failed (exit {proc.returncode}): '
-            f'{ctx.clean_text(stderr.strip(), 1000)}')
+            f'{ctx.clean_text(stderr.strip(), 1000)}{hint}')
+
+
+def check_connection(ctx):
+    """`server.py check --connect`: log in to the client as `run` does and
+    change into sftp_root.  Returns [(what was tried, '' or what fails and
+    how to fix it)]."""
+    if ctx.side != 'server':
+        return []
+    target, port = ctx.settings['sftp'], ctx.settings['sftp_port']
+    root = ctx.settings['sftp_root']
+    what = f'{ctx.client}: sftp {target} port {port}, sftp_root {root}'
+    if not root:
+        return [(what, f'no sftp_root: set it in [client {ctx.client}] or '
+                 '[server]')]
+    args = ['sftp', '-b', '-', *ssh_args(ctx), '-o', f'Port={port}',
+            '-o', 'BatchMode=yes', *ctx.ssh_timeout_options(), '--', target]
+    batch = 'cd "%s"\npwd\n' % root.replace('\\', '\\\\') \
+        .replace('"', '\\"')
+    try:
+        proc = ctx.run(args, input=batch, check=False, timeout=120,
+                       env={**os.environ, 'LC_ALL': 'C'})
+    except (ctx.CommandFailed, ctx.ToolMissing) as e:
+        return [(what, ctx.clean_text(str(e)))]
+    if proc.returncode == 0:
+        return [(what, '')]
+    return [(what, ctx.ssh_problem(
+        proc.stderr, target, port,
+        f"add the node's public key (the -i of [server] ssh_command) to "
+        f"~{target.partition('@')[0]}/.ssh/authorized_keys on the client")
+        or f'{ctx.clean_text(proc.stderr.strip(), 300)}: sftp_root is '
+        f'missing or not readable by {target}: create it, or fix '
+        f'[client {ctx.client}] sftp_root')]
 
 
 def watch(ctx, proc, local, max_size, target, remote):

@@ -496,7 +496,10 @@ class GitoliteTest(unittest.TestCase):
                  'LOCAL_CODE                =>  "$ENV{HOME}/local",'),
                 ("# 'repo-specific-hooks',", "'repo-specific-hooks',"),
                 ("GIT_CONFIG_KEYS                 =>  '',",
-                 "GIT_CONFIG_KEYS                 =>  'receive\\..*',")):
+                 "GIT_CONFIG_KEYS                 =>  "
+                 "'receive\\..*|core\\.sharedRepository',"),
+                ('UMASK                           =>  0077,',
+                 'UMASK                           =>  0007,')):
             self.assertIn(old, text)
             text = text.replace(old, new)
         with open(rc, 'w') as f:
@@ -517,6 +520,7 @@ class GitoliteTest(unittest.TestCase):
                 repo c1 c2
                     config receive.fsckObjects = true
                     config receive.maxInputSize = 64m
+                    config core.sharedRepository = group
                     option hook.post-update = {GITOLITE_HOOK}
                 repo c1
                     RW  master$ = c1
@@ -528,6 +532,9 @@ class GitoliteTest(unittest.TestCase):
         for pub in ('c1', 'c2'):
             shutil.copy(self.keys[pub][0] + '.pub', os.path.join(
                 self.gl_home, '.gitolite', 'keydir', pub + '.pub'))
+        # New repositories inherit the git account's group (setgid).
+        repositories = os.path.join(self.gl_home, 'repositories')
+        os.chmod(repositories, os.stat(repositories).st_mode | 0o2000)
         # Server-side equivalent of pushing gitolite-admin.
         self.gitolite('setup')
 
@@ -540,6 +547,12 @@ class GitoliteTest(unittest.TestCase):
         self.assertEqual(git_config(repo, 'receive.fsckObjects'), 'true')
         # As [server] max_push_size: a push cannot fill the node's disk.
         self.assertEqual(git_config(repo, 'receive.maxInputSize'), '64m')
+        # Shared with the git account's group, where `run` (adminbackup)
+        # writes the results: group-writable, setgid, and kept so by git.
+        self.assertEqual(git_config(repo, 'core.sharedRepository'), 'group')
+        for where in (repo, os.path.join(repo, 'objects'),
+                      os.path.join(repo, 'refs', 'heads')):
+            self.assertEqual(os.stat(where).st_mode & 0o2070, 0o2070, where)
         c1 = Scratch(self.root, self.env, self.sshd.ssh_command(
             self.keys['c1'][0]))
         first = c1.commit({'RQa': f'dummy {TS} a\n'})
