@@ -586,7 +586,15 @@ class Ingest:
         if not tip or tip == last:
             return 0
         commits = ledger.since(last, tip)
-        wanted, done = self.new_requests(client, repo, pool, commits)
+        existing = pool.keys()
+        if not ledger.knows(last):
+            # The marker is gone (a restored or recreated todo_dir): what
+            # was ingested is known from the pool and, for the F*/X* that
+            # prune removed, from the results journal.
+            existing |= self.journaled_keys(client)
+            commits = self.skip_seen(client, repo, commits, existing)
+        wanted, done = self.new_requests(client, repo, pool, commits,
+                                         existing)
         accepted = self.within_size(client, repo, pool, wanted)
         if accepted:
             self.write_requests(repo, pool, accepted)
@@ -595,11 +603,34 @@ class Ingest:
                  len(accepted), len(done), client)
         return len(accepted)
 
-    def new_requests(self, client, repo, pool, commits):
-        """([(key, blob)] not yet in the pool, the commits they come from).
+    def journaled_keys(self, client):
+        """The keys of every request with an outcome in the results
+        journal (never pruned)."""
+        entries = self.node.client_results.journal(client).read()[0]
+        return {str(e.get('request')) for e in entries}
+
+    def skip_seen(self, client, repo, commits, existing):
+        """commits without the oldest ones whose requests are all in
+        existing: already ingested, they neither run again nor count
+        against max_commits_per_push."""
+        seen = 0
+        for commit, entries in self.commit_trees(repo, commits):
+            names = [raw.decode('utf-8', 'replace')
+                     for _, _, _, raw in entries]
+            if any(RQ_NAME_RE.match(n) and not n.endswith('.reason') and
+                   f'{commit}-{n}' not in existing for n in names):
+                break
+            seen += 1
+        if seen:
+            log.warning('%s: ingest marker missing: %d commit(s) found '
+                        'already ingested (pool and results journal); '
+                        'not ingested again', client, seen)
+        return commits[seen:]
+
+    def new_requests(self, client, repo, pool, commits, existing):
+        """([(key, blob)] not in existing, the commits they come from).
         max_requests_per_push caps a whole push, not each commit: the
         commits beyond it wait for the next ingest (run catches up)."""
-        existing = pool.keys()
         limit = self.config.get_int('server', 'max_requests_per_push')
         commits = self.within_commit_cap(client, pool, commits)
         wanted, done = [], []

@@ -784,6 +784,12 @@ class Ledger:
         git(self.repo, 'update-ref', self.ref, commit, parent or ZERO_ID)
         return commit
 
+    def knows(self, marker):
+        """Whether marker names a commit of this repository."""
+        return bool(re.fullmatch(r'[0-9a-f]{40}', marker or '')) and git(
+            self.repo, 'cat-file', '-e', marker + '^{commit}',
+            check=False).returncode == 0
+
     def since(self, marker, tip=None):
         """The commits after marker up to tip (default: the branch),
         oldest first; all of them when marker is not a known commit."""
@@ -791,9 +797,7 @@ class Ledger:
         if not tip:
             return []
         revs = [tip]
-        if re.fullmatch(r'[0-9a-f]{40}', marker or '') and git(
-                self.repo, 'cat-file', '-e', marker + '^{commit}',
-                check=False).returncode == 0:
+        if self.knows(marker):
             revs.append('^' + marker)
         return git(self.repo, 'rev-list', '--reverse', *revs).stdout.split()
 
