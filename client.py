@@ -67,8 +67,8 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     check_git_version, clean_text, common_options, directory_problems,
     exclusive, find_config,
     flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
-    load_module, log, mail_admins, mail_summary, new_request_id, older_than,
-    pause_point, problem, read_json, remove_listed, setup_logging,
+    load_module, log, mail_admins, make_dirs, mail_summary, new_request_id,
+    older_than, pause_point, problem, read_json, remove_listed, setup_logging,
     sha256_file, timestamp, write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
@@ -265,7 +265,7 @@ class PrepareContext(ModuleContext):
         """A path in this request's own directory of export_dir."""
         if not NAME_RE.match(filename):
             raise ModuleError(f'bad export file name {filename!r}')
-        os.makedirs(self.export_root, mode=0o750, exist_ok=True)
+        make_dirs(self.export_root, mode=0o750)
         return os.path.join(self.export_root, filename)
 
     def stream_command_to_file(self, args, path, env=None):
@@ -433,7 +433,7 @@ class ArchiveChain:
 
     def start(self):
         """tar's options for this archive; its state goes to a copy."""
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        make_dirs(self.directory, mode=0o750)
         part = self.own + '.snar.part'
         if os.path.exists(part):
             os.unlink(part)
@@ -649,7 +649,7 @@ class Client:
             return 0
 
     def count_send(self):
-        os.makedirs(self.state_dir, exist_ok=True)
+        make_dirs(self.state_dir)
         atomic_write(self.sends_path, f'{self.sends() + 1}\n')
 
     def old_by_sends(self, request_id, pushed_at):
@@ -1064,7 +1064,7 @@ class NodeLink:
         ssh = self.settings['ssh_command']
         control = self.control_path()
         if control:
-            os.makedirs(self.client.state_dir, exist_ok=True)
+            make_dirs(self.client.state_dir)
             # One ssh connection (one handshake) for the push and the
             # results fetch of a send; closed at its end (close_ssh).
             # GIT_SSH_COMMAND goes through sh, hence the quoting.
@@ -1093,8 +1093,9 @@ class NodeLink:
     def init(self):
         """Create (or repair) the queue repository and the pool."""
         if not self.has_queue():
-            os.makedirs(os.path.dirname(self.repo), exist_ok=True)
+            make_dirs(os.path.dirname(self.repo))
             git(self.repo, 'init', '--quiet', '--bare')
+            fsync_dir(os.path.dirname(self.repo))
             log.info('created queue repository %s', self.repo)
         remotes = git(self.repo, 'remote').stdout.split()
         git(self.repo, 'remote', 'set-url' if 'origin' in remotes else 'add',
@@ -1228,7 +1229,7 @@ class NodeLink:
                 raise ModuleError(f'module {module.name} failed: '
                                   f'{type(e).__name__}: {e}') from None
         elif module.python is None:
-            os.makedirs(ctx.export_root, exist_ok=True)
+            make_dirs(ctx.export_root)
             produced = module.run_executable(
                 [request_module, target], ctx.executable_env(), ctx.timeout)
         else:

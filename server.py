@@ -209,7 +209,7 @@ class NodeContext(ModuleContext):
         whose size the request does not announce)."""
         floor = self.config.get_size('server', 'free_space_floor')
         data_dir = self.node.settings['data_dir']
-        os.makedirs(data_dir, exist_ok=True)
+        core.make_dirs(data_dir)
         self.check_possible(size, data_dir)
         self.check_inodes(data_dir)
         # This request's own staging (an earlier attempt's) is removed
@@ -312,11 +312,11 @@ class NodeContext(ModuleContext):
                     'requests': [self.key], 'stored': core.isotime(),
                     **manifest}
         base = os.path.join(self.client_dir, 'files', source)
-        os.makedirs(base, exist_ok=True)
+        core.make_dirs(base)
         # Requests of one client are handled one at a time today; the lock
         # keeps a snapshot's manifest single-writer should that change.
         # (In state_dir: files/<source>/ holds snapshots only.)
-        os.makedirs(self.node.state_dir, exist_ok=True)
+        core.make_dirs(self.node.state_dir)
         lock = core.Lock(os.path.join(self.node.state_dir,
                                       f'store-{self.client}.lock'))
         if not lock.acquire(wait=self.timeout):
@@ -516,15 +516,18 @@ class ClientRepositories:
         check_client_name(client)
         repo = repo or self.node.repository(client)
         if not os.path.isdir(os.path.join(repo, 'objects')):
-            os.makedirs(repo, exist_ok=True)
+            core.make_dirs(repo)
             git(repo, 'init', '--quiet', '--bare', '--shared=group')
+            fsync_dir(repo)
             log.info('created repository %s', repo)
         max_push = self.config.get_size('server', 'max_push_size')
         for key, value in (('receive.denyDeletes', 'true'),
                            ('receive.denyNonFastForwards', 'true'),
                            ('receive.fsckObjects', 'true'),
                            ('receive.maxInputSize', str(max_push)),
-                           ('core.sharedRepository', 'group')):
+                           ('core.sharedRepository', 'group'),
+                           # receive-pack writes the pushes: fsync them.
+                           *core.git_fsync_settings()):
             git(repo, 'config', key, value)
         self.install_hook(repo, 'post-update', self.hook_text(client))
         self.install_hook(repo, 'update', UPDATE_HOOK, foreign_ok=True)
@@ -925,7 +928,7 @@ class Node:
         """One client under a lock of its own: two runs (cron and a manual
         one with another lock directory, say) never handle one client at
         once."""
-        os.makedirs(self.state_dir, exist_ok=True)
+        core.make_dirs(self.state_dir)
         lock = core.Lock(os.path.join(self.state_dir, f'run-{client}.lock'))
         if not lock.acquire():
             log.info('%s: being handled by pid %s; skipped', client,
@@ -3950,7 +3953,7 @@ def restore_file(backup, name, args, out):
 def git_safe(mirror):
     """git options that let any account (root) read a mirror it does not
     own: without them git >= 2.35.2 refuses with "dubious ownership"."""
-    return ['git', '-c', f'safe.directory={mirror}']
+    return [*core.git_program(), '-c', f'safe.directory={mirror}']
 
 
 def restore_git(mirror, args, out):
@@ -3966,8 +3969,8 @@ def restore_git(mirror, args, out):
               '--no-hardlinks', '--', mirror, target])
     # The clone is a copy, not a mirror of the node: fetching into it must
     # not prune what it restored.
-    core.run(['git', f'--git-dir={target}', 'config', '--unset',
-              'remote.origin.mirror'], check=False)
+    core.run([*core.git_program(), f'--git-dir={target}', 'config',
+              '--unset', 'remote.origin.mirror'], check=False)
 
 
 def restore_command(node, args, out=None):

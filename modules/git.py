@@ -232,8 +232,8 @@ def hardening(protocols):
 
 
 def git(ctx, mirror, *args, check=True, **kwargs):
-    proc = ctx.run(['git', f'--git-dir={mirror}', *args], check=False,
-                   **kwargs)
+    proc = ctx.run([*ctx.git_program(), f'--git-dir={mirror}', *args],
+                   check=False, **kwargs)
     if check and proc.returncode != 0:
         raise ctx.TransientError(
             f'git {" ".join(args[:2])} in {mirror} failed (exit '
@@ -272,9 +272,10 @@ def fetch(ctx, mirror, url, protocols):
 
 
 def fetch_process(ctx, mirror, url, protocols):
-    return ctx.run(['git', *hardening(protocols), f'--git-dir={mirror}',
-                    'fetch', '--prune', '--no-recurse-submodules', '--quiet',
-                    '--', url, *REFSPECS],
+    return ctx.run([*ctx.git_program(), *hardening(protocols),
+                    f'--git-dir={mirror}', 'fetch', '--prune',
+                    '--no-recurse-submodules', '--quiet', '--', url,
+                    *REFSPECS],
                    env=git_environment(ctx, protocols), check=False,
                    timeout=ctx.timeout)
 
@@ -335,10 +336,10 @@ def create_mirror(ctx, mirror, url, protocols):
     """First backup: an empty bare repository under a temporary name,
     filled by the same hardened fetch, then renamed into place."""
     parent = os.path.dirname(mirror)
-    os.makedirs(parent, exist_ok=True)
+    ctx.make_dirs(parent)
     tmp = os.path.join(parent, '.' + os.path.basename(mirror) + '.incoming')
     shutil.rmtree(tmp, ignore_errors=True)
-    ctx.run(['git', 'init', '--quiet', '--bare', tmp])
+    ctx.run([*ctx.git_program(), 'init', '--quiet', '--bare', tmp])
     for key, value in (('core.logAllRefUpdates', 'true'),
                        ('transfer.fsckObjects', 'true'),
                        ('fetch.fsckObjects', 'true'),

@@ -5,9 +5,13 @@ offset), with the real programs."""
 
 import json
 import os
+import re
+import subprocess
 import time
 import unittest
 
+from modules import _core as core
+from tests import support
 from tests.pipeline import CLIENT, Pipeline
 from tests.test_reliability import write_tree
 
@@ -62,6 +66,63 @@ class LostIngestMarkerTest(unittest.TestCase):
         p.server('run')
         self.assertEqual(len(journal_lines(p)), len(before) + 1)
         self.assertEqual(p.mails(), [])
+
+
+def fsynced_paths(pipeline, script, *args):
+    """Run one client.py/server.py command under strace; the paths of
+    every file and directory it (or a program it started) fsynced."""
+    trace = os.path.join(pipeline.root, 'strace.out')
+    proc = subprocess.run(
+        ['strace', '-f', '-y', '-qq', '-e', 'trace=fsync,fdatasync', '-o',
+         trace, *pipeline.commands[script], '--config', pipeline.config,
+         *args], env=pipeline.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        timeout=300)
+    pipeline.testcase.assertEqual(proc.returncode, 0, proc.stderr)
+    with open(trace) as f:
+        return re.findall(r'fd?a?t?a?sync\(\d+<([^>]*)>\) = 0', f.read())
+
+
+class GitFsyncTest(unittest.TestCase):
+    """Item 11: what git writes for the project survives a power loss."""
+
+    def test_queue_commit_and_published_results_are_fsynced(self):
+        support.require_tools('strace')
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        write_tree(src, 1 << 10)
+        p.client('commit', 'app', src)
+        refs = core.git_version()[0] >= (2, 36)
+        queue = os.path.join(p.client_dir, 'queues', 'n1.git')
+        synced = fsynced_paths(p, 'client.py', 'send')
+        # The request's new export directory has its entry on disk.
+        self.assertIn(os.path.join(p.client_dir, 'export'), synced)
+        # The request commit, before its P->F rename: objects and ref.
+        self.assertTrue([s for s in synced if s.startswith(
+            queue + '/objects/')], synced)
+        if refs:
+            self.assertIn(queue + '/refs/heads/master.lock', synced)
+        self.assertEqual(p.states('node'), {'RQ': 1})
+        # The node's results commit, before the published offset.
+        synced = fsynced_paths(p, 'server.py', 'run')
+        self.assertTrue([s for s in synced if s.startswith(
+            p.repo + '/objects/')], synced)
+        if refs:
+            self.assertIn(p.repo + '/refs/heads/results.lock', synced)
+        # A first-time files/<source> directory, too.
+        self.assertIn(os.path.join(p.node_dir, 'data', CLIENT, 'files'),
+                      synced)
+        self.assertEqual(len(p.stored('app')), 1)
+        # receive-pack (run by sshd for the client's push) reads the
+        # node repository's own configuration.
+        for key, value in core.git_fsync_settings():
+            got = subprocess.run(['git', f'--git-dir={p.repo}', 'config',
+                                  '--get', key], stdout=subprocess.PIPE,
+                                 text=True).stdout.strip()
+            self.assertEqual(got, value)
+        # And the result reached the client.
+        p.client('send')
+        self.assertIn('node stored 1', p.client('status').stdout)
 
 
 if __name__ == '__main__':
