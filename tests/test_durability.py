@@ -125,5 +125,59 @@ class GitFsyncTest(unittest.TestCase):
         self.assertIn('node stored 1', p.client('status').stdout)
 
 
+class BrokenQueueTest(unittest.TestCase):
+    """Item 7: a garbage HEAD or master in the client's queue repository
+    is found by check, mailed once, repaired by init-node --repair, and
+    the waiting request then reaches the node once."""
+
+    def break_and_repair(self, name):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        write_tree(src, 1 << 10)
+        p.client('commit', 'dummy', src)
+        p.client('send')                # the node has a ledger now
+        p.server('run')
+        request_id = p.client('commit', 'app', src) and \
+            [n[1:] for n in p.pool() if n.startswith('C')][0]
+        queue = os.path.join(p.client_dir, 'queues', 'n1.git')
+        with open(os.path.join(queue, name), 'w') as f:
+            f.write('garbage\n')
+        check = p.client('check', check=False)
+        self.assertNotEqual(check.returncode, 0)
+        self.assertIn(os.path.join(queue, name), check.stdout)
+        self.assertNotIn('looks ready', check.stdout)
+        for _ in range(3):
+            self.assertEqual(p.client('send', '-q', check=False).returncode,
+                             1)
+        # One mail naming the repair; the request waits, never prepared.
+        self.assertEqual(len(p.mails()), 1, [m['Subject'] for m in
+                                             p.mails()])
+        self.assertIn('init-node n1 --repair',
+                      p.mails()[0].get_content())
+        self.assertEqual(p.states(), {'F': 1, 'C': 1})
+        self.assertFalse(os.path.exists(os.path.join(
+            p.client_dir, 'export', request_id)))
+        self.assertIn('queue repository broken', p.client('status').stdout)
+        self.assertNotEqual(p.client('init-node', 'n1', check=False)
+                            .returncode, 0)
+        p.client('init-node', 'n1', '--repair')
+        self.assertIn('looks ready', p.client('check').stdout)
+        p.client('send')
+        self.assertEqual(p.states('node'), {'F': 1, 'RQ': 1})
+        p.server('run')
+        p.client('send')
+        self.assertEqual(len(p.stored('app')), 1)
+        stored = [e for e in journal_lines(p) if request_id in e['request']]
+        self.assertEqual(len(stored), 1, journal_lines(p))
+        self.assertIn('recovered', p.mails()[-1]['Subject'])
+        self.assertEqual(len(p.mails()), 2)
+
+    def test_garbage_master(self):
+        self.break_and_repair('refs/heads/master')
+
+    def test_garbage_head(self):
+        self.break_and_repair('HEAD')
+
+
 if __name__ == '__main__':
     unittest.main()
