@@ -866,7 +866,7 @@ class NodeResults:
         if tip != last:
             for commit in results_ledger.since(last, tip):
                 new += self.entries_of(commit, rejected)
-            new = self.expected(new, rejected)
+            new = self.expected(self.not_known(new), rejected)
             self.journal.append(new)
             atomic_write(self.marker_path, tip + '\n')
             self.report_rejected(rejected)
@@ -876,6 +876,18 @@ class NodeResults:
             self.remove_confirmed_exports(new, results)
         self.check_unconfirmed(results)
         return len(new)
+
+    def not_known(self, entries):
+        """The entries not already in the journal: a node that publishes
+        its results again (restored from an older copy) repeats them, for
+        requests this client may have pruned long ago."""
+        known = self.read()
+        fresh = [e for e in entries if known.get(
+            request_id_of(e['request']), {}).get(e['request']) != e]
+        if len(fresh) < len(entries):
+            log.info('node %s: %d result(s) already known', self.node,
+                     len(entries) - len(fresh))
+        return fresh
 
     def entries_of(self, commit, rejected):
         """The well-formed result entries of one commit of the results

@@ -773,6 +773,23 @@ class Ingest:
         return contents
 
 
+def journal_tail(path, end, size=4096):
+    """A digest of the bytes of a journal just before end ('' for none,
+    None when the file is shorter): what publishing checks it left off
+    after."""
+    if end <= 0:
+        return ''
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(0, end - size))
+            data = f.read(min(end, size))
+    except FileNotFoundError:
+        return None
+    if len(data) < min(end, size):
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
 class ClientResults:
     """The outcome of each request: journaled on the node (read by
     ``report``) and sent back to the client on its results branch."""
@@ -802,7 +819,7 @@ class ClientResults:
             return 0
         state_path = os.path.join(self.settings['data_dir'], client,
                                   '.results-published.json')
-        offset = (read_json(state_path, {}) or {}).get('offset', 0)
+        offset = self.published_offset(client, journal.path, state_path)
         entries, end = journal.read(offset)
         if end == offset:
             return 0
@@ -818,9 +835,30 @@ class ClientResults:
                 [(f'R{key}', json.dumps(entry, sort_keys=True) + '\n')
                  for key, entry in sorted(latest.items())],
                 f'{name} {core.isotime()}: {len(latest)} result(s)\n')
-        write_json(state_path, {'offset': end})
+        write_json(state_path, {'offset': end,
+                                'tail': journal_tail(journal.path, end)})
         log.info('%s: published %d result(s)', client, len(latest))
         return len(latest)
+
+    def published_offset(self, client, path, state_path):
+        """Where publishing goes on in results.jsonl.  A journal that no
+        longer holds what was published up to there (the node restored
+        from an older copy: shorter, or other bytes before the offset) is
+        published again from the start, once: the client skips results it
+        already has."""
+        state = read_json(state_path, {}) or {}
+        offset = state.get('offset', 0)
+        if not offset:
+            return 0
+        current = journal_tail(path, offset)     # None: file too short
+        # (A state written before the digest was kept has no 'tail'.)
+        if current is not None and state.get('tail', current) == current:
+            return offset
+        log.warning('%s: %s does not hold what was published up to byte %d '
+                    '(restored from an older copy?): publishing every result '
+                    'again', client, path, offset)
+        write_json(state_path, {'offset': 0, 'tail': ''})
+        return 0
 
 
 class Node:

@@ -179,5 +179,52 @@ class BrokenQueueTest(unittest.TestCase):
         self.break_and_repair('HEAD')
 
 
+class RestoredResultsTest(unittest.TestCase):
+    """A node restored from an older copy: results.jsonl no longer holds
+    what was published up to the recorded offset.  Publishing starts over;
+    the client takes the new results and skips those it has, silently."""
+
+    def client_results(self, p):
+        path = os.path.join(p.client_dir, 'log', 'state', 'results-n1.jsonl')
+        with open(path) as f:
+            return [json.loads(line)['request'] for line in f if line.strip()]
+
+    def backup(self, p, src):
+        p.client('commit', 'dummy', src)
+        p.client('send')
+        p.server('run')
+        p.client('send')
+
+    def test_older_results_journal_is_published_again(self):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        write_tree(src, 1 << 10)
+        journal = os.path.join(p.node_dir, 'data', CLIENT, 'results.jsonl')
+        self.backup(p, src)
+        with open(journal) as f:
+            older = f.read()
+        self.backup(p, src)
+        # Restored: one result, then a new one after it -- as long as
+        # before, other bytes.
+        with open(journal, 'w') as f:
+            f.write(older)
+        self.backup(p, src)
+        got = self.client_results(p)
+        self.assertEqual(len(got), 3, got)
+        self.assertEqual(len(set(got)), 3, got)
+        self.assertEqual(p.mails(), [])
+        self.assertIn('node stored 3', p.client('status').stdout)
+        # Shorter than the offset; said once, not every run.
+        with open(journal, 'w') as f:
+            f.write(older)
+        p.server('run')
+        p.server('run')
+        self.assertEqual(p.node_log(10 ** 6).count(
+            'publishing every result again'), 2, p.node_log())
+        p.client('send')
+        self.assertEqual(sorted(self.client_results(p)), sorted(got))
+        self.assertEqual(p.mails(), [])
+
+
 if __name__ == '__main__':
     unittest.main()
