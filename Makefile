@@ -4,7 +4,7 @@ PREFIX  ?= /opt/gitbackup
 DEB_PACKAGES = git openssh-client openssh-server tar gzip xz-utils zstd \
                postgresql postgresql-client gitolite3 procps chromium \
                postfix prometheus prometheus-node-exporter \
-               lintian help2man man-db systemd rclone faketime
+               lintian help2man man-db systemd rclone faketime strace
 # Only for `make bench`, which compares gitbackup with them when installed.
 BENCH_PACKAGES = restic borgbackup
 # postfix asks how to deliver mail: a fresh install gets "Local only"

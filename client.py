@@ -69,9 +69,10 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     directory_problems, ssh_problem,
     exclusive, find_config,
     flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
-    load_module, log, mail_admins, mail_summary, new_request_id, older_than,
-    pause_point, problem, read_json, remove_listed, run, setup_logging,
-    sha256_file, ssh_timeout_options, timestamp, write_json, fsync_dir)
+    load_module, log, mail_admins, make_dirs, mail_summary, new_request_id,
+    older_than, pause_point, problem, read_json, remove_listed, run,
+    setup_logging, sha256_file, ssh_timeout_options, timestamp, write_json,
+    fsync_dir)
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -155,6 +156,11 @@ OWN_DIR_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
 RESULT_KEY_RE = re.compile(
     f'^[0-9a-f]{{40}}-RQ{REQUEST_ID}-[A-Za-z0-9._-]{{1,100}}$')
 RESULT_OUTCOMES = ('stored', 'failed', 'empty')
+# The refs of a queue repository send relies on: its ledger and the copies
+# of the node's branches (a broken copy is simply fetched again).
+QUEUE_REFS = ('refs/heads/master', 'refs/remotes/origin/master',
+              'refs/remotes/origin/results')
+HEAD_RE = re.compile(r'ref: refs/\S+|[0-9a-f]{40}')
 RESULT_TIME_RE = re.compile(r'^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}Z$')
 
 
@@ -267,7 +273,7 @@ class PrepareContext(ModuleContext):
         """A path in this request's own directory of export_dir."""
         if not NAME_RE.match(filename):
             raise ModuleError(f'bad export file name {filename!r}')
-        os.makedirs(self.export_root, mode=0o750, exist_ok=True)
+        make_dirs(self.export_root, mode=0o750)
         return os.path.join(self.export_root, filename)
 
     def stream_command_to_file(self, args, path, env=None):
@@ -435,7 +441,7 @@ class ArchiveChain:
 
     def start(self):
         """tar's options for this archive; its state goes to a copy."""
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        make_dirs(self.directory, mode=0o750)
         part = self.own + '.snar.part'
         if os.path.exists(part):
             os.unlink(part)
@@ -698,7 +704,7 @@ class Client:
             return 0
 
     def count_send(self):
-        os.makedirs(self.state_dir, exist_ok=True)
+        make_dirs(self.state_dir)
         atomic_write(self.sends_path, f'{self.sends() + 1}\n')
 
     def old_by_sends(self, request_id, pushed_at):
@@ -803,6 +809,10 @@ class Client:
             elif not NodeLink(self, node).has_queue():
                 problems.append(f'node {node}: no queue repository yet (run: '
                                 f'client.py init-node {node})')
+            else:
+                problems += [f'node {node}: {why} (run: client.py init-node '
+                             f'{node} --repair)' for why in
+                             NodeLink(self, node).queue_problems()]
         return problems
 
     def check_connections(self, out):
@@ -929,7 +939,7 @@ class NodeResults:
         if tip != last:
             for commit in results_ledger.since(last, tip):
                 new += self.entries_of(commit, rejected)
-            new = self.expected(new, rejected)
+            new = self.expected(self.not_known(new), rejected)
             self.journal.append(new)
             atomic_write(self.marker_path, tip + '\n')
             self.report_rejected(rejected)
@@ -939,6 +949,18 @@ class NodeResults:
             self.remove_confirmed_exports(new, results)
         self.check_unconfirmed(results)
         return len(new)
+
+    def not_known(self, entries):
+        """The entries not already in the journal: a node that publishes
+        its results again (restored from an older copy) repeats them, for
+        requests this client may have pruned long ago."""
+        known = self.read()
+        fresh = [e for e in entries if known.get(
+            request_id_of(e['request']), {}).get(e['request']) != e]
+        if len(fresh) < len(entries):
+            log.info('node %s: %d result(s) already known', self.node,
+                     len(entries) - len(fresh))
+        return fresh
 
     def entries_of(self, commit, rejected):
         """The well-formed result entries of one commit of the results
@@ -1148,7 +1170,7 @@ class NodeLink:
                         *ssh_timeout_options(self.config, 'client')])
         control = self.control_path()
         if control:
-            os.makedirs(self.client.state_dir, exist_ok=True)
+            make_dirs(self.client.state_dir)
             # One ssh connection (one handshake) for the push and the
             # results fetch of a send; closed at its end (close_ssh).
             # GIT_SSH_COMMAND goes through sh, hence the quoting.
@@ -1201,11 +1223,19 @@ class NodeLink:
 
     # -- init-node --------------------------------------------------------
 
-    def init(self):
+    def init(self, repair=False):
         """Create (or repair) the queue repository and the pool."""
+        problems = self.queue_problems()
+        if problems and not repair:
+            raise GitBackupError('; '.join(problems) + ': repair it with '
+                                 f'client.py init-node {self.node} --repair')
+        if problems or (repair and os.path.exists(
+                self.set_aside_path('refs/heads/master'))):
+            self.repair()       # (again, after an interrupted repair)
         if not self.has_queue():
-            os.makedirs(os.path.dirname(self.repo), exist_ok=True)
+            make_dirs(os.path.dirname(self.repo))
             git(self.repo, 'init', '--quiet', '--bare')
+            fsync_dir(os.path.dirname(self.repo))
             log.info('created queue repository %s', self.repo)
         remotes = git(self.repo, 'remote').stdout.split()
         git(self.repo, 'remote', 'set-url' if 'origin' in remotes else 'add',
@@ -1224,17 +1254,127 @@ class NodeLink:
         this is left to a later init-node."""
         if self.queue.tip():
             return
+        tip, why = self.fetch_node_master()
+        if not tip:
+            log.info('node %s: no history fetched (%s); starting a new '
+                     'ledger', self.node, why or 'the node has none')
+            return
+        git(self.repo, 'update-ref', 'refs/heads/master', tip, ZERO_ID)
+        log.info('node %s: continuing its ledger at %s', self.node, tip[:12])
+
+    def fetch_node_master(self):
+        """(the node's master, '') fetched into origin/master; ('', '')
+        when the node has none yet; (None, why) when it cannot be asked."""
         proc = git(self.repo, 'fetch', '--quiet', '--no-tags', '--', self.url,
                    '+refs/heads/master:refs/remotes/origin/master',
                    env=self.git_ssh_env(), check=False, timeout=self.timeout)
         if proc.returncode != 0:
-            log.info('node %s: no history fetched (%s); starting a new '
-                     'ledger', self.node, clean_text(proc.stderr.strip(), 200))
-            return
-        tip = git(self.repo, 'rev-parse', 'refs/remotes/origin/master') \
-            .stdout.strip()
-        git(self.repo, 'update-ref', 'refs/heads/master', tip, ZERO_ID)
-        log.info('node %s: continuing its ledger at %s', self.node, tip[:12])
+            if "couldn't find remote ref" in proc.stderr:
+                return '', ''
+            return None, clean_text(proc.stderr.strip(), 300)
+        return git(self.repo, 'rev-parse', 'refs/remotes/origin/master') \
+            .stdout.strip(), ''
+
+    # -- a broken queue repository ----------------------------------------
+
+    def broken_ref(self, ref):
+        """Why a ref's file names no commit (garbage, a file truncated by
+        a power loss, an object lost), or '' when it is sound or absent."""
+        path = os.path.join(self.repo, *ref.split('/'))
+        if not os.path.isfile(path) or git(
+                self.repo, 'rev-parse', '--verify', '--quiet',
+                ref + '^{commit}', check=False).stdout.strip():
+            return ''
+        with open(path, 'rb') as f:
+            text = f.read(80).decode('utf-8', 'replace').strip()
+        return f'{path}: {ref} names no commit ({clean_text(text, 60)!r})'
+
+    def broken_head(self):
+        head = os.path.join(self.repo, 'HEAD')
+        try:
+            with open(head, 'rb') as f:
+                text = f.read(200).decode('utf-8', 'replace').strip()
+        except OSError as e:
+            return f'{head}: {e}'
+        if HEAD_RE.fullmatch(text):
+            return ''
+        return f'{head}: not a git HEAD ({clean_text(text, 60)!r})'
+
+    def queue_problems(self):
+        """What keeps git from using the queue repository; [] when it is
+        sound (or not there yet)."""
+        if not self.has_queue():
+            return []
+        head = self.broken_head()
+        if head:
+            return [head]       # git refuses the whole repository
+        return [why for why in map(self.broken_ref, QUEUE_REFS) if why]
+
+    def repair(self):
+        """Make a broken queue repository usable from the node's ledger:
+        HEAD rewritten, broken copies of the node's branches dropped (the
+        next fetch brings them back), a broken master set to the node's.
+        The node must be reachable for a broken master: nothing else can
+        tell where its ledger is."""
+        head = self.broken_head()
+        if head:
+            atomic_write(os.path.join(self.repo, 'HEAD'),
+                         'ref: refs/heads/master\n')
+            log.warning('repaired %s', head)
+        for ref in QUEUE_REFS:
+            why = self.broken_ref(ref)
+            if why:
+                log.warning('repairing %s', why)
+                self.set_aside(ref)
+        if os.path.exists(self.set_aside_path('refs/heads/master')):
+            self.master_from_node()
+
+    def master_from_node(self):
+        """master := the node's master (a broken one was set aside; put
+        back if the node cannot be asked, so nothing is decided blind)."""
+        ref = 'refs/heads/master'
+        tip, why = self.fetch_node_master()
+        aside = self.set_aside_path(ref)
+        if tip is None:
+            os.rename(aside, os.path.join(self.repo, *ref.split('/')))
+            raise GitBackupError(f'cannot fetch the ledger of node '
+                                 f'{self.node} to repair {ref}: {why}')
+        if tip:
+            git(self.repo, 'update-ref', ref, tip, ZERO_ID)
+        os.unlink(aside)
+        log.warning('node %s: the queue ledger continues at the node\'s '
+                    'master %s', self.node, tip[:12] or '(none yet)')
+
+    def set_aside_path(self, ref):
+        return os.path.join(self.repo, 'broken-' + ref.replace('/', '-'))
+
+    def set_aside(self, ref):
+        """Move a broken ref's file out of refs/ (git can neither use nor
+        delete it, and it spoils fetches)."""
+        path = os.path.join(self.repo, *ref.split('/'))
+        os.rename(path, self.set_aside_path(ref))
+        fsync_dir(os.path.dirname(path))
+
+    def queue_health(self):
+        return Health(os.path.join(self.client.state_dir,
+                                   f'queue-{self.node}.json'),
+                      self.config, 'client',
+                      f'queue repository of node {self.node}')
+
+    def check_queue(self):
+        """A problem (mailed once, through the Health record) when the
+        queue repository is broken, else None.  Checked before any
+        request is prepared: a broken queue could not take them."""
+        problems = self.queue_problems()
+        health = self.queue_health()
+        if not problems:
+            if health.state.get('first_failure'):
+                health.ok()
+            return None
+        text = ('; '.join(problems) + '. Requests wait, nothing is lost; '
+                f'repair: client.py init-node {self.node} --repair')
+        health.failed(text, 0)
+        return problem(f'node {self.node}: {text}', mail=False)
 
     # -- send: the pipeline -------------------------------------------------
 
@@ -1242,6 +1382,9 @@ class NodeLink:
         """claim -> prepare -> commit -> push -> finish -> confirm."""
         if not self.has_queue():
             self.init()
+        broken = self.check_queue()
+        if broken:
+            return [broken]
         self.promote_orphans()
         errors = []
         to_prepare, committed = self.claim()
@@ -1339,7 +1482,7 @@ class NodeLink:
                 raise ModuleError(f'module {module.name} failed: '
                                   f'{type(e).__name__}: {e}') from None
         elif module.python is None:
-            os.makedirs(ctx.export_root, exist_ok=True)
+            make_dirs(ctx.export_root)
             produced = module.run_executable(
                 [request_module, target], ctx.executable_env(), ctx.timeout)
         else:
@@ -1503,6 +1646,10 @@ class NodeLink:
                 out.write(f'  {failing}failing since '
                           f'{health.get("first_failure")}: '
                           f'{health["last_error"]}\n')
+        queue = self.queue_health().state
+        if queue.get('first_failure'):
+            out.write(f'  queue repository broken since '
+                      f'{queue["first_failure"]}: {queue["last_error"]}\n')
         for request_id in states[FAILED][-5:]:
             module, target = read_request(self.pool.file(FAILED, request_id))
             out.write(f'  failed request {request_id}: {module}\t{target} -- '
@@ -1618,8 +1765,17 @@ def add_request_commands(sub):
     p.add_argument('--node', help='only this node')
     p = command('backup-all', 'request every [sources] entry (cron, monthly)')
     p.add_argument('--node', help='node to send to (default: default_node)')
-    p = command('init-node', 'create the queue repository for a node')
+    p = command('init-node', 'create the queue repository for a node',
+                'Create the queue repository for a node (queue_dir/<node>.git)'
+                ', or complete one;\na new one continues the node\'s ledger.'
+                '  --repair mends a broken one (a\ngarbage HEAD or ref, as '
+                '`check` reports): its master is set to the node\'s\n(the '
+                'node must be reachable); requests not yet on the node are '
+                'sent again.')
     p.add_argument('node', help='a node named in [nodes]')
+    p.add_argument('--repair', action='store_true',
+                   help="repair a broken queue repository from the node's "
+                   'ledger')
     command('status', 'show requests and push health per node')
     p = command('check', 'test the configuration and environment')
     p.add_argument('--connect', action='store_true',
@@ -1707,8 +1863,8 @@ def send_command(client, node):
                                                     'command_timeout'))
 
 
-def init_node_command(client, node):
-    print(client.link(node).init())
+def init_node_command(client, node, repair=False):
+    print(client.link(node).init(repair))
     return 0
 
 
@@ -1716,7 +1872,7 @@ COMMANDS = {
     'commit': lambda c, a: c.commit(a.module, a.path, a.node) and 0,
     'send': lambda c, a: send_command(c, a.node),
     'backup-all': lambda c, a: backup_all(c, a.node) and 0,
-    'init-node': lambda c, a: init_node_command(c, a.node),
+    'init-node': lambda c, a: init_node_command(c, a.node, a.repair),
     'status': lambda c, a: c.status(),
     'check': lambda c, a: 1 if c.check(connect=a.connect) else 0,
     'gc': lambda c, a: 1 if client_gc(c, a.aggressive) else 0,

@@ -209,7 +209,7 @@ class NodeContext(ModuleContext):
         whose size the request does not announce)."""
         floor = self.config.get_size('server', 'free_space_floor')
         data_dir = self.node.settings['data_dir']
-        os.makedirs(data_dir, exist_ok=True)
+        core.make_dirs(data_dir)
         self.check_possible(size, data_dir)
         self.check_inodes(data_dir)
         # This request's own staging (an earlier attempt's) is removed
@@ -312,11 +312,11 @@ class NodeContext(ModuleContext):
                     'requests': [self.key], 'stored': core.isotime(),
                     **manifest}
         base = os.path.join(self.client_dir, 'files', source)
-        os.makedirs(base, exist_ok=True)
+        core.make_dirs(base)
         # Requests of one client are handled one at a time today; the lock
         # keeps a snapshot's manifest single-writer should that change.
         # (In state_dir: files/<source>/ holds snapshots only.)
-        os.makedirs(self.node.state_dir, exist_ok=True)
+        core.make_dirs(self.node.state_dir)
         lock = core.Lock(os.path.join(self.node.state_dir,
                                       f'store-{self.client}.lock'))
         if not lock.acquire(wait=self.timeout):
@@ -516,15 +516,18 @@ class ClientRepositories:
         check_client_name(client)
         repo = repo or self.node.repository(client)
         if not os.path.isdir(os.path.join(repo, 'objects')):
-            os.makedirs(repo, exist_ok=True)
+            core.make_dirs(repo)
             git(repo, 'init', '--quiet', '--bare', '--shared=group')
+            fsync_dir(repo)
             log.info('created repository %s', repo)
         max_push = self.config.get_size('server', 'max_push_size')
         for key, value in (('receive.denyDeletes', 'true'),
                            ('receive.denyNonFastForwards', 'true'),
                            ('receive.fsckObjects', 'true'),
                            ('receive.maxInputSize', str(max_push)),
-                           ('core.sharedRepository', 'group')):
+                           ('core.sharedRepository', 'group'),
+                           # receive-pack writes the pushes: fsync them.
+                           *core.git_fsync_settings()):
             git(repo, 'config', key, value)
         self.install_hook(repo, 'post-update', self.hook_text(client))
         self.install_hook(repo, 'update', UPDATE_HOOK, foreign_ok=True)
@@ -586,7 +589,15 @@ class Ingest:
         if not tip or tip == last:
             return 0
         commits = ledger.since(last, tip)
-        wanted, done = self.new_requests(client, repo, pool, commits)
+        existing = pool.keys()
+        if not ledger.knows(last):
+            # The marker is gone (a restored or recreated todo_dir): what
+            # was ingested is known from the pool and, for the F*/X* that
+            # prune removed, from the results journal.
+            existing |= self.journaled_keys(client)
+            commits = self.skip_seen(client, repo, commits, existing)
+        wanted, done = self.new_requests(client, repo, pool, commits,
+                                         existing)
         accepted = self.within_size(client, repo, pool, wanted)
         if accepted:
             self.write_requests(repo, pool, accepted)
@@ -595,11 +606,34 @@ class Ingest:
                  len(accepted), len(done), client)
         return len(accepted)
 
-    def new_requests(self, client, repo, pool, commits):
-        """([(key, blob)] not yet in the pool, the commits they come from).
+    def journaled_keys(self, client):
+        """The keys of every request with an outcome in the results
+        journal (never pruned)."""
+        entries = self.node.client_results.journal(client).read()[0]
+        return {str(e.get('request')) for e in entries}
+
+    def skip_seen(self, client, repo, commits, existing):
+        """commits without the oldest ones whose requests are all in
+        existing: already ingested, they neither run again nor count
+        against max_commits_per_push."""
+        seen = 0
+        for commit, entries in self.commit_trees(repo, commits):
+            names = [raw.decode('utf-8', 'replace')
+                     for _, _, _, raw in entries]
+            if any(RQ_NAME_RE.match(n) and not n.endswith('.reason') and
+                   f'{commit}-{n}' not in existing for n in names):
+                break
+            seen += 1
+        if seen:
+            log.warning('%s: ingest marker missing: %d commit(s) found '
+                        'already ingested (pool and results journal); '
+                        'not ingested again', client, seen)
+        return commits[seen:]
+
+    def new_requests(self, client, repo, pool, commits, existing):
+        """([(key, blob)] not in existing, the commits they come from).
         max_requests_per_push caps a whole push, not each commit: the
         commits beyond it wait for the next ingest (run catches up)."""
-        existing = pool.keys()
         limit = self.config.get_int('server', 'max_requests_per_push')
         commits = self.within_commit_cap(client, pool, commits)
         wanted, done = [], []
@@ -739,6 +773,23 @@ class Ingest:
         return contents
 
 
+def journal_tail(path, end, size=4096):
+    """A digest of the bytes of a journal just before end ('' for none,
+    None when the file is shorter): what publishing checks it left off
+    after."""
+    if end <= 0:
+        return ''
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(0, end - size))
+            data = f.read(min(end, size))
+    except FileNotFoundError:
+        return None
+    if len(data) < min(end, size):
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
 class ClientResults:
     """The outcome of each request: journaled on the node (read by
     ``report``) and sent back to the client on its results branch."""
@@ -768,7 +819,7 @@ class ClientResults:
             return 0
         state_path = os.path.join(self.settings['data_dir'], client,
                                   '.results-published.json')
-        offset = (read_json(state_path, {}) or {}).get('offset', 0)
+        offset = self.published_offset(client, journal.path, state_path)
         entries, end = journal.read(offset)
         if end == offset:
             return 0
@@ -784,9 +835,30 @@ class ClientResults:
                 [(f'R{key}', json.dumps(entry, sort_keys=True) + '\n')
                  for key, entry in sorted(latest.items())],
                 f'{name} {core.isotime()}: {len(latest)} result(s)\n')
-        write_json(state_path, {'offset': end})
+        write_json(state_path, {'offset': end,
+                                'tail': journal_tail(journal.path, end)})
         log.info('%s: published %d result(s)', client, len(latest))
         return len(latest)
+
+    def published_offset(self, client, path, state_path):
+        """Where publishing goes on in results.jsonl.  A journal that no
+        longer holds what was published up to there (the node restored
+        from an older copy: shorter, or other bytes before the offset) is
+        published again from the start, once: the client skips results it
+        already has."""
+        state = read_json(state_path, {}) or {}
+        offset = state.get('offset', 0)
+        if not offset:
+            return 0
+        current = journal_tail(path, offset)     # None: file too short
+        # (A state written before the digest was kept has no 'tail'.)
+        if current is not None and state.get('tail', current) == current:
+            return offset
+        log.warning('%s: %s does not hold what was published up to byte %d '
+                    '(restored from an older copy?): publishing every result '
+                    'again', client, path, offset)
+        write_json(state_path, {'offset': 0, 'tail': ''})
+        return 0
 
 
 class Node:
@@ -896,7 +968,7 @@ class Node:
         """One client under a lock of its own: two runs (cron and a manual
         one with another lock directory, say) never handle one client at
         once."""
-        os.makedirs(self.state_dir, exist_ok=True)
+        core.make_dirs(self.state_dir)
         lock = core.Lock(os.path.join(self.state_dir, f'run-{client}.lock'))
         if not lock.acquire():
             log.info('%s: being handled by pid %s; skipped', client,
@@ -4042,7 +4114,7 @@ def restore_file(backup, name, args, out):
 def git_safe(mirror):
     """git options that let any account (root) read a mirror it does not
     own: without them git >= 2.35.2 refuses with "dubious ownership"."""
-    return ['git', '-c', f'safe.directory={mirror}']
+    return [*core.git_program(), '-c', f'safe.directory={mirror}']
 
 
 def restore_git(mirror, args, out):
@@ -4058,8 +4130,8 @@ def restore_git(mirror, args, out):
               '--no-hardlinks', '--', mirror, target])
     # The clone is a copy, not a mirror of the node: fetching into it must
     # not prune what it restored.
-    core.run(['git', f'--git-dir={target}', 'config', '--unset',
-              'remote.origin.mirror'], check=False)
+    core.run([*core.git_program(), f'--git-dir={target}', 'config',
+              '--unset', 'remote.origin.mirror'], check=False)
 
 
 def restore_command(node, args, out=None):

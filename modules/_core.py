@@ -493,21 +493,51 @@ def check_run_user(program, command, section, settings, keys):
             f'files written as {user_name(euid)} would break later runs as '
             f'{owner}; run it as {owner} (sudo -u {owner} {program} '
             f'{command} ...)')
+_git_version = []
+
+
+def git_version():
+    """(major, minor) of the installed git, and `git --version`'s text;
+    asked once per process."""
+    if not _git_version:
+        out = run(['git', '--version']).stdout
+        m = re.search(r'(\d+)\.(\d+)', out)
+        _git_version.append((tuple(map(int, m.groups())) if m else (0, 0),
+                             out.strip()))
+    return _git_version[0]
 
 
 def check_git_version():
     """Refuse to run with a git older than MIN_GIT (a clear message, not a
     strange plumbing error later)."""
-    out = run(['git', '--version']).stdout
-    m = re.search(r'(\d+)\.(\d+)', out)
-    if not m or tuple(map(int, m.groups())) < MIN_GIT:
+    version, text = git_version()
+    if version < MIN_GIT:
         raise ToolMissing(f'git {".".join(map(str, MIN_GIT))} or later is '
-                          f'required; found {clean_text(out.strip())}')
+                          f'required; found {clean_text(text)}')
+
+
+def git_fsync_settings():
+    """[(key, value)] that make git fsync what it writes, so a commit or
+    ref the project wrote (then acted on: a P->F rename, a published
+    offset) survives a power loss.  By default git fsyncs packs only:
+    not the loose objects of a small commit or push, nor refs.  git 2.36
+    added core.fsync; older git has core.fsyncObjectFiles (objects only;
+    2.36 and later warn that it is deprecated)."""
+    if git_version()[0] >= (2, 36):
+        return [('core.fsync', 'committed,derived-metadata'),
+                ('core.fsyncMethod', 'fsync')]
+    return [('core.fsyncObjectFiles', 'true')]
+
+
+def git_program():
+    """git as every git command of the project runs: with fsync on."""
+    return ['git', *[arg for key, value in git_fsync_settings()
+                     for arg in ('-c', f'{key}={value}')]]
 
 
 def git(git_dir, *args, **kwargs):
     """Run git on one repository (argument list, git's own environment)."""
-    return run(['git', f'--git-dir={git_dir}', *args], **kwargs)
+    return run([*git_program(), f'--git-dir={git_dir}', *args], **kwargs)
 
 
 def git_identity_env(name, email):
@@ -555,6 +585,27 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def make_dirs(path, mode=0o777):
+    """os.makedirs(path, exist_ok=True) whose new directories survive a
+    power loss: each one it creates is fsynced into its parent (files
+    fsynced in a directory whose own entry was lost are lost with it).
+    Returns whether path was created."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return False
+    parent = os.path.dirname(path)
+    if not os.path.exists(parent):   # a file there: mkdir says ENOTDIR
+        make_dirs(parent)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return False
+    fsync_dir(parent)
+    return True
+
+
 def atomic_write(path, data, mode=0o644):
     """Write a file under a temporary name, fsync it, rename it in place."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -589,7 +640,7 @@ def read_json(path, default=None):
 
 
 def write_json(path, value):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_dirs(os.path.dirname(os.path.abspath(path)))
     atomic_write(path, json.dumps(value, indent=1, sort_keys=True) + '\n')
 
 
@@ -765,9 +816,7 @@ class Pool:
 
     def create(self, mode=0o775):
         """Make the pool directory, durably (its entry in the parent)."""
-        if not os.path.isdir(self.path):
-            os.makedirs(self.path, mode=mode, exist_ok=True)
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        make_dirs(self.path, mode=mode)
 
     def move(self, key, src, dst):
         """Rename <src><key> to <dst><key>; False if it was not there."""
@@ -830,7 +879,7 @@ class Attempts:
         state.setdefault('first', isotime())
         state['last'] = isotime()
         state['error'] = clean_text(error, 2000)
-        os.makedirs(self.dir, exist_ok=True)
+        make_dirs(self.dir)
         write_json(self.path(key), state)
         return state['attempts'], state['attempts'] >= self.limit
 
@@ -868,7 +917,7 @@ class Attempts:
         reason_path = self.pool.file(failed_state, key) + '.reason'
         reason = self.reason(key, failed_state)
         if reason:
-            os.makedirs(self.dir, exist_ok=True)
+            make_dirs(self.dir)
             with open(self.path(key) + '.history', 'a',
                       encoding='utf-8') as f:
                 f.write(f'{reason}\n{isotime()} put back by retry\n')
@@ -913,6 +962,12 @@ class Ledger:
         git(self.repo, 'update-ref', self.ref, commit, parent or ZERO_ID)
         return commit
 
+    def knows(self, marker):
+        """Whether marker names a commit of this repository."""
+        return bool(re.fullmatch(r'[0-9a-f]{40}', marker or '')) and git(
+            self.repo, 'cat-file', '-e', marker + '^{commit}',
+            check=False).returncode == 0
+
     def since(self, marker, tip=None):
         """The commits after marker up to tip (default: the branch),
         oldest first; all of them when marker is not a known commit."""
@@ -920,9 +975,7 @@ class Ledger:
         if not tip:
             return []
         revs = [tip]
-        if re.fullmatch(r'[0-9a-f]{40}', marker or '') and git(
-                self.repo, 'cat-file', '-e', marker + '^{commit}',
-                check=False).returncode == 0:
+        if self.knows(marker):
             revs.append('^' + marker)
         return git(self.repo, 'rev-list', '--reverse', *revs).stdout.split()
 
@@ -940,8 +993,7 @@ class Journal:
     def append(self, entries):
         if not entries:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)),
-                    exist_ok=True)
+        make_dirs(os.path.dirname(os.path.abspath(self.path)))
         with open(self.path, 'ab') as f:
             data = ''.join(json.dumps(e, sort_keys=True) + '\n'
                            for e in entries).encode('utf-8')
@@ -1319,6 +1371,8 @@ class ModuleContext:
     kill_tree = staticmethod(lambda proc: kill_tree(proc))
     clean_text = staticmethod(lambda *a: clean_text(*a))
     ssh_problem = staticmethod(lambda *a: ssh_problem(*a))
+    make_dirs = staticmethod(lambda *a: make_dirs(*a))
+    git_program = staticmethod(lambda: git_program())
 
     def ssh_timeout_options(self):
         return ssh_timeout_options(self.config, self.side)
@@ -1399,7 +1453,7 @@ def gc_repositories(config, section, repos, aggressive=False, where=''):
     for repo in repos:
         before = tree_size(repo)
         started = time.monotonic()
-        args = ['git', f'--git-dir={repo}', 'gc']
+        args = [*git_program(), f'--git-dir={repo}', 'gc']
         if aggressive:
             args.append('--aggressive')
         lines.append(f'git-dir="{repo}"')

@@ -268,8 +268,8 @@ def hardening(protocols):
 
 def git(ctx, mirror, *args, check=True, **kwargs):
     kwargs.setdefault('timeout', ctx.timeout)
-    proc = ctx.run(['git', f'--git-dir={mirror}', *args], check=False,
-                   **kwargs)
+    proc = ctx.run([*ctx.git_program(), f'--git-dir={mirror}', *args],
+                   check=False, **kwargs)
     if check and proc.returncode != 0:
         raise ctx.TransientError(
             f'git {" ".join(args[:2])} in {mirror} failed (exit '
@@ -349,7 +349,7 @@ def check_connection(ctx):
 
 
 def fetch_process(ctx, mirror, url, protocols):
-    return run_transfer(ctx, ['git', *hardening(protocols),
+    return run_transfer(ctx, [*ctx.git_program(), *hardening(protocols),
                               f'--git-dir={mirror}', 'fetch', '--prune',
                               '--no-recurse-submodules', '--quiet', '--',
                               url, *REFSPECS],
@@ -578,10 +578,11 @@ def create_mirror(ctx, mirror, url, protocols):
     head, count = remote_refs(ctx, url, protocols)
     check_ref_count(ctx, url, count)
     parent = os.path.dirname(mirror)
-    os.makedirs(parent, exist_ok=True)
+    ctx.make_dirs(parent)
     tmp = os.path.join(parent, '.' + os.path.basename(mirror) + '.incoming')
     shutil.rmtree(tmp, ignore_errors=True)
-    ctx.run(['git', 'init', '--quiet', '--bare', tmp], timeout=ctx.timeout)
+    ctx.run([*ctx.git_program(), 'init', '--quiet', '--bare', tmp],
+            timeout=ctx.timeout)
     for key, value in (('core.logAllRefUpdates', 'true'),
                        ('transfer.fsckObjects', 'true'),
                        ('fetch.fsckObjects', 'true'),
