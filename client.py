@@ -1147,6 +1147,8 @@ class NodeLink:
         self.timeout = self.config.get_duration('client', 'command_timeout')
         self.alert_after = self.config.get_duration('client', 'alert_after')
         self.results = NodeResults(self)
+        # Why the node's ledger could not be fetched (adopt_node_history).
+        self.ledger_unknown = None
 
     def has_queue(self):
         return os.path.isdir(os.path.join(self.repo, 'objects'))
@@ -1250,17 +1252,24 @@ class NodeLink:
     def adopt_node_history(self):
         """A queue repository made anew (the old one lost) must continue the
         node's ledger, which refuses anything but fast-forwards: start from
-        the node's master.  Without the node (offline, or no history yet)
-        this is left to a later init-node."""
+        the node's master, or a new ledger when the node has none.  Returns
+        why the node could not be asked ('' otherwise): then `send` commits
+        nothing until it can (a ledger started blind would fork the
+        node's, and every later push would be refused)."""
         if self.queue.tip():
-            return
+            return ''
+        if self.ledger_unknown is not None:
+            return self.ledger_unknown      # asked once per command
         tip, why = self.fetch_node_master()
+        self.ledger_unknown = why
         if not tip:
-            log.info('node %s: no history fetched (%s); starting a new '
-                     'ledger', self.node, why or 'the node has none')
-            return
+            log.info('node %s: no history fetched (%s)%s', self.node,
+                     why or 'the node has none',
+                     '' if why else '; starting a new ledger')
+            return why
         git(self.repo, 'update-ref', 'refs/heads/master', tip, ZERO_ID)
         log.info('node %s: continuing its ledger at %s', self.node, tip[:12])
+        return ''
 
     def fetch_node_master(self):
         """(the node's master, '') fetched into origin/master; ('', '')
@@ -1271,7 +1280,7 @@ class NodeLink:
         if proc.returncode != 0:
             if "couldn't find remote ref" in proc.stderr:
                 return '', ''
-            return None, clean_text(proc.stderr.strip(), 300)
+            return None, clean_text(proc.stderr.strip(), 2000)
         return git(self.repo, 'rev-parse', 'refs/remotes/origin/master') \
             .stdout.strip(), ''
 
@@ -1385,6 +1394,10 @@ class NodeLink:
         broken = self.check_queue()
         if broken:
             return [broken]
+        unknown = self.adopt_node_history()
+        if unknown:
+            return [self.push_failed(f'node {self.node}: its ledger could '
+                                     'not be fetched, nothing sent', unknown)]
         self.promote_orphans()
         errors = []
         to_prepare, committed = self.claim()
@@ -1563,20 +1576,26 @@ class NodeLink:
                 'refs/heads/master:refs/heads/master',
                 env=self.git_ssh_env(), timeout=self.timeout)
         except GitBackupError as e:
-            # ssh refusing the login (key, host key) waits for a human: the
-            # admins hear at once, not after alert_after as for an outage.
-            denied = ACCESS_DENIED_RE.search(str(e))
-            text = f'{e} ({ACCESS_DENIED_HINT})' if denied else str(e)
-            health.failed(text, 0 if denied else self.alert_after)
-            errors.append(problem(f'push to {self.node} failed (requests '
-                                  f'kept for the next run): {text}',
-                                  mail=False))
+            errors.append(self.push_failed(f'push to {self.node} failed',
+                                           str(e), health))
             return None
         git(self.repo, 'update-ref', 'refs/remotes/origin/master', local)
         log.info('pushed %s to %s', local[:12], self.node)
         pause_point('send:pushed')
         health.ok()
         return True
+
+    def push_failed(self, what, error, health=None):
+        """Record a failed connection to the node in its push Health
+        record; returns the run's problem.  ssh refusing the login (key,
+        host key) waits for a human: the admins hear at once, not after
+        alert_after as for an outage."""
+        denied = ACCESS_DENIED_RE.search(error)
+        text = f'{error} ({ACCESS_DENIED_HINT})' if denied else error
+        (health or self.push_health()).failed(
+            text, 0 if denied else self.alert_after)
+        return problem(f'{what} (requests kept for the next run): {text}',
+                       mail=False)
 
     def finish(self, committed):
         """P* -> F* for every pushed request; F*'s time is the push (see

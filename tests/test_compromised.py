@@ -657,6 +657,34 @@ class NetworkAttackerTest(unittest.TestCase):
         self.assertEqual(p.states('node'), {'X': 1, 'reason': 1})
 
 
+class StalledNodeTest(unittest.TestCase):
+    """A node (or whatever answers at its address) that accepts the TCP
+    connection and never speaks: the client's push gives up after
+    [client] connect_timeout, not command_timeout (default 6 h), and the
+    request waits for the next send."""
+
+    def test_push_to_a_tarpit_node_stops_after_connect_timeout(self):
+        p = Pipeline(self)
+        tarpit = Tarpit(self)
+        set_config(p, 'client', 'connect_timeout', '2s')
+        set_config(p, 'nodes', NODE,
+                   f'ssh://root@127.0.0.1:{tarpit.port}/{CLIENT}.git')
+        p.client('commit', 'dummy', 'r1')
+        start = time.monotonic()
+        proc = p.client('send', check=False)
+        elapsed = time.monotonic() - start
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertLess(elapsed, 20, proc.stderr)
+        self.assertEqual(len(tarpit.connections), 1, proc.stderr)
+        # Nothing lost: the request is still the client's to send.
+        states = p.states()
+        self.assertEqual(sum(states.values()), 1, states)
+        self.assertNotIn('X', states)
+        time.sleep(0.5)
+        self.assertEqual(processes_mentioning(str(tarpit.port)), [])
+        self.assertEqual(tarpit.still_connected(), 0)
+
+
 class ManyRefsTest(unittest.TestCase):
     """A served repository with many refs: rewriting them all costs the
     node a few git processes, and a repository with more than max_refs is

@@ -179,6 +179,32 @@ class BrokenQueueTest(unittest.TestCase):
         self.break_and_repair('HEAD')
 
 
+class LostQueueWhileNodeDownTest(unittest.TestCase):
+    """The client's queue repository is lost (a reinstalled client) while
+    the node is down: send must not start a new ledger blind (it would
+    fork the node's, and the node refuses every later push); it waits, and
+    continues the node's ledger once the node answers."""
+
+    def test_new_queue_waits_for_the_nodes_ledger(self):
+        import shutil
+        p = Pipeline(self)
+        p.client('commit', 'dummy', 'r1')
+        p.client('send')
+        p.server('run')
+        shutil.rmtree(os.path.join(p.client_dir, 'queues', 'n1.git'))
+        p.sshd.stop()
+        p.client('commit', 'dummy', 'r2')
+        proc = p.client('send', check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn('its ledger could not be fetched', proc.stderr)
+        self.assertEqual(p.client('send', check=False).returncode, 1)
+        p.sshd.start()
+        p.client('send')
+        p.server('run')
+        self.assertEqual(p.states('node'), {'F': 2})
+        self.assertEqual([m['Subject'] for m in p.mails()], [])
+
+
 class RestoredResultsTest(unittest.TestCase):
     """A node restored from an older copy: results.jsonl no longer holds
     what was published up to the recorded offset.  Publishing starts over;

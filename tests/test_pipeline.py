@@ -142,31 +142,34 @@ class PipelineTest(unittest.TestCase):
     def test_node_offline_then_back(self):
         """Two sends while sshd is down keep every request; once it is back
         one send delivers them all (several commits in one push), none
-        twice."""
+        twice.  (A client whose ledger is still empty sends nothing while
+        the node is away: test_durability.LostQueueWhileNodeDownTest.)"""
+        self.p.client('commit', 'dummy', 'online')
+        self.p.client('send')
         self.p.sshd.stop()
         for i in range(2):
             self.p.client('commit', 'dummy', f'offline-{i}')
             proc = self.p.client('send', check=False)
             self.assertEqual(proc.returncode, 1, proc.stderr)
             self.assertIn('push to n1 failed', proc.stderr)
-        self.assertEqual(self.p.states(), {'P': 2})
+        self.assertEqual(self.p.states(), {'F': 1, 'P': 2})
         self.assertIn('failing since', self.p.client('status').stdout)
         self.p.sshd.start()
         self.p.client('send')
-        self.assertEqual(self.p.states(), {'F': 2})
+        self.assertEqual(self.p.states(), {'F': 3})
         queue = os.path.join(self.p.client_dir, 'queues', NODE + '.git')
         commits = subprocess.run(
             ['git', '--git-dir', self.p.repo, 'rev-list', 'master'],
             stdout=subprocess.PIPE, check=True, text=True).stdout.split()
-        self.assertEqual(len(commits), 2)
+        self.assertEqual(len(commits), 3)
         self.assertEqual(commits, subprocess.run(
             ['git', '--git-dir', queue, 'rev-list', 'master'],
             stdout=subprocess.PIPE, check=True, text=True).stdout.split())
-        self.assertEqual(self.p.states('node'), {'RQ': 2})
+        self.assertEqual(self.p.states('node'), {'RQ': 3})
         self.p.server('run')
-        self.assertEqual(self.p.states('node'), {'F': 2})
+        self.assertEqual(self.p.states('node'), {'F': 3})
         status = self.p.client('status').stdout
-        self.assertIn('finished    2', status)
+        self.assertIn('finished    3', status)
         self.assertNotIn('failing since', status)
 
     def test_lost_queue_repository_continues_the_ledger(self):

@@ -388,6 +388,9 @@ class WaitingTest(unittest.TestCase):
         self.set('client', 'export_keep', '3')
         src = os.path.join(self.p.root, 'src')
         write_tree(src)
+        # A client that has sent before (its ledger continues the node's).
+        self.p.client('commit', 'dummy', 'before')
+        self.p.client('send')
         self.p.sshd.stop()
         self.p.client('commit', 'app', src)
         for _ in range(2):
@@ -402,7 +405,7 @@ class WaitingTest(unittest.TestCase):
         self.p.client('send')
         self.p.server('run')
         self.assertEqual(len(self.p.stored('app')), 1)
-        self.assertEqual(self.p.states('node'), {'F': 1})
+        self.assertEqual(self.p.states('node'), {'F': 2})
 
     def test_node_misconfiguration_waits_and_alerts_once(self):
         self.set('server', 'max_attempts', '1')
