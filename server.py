@@ -561,12 +561,17 @@ class Ingest:
         self.node = node
         self.config = node.config
 
-    def ingest(self, client, repo=None):
-        """Turn new pushed commits into RQ files; return how many."""
+    def ingest(self, client, repo=None, tip=None):
+        """Turn new pushed commits into RQ files; return how many.  tip:
+        master's commit when the caller has just read it ('' for none)."""
         check_client_name(client)
         repo = os.path.abspath(repo or os.environ.get('GIT_DIR') or '.')
         pool = self.node.pool(client)
         pool.create(mode=0o2775)
+        if tip is not None and tip == self.ingested(pool):
+            # Nothing new (the hook ingested the last push): no lock, no
+            # git.  The marker only ever moves to a tip, under the lock.
+            return 0
         lock = pool.lock()
         if not lock.acquire(wait=5):
             raise GitBackupError(f'pool {pool.path} is locked by pid '
@@ -575,14 +580,20 @@ class Ingest:
         with lock:
             return self._ingest_locked(client, repo, pool)
 
+    @staticmethod
+    def ingested(pool):
+        """The last commit ingested into the pool ('' for none)."""
+        try:
+            with open(os.path.join(pool.path, '.ingested')) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ''
+
     def _ingest_locked(self, client, repo, pool):
         ledger = Ledger(repo, 'refs/heads/master', self.node.name)
         tip = ledger.tip()
         marker = os.path.join(pool.path, '.ingested')
-        last = ''
-        if os.path.exists(marker):
-            with open(marker) as f:
-                last = f.read().strip()
+        last = self.ingested(pool)
         if not tip or tip == last:
             return 0
         commits = ledger.since(last, tip)
@@ -783,7 +794,8 @@ class ClientResults:
             Ledger(repo, RESULTS_REF, name).append(
                 [(f'R{key}', json.dumps(entry, sort_keys=True) + '\n')
                  for key, entry in sorted(latest.items())],
-                f'{name} {core.isotime()}: {len(latest)} result(s)\n')
+                f'{name} {core.isotime()}: {len(latest)} result(s)\n',
+                parent=core.ref_from_files(repo, RESULTS_REF))
         write_json(state_path, {'offset': end})
         log.info('%s: published %d result(s)', client, len(latest))
         return len(latest)
@@ -801,6 +813,7 @@ class Node:
         # {client: (Waiting kinds proved working, kinds that made a request
         # wait)} of this run, settled once the client's pool is done.
         self.health_seen = {}
+        self.modules = {}   # name: BackupModule or None, loaded once a run
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
@@ -913,7 +926,8 @@ class Node:
         repo = self.repository(client)
         if os.path.isdir(repo):
             try:
-                self.ingest(client, repo)
+                self.request_ingest.ingest(client, repo, core.ref_from_files(
+                    repo, 'refs/heads/master'))
             except GitBackupError as e:
                 errors.append(f'{client}: ingest: {e}')
                 log.error('%s', errors[-1])
@@ -1041,10 +1055,15 @@ class Node:
     def node_module(self, name):
         """The node module a request names (Python with handle(), or an
         executable); an unknown one refuses the request."""
-        try:
-            module = core.load_module(self.config.modules_dir('server'), name)
-        except core.ModuleError:
-            module = None
+        # Loaded once per run, not per request (1000 clients, 1000 loads).
+        module = self.modules.get(name, False)
+        if module is False:
+            try:
+                module = core.load_module(self.config.modules_dir('server'),
+                                          name)
+            except core.ModuleError:
+                module = None
+            self.modules[name] = module
         if module is None or (module.python is not None and
                               not module.has('handle')):
             raise RequestRefused(f'unknown server module {clean_text(name)!r}')

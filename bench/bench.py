@@ -48,9 +48,13 @@ import server  # noqa: E402
 MEASURE = '''
 import resource, subprocess, sys
 rc = subprocess.run(sys.argv[1:]).returncode
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)
 sys.exit(rc)
 '''
+# CPU seconds (user + system, all processes) of the last measured()
+# command: steadier than wall time on a machine shared with other work.
+LAST_CPU = [0.0]
 WORDS = [f'w{i:x}' * (1 + i % 4) for i in range(4000)]
 
 
@@ -63,7 +67,9 @@ def measured(args, env):
     seconds = time.monotonic() - start
     if proc.returncode not in (0, 1):   # 1: tar saw files change (ok)
         raise SystemExit(f'{" ".join(args)} failed:\n{proc.stderr}')
-    return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
+    rss, LAST_CPU[0] = proc.stderr.strip().splitlines()[-1].split()
+    LAST_CPU[0] = float(LAST_CPU[0])
+    return seconds, int(rss) / 1024
 
 
 def tree_size(path):
@@ -305,7 +311,7 @@ def run_many_clients(demo, scale):
             root = os.path.join(p.root, f'many{jobs or ""}')
             setup, seconds, rss = many_clients_run(p, root, count, jobs)
             print(f'{count} {module} clients{label}: setup {setup:.1f} s, '
-                  f'server.py run {seconds:.2f} s '
+                  f'server.py run {seconds:.2f} s, CPU {LAST_CPU[0]:.2f} s '
                   f'({1000 * seconds / count:.1f} ms per client, peak RSS '
                   f'{rss:.0f} MiB; goal at full scale < {goal} s)',
                   flush=True)
