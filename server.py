@@ -153,6 +153,19 @@ class NodeContext(ModuleContext):
     def refuse(self, message):
         raise RequestRefused(message)
 
+    def shared_ssh(self, ssh_words, target):
+        """Options that make an ssh or sftp command to target share this
+        client's one connection of the turn (see core.SharedSSH)."""
+        shared = self.node.shared_ssh.get(self.client)
+        if shared is None or shared.target != target:
+            if shared is not None:
+                shared.close()
+            shared = self.node.shared_ssh[self.client] = core.SharedSSH(
+                ssh_words, target)
+        connect = self.config.get_duration('server', 'connect_timeout',
+                                           '30s')
+        return shared.options(timeout=2 * max(1, connect) + 5)
+
     # -- validation of untrusted fields -----------------------------------
 
     def check_timestamp(self, text):
@@ -814,6 +827,9 @@ class Node:
         # wait)} of this run, settled once the client's pool is done.
         self.health_seen = {}
         self.modules = {}   # name: BackupModule or None, loaded once a run
+        # {client: core.SharedSSH} of the clients being handled: each
+        # worker only touches its own client's entry.
+        self.shared_ssh = {}
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
@@ -932,7 +948,12 @@ class Node:
                 errors.append(f'{client}: ingest: {e}')
                 log.error('%s', errors[-1])
         errors += take_ignored_notes(self, client)
-        errors += self.process_pool(client)
+        try:
+            errors += self.process_pool(client)
+        finally:
+            shared = self.shared_ssh.pop(client, None)
+            if shared is not None:
+                shared.close()
         try:
             self.client_results.publish(client)
         except (GitBackupError, OSError) as e:

@@ -1263,6 +1263,84 @@ class ModuleContext:
         return bool(CONNECTION_LOST_RE.search(stderr or ''))
 
 
+class SharedSSH:
+    """One ssh connection (one handshake) shared by the ssh and sftp
+    commands of one client's turn, through a private socket (OpenSSH
+    connection sharing).  Opened by the first command that asks, closed
+    with the turn.  The master is our own child in a process group of its
+    own, not a ControlPersist daemon: close() ends it and kills what is
+    left, so a killed or stalled transfer never leaves a connection
+    behind; a command killed by watch() takes only its own channel."""
+
+    def __init__(self, ssh_words, target):
+        self.ssh_words = list(ssh_words)   # the ssh program and options
+        self.target = target
+        self.proc = self.directory = self.path = self.proc_status = None
+        self.failed = False
+
+    def options(self, timeout):
+        """ssh options that make a command use the shared connection,
+        opening it first if needed.  Raises Unreachable when ssh could not
+        connect or authenticate (what sftp's own ssh would have found, in
+        as long); [] when the master could not be used otherwise: the
+        command then connects by itself."""
+        if self.proc is None and not self.failed:
+            error = self.start(timeout)
+            if error is not None:
+                raise Unreachable(f'ssh to {self.target} failed: {error}')
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return ['-o', 'ControlMaster=no', '-o', f'ControlPath={self.path}']
+
+    def start(self, timeout):
+        # A private 0700 directory, short enough for a socket's path.
+        self.directory = tempfile.mkdtemp(prefix='gitbackup-ssh-')
+        self.path = os.path.join(self.directory, 'master')
+        args = [*self.ssh_words, '-M', '-N', '-o', 'ControlPersist=no',
+                '-o', f'ControlPath={self.path}', '--', self.target]
+        log.debug('running: %s', shlex.join(args))
+        # stderr to a file: nobody reads a pipe while the master runs.
+        with tempfile.TemporaryFile(dir=self.directory) as err:
+            try:
+                self.proc = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=err, start_new_session=True)
+            except FileNotFoundError:
+                self.close()
+                return None
+            # The socket appears once the master has authenticated.
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(self.path):
+                exited = self.proc.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    err.seek(0)
+                    text = err.read().decode('utf-8', 'replace').strip()
+                    self.close()
+                    return clean_text(f'exit {self.proc_status}: {text}',
+                                      1000) if exited else None
+                time.sleep(0.01)
+        return None
+
+    def close(self):
+        """End the master (SIGTERM: ssh closes the connection cleanly),
+        then kill its process group whatever it did; remove the socket's
+        directory.  Idempotent."""
+        self.failed = True      # never reopened within this turn
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            kill_tree(self.proc)
+            self.proc_status = self.proc.returncode
+            self.proc = None
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
 class BackupModule:
     """A module file in modules/: a Python file (``prepare`` for the
     client, ``handle`` for the node, optional ``check_path``) or an

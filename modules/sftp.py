@@ -122,9 +122,13 @@ def sftp_get(ctx, remote, local, max_size=None):
     """Download one file with sftp in batch mode into local.  Streams to
     disk; stops the transfer if the file grows beyond max_size."""
     target = ctx.settings['sftp']
-    args = ['sftp', '-b', '-', *ssh_args(ctx),
-            '-o', f'Port={ctx.settings["sftp_port"]}',
-            '-o', 'BatchMode=yes', *ctx.ssh_timeout_options(),
+    options = ['-o', f'Port={ctx.settings["sftp_port"]}',
+               '-o', 'BatchMode=yes', *ctx.ssh_timeout_options()]
+    # All transfers of the client's turn go over one ssh connection (one
+    # handshake), opened by the first and closed with the turn.
+    options += ctx.shared_ssh(shlex.split(ctx.node.settings['ssh_command'])
+                              + options, target)
+    args = ['sftp', '-b', '-', *ssh_args(ctx), *options,
             *bwlimit_args(ctx), '--', target]
     batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
                                  .replace('"', '\\"'))
