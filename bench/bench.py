@@ -25,6 +25,10 @@ cron send does is not counted.  Where restic or borg is installed
 the same loopback sshd (restic: sftp repository; borg: over ssh), and
 the ratios gitbackup/restic are printed.
 
+Each measured command starts after os.sync(), so no tool pays for the
+dirty pages of the trees or of the tool before it; the many-client runs
+also print CPU seconds, steadier than wall time on a shared machine.
+
 Sizes and client counts scale with $BENCH_SCALE (default 1; 0.05 for a
 quick run); $BENCH_ONLY=clients or trees runs only that part, =first
 only the first backup of the big tree.

@@ -205,5 +205,9 @@ def watch(ctx, proc, local, max_size, target, remote):
         if stopped:
             ctx.kill_tree(proc)
             break
-        time.sleep(0.05)
+        try:
+            # Wakes as soon as sftp ends: a small file costs no poll period.
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            pass
     return stopped
