@@ -153,6 +153,19 @@ class NodeContext(ModuleContext):
     def refuse(self, message):
         raise RequestRefused(message)
 
+    def shared_ssh(self, ssh_words, target):
+        """Options that make an ssh or sftp command to target share this
+        client's one connection of the turn (see core.SharedSSH)."""
+        shared = self.node.shared_ssh.get(self.client)
+        if shared is None or shared.target != target:
+            if shared is not None:
+                shared.close()
+            shared = self.node.shared_ssh[self.client] = core.SharedSSH(
+                ssh_words, target)
+        connect = self.config.get_duration('server', 'connect_timeout',
+                                           '30s')
+        return shared.options(timeout=2 * max(1, connect) + 5)
+
     # -- validation of untrusted fields -----------------------------------
 
     def check_timestamp(self, text):
@@ -564,12 +577,17 @@ class Ingest:
         self.node = node
         self.config = node.config
 
-    def ingest(self, client, repo=None):
-        """Turn new pushed commits into RQ files; return how many."""
+    def ingest(self, client, repo=None, tip=None):
+        """Turn new pushed commits into RQ files; return how many.  tip:
+        master's commit when the caller has just read it ('' for none)."""
         check_client_name(client)
         repo = os.path.abspath(repo or os.environ.get('GIT_DIR') or '.')
         pool = self.node.pool(client)
         pool.create(mode=0o2775)
+        if tip is not None and tip == self.ingested(pool):
+            # Nothing new (the hook ingested the last push): no lock, no
+            # git.  The marker only ever moves to a tip, under the lock.
+            return 0
         lock = pool.lock()
         if not lock.acquire(wait=5):
             raise GitBackupError(f'pool {pool.path} is locked by pid '
@@ -578,14 +596,20 @@ class Ingest:
         with lock:
             return self._ingest_locked(client, repo, pool)
 
+    @staticmethod
+    def ingested(pool):
+        """The last commit ingested into the pool ('' for none)."""
+        try:
+            with open(os.path.join(pool.path, '.ingested')) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ''
+
     def _ingest_locked(self, client, repo, pool):
         ledger = Ledger(repo, 'refs/heads/master', self.node.name)
         tip = ledger.tip()
         marker = os.path.join(pool.path, '.ingested')
-        last = ''
-        if os.path.exists(marker):
-            with open(marker) as f:
-                last = f.read().strip()
+        last = self.ingested(pool)
         if not tip or tip == last:
             return 0
         commits = ledger.since(last, tip)
@@ -834,7 +858,8 @@ class ClientResults:
             Ledger(repo, RESULTS_REF, name).append(
                 [(f'R{key}', json.dumps(entry, sort_keys=True) + '\n')
                  for key, entry in sorted(latest.items())],
-                f'{name} {core.isotime()}: {len(latest)} result(s)\n')
+                f'{name} {core.isotime()}: {len(latest)} result(s)\n',
+                parent=core.ref_from_files(repo, RESULTS_REF))
         write_json(state_path, {'offset': end,
                                 'tail': journal_tail(journal.path, end)})
         log.info('%s: published %d result(s)', client, len(latest))
@@ -873,6 +898,10 @@ class Node:
         # {client: (Waiting kinds proved working, kinds that made a request
         # wait)} of this run, settled once the client's pool is done.
         self.health_seen = {}
+        self.modules = {}   # name: BackupModule or None, loaded once a run
+        # {client: core.SharedSSH} of the clients being handled: each
+        # worker only touches its own client's entry.
+        self.shared_ssh = {}
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
@@ -987,12 +1016,18 @@ class Node:
         repo = self.repository(client)
         if os.path.isdir(repo):
             try:
-                self.ingest(client, repo)
+                self.request_ingest.ingest(client, repo, core.ref_from_files(
+                    repo, 'refs/heads/master'))
             except GitBackupError as e:
                 errors.append(f'{client}: ingest: {e}')
                 log.error('%s', errors[-1])
         errors += take_ignored_notes(self, client)
-        errors += self.process_pool(client)
+        try:
+            errors += self.process_pool(client)
+        finally:
+            shared = self.shared_ssh.pop(client, None)
+            if shared is not None:
+                shared.close()
         try:
             self.client_results.publish(client)
         except (GitBackupError, OSError) as e:
@@ -1115,10 +1150,15 @@ class Node:
     def node_module(self, name):
         """The node module a request names (Python with handle(), or an
         executable); an unknown one refuses the request."""
-        try:
-            module = core.load_module(self.config.modules_dir('server'), name)
-        except core.ModuleError:
-            module = None
+        # Loaded once per run, not per request (1000 clients, 1000 loads).
+        module = self.modules.get(name, False)
+        if module is False:
+            try:
+                module = core.load_module(self.config.modules_dir('server'),
+                                          name)
+            except core.ModuleError:
+                module = None
+            self.modules[name] = module
         if module is None or (module.python is not None and
                               not module.has('handle')):
             raise RequestRefused(f'unknown server module {clean_text(name)!r}')

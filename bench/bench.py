@@ -7,7 +7,16 @@ default configuration (zstd, incremental archives):
 2. first backup of 20,000 small text files;
 3. second backup of the unchanged big tree (time and bytes stored);
 4. seven days of 1% churn in the small files (bytes stored after them);
-5. peak RSS of the largest process of ours (Python, tar, zstd, ssh, sftp).
+5. peak RSS of the largest process of ours (Python, tar, zstd, ssh, sftp);
+6. one `server.py run` on a node with 50 clients of one small file each
+   (fs requests over sftp), then with 1000 clients of one dummy request.
+
+The many-client node is set up cheaply but faithfully: one real client
+makes the request (`client.py commit` + `send`, the node's real hook
+ingests it), then its pushed repository and its ingested pool are copied
+for every other client (each with its own `[client NAME]` section and its
+own hook), as if each had pushed the same commit.  All fs clients offer
+the same small file, each over its own connection.
 
 A gitbackup backup is `client.py send` (tar, zstd, sha256, push) plus
 `server.py run` (sftp pull, sha256, store); the results fetch the next
@@ -16,12 +25,19 @@ cron send does is not counted.  Where restic or borg is installed
 the same loopback sshd (restic: sftp repository; borg: over ssh), and
 the ratios gitbackup/restic are printed.
 
-Sizes scale with $BENCH_SCALE (default 1; 0.05 for a quick run).
+Each measured command starts after os.sync(), so no tool pays for the
+dirty pages of the trees or of the tool before it; the many-client runs
+also print CPU seconds, steadier than wall time on a shared machine.
+
+Sizes and client counts scale with $BENCH_SCALE (default 1; 0.05 for a
+quick run); $BENCH_ONLY=clients or trees runs only that part, =first
+only the first backup of the big tree.
 """
 
 import os
 import random
 import shutil
+import textwrap
 import subprocess
 import sys
 import time
@@ -30,19 +46,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests import support  # noqa: E402
 from tests.demo import Demo  # noqa: E402
-from tests.pipeline import CLIENT, Pipeline  # noqa: E402
+from tests.pipeline import CLIENT, NODE, Pipeline  # noqa: E402
+from modules._core import Config  # noqa: E402
+import server  # noqa: E402
 
 MEASURE = '''
 import resource, subprocess, sys
 rc = subprocess.run(sys.argv[1:]).returncode
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(r.ru_maxrss, r.ru_utime + r.ru_stime, file=sys.stderr)
 sys.exit(rc)
 '''
+# CPU seconds (user + system, all processes) of the last measured()
+# command: steadier than wall time on a machine shared with other work.
+LAST_CPU = [0.0]
 WORDS = [f'w{i:x}' * (1 + i % 4) for i in range(4000)]
 
 
 def measured(args, env):
     """(seconds, peak RSS in MiB of the largest process) of one command."""
+    # Dirty pages of the trees just written or of the previous tool would
+    # otherwise be flushed by whoever fsyncs next (gitbackup's first
+    # backup took 16.6 s straight after make_big, 7.3 s after a sync).
+    os.sync()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, '-c', MEASURE, *args], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -50,7 +76,9 @@ def measured(args, env):
     seconds = time.monotonic() - start
     if proc.returncode not in (0, 1):   # 1: tar saw files change (ok)
         raise SystemExit(f'{" ".join(args)} failed:\n{proc.stderr}')
-    return seconds, int(proc.stderr.strip().splitlines()[-1]) / 1024
+    rss, LAST_CPU[0] = proc.stderr.strip().splitlines()[-1].split()
+    LAST_CPU[0] = float(LAST_CPU[0])
+    return seconds, int(rss) / 1024
 
 
 def tree_size(path):
@@ -165,13 +193,15 @@ class Borg(Restic):
                          f'b{self.count}', src], self.env)
 
 
-def run_scenarios(tools, root, scale):
-    """{scenario: {tool: (value, unit)}} and the peak RSS per tool."""
+def run_scenarios(tools, root, scale, first_only=False):
+    """{scenario: {tool: (value, unit)}} and the peak RSS per tool; with
+    first_only, only the first backup of the big tree."""
     big, small = os.path.join(root, 'big'), os.path.join(root, 'small')
     mib, count = max(int(1024 * scale), 2), max(int(20000 * scale), 100)
     make_big(big, mib)
     rng = random.Random(2)
-    make_small(small, count, rng)
+    if not first_only:
+        make_small(small, count, rng)
     size_big = tree_size(big)
     rows, peak = {}, {t.name: 0.0 for t in tools}
 
@@ -183,6 +213,10 @@ def run_scenarios(tools, root, scale):
         s, rss = t.backup('big', big)
         note(f'first backup, {mib} MiB (half random, half text)', t, s, 's',
              rss)
+        note('  stored by it (MB)', t, t.stored('big') / 1e6, 'MB')
+    if first_only:
+        return rows
+    for t in tools:
         s, rss = t.backup('small', small)
         note(f'first backup, {count} small files '
              f'({tree_size(small) / 1e6:.0f} MB)', t, s, 's', rss)
@@ -202,6 +236,103 @@ def run_scenarios(tools, root, scale):
              t.stored('small') / 1e6, 'MB')
     for t in tools:
         note('peak RSS of the largest process', t, peak[t.name], 'MiB')
+    return rows
+
+
+# -- many clients on one node ------------------------------------------------
+
+def template_request(demo, module):
+    """A Pipeline whose client c1 has pushed one request of the module
+    (its hook ingested it): the request every bench client will offer."""
+    p = Pipeline(demo, modules={'app': 'fs', 'dummy': 'dummy'})
+    demo.cleanups.callback(shutil.rmtree, p.root, ignore_errors=True)
+    src = os.path.join(p.root, 'small-source')
+    os.makedirs(src)
+    with open(os.path.join(src, 'file.txt'), 'w') as f:
+        f.write('one small file\n' * 100)
+    p.client('commit', 'app' if module == 'fs' else 'dummy', src)
+    p.client('send')
+    return p
+
+
+def many_node_config(p, root, count, jobs=None):
+    """A node configuration like the pipeline's, with count clients."""
+    n = os.path.join(root, 'node')
+    for d in ('TODO', 'data', 'log', 'repositories'):
+        os.makedirs(os.path.join(n, d))
+    clients = ''.join(f'[client c{i:04d}]\nsftp = {p.sshd.user}@127.0.0.1\n'
+                      f'sftp_port = {p.sshd.port}\n\n' for i in range(count))
+    path = os.path.join(root, 'node.ini')
+    with open(path, 'w') as f:
+        f.write(textwrap.dedent(f'''\
+            [server]
+            name = {NODE}
+            todo_dir = {n}/TODO
+            data_dir = {n}/data
+            log_dir = {n}/log
+            repositories = {n}/repositories
+            admin = node-admin@example.invalid
+            sftp_root = {p.client_dir}/export
+            ssh_command = {p.sshd.ssh_command(p.node_key)}
+            free_space_floor = 0
+            {f"jobs = {jobs}" if jobs else ""}
+
+            ''') + clients + f'[mail]\nmethod = spool\n'
+                f'spool_dir = {root}/mail\n')
+    return path, n
+
+
+def copy_clients(p, config, node_dir, count):
+    """Every client gets c1's pushed repository (with its own hook) and c1's
+    ingested pool: the state a push of the same commit leaves."""
+    node = server.Node(Config(config))
+    pool = os.path.join(p.node_dir, 'TODO', CLIENT)
+    for i in range(count):
+        client = f'c{i:04d}'
+        repo = node.repository(client)
+        shutil.copytree(p.repo, repo, symlinks=True)
+        node.client_repositories.install_hook(repo, 'post-update',
+                                              node.hook_text(client))
+        shutil.copytree(pool, os.path.join(node_dir, 'TODO', client),
+                        ignore=shutil.ignore_patterns('*.lock'))
+
+
+def many_clients_run(p, root, count, jobs=None):
+    """(setup s, run s, peak RSS MiB) of one server.py run over count
+    clients with one request each; raises unless every one was stored."""
+    start = time.monotonic()
+    config, node_dir = many_node_config(p, root, count, jobs)
+    copy_clients(p, config, node_dir, count)
+    setup = time.monotonic() - start
+    seconds, rss = measured([sys.executable, os.path.join(
+        support.ROOT, 'server.py'), '--config', config, '-q', 'run'], p.env)
+    todo = os.path.join(node_dir, 'TODO')
+    done = sum(1 for c in os.listdir(todo) for name in
+               os.listdir(os.path.join(todo, c)) if name.startswith('F'))
+    if done != count:
+        raise SystemExit(f'{count} clients: only {done} requests stored')
+    return setup, seconds, rss
+
+
+def run_many_clients(demo, scale):
+    """{scenario: {'gitbackup': (value, unit)}} of the many-client runs,
+    each phase printed as it ends."""
+    rows = {}
+    for module, full, goal in (('fs', 50, 6.4), ('dummy', 1000, 5.0)):
+        count = max(int(full * scale), 4)
+        p = template_request(demo, module)
+        runs = [('', None)] + ([(', jobs = 1', 1)] if module == 'fs' else [])
+        for label, jobs in runs:
+            root = os.path.join(p.root, f'many{jobs or ""}')
+            setup, seconds, rss = many_clients_run(p, root, count, jobs)
+            print(f'{count} {module} clients{label}: setup {setup:.1f} s, '
+                  f'server.py run {seconds:.2f} s, CPU {LAST_CPU[0]:.2f} s '
+                  f'({1000 * seconds / count:.1f} ms per client, peak RSS '
+                  f'{rss:.0f} MiB; goal at full scale < {goal} s)',
+                  flush=True)
+            rows[f'{count} clients x one {module} request, one run{label}'] \
+                = {'gitbackup': (seconds, 's')}
+        p.sshd.stop()
     return rows
 
 
@@ -231,7 +362,13 @@ def main():
             print(f'not installed, not compared: {" ".join(sorted(missing))}'
                   ' (make bench-deps)')
         print(f'BENCH_SCALE={scale}, {os.cpu_count()} cores')
-        rows = run_scenarios(tools, os.path.join(p.root, 'trees'), scale)
+        only = os.environ.get('BENCH_ONLY', '')
+        rows = {}
+        if only in ('', 'clients'):
+            rows.update(run_many_clients(demo, scale))
+        if only in ('', 'trees', 'first'):
+            rows.update(run_scenarios(tools, os.path.join(p.root, 'trees'),
+                                      scale, first_only=only == 'first'))
         print_rows(rows, tools)
     return 0
 

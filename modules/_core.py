@@ -25,6 +25,7 @@ What lives here, once:
 
 import argparse
 import configparser
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 # The directory of client.py and server.py (this file is in its modules/).
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +55,7 @@ if HERE not in sys.path:     # sendmail.py lives there
 
 VERSION = '0.1'
 MIN_PYTHON = (3, 9)
-MIN_GIT = (2, 20)      # mktree/commit-tree/update-ref as used here, -c flags
+MIN_GIT = (2, 20)      # update-ref, for-each-ref as used here, -c flags
 
 log = logging.getLogger('gitbackup')
 
@@ -540,12 +542,6 @@ def git(git_dir, *args, **kwargs):
     return run([*git_program(), f'--git-dir={git_dir}', *args], **kwargs)
 
 
-def git_identity_env(name, email):
-    """The environment for a commit made by gitbackup itself."""
-    return {**os.environ, 'GIT_AUTHOR_NAME': name, 'GIT_AUTHOR_EMAIL': email,
-            'GIT_COMMITTER_NAME': name, 'GIT_COMMITTER_EMAIL': email}
-
-
 def utcnow():
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -769,8 +765,9 @@ class Pool:
     prefix of the file name (client ``i C P F X``, node ``RQ P F X``).
 
     ``move`` is the only way a request changes state, on both sides: one
-    rename(2), then fsync of the file and of the directory, so a state once
-    reached survives a power loss.  A request another process moved first
+    rename(2), then fsync of the directory, so a state once reached
+    survives a power loss (every request file is fsynced when written,
+    before it enters the pool; a rename changes only the directory).  A request another process moved first
     is reported (``False``), never an error: cron jobs and hooks race.
     """
 
@@ -832,11 +829,6 @@ class Pool:
                 os.rename(self.file(src, key), target)
             except FileNotFoundError:
                 continue
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             moved += 1
         if moved:
             fsync_dir(self.path)
@@ -930,6 +922,66 @@ class Attempts:
 # --------------------------------------------------------------------------
 # Ledgers and journals
 
+def write_git_object(repo, kind, body):
+    """Store one loose object in a (SHA-1) repository as git does: zlib of
+    '<kind> <size>\\0<body>' in objects/xx/<rest>, written under a temporary
+    name and renamed, read-only, its directory as shared as objects/.
+    The file is fsynced before the rename, as git does with core.fsync
+    (what every git command of ours runs with): the ref that will point to
+    it must never survive a power loss that the object did not.  Returns
+    the object id."""
+    data = f'{kind} {len(body)}\0'.encode() + body
+    oid = hashlib.sha1(data).hexdigest()
+    objects = os.path.join(repo, 'objects')
+    directory = os.path.join(objects, oid[:2])
+    path = os.path.join(directory, oid[2:])
+    if os.path.exists(path):
+        return oid
+    if not os.path.isdir(directory):
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, os.stat(objects).st_mode & 0o7777)
+    fd, tmp = tempfile.mkstemp(prefix='tmp_obj_', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(zlib.compress(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return oid
+
+
+def ref_from_files(repo, ref):
+    """The commit a branch points to, read from the repository's files
+    without starting git ('' when it does not exist), or None when the
+    files do not tell (another ref storage, a symbolic ref).  Only for
+    checks that git confirms: a re-read under a lock, a compare-and-swap
+    update-ref (one git process less per client and run on a node)."""
+    if os.path.exists(os.path.join(repo, 'reftable')):
+        return None
+    try:
+        with open(os.path.join(repo, ref)) as f:
+            value = f.read().strip()
+        return value if re.fullmatch(r'[0-9a-f]{40}', value) else None
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        with open(os.path.join(repo, 'packed-refs')) as f:
+            for line in f:
+                sha, _, name = line.rstrip('\n').partition(' ')
+                if name == ref and re.fullmatch(r'[0-9a-f]{40}', sha):
+                    return sha
+    except FileNotFoundError:
+        pass
+    return ''
+
+
 class Ledger:
     """One branch of a bare repository used as an append-only ledger: each
     commit holds only its new files (as the seed's request commits do),
@@ -944,21 +996,33 @@ class Ledger:
         return git(self.repo, 'rev-parse', '--verify', '--quiet',
                    self.ref + '^{commit}', check=False).stdout.strip()
 
-    def append(self, files, message):
-        """Commit [(name, text)] on the branch; return the commit."""
+    def append(self, files, message, parent=None):
+        """Commit [(name, text)] on the branch; return the commit.  parent:
+        the branch's tip when the caller has just read it ('' for none),
+        else it is read here.
+
+        The blobs, the tree and the commit are written here as loose
+        objects, exactly as git writes them (fsynced, as git does with our
+        core.fsync); one `git update-ref` then moves the branch by
+        compare-and-swap, checking that the new tip is a commit.  The
+        plumbing per object (hash-object per file, mktree, commit-tree)
+        was 4 + files processes: most of a node run's cost per client."""
+        if parent is None:
+            parent = self.tip()
         entries = []
-        for name, content in files:
-            blob = git(self.repo, 'hash-object', '-w', '--stdin',
-                       input=content).stdout.strip()
-            entries.append(f'100644 blob {blob}\t{name}')
-        tree = git(self.repo, 'mktree',
-                   input='\n'.join(entries) + '\n').stdout.strip()
-        parent = self.tip()
-        env = git_identity_env(f'gitbackup {self.author}',
-                               f'gitbackup@{self.author}')
-        commit = git(self.repo, 'commit-tree', tree,
-                     *(['-p', parent] if parent else []),
-                     input=message, env=env).stdout.strip()
+        for name, content in sorted(files, key=lambda f: f[0].encode()):
+            if not name or '/' in name or '\0' in name:
+                raise ValueError(f'ledger file name {name!r}')
+            blob = write_git_object(self.repo, 'blob', content.encode(
+                'utf-8', 'surrogateescape'))
+            entries.append(name.encode() + b'\0' + bytes.fromhex(blob))
+        tree = write_git_object(self.repo, 'tree', b''.join(
+            b'100644 ' + e for e in entries))
+        who = (f'gitbackup {self.author} <gitbackup@{self.author}> '
+               f'{int(time.time())} +0000')
+        commit = write_git_object(self.repo, 'commit', (
+            f'tree {tree}\n' + (f'parent {parent}\n' if parent else '') +
+            f'author {who}\ncommitter {who}\n\n{message}').encode())
         git(self.repo, 'update-ref', self.ref, commit, parent or ZERO_ID)
         return commit
 
@@ -1384,6 +1448,84 @@ class ModuleContext:
     @staticmethod
     def access_denied(stderr):
         return bool(ACCESS_DENIED_RE.search(stderr or ''))
+
+
+class SharedSSH:
+    """One ssh connection (one handshake) shared by the ssh and sftp
+    commands of one client's turn, through a private socket (OpenSSH
+    connection sharing).  Opened by the first command that asks, closed
+    with the turn.  The master is our own child in a process group of its
+    own, not a ControlPersist daemon: close() ends it and kills what is
+    left, so a killed or stalled transfer never leaves a connection
+    behind; a command killed by watch() takes only its own channel."""
+
+    def __init__(self, ssh_words, target):
+        self.ssh_words = list(ssh_words)   # the ssh program and options
+        self.target = target
+        self.proc = self.directory = self.path = self.proc_status = None
+        self.failed = False
+
+    def options(self, timeout):
+        """ssh options that make a command use the shared connection,
+        opening it first if needed.  Raises Unreachable when ssh could not
+        connect or authenticate (what sftp's own ssh would have found, in
+        as long); [] when the master could not be used otherwise: the
+        command then connects by itself."""
+        if self.proc is None and not self.failed:
+            error = self.start(timeout)
+            if error is not None:
+                raise Unreachable(f'ssh to {self.target} failed: {error}')
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return ['-o', 'ControlMaster=no', '-o', f'ControlPath={self.path}']
+
+    def start(self, timeout):
+        # A private 0700 directory, short enough for a socket's path.
+        self.directory = tempfile.mkdtemp(prefix='gitbackup-ssh-')
+        self.path = os.path.join(self.directory, 'master')
+        args = [*self.ssh_words, '-M', '-N', '-o', 'ControlPersist=no',
+                '-o', f'ControlPath={self.path}', '--', self.target]
+        log.debug('running: %s', shlex.join(args))
+        # stderr to a file: nobody reads a pipe while the master runs.
+        with tempfile.TemporaryFile(dir=self.directory) as err:
+            try:
+                self.proc = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=err, start_new_session=True)
+            except FileNotFoundError:
+                self.close()
+                return None
+            # The socket appears once the master has authenticated.
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(self.path):
+                exited = self.proc.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    err.seek(0)
+                    text = err.read().decode('utf-8', 'replace').strip()
+                    self.close()
+                    return clean_text(f'exit {self.proc_status}: {text}',
+                                      1000) if exited else None
+                time.sleep(0.01)
+        return None
+
+    def close(self):
+        """End the master (SIGTERM: ssh closes the connection cleanly),
+        then kill its process group whatever it did; remove the socket's
+        directory.  Idempotent."""
+        self.failed = True      # never reopened within this turn
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            kill_tree(self.proc)
+            self.proc_status = self.proc.returncode
+            self.proc = None
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
 
 
 class BackupModule:

@@ -103,6 +103,14 @@ def fetch_companion(ctx, remote, options, incoming):
 
 # -- transport ---------------------------------------------------------------
 
+# OpenSSH's default ciphers, the AES-GCM ones first: with AES instructions
+# (any x86 server of the last decade) they move a 590 MB archive over
+# loopback in 2.5 s where chacha20-poly1305, the default first, takes 4 s.
+# An explicit -o Ciphers= in [server] ssh_command still wins (it comes
+# first); a Ciphers line in an ssh_config file does not.
+CIPHERS = ('aes128-gcm@openssh.com,aes256-gcm@openssh.com,'
+           'chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr')
+
 def ssh_args(ctx):
     """[server] ssh_command split into what sftp accepts: -S program and
     the options."""
@@ -122,9 +130,14 @@ def sftp_get(ctx, remote, local, max_size=None):
     """Download one file with sftp in batch mode into local.  Streams to
     disk; stops the transfer if the file grows beyond max_size."""
     target = ctx.settings['sftp']
-    args = ['sftp', '-b', '-', *ssh_args(ctx),
-            '-o', f'Port={ctx.settings["sftp_port"]}',
-            '-o', 'BatchMode=yes', *ctx.ssh_timeout_options(),
+    options = ['-o', f'Port={ctx.settings["sftp_port"]}',
+               '-o', 'BatchMode=yes', '-o', f'Ciphers={CIPHERS}',
+               *ctx.ssh_timeout_options()]
+    # All transfers of the client's turn go over one ssh connection (one
+    # handshake), opened by the first and closed with the turn.
+    options += ctx.shared_ssh(shlex.split(ctx.node.settings['ssh_command'])
+                              + options, target)
+    args = ['sftp', '-b', '-', *ssh_args(ctx), *options,
             *bwlimit_args(ctx), '--', target]
     batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
                                  .replace('"', '\\"'))
@@ -231,5 +244,9 @@ def watch(ctx, proc, local, max_size, target, remote):
         if stopped:
             ctx.kill_tree(proc)
             break
-        time.sleep(0.05)
+        try:
+            # Wakes as soon as sftp ends: a small file costs no poll period.
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            pass
     return stopped
