@@ -1467,12 +1467,16 @@ class SharedSSH:
 
     def options(self, timeout):
         """ssh options that make a command use the shared connection,
-        opening it first if needed.  Raises Unreachable when ssh could not
-        connect or authenticate (what sftp's own ssh would have found, in
-        as long); [] when the master could not be used otherwise: the
+        opening it first if needed.  Raises AccessDenied when ssh refused
+        the login or the host key, Unreachable when it could not connect
+        (what sftp's own ssh would have found, in as long); [] when the master could not be used otherwise: the
         command then connects by itself."""
         if self.proc is None and not self.failed:
             error = self.start(timeout)
+            if error is not None and ACCESS_DENIED_RE.search(error):
+                # A refused login waits for a human: alerted at once.
+                raise AccessDenied(f'ssh to {self.target} failed: {error} '
+                                   f'({ACCESS_DENIED_HINT})')
             if error is not None:
                 raise Unreachable(f'ssh to {self.target} failed: {error}')
         if self.proc is None or self.proc.poll() is not None:
