@@ -161,7 +161,7 @@ class NodeContext(ModuleContext):
             if shared is not None:
                 shared.close()
             shared = self.node.shared_ssh[self.client] = core.SharedSSH(
-                ssh_words, target)
+                ssh_words, target, self.node.ssh_registry(self.client))
         connect = self.config.get_duration('server', 'connect_timeout',
                                            '30s')
         return shared.options(timeout=2 * max(1, connect) + 5)
@@ -1005,11 +1005,16 @@ class Node:
             return []
         with lock:
             try:
+                core.reap_shared_ssh(self.ssh_registry(client))
                 return self.run_client(client)
             except (GitBackupError, OSError) as e:
                 # One client's broken disk or state never stops the others.
                 problem = core.problem(f'{client}: run stopped: {e}')
                 return [problem]
+
+    def ssh_registry(self, client):
+        """Where the client's shared ssh connection leaves its pid."""
+        return os.path.join(self.state_dir, f'ssh-{client}')
 
     def run_client(self, client):
         errors = []

@@ -1459,9 +1459,13 @@ class SharedSSH:
     left, so a killed or stalled transfer never leaves a connection
     behind; a command killed by watch() takes only its own channel."""
 
-    def __init__(self, ssh_words, target):
+    def __init__(self, ssh_words, target, registry=None):
         self.ssh_words = list(ssh_words)   # the ssh program and options
         self.target = target
+        # A directory where each live master leaves <pid> (its socket's
+        # path inside): a run killed with SIGKILL cannot close its master,
+        # so the next turn for the client reaps it (reap_shared_ssh).
+        self.registry = registry
         self.proc = self.directory = self.path = self.proc_status = None
         self.failed = False
 
@@ -1499,6 +1503,7 @@ class SharedSSH:
             except FileNotFoundError:
                 self.close()
                 return None
+            self.register()
             # The socket appears once the master has authenticated.
             deadline = time.monotonic() + timeout
             while not os.path.exists(self.path):
@@ -1526,10 +1531,50 @@ class SharedSSH:
                     pass
             kill_tree(self.proc)
             self.proc_status = self.proc.returncode
+            if self.registry:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.registry, str(self.proc.pid)))
             self.proc = None
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+    def register(self):
+        if self.registry:
+            make_dirs(self.registry)
+            atomic_write(os.path.join(self.registry, str(self.proc.pid)),
+                         self.path + '\n')
+
+
+def reap_shared_ssh(registry):
+    """End the shared-ssh masters a killed run left behind (see
+    SharedSSH.registry).  Call it holding the lock of the registry's owner
+    (the client's run lock), so no live run's master is among them.  A pid
+    counts only while its command line still names the recorded socket: a
+    pid the kernel reused is left alone."""
+    try:
+        names = os.listdir(registry)
+    except FileNotFoundError:
+        return
+    for name in filter(str.isdigit, names):
+        entry = os.path.join(registry, name)
+        try:
+            with open(entry) as f:
+                path = f.read().strip()
+            with open(f'/proc/{name}/cmdline', 'rb') as f:
+                alive = f'ControlPath={path}'.encode() in f.read()
+        except OSError:
+            alive = False
+        if alive and path:
+            log.info('ending the ssh connection %s left by a killed run '
+                     '(pid %s)', path, name)
+            with contextlib.suppress(OSError):
+                os.killpg(int(name), signal.SIGKILL)
+        if os.path.basename(os.path.dirname(path)).startswith(
+                'gitbackup-ssh-'):
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry)
 
 
 class BackupModule:

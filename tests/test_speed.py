@@ -88,5 +88,41 @@ class SharedConnectionTest(unittest.TestCase):
         self.assert_nothing_left(proc.stderr)
         self.assertEqual(processes_mentioning(str(mute.port)), [])
 
+    def test_killed_run_leaves_its_connection_to_the_next_run(self):
+        """server.py killed with SIGKILL cannot close its shared
+        connection (the master is in a process group of its own): the
+        next run for that client ends it, and still stores the backup."""
+        import subprocess
+        p = self.p
+        src = os.path.join(p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'f'), 'w') as f:
+            f.write('data\n' * 100)
+        p.client('commit', 'app', src)
+        p.client('send')
+        run = subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, 'server.py'),
+             '--config', p.config, '-v', 'run'],
+            env={**p.env, 'GITBACKUP_PAUSE_AT': 'run:downloaded'},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = ''
+        for line in run.stderr:
+            seen += line
+            if 'pausing at run:downloaded' in line:
+                break
+        run.kill()
+        run.wait()
+        run.stderr.close()
+        [path] = control_paths(seen)
+        self.assertNotEqual(processes_mentioning(path), [])
+        proc = p.server('run')
+        self.assertIn('left by a killed run', proc.stderr)
+        time.sleep(0.3)
+        self.assertEqual(processes_mentioning(path), [])
+        self.assertFalse(os.path.exists(os.path.dirname(path)))
+        self.assertEqual(p.states('node'), {'F': 1})
+        self.assertEqual(len(p.stored('app')), 1)
+
+
 if __name__ == '__main__':
     unittest.main()
