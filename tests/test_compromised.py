@@ -275,17 +275,8 @@ class Tarpit:
 def processes_mentioning(text):
     """[(pid, argv)] of ssh and sftp processes whose command line holds
     text."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                argv = f.read().decode(errors='replace').split('\0')
-        except OSError:
-            continue
-        if os.path.basename(argv[0]) in ('ssh', 'sftp') and \
-                text in ' '.join(argv):
-            found.append((int(pid), argv))
-    return found
+    return [(pid, argv) for pid, argv in processes_with(text)
+            if os.path.basename(argv[0]) in ('ssh', 'sftp')]
 
 
 class StalledClientTest(unittest.TestCase):
