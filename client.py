@@ -60,19 +60,17 @@ if sys.version_info < (3, 9):
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules._core import (  # noqa: E402  (shared core, installed beside us)
-    request_id_of,
-    ACCESS_DENIED_HINT, ACCESS_DENIED_RE, CHUNK, NAME_RE, REQUEST_ID,
-    REQUEST_ID_RE, VERSION, ZERO_ID, Attempts,
-    CommandFailed, atomic_write, Config, ConfigError, GitBackupError, Health, Journal,
-    Ledger, ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
-    check_git_version, check_run_user, clean_text, common_options, connection_line,
-    directory_problems, ssh_problem,
-    exclusive, find_config,
-    flush_mail_queue, gc_repositories, git, guarded, isotime, kill_tree,
-    load_module, log, mail_admins, make_dirs, mail_summary, new_request_id,
-    older_than, pause_point, problem, read_json, remove_listed, run,
-    setup_logging, sha256_file, ssh_timeout_options, timestamp, write_json,
-    fsync_dir)
+    request_id_of, ACCESS_DENIED_HINT, ACCESS_DENIED_RE, CHUNK, NAME_RE,
+    REQUEST_ID, REQUEST_ID_RE, VERSION, ZERO_ID, Attempts, CommandFailed,
+    atomic_write, Config, ConfigError, GitBackupError, Health, Journal, Ledger,
+    ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
+    check_git_version, check_run_user, git_init_sha1, clean_text,
+    common_options, connection_line, directory_problems, ssh_problem,
+    exclusive, find_config, flush_mail_queue, gc_repositories, git, guarded,
+    isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
+    new_request_id, older_than, pause_point, problem, read_json, remove_listed,
+    run, setup_logging, sha256_file, ssh_timeout_options, timestamp,
+    write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -1236,7 +1234,7 @@ class NodeLink:
             self.repair()       # (again, after an interrupted repair)
         if not self.has_queue():
             make_dirs(os.path.dirname(self.repo))
-            git(self.repo, 'init', '--quiet', '--bare')
+            git(self.repo, *git_init_sha1(), '--quiet', '--bare')
             fsync_dir(os.path.dirname(self.repo))
             log.info('created queue repository %s', self.repo)
         remotes = git(self.repo, 'remote').stdout.split()

@@ -530,7 +530,8 @@ class ClientRepositories:
         repo = repo or self.node.repository(client)
         if not os.path.isdir(os.path.join(repo, 'objects')):
             core.make_dirs(repo)
-            git(repo, 'init', '--quiet', '--bare', '--shared=group')
+            git(repo, *core.git_init_sha1(), '--quiet', '--bare',
+                '--shared=group')
             fsync_dir(repo)
             log.info('created repository %s', repo)
         max_push = self.config.get_size('server', 'max_push_size')

@@ -922,6 +922,28 @@ class Attempts:
 # --------------------------------------------------------------------------
 # Ledgers and journals
 
+def sha1_repository(repo):
+    """Whether a repository's objects are SHA-1 (the ledgers write their
+    objects themselves, as SHA-1), from its config file, without starting
+    git: a host whose init.defaultObjectFormat is sha256 makes SHA-256
+    repositories unless told otherwise (we tell: git_init_sha1)."""
+    try:
+        with open(os.path.join(repo, 'config')) as f:
+            text = f.read()
+    except OSError:
+        return True
+    m = re.search(r'^\s*objectformat\s*=\s*(\w+)', text, re.M | re.I)
+    return not m or m.group(1).lower() == 'sha1'
+
+
+def git_init_sha1():
+    """`git init` for a ledger's repository: SHA-1 whatever the host's
+    default (GIT_DEFAULT_HASH, init.defaultObjectFormat); git before 2.29
+    knows only SHA-1 and not the option."""
+    return ['init', '--object-format=sha1'] if git_version()[0] >= (2, 29) \
+        else ['init']
+
+
 def write_git_object(repo, kind, body):
     """Store one loose object in a (SHA-1) repository as git does: zlib of
     '<kind> <size>\\0<body>' in objects/xx/<rest>, written under a temporary
@@ -1007,6 +1029,11 @@ class Ledger:
         compare-and-swap, checking that the new tip is a commit.  The
         plumbing per object (hash-object per file, mktree, commit-tree)
         was 4 + files processes: most of a node run's cost per client."""
+        if not sha1_repository(self.repo):
+            raise GitBackupError(
+                f'{self.repo}: a SHA-256 repository; gitbackup needs SHA-1 '
+                'here: move it aside and create it again (client: '
+                'init-node; node: provision or add-client)')
         if parent is None:
             parent = self.tip()
         entries = []

@@ -168,6 +168,28 @@ class LedgerTest(TempDirTest):
         # Each commit holds only its new files.
         names = core.git(repo, 'ls-tree', '--name-only', second).stdout
         self.assertEqual(names.split(), ['RQ2-a'])
+        # The objects written without git are what git would write.
+        core.git(repo, 'fsck', '--strict', '--no-dangling')
+
+    def test_sha256_host_default_still_makes_sha1_ledgers(self):
+        """A host whose git makes SHA-256 repositories by default: ours
+        are made SHA-1 (git_init_sha1); a SHA-256 one is refused loudly, its
+        branch untouched."""
+        support.require_tools('git')
+        env = {**os.environ, 'GIT_DEFAULT_HASH': 'sha256'}
+        ours = os.path.join(self.tmp, 'ours.git')
+        core.git(ours, *core.git_init_sha1(), '--quiet', '--bare', env=env)
+        ledger = core.Ledger(ours, 'refs/heads/master', 'c1')
+        ledger.append([('RQ1-a', 'x\n')], 'one\n')
+        core.git(ours, 'fsck', '--strict', '--no-dangling', env=env)
+        theirs = os.path.join(self.tmp, 'theirs.git')
+        core.git(theirs, 'init', '--quiet', '--bare', env=env)
+        self.assertFalse(core.sha1_repository(theirs))
+        with self.assertRaisesRegex(core.GitBackupError, 'SHA-256'):
+            core.Ledger(theirs, 'refs/heads/master', 'c1').append(
+                [('RQ1-a', 'x\n')], 'one\n')
+        self.assertEqual(core.Ledger(theirs, 'refs/heads/master',
+                                     'c1').tip(), '')
 
 
 class NodeRequestTest(TempDirTest):
