@@ -24,7 +24,8 @@ mirror under a temporary name and renames it into place; later ones fetch
 into it.  Every fetch is hardened: only the protocols of ``[server]
 git_protocols`` (never file or ext), ``--`` before the URL, no submodules,
 ``transfer.fsckObjects``, no terminal prompts, the node's ssh_command and
-command_timeout.  Branches, tags and notes are mirrored with
+command_timeout; bwlimit caps it over ssh and git:// (_throttle.py as
+git's transport).  Branches, tags and notes are mirrored with
 ``fetch --prune``; nothing a client does destroys history the node already
 has: before a fetch the refs are recorded (in the mirror, so a crash cannot
 lose them), and every ref that the fetch deletes or moves to a commit that
