@@ -24,7 +24,8 @@ mirror under a temporary name and renames it into place; later ones fetch
 into it.  Every fetch is hardened: only the protocols of ``[server]
 git_protocols`` (never file or ext), ``--`` before the URL, no submodules,
 ``transfer.fsckObjects``, no terminal prompts, the node's ssh_command and
-command_timeout.  Branches, tags and notes are mirrored with
+command_timeout; bwlimit caps it over ssh and git:// (_throttle.py as
+git's transport).  Branches, tags and notes are mirrored with
 ``fetch --prune``; nothing a client does destroys history the node already
 has: before a fetch the refs are recorded (in the mirror, so a crash cannot
 lose them), and every ref that the fetch deletes or moves to a commit that
@@ -36,8 +37,10 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -61,6 +64,10 @@ SNAPSHOT = 'gitbackup-refs-before-fetch'
 # Moved refs that the bulk walk cannot decide get one merge-base each, up
 # to this many (see moved_forward).
 MAX_ANCESTRY_CHECKS = 16
+# The rate limiter git runs as its transport when bwlimit is set (see
+# throttle_fetch); beside us, wherever the modules are installed.
+THROTTLE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        '_throttle.py')
 
 
 # --------------------------------------------------------------------------
@@ -349,11 +356,61 @@ def check_connection(ctx):
 
 
 def fetch_process(ctx, mirror, url, protocols):
+    env = git_environment(ctx, protocols)
     return run_transfer(ctx, [*ctx.git_program(), *hardening(protocols),
+                              *throttle_fetch(ctx, url, env),
                               f'--git-dir={mirror}', 'fetch', '--prune',
                               '--no-recurse-submodules', '--quiet', '--',
                               url, *REFSPECS],
-                        git_environment(ctx, protocols), f'git fetch from {url}')
+                        env, f'git fetch from {url}')
+
+
+def throttle_fetch(ctx, url, env):
+    """Cap the fetch at [client NAME] bwlimit (else [server] bwlimit),
+    Kbit/s, as sftp -l caps sftp: neither ssh nor git has a rate option,
+    so git's transport runs through _throttle.py.  ssh: GIT_SSH_COMMAND
+    (updated in env) wraps the node's ssh command; git://: git's proxy
+    command makes the connection.  http(s) stays uncapped (git offers no
+    hook there).  Returns the extra git options; none without a limit."""
+    limit = ctx.settings.get('bwlimit') or 0
+    scheme = url.partition('://')[0]
+    if limit <= 0 or scheme not in ('ssh', 'git'):
+        return []
+    program = [sys.executable, THROTTLE, str(limit)]
+    if scheme == 'ssh':
+        ssh = env['GIT_SSH_COMMAND']
+        env['GIT_SSH_COMMAND'] = shlex.join([*program, '--']) + ' ' + ssh
+        # git tells OpenSSH by the command's first word, now python's; as
+        # it would have decided, else it probes with `-G` (harmless).
+        if os.path.basename(shlex.split(ssh)[0]) == 'ssh':
+            env.setdefault('GIT_SSH_VARIANT', 'ssh')
+        return []
+    proxy = git_proxy(ctx, program)
+    return ['-c', f'core.gitProxy={proxy}'] if proxy else []
+
+
+def git_proxy(ctx, program):
+    """A shell script in the node's state directory that runs program in
+    --connect mode: git runs core.gitProxy as one program (no shell, no
+    arguments of ours), with HOST PORT.  None (and a warning: the fetch
+    is then uncapped) where it cannot be run, e.g. a noexec mount."""
+    path = os.path.join(ctx.node.state_dir, f'git-proxy-{program[-1]}')
+    text = ('#!/bin/sh\n# Written by gitbackup (modules/git.py): git:// '
+            'fetches at bwlimit.\n'
+            f'exec {shlex.join(program)} --connect "$@"\n')
+    try:
+        with open(path, encoding='utf-8') as f:
+            current = f.read()
+    except OSError:
+        current = None
+    if current != text:
+        ctx.make_dirs(ctx.node.state_dir)
+        ctx.atomic_write(path, text, mode=0o755)
+    if not os.access(path, os.X_OK):
+        ctx.log.warning('%s: cannot run %s (noexec mount?): git:// fetch '
+                        'not capped at bwlimit', ctx.client, path)
+        return None
+    return path
 
 
 def run_transfer(ctx, args, env, what):
