@@ -3595,7 +3595,9 @@ def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
     """Bundle one mirror into staging/, prove the bundle, copy and check
     it; return its remote path."""
     os.makedirs(staging)
-    name = f'{core.timestamp()}.bundle'
+    # Node time to the microsecond: two runs in one second must not name
+    # the new bundle as the old one they then remove.
+    name = f'{core.new_request_id()}.bundle'
     bundle = os.path.join(staging, name)
     git(repo, 'bundle', 'create', bundle, '--all')
     git(repo, 'bundle', 'verify', bundle)
