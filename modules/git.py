@@ -688,6 +688,7 @@ def update_mirror(ctx, mirror, url, protocols):
         os.unlink(snapshot)
     head, count = remote_refs(ctx, url, protocols)
     check_ref_count(ctx, url, count)
+    ctx.pause_point('run:listed-refs')
     before = list_refs(ctx, mirror)
     ctx.atomic_write(snapshot, ''.join(f'{sha} {ref}\n'
                                        for ref, sha in before.items()))

@@ -822,6 +822,45 @@ class ManyRefsTest(unittest.TestCase):
         self.assertEqual(p.refs(mirror), before)
         self.assertEqual(p.node_log().count('has 30 refs'), 1, p.node_log())
 
+    def test_refs_added_after_the_count_are_rolled_back(self):
+        """The client adds branches between the node's ls-remote (under
+        the cap) and its fetch: the fetched refs are undone in one
+        transaction and the request refused; the mirror is as before."""
+        p = self.p
+        bare = p.client_repository('race.git', hook=False)
+        self.fast_import(bare, {f'b{n:02d}': f'{n}\n' for n in range(4)})
+        set_config(p, 'server', 'max_refs', '5')
+        set_config(p, 'server', 'max_attempts', '1')
+        key, _ = self.backup(bare)
+        self.assertEqual(HostileRequestTest.outcome(self, key)[0], 'F')
+        mirror = p.mirror('race.git')
+        before = p.refs(mirror)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        run = subprocess.Popen(
+            [support.PYTHON, os.path.join(support.ROOT, 'server.py'),
+             '--config', p.config, 'run'],
+            # The pause ends by itself; the branches are added well
+            # within it (fast-import of a few commits).
+            env={**p.env, 'GITBACKUP_PAUSE_AT': 'run:listed-refs',
+                 'GITBACKUP_PAUSE_SECONDS': '3'},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in run.stderr:
+            if 'pausing at run:listed-refs' in line:
+                break
+        # Listed with 4 refs; now 8, and one rewritten.
+        self.fast_import(bare, {f'b{n:02d}': f'{n} again\n'
+                                for n in range(3, 8)})
+        run.stderr.close()
+        run.wait(timeout=120)
+        self.assertEqual(p.refs(mirror), before)
+        states = {n[0] for n in p.pool('node') if not n.endswith('.reason')}
+        self.assertIn('X', states)
+        reasons = [n for n in p.pool('node') if n.endswith('.reason')]
+        with open(os.path.join(p.node_dir, 'TODO', CLIENT,
+                               reasons[-1])) as f:
+            self.assertIn('has 8 refs', f.read())
+
 
 if __name__ == '__main__':
     unittest.main()
