@@ -34,6 +34,7 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 ``refs/preserved/``: only heads, tags and notes are fetched.
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -295,10 +296,12 @@ def list_refs(ctx, mirror, prefixes=MIRRORED):
     return refs
 
 
-def fetch(ctx, mirror, url, protocols):
+def fetch(ctx, mirror, url, protocols, allowance=None):
     # A stall or command_timeout raises TimedOut: the client is treated as
     # unreachable for the rest of the run (its other requests wait).
-    proc = fetch_process(ctx, mirror, url, protocols)
+    # allowance: the bytes the quota and free-space floor leave (None: no
+    # cap); a pack growing past it is stopped and removed.
+    proc = fetch_process(ctx, mirror, url, protocols, allowance)
     if proc.returncode != 0:
         # Cannot connect at all: the client is down, not the request bad;
         # ssh refusing the login waits for a human (alerted at once).
@@ -355,14 +358,20 @@ def check_connection(ctx):
              f'node, or fix [client {ctx.client}] git')]
 
 
-def fetch_process(ctx, mirror, url, protocols):
+def fetch_process(ctx, mirror, url, protocols, allowance=None):
     env = git_environment(ctx, protocols)
+    # unpackLimit=1: whatever the client sends arrives as one pack,
+    # written as objects/pack/tmp_pack_* while it comes, whose size the
+    # watch holds against the allowance (never thousands of loose files).
+    pack_dir = os.path.join(mirror, 'objects', 'pack')
     return run_transfer(ctx, [*ctx.git_program(), *hardening(protocols),
                               *throttle_fetch(ctx, url, env),
+                              '-c', 'fetch.unpackLimit=1',
                               f'--git-dir={mirror}', 'fetch', '--prune',
                               '--no-recurse-submodules', '--quiet', '--',
                               url, *REFSPECS],
-                        env, f'git fetch from {url}')
+                        env, f'git fetch from {url}',
+                        None if allowance is None else (pack_dir, allowance))
 
 
 def throttle_fetch(ctx, url, env):
@@ -413,12 +422,14 @@ def git_proxy(ctx, program):
     return path
 
 
-def run_transfer(ctx, args, env, what):
+def run_transfer(ctx, args, env, what, size_cap=None):
     """Run a git command that talks to the client, like ctx.run with
     check=False, but stopped (its whole process group) when none of its
     processes has read a byte for [server] stall_timeout, or after
     command_timeout: git:// and ssh have no stall bound of their own (git's
-    low-speed limit covers http only).  Raises ctx.TimedOut."""
+    low-speed limit covers http only).  Raises ctx.TimedOut.  size_cap:
+    (pack directory, bytes): a pack arriving there that grows past the
+    bytes is stopped and removed (ctx.TransientError)."""
     stall = ctx.config.get_duration('server', 'stall_timeout', '10m')
     ctx.log.debug('running: %s', ' '.join(args))
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -429,21 +440,50 @@ def run_transfer(ctx, args, env, what):
         except FileNotFoundError:
             raise ctx.ModuleError('git: not installed or not in PATH') \
                 from None
-        stopped = watch_reads(ctx, proc, stall)
+        stopped = watch_reads(ctx, proc, stall, size_cap)
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(
             args, proc.returncode,
             out.read().decode('utf-8', 'surrogateescape'),
             err.read().decode('utf-8', 'replace'))
+    if stopped and size_cap and stopped.startswith('the pack'):
+        remove_partial_packs(size_cap[0])
+        raise ctx.TransientError(f'{what}: {stopped}; stopped')
     if stopped:
         raise ctx.TimedOut(f'{what}: {stopped}; stopped')
     return result
 
 
-def watch_reads(ctx, proc, stall):
+def partial_pack_size(pack_dir):
+    """Bytes of the packs being received into pack_dir (index-pack's
+    tmp_pack_* files)."""
+    try:
+        names = os.listdir(pack_dir)
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for name in names:
+        if name.startswith('tmp_pack_'):
+            try:
+                total += os.path.getsize(os.path.join(pack_dir, name))
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def remove_partial_packs(pack_dir):
+    """What a stopped index-pack left: it must not keep the disk full."""
+    for name in os.listdir(pack_dir) if os.path.isdir(pack_dir) else ():
+        if name.startswith(('tmp_pack_', 'tmp_idx_', 'tmp_rev_')):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(pack_dir, name))
+
+
+def watch_reads(ctx, proc, stall, size_cap=None):
     """Wait for proc; kill its process group when it read nothing for
-    stall seconds or outlived ctx.timeout.  Returns why, or None."""
+    stall seconds, outlived ctx.timeout, or its pack outgrew size_cap.
+    Returns why, or None."""
     deadline = time.monotonic() + ctx.timeout
     last_read, last_progress = -1, time.monotonic()
     while proc.poll() is None:
@@ -457,6 +497,9 @@ def watch_reads(ctx, proc, stall):
                   'command_timeout)'
         elif now - last_progress > stall:
             why = f'no data for {stall} s ([server] stall_timeout)'
+        elif size_cap and partial_pack_size(size_cap[0]) > size_cap[1]:
+            why = (f'the pack passed the {size_cap[1]} bytes the quota and '
+                   'free-space floor leave for this client')
         if why:
             ctx.kill_tree(proc)
             return why
@@ -629,7 +672,7 @@ def reachable_olds(walk, olds):
     return bits, reach
 
 
-def create_mirror(ctx, mirror, url, protocols):
+def create_mirror(ctx, mirror, url, protocols, allowance=None):
     """First backup: an empty bare repository under a temporary name,
     filled by the same hardened fetch, then renamed into place."""
     head, count = remote_refs(ctx, url, protocols)
@@ -645,7 +688,7 @@ def create_mirror(ctx, mirror, url, protocols):
                        ('fetch.fsckObjects', 'true'),
                        ('gc.auto', '0')):
         git(ctx, tmp, 'config', key, value)
-    fetch(ctx, tmp, url, protocols)
+    fetch(ctx, tmp, url, protocols, allowance)
     refs = list_refs(ctx, tmp)
     if over_cap(ctx, refs):
         # More refs than ls-remote showed: the client added some meanwhile.
@@ -672,7 +715,7 @@ def restore_refs(ctx, mirror, before, after):
         '--stdin', input=''.join(lines))
 
 
-def update_mirror(ctx, mirror, url, protocols):
+def update_mirror(ctx, mirror, url, protocols, allowance=None):
     """Later backups: fetch --prune, preserving what it would lose."""
     snapshot = os.path.join(mirror, SNAPSHOT)
     preserved = []
@@ -692,7 +735,7 @@ def update_mirror(ctx, mirror, url, protocols):
     before = list_refs(ctx, mirror)
     ctx.atomic_write(snapshot, ''.join(f'{sha} {ref}\n'
                                        for ref, sha in before.items()))
-    fetch(ctx, mirror, url, protocols)
+    fetch(ctx, mirror, url, protocols, allowance)
     after = list_refs(ctx, mirror)
     if over_cap(ctx, after):
         # The client added refs after ls-remote: undo, then refuse.
@@ -732,7 +775,7 @@ def handle(ctx, rest):
     mirror = os.path.normpath(os.path.join(root, name + '.git'))
     if not mirror.startswith(root + os.sep):
         ctx.refuse(f'{rest!r}: leads outside {root}')
-    ctx.check_space(0)
+    allowance = ctx.check_space(0)
     if rest != url:
         ctx.log.debug('%s: request names %s; fetching from %s (the node\'s '
                       '[client %s] git)', ctx.client, rest, url, ctx.client)
@@ -740,9 +783,11 @@ def handle(ctx, rest):
         if not is_git_dir(mirror):
             raise ctx.TransientError(f'{mirror} exists but is not a git '
                                      'repository; move it away')
-        refs, preserved = update_mirror(ctx, mirror, url, protocols)
+        refs, preserved = update_mirror(ctx, mirror, url, protocols,
+                                        allowance)
     else:
-        refs, preserved = create_mirror(ctx, mirror, url, protocols), []
+        refs, preserved = create_mirror(ctx, mirror, url, protocols,
+                                        allowance), []
     check_tips(ctx, mirror, heads)
     ctx.log.info('%s: mirrored %s into %s (%d refs%s)', ctx.client, url,
                  mirror, len(refs),

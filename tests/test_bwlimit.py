@@ -11,23 +11,10 @@ from modules import _core as core
 from tests import support
 from tests.modules_pipeline import ModulePipeline
 from tests.pipeline import CLIENT
+from tests.test_compromised import processes_with
 
 PROJECT = 'big.git'
 SIZE = 4 << 20          # incompressible: git cannot shrink random bytes
-
-
-def processes_with(text):
-    """[(pid, argv)] of any process whose command line holds text."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                argv = f.read().decode(errors='replace').split('\0')
-        except OSError:
-            continue
-        if text in ' '.join(argv):
-            found.append((int(pid), argv))
-    return found
 
 
 class GitBandwidthTest(unittest.TestCase):
@@ -56,8 +43,18 @@ class GitBandwidthTest(unittest.TestCase):
         self.assertEqual(p.states('node'), {'F': 1})
         self.assertEqual(p.git('--git-dir', p.mirror(PROJECT), 'rev-parse',
                                'refs/heads/master').stdout.strip(), head)
-        self.assertEqual(processes_with('_throttle.py'), [])
+        self.assertEqual(self.throttles(), [])
         return seconds
+
+    def throttles(self):
+        """This test's throttle processes (other modules running at the
+        same time have their own): those naming its sshd's or git
+        daemon's port, or its directory."""
+        p = self.p
+        marks = (p.root, f':{p.sshd.port}', f' {p.sshd.port}',
+                 f'{p.daemon.port}')
+        return [(pid, argv) for pid, argv in processes_with('_throttle.py')
+                if any(m in ' '.join(argv) for m in marks)]
 
     def test_git_daemon_fetch_is_capped(self):
         self.p.start_daemon()

@@ -23,6 +23,7 @@ import threading
 import time
 import unittest
 
+from modules import _core as core
 from tests import support
 from tests.modules_pipeline import ModulePipeline
 from tests.pipeline import CLIENT, NODE, Pipeline
@@ -861,6 +862,51 @@ class ManyRefsTest(unittest.TestCase):
                                reasons[-1])) as f:
             self.assertIn('has 8 refs', f.read())
 
+
+
+class GitQuotaTest(unittest.TestCase):
+    """A client's git repository larger than its quota: the fetch stops
+    when the pack arriving passes what the quota leaves, the partial pack
+    is removed, the request fails with the reason; with room it works."""
+
+    def test_pack_past_the_quota_is_stopped_and_removed(self):
+        p = ModulePipeline(self)
+        p.start_daemon()
+        set_config(p, f'client {CLIENT}', 'quota', '2M')
+        # At 1 MB/s the watch (5 looks a second) sees the pack pass 2 MiB
+        # long before the 6 MiB are in; on a fast link the overshoot is
+        # what arrives in 0.2 s.
+        set_config(p, f'client {CLIENT}', 'bwlimit', '8000')
+        set_config(p, 'server', 'max_attempts', '1')
+        bare = p.client_repository('big.git', hook=False)
+        work = p.work_clone(bare)
+        with open(os.path.join(work, 'random.bin'), 'wb') as f:
+            f.write(os.urandom(6 << 20))     # git cannot compress it
+        p.git('add', 'random.bin', cwd=work)
+        p.git('commit', '--quiet', '-m', 'big', cwd=work)
+        p.git('push', '--quiet', 'origin', 'master', cwd=work)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        p.server('run', check=False)
+        self.assertEqual(p.states('node'), {'X': 1, 'reason': 1})
+        [reason] = [n for n in p.pool('node') if n.endswith('.reason')]
+        with open(os.path.join(p.node_dir, 'TODO', CLIENT, reason)) as f:
+            self.assertIn('the quota and free-space floor leave', f.read())
+        self.assertFalse(os.path.exists(p.mirror('big.git')))
+        client_data = os.path.join(p.node_dir, 'data', CLIENT)
+        leftovers = [n for d, _, names in os.walk(client_data)
+                     for n in names if n.startswith('tmp_')]
+        self.assertEqual(leftovers, [])
+        self.assertLess(core.tree_size(client_data), 2 << 20)
+        # With room, the same request is stored.
+        set_config(p, f'client {CLIENT}', 'quota', '20M')
+        p.server('retry', CLIENT, '--all-failed')
+        p.server('run')
+        self.assertEqual(p.states('node'), {'F': 1})
+        self.assertEqual(
+            p.git('--git-dir', p.mirror('big.git'), 'rev-parse',
+                  'master').stdout,
+            p.git('--git-dir', bare, 'rev-parse', 'master').stdout)
 
 if __name__ == '__main__':
     unittest.main()
