@@ -68,7 +68,8 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     common_options, connection_line, directory_problems, ssh_problem,
     exclusive, find_config, flush_mail_queue, gc_repositories, git, guarded,
     isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
-    new_request_id, older_than, pause_point, problem, read_json, remove_listed,
+    new_request_id, older_than, pause_point, problem, read_json,
+    ref_from_files, remove_listed,
     run, setup_logging, sha256_file, ssh_timeout_options, timestamp,
     write_json, fsync_dir)
 
@@ -1254,7 +1255,10 @@ class NodeLink:
         why the node could not be asked ('' otherwise): then `send` commits
         nothing until it can (a ledger started blind would fork the
         node's, and every later push would be refused)."""
-        if self.queue.tip():
+        # The branch file, read without starting git, tells on every send
+        # but the first ones; git is asked only when it does not.
+        if ref_from_files(self.repo, 'refs/heads/master') or \
+                self.queue.tip():
             return ''
         if self.ledger_unknown is not None:
             return self.ledger_unknown      # asked once per command
