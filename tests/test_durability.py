@@ -6,6 +6,7 @@ offset), with the real programs."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import unittest
@@ -186,7 +187,6 @@ class LostQueueWhileNodeDownTest(unittest.TestCase):
     continues the node's ledger once the node answers."""
 
     def test_new_queue_waits_for_the_nodes_ledger(self):
-        import shutil
         p = Pipeline(self)
         p.client('commit', 'dummy', 'r1')
         p.client('send')
