@@ -9,8 +9,12 @@ client.py and server.py import it and call send(); cron jobs (the monthly
 
 The [mail] section of the configuration chooses how mail leaves the host:
 
+    smtp      plain SMTP to host:port (no TLS, no authentication); the
+              default, to localhost:25: it needs no privilege, so it works
+              under systemd's NoNewPrivileges=yes as it does from cron
     sendmail  pipe the message into the local MTA's sendmail program
-    smtp      plain SMTP to host:port (no TLS, no authentication)
+              (Postfix's and Exim's need setgid/setuid helpers, which
+              no_new_privs disarms: refused at once there, not hung)
     spool     write the message as an RFC 822 file into a directory, for
               hosts without an MTA (something else picks the files up)
 
@@ -43,6 +47,7 @@ import os
 import re
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 
@@ -54,7 +59,7 @@ CONFIG_ENV = 'GITBACKUP_CONFIG'
 
 METHODS = ('sendmail', 'smtp', 'spool')
 MAIL_KEYS = ('method', 'sendmail', 'smtp', 'from', 'spool_dir')
-DEFAULT_METHOD = 'sendmail'
+DEFAULT_METHOD = 'smtp'
 DEFAULT_SENDMAIL = '/usr/sbin/sendmail'
 DEFAULT_SMTP = 'localhost:25'
 SMTP_PORT = 25
@@ -73,6 +78,19 @@ MESSAGE_POLICY = email.policy.default.clone(cte_type='7bit')
 # commas, quotes or angle brackets, and (checked separately) no leading '-'.
 RECEIVER_RE = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(@[A-Za-z0-9.-]+|@\[[0-9A-Fa-f:.]+\])?")
+# The envelope sender: local-part@domain, the domain a host name or an
+# address literal in brackets (backup@[172.16.2.57]; a bare IP address is
+# refused by MTAs: Postfix says "501 5.1.7 Bad sender address syntax").
+SENDER_RE = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\])")
+BARE_IP_RE = re.compile(r'[0-9.]+|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*')
+# /proc/self/status says whether no_new_privs is set (systemd's
+# NoNewPrivileges=yes, setpriv --no-new-privs): set-id helpers then run
+# without their privilege.
+STATUS_FILE = '/proc/self/status'
 SMTP_ADDRESS_RE = re.compile(
     r'(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))'
     r'(?::(?P<port>[0-9]{1,5}))?')
@@ -140,6 +158,27 @@ def parse_smtp_address(value):
     return match.group('ipv6') or match.group('host'), port
 
 
+def address_of(sender):
+    """The addr-spec of 'Name <user@host>' or 'user@host'.  Not
+    email.utils.parseaddr: patched Pythons (3.13, Debian's 3.11) return ''
+    for an address literal such as backup@[192.0.2.1]."""
+    match = re.search(r'<([^<>]*)>\s*\Z', sender)
+    return (match.group(1) if match else sender).strip()
+
+
+def sender_problem(sender):
+    """What is wrong with a [mail] from value ('' when it is fine)."""
+    address = address_of(sender)
+    domain = address.rpartition('@')[2]
+    if address and BARE_IP_RE.fullmatch(domain):
+        return ('[mail] from = %s: an IP address needs brackets, as in '
+                '%s@[%s]' % (sender, address.rpartition('@')[0], domain))
+    if not SENDER_RE.fullmatch(address):
+        return ('[mail] from = %s: not a mail address (user@host.example '
+                'or user@[192.0.2.1])' % sender)
+    return ''
+
+
 def mail_config_problems(mail):
     """What is wrong with a [mail] section, as a list of one-line messages
     (empty when it is fine). For `check` commands and the CLI."""
@@ -153,6 +192,9 @@ def mail_config_problems(mail):
         parse_smtp_address(mail.get('smtp') or DEFAULT_SMTP)
     except MailConfigError as e:
         problems.append(str(e))
+    if mail.get('from'):
+        problems += [problem for problem in [sender_problem(mail['from'])]
+                     if problem]
     return problems
 
 
@@ -175,7 +217,7 @@ def build_message(subject, body, receivers, sender):
     message['To'] = ', '.join(receivers)
     message['Subject'] = one_line(subject)   # no header injection
     message['Date'] = email.utils.formatdate(localtime=True)
-    domain = email.utils.parseaddr(sender)[1].rpartition('@')[2]
+    domain = address_of(sender).rpartition('@')[2]
     message['Message-ID'] = email.utils.make_msgid(
         'gitbackup', domain=domain or local_fqdn())
     message['Auto-Submitted'] = 'auto-generated'   # RFC 3834: no autoreplies
@@ -187,7 +229,7 @@ def envelope_of(data):
     """(sender, receivers) from the From and To headers of a stored message:
     the To header is the receiver list send() was given."""
     headers = email.parser.BytesParser().parsebytes(data, headersonly=True)
-    sender = email.utils.parseaddr(headers.get('From', ''))[1]
+    sender = address_of(str(headers.get('From', '')))
     receivers = [address for _, address
                  in email.utils.getaddresses(headers.get_all('To', []))
                  if address]
@@ -196,8 +238,40 @@ def envelope_of(data):
 
 # -- delivery --------------------------------------------------------------
 
+def no_new_privs():
+    """Whether this process runs with no_new_privs set."""
+    try:
+        with open(STATUS_FILE) as f:
+            return any(line.split() == ['NoNewPrivs:', '1'] for line in f)
+    except OSError:
+        return False
+
+
+def setid_helper(program):
+    """The set-user/group-ID program a sendmail hands mail to, or None:
+    the program itself (Exim's sendmail is exim4, setuid root) or Postfix's
+    postdrop beside it (setgid postdrop)."""
+    real = os.path.realpath(program)
+    for candidate in (real, os.path.join(os.path.dirname(real), 'postdrop')):
+        try:
+            if os.stat(candidate).st_mode & (stat.S_ISUID | stat.S_ISGID):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
 def deliver_by_sendmail(data, receivers, mail):
     program = mail.get('sendmail') or DEFAULT_SENDMAIL
+    helper = setid_helper(program) if os.geteuid() and no_new_privs() \
+        else None
+    if helper:
+        # It would hang until the timeout and leave the helper retrying.
+        raise MailError(
+            '%s cannot queue mail here: no_new_privs is set (systemd '
+            'NoNewPrivileges=yes), which disarms the set-id %s it needs; '
+            'use [mail] method = smtp (the default, to localhost:25)'
+            % (program, helper))
     # -i: a line with a single '.' does not end the message.
     argv = [program, '-i', '--'] + receivers
     try:
@@ -269,7 +343,7 @@ def send(subject, body, receivers, mail, log_dir):
             raise MailError('cannot spool mail into %s: %s'
                             % (directory, e)) from None
     try:
-        return deliver(data, email.utils.parseaddr(sender)[1], receivers, mail)
+        return deliver(data, address_of(sender), receivers, mail)
     except MailError as e:
         # Keep the subclass: a config error stays a config error.
         try:
@@ -346,10 +420,11 @@ to this script (defaults if that does not exist). Only [mail] and log_dir
 (from [client], else [server]; default: the config file's directory) are
 read:
   [mail]
-  method    = sendmail      ; sendmail | smtp | spool
-  sendmail  = /usr/sbin/sendmail
+  method    = smtp          ; smtp | sendmail | spool
   smtp      = localhost:25  ; plain SMTP, no TLS or auth, 30 s timeout
-  from      = backup@host   ; default gitbackup@<fqdn>
+  sendmail  = /usr/sbin/sendmail
+  from      = backup@host   ; default gitbackup@<fqdn>; an IP address in
+                            ; brackets: backup@[192.0.2.1]
   spool_dir = DIR           ; method = spool; default <log_dir>/mail
 
 If sendmail or smtp fails, the message is kept in <log_dir>/mail-queue/;

@@ -170,7 +170,9 @@ SCHEMA = {
         'bwlimit': '',
     },
     'mail': {
-        'method': 'sendmail',
+        # SMTP to the local MTA: no setgid/setuid helper, so it works under
+        # the units' NoNewPrivileges=yes (sendmail.py DEFAULT_METHOD).
+        'method': 'smtp',
         'sendmail': '/usr/sbin/sendmail',
         'smtp': 'localhost:25',
         'from': '',
