@@ -284,7 +284,7 @@ class SendmailProgramTest(MailTestCase):
                             ['root'])
 
     def test_flush_stops_at_the_first_failure(self):
-        mail = {'sendmail': self.fake_sendmail(1)}
+        mail = {'method': 'sendmail', 'sendmail': self.fake_sendmail(1)}
         for _ in range(3):
             with self.assertRaises(sendmail.MailError):
                 sendmail.send(SUBJECT, BODY, ['root'], mail, self.log_dir)
@@ -297,15 +297,16 @@ class SendmailProgramTest(MailTestCase):
     def test_concurrent_flush_leaves_the_queue_alone(self):
         with self.assertRaises(sendmail.MailError):
             sendmail.send(SUBJECT, BODY, ['root'],
-                          {'sendmail': self.fake_sendmail(1)}, self.log_dir)
-        mail = {'sendmail': self.fake_sendmail(0)}
+                          {'method': 'sendmail', 'sendmail': self.fake_sendmail(1)}, self.log_dir)
+        mail = {'method': 'sendmail', 'sendmail': self.fake_sendmail(0)}
         with open(os.path.join(self.queue, '.lock'), 'a') as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.assertEqual(sendmail.flush_queue(mail, self.log_dir), (0, 1))
         self.assertEqual(sendmail.flush_queue(mail, self.log_dir), (1, 0))
 
     def test_missing_sendmail_queues(self):
-        mail = {'sendmail': os.path.join(self.tmp, 'no-such-sendmail')}
+        mail = {'method': 'sendmail',
+                'sendmail': os.path.join(self.tmp, 'no-such-sendmail')}
         with self.assertRaisesRegex(sendmail.MailError,
                                     'cannot run .*; message queued as '):
             sendmail.send(SUBJECT, BODY, ['root'], mail, self.log_dir)
@@ -314,7 +315,7 @@ class SendmailProgramTest(MailTestCase):
     def test_queue_unwritable_says_so(self):
         log_dir = os.path.join(self.tmp, 'a-file')
         open(log_dir, 'w').close()
-        mail = {'sendmail': self.fake_sendmail(1)}
+        mail = {'method': 'sendmail', 'sendmail': self.fake_sendmail(1)}
         with self.assertRaisesRegex(sendmail.MailError,
                                     'could not queue the message either'):
             sendmail.send(SUBJECT, BODY, ['root'], mail, log_dir)
@@ -329,7 +330,7 @@ class RefusalTest(MailTestCase):
         self.assertFalse(os.path.exists(self.log_dir))
 
     def test_receiver_cannot_be_an_option(self):
-        mail = {'sendmail': self.fake_sendmail()}
+        mail = {'method': 'sendmail', 'sendmail': self.fake_sendmail()}
         for bad in ('-oQ/tmp', 'a b@example.org', 'x@y\nBcc: z@w', ''):
             with self.assertRaises(sendmail.MailConfigError):
                 sendmail.send(SUBJECT, BODY, [bad], mail, self.log_dir)
