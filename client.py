@@ -67,11 +67,13 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     check_git_version, check_run_user, git_init_sha1, clean_text,
     common_options, connection_line, directory_problems, ssh_problem,
     exclusive, find_config, flush_mail_queue, gc_repositories, git, guarded,
-    isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
+    isotime, kill_tree, load_module, log, log_file_problems, mail_admins,
+    make_dirs, mail_summary, owner_of,
     new_request_id, older_than, pause_point, problem, read_json,
     ref_from_files, remove_listed,
     run, setup_logging, sha256_file, ssh_timeout_options, timestamp,
     write_json, fsync_dir)
+from modules import _schedule  # noqa: E402
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -762,12 +764,25 @@ class Client:
             self.check_modules()
         for p in problems:
             out.write(f'problem: {p}\n')
+        for warning in self.schedule_warnings():
+            out.write(f'warning: {warning}\n')
         if connect:
             problems += self.check_connections(out)
         if not problems:
             out.write(f'looks ready ({len(self.nodes)} node(s), '
                       f'{len(self.modules)} module(s))\n')
         return problems
+
+    def schedule_warnings(self):
+        """The crontab lines and timers of backup-all this host shows that
+        run it less often than nodes expect a backup: [server] stale_after
+        of this file, else its default (a node-only file is elsewhere)."""
+        if self.config.parser.has_section('server'):
+            where = '[server] stale_after'
+        else:
+            where = 'the nodes\' default stale_after'
+        stale = self.config.get_duration('server', 'stale_after')
+        return _schedule.backup_all_warnings(stale, where)
 
     def check_environment(self):
         problems = []
@@ -780,6 +795,10 @@ class Client:
                 problems.append(f'{tool}: not installed or not in PATH')
         problems += directory_problems('client', self.settings, (
             'request_dir', 'queue_dir', 'export_dir', 'log_dir'))
+        account = owner_of(self.settings['request_dir'])
+        if account:
+            problems += log_file_problems(self.settings['log_dir'],
+                                          [('client.py.log', account)])
         git_base = self.settings['git_base']
         if git_base and not os.path.isdir(git_base):
             problems.append(f'[client] git_base = {git_base}: no such '
@@ -1913,7 +1932,8 @@ def run_command(args, quiet):
     client = Client(config)
     if args.command in WRITING_COMMANDS:
         check_run_user('client.py', args.command, 'client', client.settings,
-                       ('request_dir', 'queue_dir', 'export_dir', 'log_dir'))
+                       ('request_dir', 'queue_dir', 'export_dir', 'log_dir'),
+                       'request_dir')
     setup_logging(client.settings['log_dir'], 'client.py', args.verbose,
                   quiet, create=args.command != 'check')
     if args.command not in ('commit', 'check'):

@@ -82,6 +82,7 @@ if sys.version_info < (3, 9):
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules import _schedule  # noqa: E402
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -358,7 +359,10 @@ class Ingest:
             # The marker is gone (a restored or recreated todo_dir): what
             # was ingested is known from the pool and, for the F*/X* that
             # prune removed, from the results journal.
-            existing |= self.journaled_keys(client)
+            journaled = self.journaled_keys(client, repo)
+            if journaled is None:
+                return 0
+            existing |= journaled
             commits = self.skip_seen(client, repo, commits, existing)
         wanted, done = self.new_requests(client, repo, pool, commits,
                                          existing)
@@ -370,10 +374,21 @@ class Ingest:
                  len(accepted), len(done), client)
         return len(accepted)
 
-    def journaled_keys(self, client):
+    def journaled_keys(self, client, repo):
         """The keys of every request with an outcome in the results
-        journal (never pruned)."""
-        entries = self.node.client_results.journal(client).read()[0]
+        journal (never pruned).  The git account running the hook may not
+        read it (README: data_dir is adminbackup's alone): a client with
+        no results branch yet has no outcomes (its first push), so the
+        empty set; else None, and `run`, which catches up on ingest as the
+        account that reads the journal, takes the push in."""
+        try:
+            entries = self.node.client_results.journal(client).read()[0]
+        except PermissionError as e:
+            if not Ledger(repo, RESULTS_REF, self.node.name).tip():
+                return set()
+            log.info('%s: ingest marker missing and %s; the next run '
+                     'ingests this push', client, e)
+            return None
         return {str(e.get('request')) for e in entries}
 
     def skip_seen(self, client, repo, commits, existing):
@@ -1871,7 +1886,16 @@ class Node:
             if not shutil.which(tool):
                 problems.append(f'{tool}: not installed or not in PATH')
         problems += core.directory_problems('server', self.settings, (
-            'todo_dir', 'data_dir', 'log_dir', 'repositories'))
+            'todo_dir', 'data_dir', 'log_dir'))
+        # The git account's (gitosis, gitolite, gate): `run` only writes
+        # into each client repository, which unwritable_repositories checks.
+        repositories = self.settings['repositories']
+        if not os.path.isdir(repositories):
+            problems.append(f'[server] repositories = {repositories}: no '
+                            'such directory')
+        elif not os.access(repositories, os.R_OK | os.X_OK):
+            problems.append(f'[server] repositories = {repositories}: not '
+                            'readable')
         for key in ('alert_after', 'stale_after', 'command_timeout',
                     'keep_requests'):
             self.config.get_duration('server', key)
@@ -1900,6 +1924,11 @@ class Node:
                                 f'[server] git_protocols ({", ".join(allowed)})')
         problems += self.check_clock()
         problems += self.unwritable_repositories()
+        problems += core.log_file_problems(self.settings['log_dir'], [
+            (name, account) for name, account in (
+                ('server.py.log', core.owner_of(self.settings['data_dir'])),
+                ('server-git.log',
+                 core.owner_of(self.settings['repositories']))) if account])
         for name in ('sftp', 'git'):
             try:
                 core.load_module(self.config.modules_dir('server'), name)
@@ -1907,6 +1936,11 @@ class Node:
                 problems.append(str(e))
         for p in problems:
             out.write(f'problem: {p}\n')
+        # On a host that is a client too, its crontab shows backup-all.
+        for warning in _schedule.backup_all_warnings(
+                self.config.get_duration('server', 'stale_after'),
+                '[server] stale_after'):
+            out.write(f'warning: {warning}\n')
         if connect:
             problems += self.check_connections(out)
         if not problems:
@@ -5060,10 +5094,14 @@ def run_command(args):
     # that neither account needs to write the other's.
     git_side = args.command in GIT_SIDE_COMMANDS
     if args.command not in READING_COMMANDS:
+        # The right account: the owner of the repositories for the git
+        # side, of the stored data for the rest (todo_dir and log_dir are
+        # shared by both through the git group).
         core.check_run_user('server.py', args.command, 'server', node.settings,
                             ('todo_dir', 'log_dir', 'repositories')
                             if git_side else
-                            ('todo_dir', 'data_dir', 'log_dir'))
+                            ('todo_dir', 'data_dir', 'log_dir'),
+                            'repositories' if git_side else 'data_dir')
     core.setup_logging(node.settings['log_dir'], 'server.py',
                        args.verbose, args.quiet,
                        create=args.command != 'check',

@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import grp
 import hashlib
 import importlib.util
 import itertools
@@ -474,15 +475,26 @@ def ours(st):
                 st.st_mode & stat.S_IWGRP and st.st_gid in groups)
 
 
-def check_run_user(program, command, section, settings, keys):
+def owner_of(path):
+    """The account that owns path, or None when it does not exist."""
+    try:
+        return user_name(os.stat(path).st_uid)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def check_run_user(program, command, section, settings, keys,
+                   account_key=None):
     """Refuse, before anything is written, a command run by a user who
     does not own the directories it writes: one run as root leaves files
     that every later run as the right user cannot change.  A directory
     shared through its group (setgid and group-writable, as the node's
     todo_dir and log_dir between the git account and adminbackup) lets
-    its group's members in, root excepted.  Missing directories are left
-    to the command (it creates them as the user running it)."""
-    euid = os.geteuid()
+    its group's members in, root excepted.  The right account is the
+    owner of account_key's directory (default: the refused one's), which
+    need not own a shared directory.  Missing directories are left to the
+    command (it creates them as the user running it)."""
+    me = user_name(os.geteuid())
     for key in keys:
         try:
             st = os.stat(settings[key])
@@ -491,12 +503,50 @@ def check_run_user(program, command, section, settings, keys):
         if ours(st):
             continue
         owner = user_name(st.st_uid)
+        account = owner_of(settings[account_key or key]) or owner
+        if account == me:
+            raise ConfigError(
+                f'{program} {command}: [{section}] {key} = {settings[key]} '
+                f'belongs to {owner} and is not shared with {me} through its '
+                f'group: make it {me}\'s (chown {me} {settings[key]}) or '
+                f'shared (chgrp GROUP-OF-{me}; chmod 2775)')
         raise ConfigError(
-            f'{program} {command}: refusing to run as {user_name(euid)}: '
+            f'{program} {command}: refusing to run as {me}: '
             f'[{section}] {key} = {settings[key]} belongs to {owner}, and '
-            f'files written as {user_name(euid)} would break later runs as '
-            f'{owner}; run it as {owner} (sudo -u {owner} {program} '
+            f'files written as {me} would break later runs as '
+            f'{account}; run it as {account} (sudo -u {account} {program} '
             f'{command} ...)')
+
+
+def log_file_problems(log_dir, files):
+    """`check`: each log file (name: the account that must write it) that
+    exists and that account cannot write, with the fix.  A command whose
+    log file cannot be written logs to stderr only, which nobody reads
+    under cron."""
+    problems = []
+    for name, account in files:
+        path = os.path.join(log_dir, name)
+        try:
+            st = os.stat(path)
+            entry = pwd.getpwnam(account)
+        except (OSError, KeyError):
+            continue
+        if st.st_uid == entry.pw_uid or entry.pw_uid == 0 or \
+                st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid in
+                                       account_groups(entry)):
+            continue
+        problems.append(f'log file {path} belongs to {user_name(st.st_uid)}, '
+                        f'{account} cannot write it (its commands then log '
+                        f'to stderr only): chown {account} {path}')
+    return problems
+
+
+def account_groups(entry):
+    """The group ids of an account (primary and supplementary)."""
+    return {entry.pw_gid} | {g.gr_gid for g in grp.getgrall()
+                             if entry.pw_name in g.gr_mem}
+
+
 _git_version = []
 
 
@@ -1334,12 +1384,17 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
                      logging.DEBUG if verbose else logging.INFO)
     handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
     log.addHandler(handler)
+    path = os.path.join(log_dir or '.', log_name or f'{program}.log')
     if log_dir and (create or os.path.isdir(log_dir)):
         try:
             os.makedirs(log_dir, exist_ok=True)
-            handler = logging.FileHandler(
-                os.path.join(log_dir, log_name or f'{program}.log'),
-                encoding='utf-8')
+            if not os.path.exists(path) and not ours(os.stat(log_dir)):
+                # A reading command (check, report, status) run by another
+                # user, root typically: a log file it made would be its
+                # own, and every later run as the right account could not
+                # write it.  Those runs make it.
+                return
+            handler = logging.FileHandler(path, encoding='utf-8')
         except OSError as e:
             log.warning('cannot write the log file in %s: %s', log_dir, e)
         else:

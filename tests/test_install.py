@@ -14,9 +14,8 @@ systemd units, the README's accounts and permissions, its schedule.
 """
 
 import configparser
-import email.policy
 import glob
-import mailbox
+import io
 import os
 import pwd
 import re
@@ -30,6 +29,8 @@ from tests import support
 
 sys.path.insert(0, support.ROOT)
 import sendmail  # noqa: E402
+from modules import _schedule  # noqa: E402
+from tests.test_hostile import set_config  # noqa: E402
 from tests.pipeline import CLIENT, NODE, Pipeline
 
 UNITS = os.path.join(support.ROOT, 'packaging', 'systemd')
@@ -165,6 +166,228 @@ class MailUnderUnitTest(unittest.TestCase):
         self.assertIn('method = smtp', proc.stderr)
         [queued] = os.listdir(os.path.join(log_dir, 'mail-queue'))
         self.assertTrue(queued.endswith('.eml'), queued)
+
+
+def as_account(user, argv, env, **kwargs):
+    """argv run as user (its groups too), as cron or a unit would."""
+    return subprocess.run(
+        ['setpriv', '--reuid', str(user.pw_uid), '--regid', str(user.pw_gid),
+         '--init-groups', '--', *argv], env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def chown(user, *paths, mode=None):
+    for path in paths:
+        subprocess.run(['chown', '-R', f'{user.pw_uid}:{user.pw_gid}', path],
+                       check=True)
+        if mode is not None:
+            os.chmod(path, mode)
+
+
+class NodeAccounts:
+    """The README's node: `git` (owns the client repositories, runs ingest
+    from their hook; its shell lets the client's key in through sshd) and
+    `adminbackup` (in git's group; runs `run`, owns the data), with the
+    README's modes: TODO and log 2775 git:git, data 0750 adminbackup."""
+
+    def __init__(self, testcase, pipeline):
+        p = self.p = pipeline
+        self.testcase = testcase
+        support._grant_traversal(p.root)
+        home = os.path.join(p.root, 'git-home')
+        os.makedirs(home)
+        self.git = make_account(testcase, 'gbgit', shell='/bin/sh', home=home)
+        self.admin = make_account(testcase, 'gbadm',
+                                  groups=[self.git.pw_name])
+        chown(self.git, home)
+        n = p.node_dir
+        shutil.rmtree(p.repo)
+        # A fresh install: nothing made by root (the pipeline's own check).
+        for made in glob.glob(os.path.join(n, 'log', '*')) + \
+                glob.glob(os.path.join(n, 'TODO', '*')):
+            shutil.rmtree(made) if os.path.isdir(made) else os.unlink(made)
+        # sshd reads it as the account logging in.
+        os.chmod(p.sshd.authorized_keys, 0o644)
+        chown(self.git, os.path.join(n, 'TODO'), os.path.join(n, 'log'),
+              mode=0o2775)
+        chown(self.git, os.path.join(n, 'repositories'))
+        chown(self.admin, os.path.join(n, 'data'), mode=0o750)
+        # The node's key, the adminbackup account's own.
+        keys = os.path.join(p.root, 'admin-keys')
+        os.makedirs(keys)
+        shutil.copy(p.node_key, keys)
+        chown(self.admin, keys)
+        os.chmod(p.config, 0o644)
+        os.makedirs(os.path.join(p.root, 'mail'), exist_ok=True)
+        chown(self.admin, os.path.join(p.root, 'mail'))   # method = spool
+        set_config(p, 'server', 'ssh_command', p.sshd.ssh_command(
+            os.path.join(keys, os.path.basename(p.node_key))))
+        set_config(p, 'nodes', NODE, p.sshd.url(p.repo).replace(
+            f'//{p.sshd.user}@', f'//{self.git.pw_name}@'))
+        p.sshd.add_config('', users=[self.git.pw_name])
+        # provision, as the gitosis-admin hook runs it: as git.
+        conf = os.path.join(p.root, 'gitosis.conf')
+        with open(conf, 'w') as f:
+            f.write(f'[group c]\nwritable = {CLIENT}\nmembers = h\n')
+        self.server(self.git, 'provision', conf)
+        p.sshd.start()
+        testcase.addCleanup(p.sshd.stop)
+
+    def server(self, user, *args, check=True):
+        p = self.p
+        proc = as_account(user, [SYSTEM_PYTHON, os.path.join(
+            support.ROOT, 'server.py'), '--config', p.config, *args], p.env)
+        if check and proc.returncode:
+            self.testcase.fail(f'server.py {" ".join(args)} as '
+                               f'{user.pw_name}: exit {proc.returncode}\n'
+                               f'{proc.stdout}{proc.stderr}')
+        return proc
+
+
+class IngestAccountsTest(unittest.TestCase):
+    """Item 3: with the README's accounts and modes, the first push of a
+    new client is ingested by its hook (as git, which may not read
+    data_dir), and the run (as adminbackup) stores it."""
+
+    def test_first_push_is_ingested_and_stored(self):
+        p = Pipeline(self, start=False)
+        accounts = NodeAccounts(self, p)
+        src = os.path.join(p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'a.txt'), 'w') as f:
+            f.write('first\n')
+        p.client('commit', 'app', src)
+        push = p.client('send', '-v')
+        self.assertEqual(p.states(), {'F': 1})
+        # Ingested by the hook, at once, without an error.
+        self.assertEqual(p.states('node'), {'RQ': 1}, push.stderr)
+        with open(os.path.join(p.node_dir, 'log', 'server-git.log')) as f:
+            git_log = f.read()
+        self.assertNotIn('ERROR', git_log)
+        self.assertIn('ingested 1 request(s)', git_log)
+        accounts.server(accounts.admin, 'run')
+        self.assertEqual(p.states('node'), {'F': 1})
+        [stored] = p.stored('app')
+        self.assertEqual(os.stat(stored).st_uid, accounts.admin.pw_uid)
+        p.client('send')
+        self.assertIn('node stored 1, node failed 0',
+                      p.client('status').stdout)
+
+
+class WrongUserTest(unittest.TestCase):
+    """Item 4: `check` as root (as the package section once said) makes
+    no file the right account cannot write, and a file left by an older
+    version is named with its fix; a refused `run` names adminbackup, the
+    account that owns the data, not git."""
+
+    def test_check_as_root_writes_nothing_and_names_a_foreign_log(self):
+        p = Pipeline(self, start=False)
+        accounts = NodeAccounts(self, p)
+        log_dir = os.path.join(p.node_dir, 'log')
+        before = sorted(os.listdir(log_dir))
+        proc = p.server('check')
+        self.assertIn('looks ready', proc.stdout)
+        self.assertEqual(sorted(os.listdir(log_dir)), before)
+        # As an older version did: root's log file.
+        log_file = os.path.join(log_dir, 'server.py.log')
+        with open(log_file, 'w'):
+            pass
+        proc = accounts.server(accounts.admin, 'check', check=False)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn(f'problem: log file {log_file} belongs to root, '
+                      f'{accounts.admin.pw_name} cannot write it', proc.stdout)
+        self.assertIn(f'chown {accounts.admin.pw_name} {log_file}',
+                      proc.stdout)
+        os.chown(log_file, accounts.admin.pw_uid, accounts.admin.pw_gid)
+        proc = accounts.server(accounts.admin, 'check')
+        self.assertIn('looks ready', proc.stdout)
+
+    def test_refused_run_names_the_data_owner(self):
+        p = Pipeline(self, start=False)
+        accounts = NodeAccounts(self, p)
+        admin = accounts.admin.pw_name
+        for user in ('root', accounts.git.pw_name):
+            proc = p.server('run', check=False) if user == 'root' else \
+                accounts.server(accounts.git, 'run', check=False)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn(f'run it as {admin} (sudo -u {admin} server.py '
+                          'run', proc.stderr)
+        # And the account named is let in.
+        accounts.server(accounts.admin, 'run')
+
+
+class ScheduleTest(unittest.TestCase):
+    """Item 2: the documented schedule runs backup-all daily, as
+    stale_after (2d) and full_every (7d) expect; `check` warns about a
+    schedule it can see that runs it less often."""
+
+    def test_documented_backup_all_is_daily(self):
+        timer = read_unit('gitbackup-client-backup-all.timer')
+        self.assertEqual(_schedule.calendar_interval(
+            timer['Timer']['OnCalendar']), _schedule.DAY)
+        lines = []
+        for doc in ('README.md', 'docs/modules.md', 'docs/operations.md'):
+            with open(os.path.join(support.ROOT, doc)) as f:
+                lines += [line for line in f.read().splitlines()
+                          if re.match(r'\s*[0-9*]', line) and
+                          'backup-all' in line]
+        self.assertGreaterEqual(len(lines), 3)
+        for line in lines:
+            fields = line.split()
+            self.assertEqual(_schedule.cron_interval(*fields[:5]),
+                             _schedule.DAY, line)
+
+    def test_check_warns_of_a_monthly_backup_all(self):
+        tmp = support.temp_dir(self)
+        crontab = os.path.join(tmp, 'crontab')
+        with open(crontab, 'w') as f:
+            f.write('SHELL=/bin/sh\n# m h dom mon dow user command\n'
+                    '0 23 11 * *  adminbackup  /usr/bin/gitbackup-client '
+                    '-q backup-all\n')
+        units, wants = os.path.join(tmp, 'units'), os.path.join(tmp, 'wants')
+        os.makedirs(units)
+        os.makedirs(wants)
+        for name, value in (('CRON_FILES', (crontab,)),
+                            ('SYSTEMD_UNIT_DIRS', (units,)),
+                            ('WANTS_DIR', wants)):
+            self.addCleanup(setattr, _schedule, name,
+                            getattr(_schedule, name))
+            setattr(_schedule, name, value)
+        self.assertEqual(self.check_warnings(tmp), [
+            f'warning: backup-all runs every 31d ({crontab}: 0 23 11 * *  '
+            'adminbackup  /usr/bin/gitbackup-client -q backup-all), but the '
+            "nodes' default stale_after = 2d calls a source stale sooner: "
+            'run backup-all daily (e.g. 0 23 * * *)'])
+        # The shipped timer, enabled: daily, no warning; as it was (the
+        # 11th of each month): a warning.
+        os.unlink(crontab)
+        timer = 'gitbackup-client-backup-all.timer'
+        shutil.copy(os.path.join(UNITS, timer), units)
+        os.symlink(os.path.join(units, timer), os.path.join(wants, timer))
+        self.assertEqual(self.check_warnings(tmp), [])
+        with open(os.path.join(units, timer), 'a') as f:
+            f.write('\n[Timer]\nOnCalendar=\nOnCalendar=*-*-11 23:00:00\n')
+        [warning] = self.check_warnings(tmp)
+        self.assertIn(f'every 31d ({timer}: OnCalendar=*-*-11 23:00:00)',
+                      warning)
+
+    def check_warnings(self, tmp):
+        import client
+        from modules import _core
+        config = os.path.join(tmp, 'backup.ini')
+        with open(config, 'w') as f:
+            f.write(textwrap.dedent(f"""\
+                [client]
+                name = c1
+                request_dir = {tmp}/requests
+                queue_dir = {tmp}/queues
+                export_dir = {tmp}/export
+                log_dir = {tmp}/log
+                """))
+        out = io.StringIO()
+        client.Client(_core.Config(config)).check(out)
+        return [line for line in out.getvalue().splitlines()
+                if line.startswith('warning:')]
 
 
 class ExampleConfigurationTest(unittest.TestCase):
