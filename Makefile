@@ -1,10 +1,13 @@
 # gitbackup: nothing to build; these targets run, test, install and package it.
 PYTHON  ?= python3
 PREFIX  ?= /opt/gitbackup
+# Every program the tests run comes from one of these (or from an
+# essential package: coreutils, util-linux, passwd, dpkg, mount).
 DEB_PACKAGES = git openssh-client openssh-server tar gzip xz-utils zstd \
                postgresql postgresql-client gitolite3 procps chromium \
                postfix prometheus prometheus-node-exporter \
-               lintian help2man man-db systemd rclone faketime strace
+               lintian help2man man-db systemd rclone faketime strace \
+               sudo rsync acl attr
 # Only for `make bench`, which compares gitbackup with them when installed.
 BENCH_PACKAGES = restic borgbackup
 # postfix asks how to deliver mail: a fresh install gets "Local only"
@@ -17,7 +20,7 @@ POSTFIX_PRESEED = postfix postfix/main_mailer_type select Local only
 help:
 	@echo "make demo     a real end-to-end backup on this machine (loopback only)"
 	@echo "make test     the test suite (real git, sshd, sftp, tar, PostgreSQL)"
-	@echo "make deps     install the Debian packages (as root), else print the line"
+	@echo "make deps     install the Debian packages the tests need (as root), else print the line"
 	@echo "make bench    gitbackup against restic and borg (slow; BENCH_SCALE=0.05 quick)"
 	@echo "make bench-deps  install restic and borg for make bench (as root)"
 	@echo "make install  copy the scripts to PREFIX=$(PREFIX)"
@@ -51,6 +54,10 @@ deps:
 	    if [ -n "$$missing" ]; then \
 	        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing </dev/null; \
 	    else echo "all Debian packages present"; fi; \
+	    if getent shadow root | cut -d: -f2 | grep -q '^!'; then \
+	        echo "root's password is locked ('!'): setting '*' (still no password), so that the tests' sshd (UsePAM no) lets root in by key"; \
+	        usermod -p '*' root; \
+	    fi; \
 	else \
 	    echo "run as root, or:"; \
 	    echo "  sudo apt-get install -y $(DEB_PACKAGES)"; \

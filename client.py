@@ -1759,7 +1759,7 @@ def build_parser():
         description=__doc__.split('\n\n')[0] + '\n\n' + '''\
 Typical crontab of the backup user:
   */5 * * * *  client.py send -q
-  0 23 11 * *  client.py backup-all -q
+  0 23 * * *   client.py backup-all -q
   50 23 11 * * client.py gc -q
   0 2 * * *    client.py prune -q
 and in the post-update hook of every git repository to back up:

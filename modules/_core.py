@@ -1807,8 +1807,12 @@ def remove_listed(paths, dry_run, out):
 
 def common_options(parser, suppress):
     default = argparse.SUPPRESS if suppress else None
+    # The packaged commands set $GITBACKUP_CONFIG: --help names that file.
+    named = os.environ.get('GITBACKUP_CONFIG')
     parser.add_argument('--config', metavar='PATH', default=default,
-                        help='configuration file (default: $GITBACKUP_CONFIG, '
+                        help=f'configuration file (default: $GITBACKUP_CONFIG'
+                             f' = {named})' if named else
+                             'configuration file (default: $GITBACKUP_CONFIG, '
                              'else backup.ini next to this script)')
     parser.add_argument('-v', '--verbose', action='count',
                         default=argparse.SUPPRESS if suppress else 0,

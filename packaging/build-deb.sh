@@ -105,6 +105,12 @@ if [ -d "$SRC/docs" ]; then
         gzip -9n < "$f" > "$DOC/docs/$(basename "$f").gz"
     done
 fi
+# The worked modules docs/modules.md copies (not executable in a doc
+# directory: the copy command there sets the mode).
+if [ -d "$SRC/docs/examples" ]; then
+    install -d "$DOC/examples"
+    install -m 0644 "$SRC"/docs/examples/* "$DOC/examples/"
+fi
 date_rfc=$(date -u -d "@$SOURCE_DATE_EPOCH" -R)
 sed -e "s/@VERSION@/$VERSION/" -e "s/@COMMIT@/$COMMIT/" \
     -e "s/@MAINTAINER@/$MAINTAINER/" -e "s/@DATE@/$date_rfc/" \
@@ -116,6 +122,8 @@ roff_block() {  # preformatted text, safe for roff
     sed -e 's/\\/\\e/g' -e "s/^\\([.']\\)/\\\\\\&\\1/"
     echo '.fi'
 }
+# --help as the packaged commands print it: they set $GITBACKUP_CONFIG.
+export GITBACKUP_CONFIG=/etc/$PKG/backup.ini
 for side in client server; do
     script=$SHARE/$side.py
     runner=$WORK/gitbackup-$side
