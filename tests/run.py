@@ -20,6 +20,8 @@ import sys, unittest
 sys.path.insert(0, sys.argv[1])
 suite = unittest.TestLoader().loadTestsFromNames(sys.argv[2:])
 result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
+for test, reason in result.skipped:
+    print('SKIPPED %s: %s' % (test.id(), ' '.join(reason.split())))
 print('RESULT %d %d %d' % (result.testsRun,
       len(result.failures) + len(result.errors) +
       len(result.unexpectedSuccesses), len(result.skipped)))
@@ -45,10 +47,26 @@ def run_one(name):
     return name, proc.stdout, counts, time.monotonic() - start
 
 
+def print_skips(skips):
+    """What was skipped and why, one line per reason: a run that is not
+    root, or lacks a package, says so instead of passing quietly."""
+    reasons = {}
+    for test, reason in skips:
+        reasons.setdefault(reason, []).append(test.rsplit('.', 1)[-1])
+    print(f'skipped, by reason ({len(skips)} tests):')
+    for reason, tests in sorted(reasons.items(), key=lambda r: -len(r[1])):
+        shown = ', '.join(tests[:3]) + (', ...' if len(tests) > 3 else '')
+        print(f'  {len(tests):3d}  {reason}  [{shown}]')
+    if os.geteuid() != 0:
+        print('  (not root: run `make deps && make test` as root, as CI '
+              'does, to skip nothing)')
+
+
 def main(argv):
     names = argv or test_modules()
     jobs = int(os.environ.get('JOBS') or 3)
     total = failed = skipped = 0
+    skips = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         for name, output, (ran, bad, skip), seconds in pool.map(run_one,
                                                                 names):
@@ -58,6 +76,9 @@ def main(argv):
             total += ran
             failed += bad
             skipped += skip
+            skips += re.findall(r'^SKIPPED (\S+): (.*)$', output, re.M)
+    if skips:
+        print_skips(skips)
     passed = total - failed - skipped
     print(f'{passed} passed, {failed} failed, {skipped} skipped')
     return 0 if failed == 0 and total else 1

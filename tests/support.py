@@ -87,6 +87,23 @@ TOOL_PACKAGES = {
     'sendmail': 'postfix',
     'promtool': 'prometheus',
     'prometheus-node-exporter': 'prometheus-node-exporter',
+    'sudo': 'sudo',
+    'faketime': 'faketime',
+    'strace': 'strace',
+    'rclone': 'rclone',
+    'chromium': 'chromium',
+    'lintian': 'lintian',
+    'help2man': 'help2man',
+    'man': 'man-db',
+    'systemd-analyze': 'systemd',
+    'rsync': 'rsync',
+    'getfacl': 'acl',
+    'setfacl': 'acl',
+    'getfattr': 'attr',
+    'setfattr': 'attr',
+    'setpriv': 'util-linux',
+    'useradd': 'passwd',
+    'userdel': 'passwd',
 }
 # Programs in /usr/sbin, which is not in every user's $PATH.
 SBIN_TOOLS = {'postfix': '/usr/sbin/postfix', 'sendmail': '/usr/sbin/sendmail'}

@@ -19,8 +19,7 @@ from tests.test_reliability import write_tree
 
 def mount_tmpfs(testcase, path, size='2m', inodes=None):
     """A real, small file system at path (emptied first)."""
-    if os.geteuid() != 0 or not shutil.which('mount'):
-        testcase.skipTest('mounting a tmpfs needs root')
+    support.require_root('mounting a tmpfs')
     os.makedirs(path, exist_ok=True)
     options = f'size={size}' + (f',nr_inodes={inodes}' if inodes else '')
     subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
@@ -35,8 +34,7 @@ def resize_tmpfs(path, size):
 def with_clock(pipeline, offset, script, *args, check=True):
     """Run one client.py/server.py command with its clock moved by offset
     ('+2h', '-1h', '+30d') by faketime."""
-    if not shutil.which('faketime'):
-        pipeline.testcase.skipTest('faketime is not installed (make deps)')
+    support.require_tools('faketime')
     proc = subprocess.run(
         ['faketime', '-f', offset, *pipeline.commands[script], '--config',
          pipeline.config, *args], env=pipeline.env, stdin=subprocess.DEVNULL,
