@@ -67,7 +67,8 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     check_git_version, check_run_user, git_init_sha1, clean_text,
     common_options, connection_line, directory_problems, ssh_problem,
     exclusive, find_config, flush_mail_queue, gc_repositories, git, guarded,
-    isotime, kill_tree, load_module, log, log_file_problems, mail_admins,
+    isotime, kill_tree, load_module, log, log_file_problems, lower_priority,
+    mail_admins,
     make_dirs, mail_summary, owner_of,
     new_request_id, older_than, pause_point, problem, read_json,
     ref_from_files, remove_listed,
@@ -80,16 +81,17 @@ INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
 CLIENT_STATES = (INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED)
 
 # tar's options and file suffix for each [client] compression.  zstd runs
-# with one thread per core (-T0) at its default level: gzip was 85% of a
-# backup's time, and zstd passes already-compressed data through fast.
-# 2 MiB jobs (-B2M) keep its memory near 24 MiB on 2 cores (67 MiB with
-# its default job size) at the same speed and ratio.  tar splits the
-# program's words itself; no shell is involved.
-ZSTD_PROGRAM = 'zstd -T0 -3 -B2M'
+# with [client] compression_threads threads (-T; default 4, 0 = one per
+# core) at its default level: gzip was 85% of a backup's time, and zstd
+# passes already-compressed data through fast.  2 MiB jobs (-B2M) keep its
+# memory near 24 MiB on 2 threads (67 MiB with its default job size) at
+# the same speed and ratio; each thread adds about that much.  tar splits
+# the program's words itself; no shell is involved.
+ZSTD_PROGRAM = 'zstd -T{threads} -3 -B2M'
 COMPRESSION = {
     'gzip': (['--gzip'], '.tar.gz'),
     'xz': (['--xz'], '.tar.xz'),
-    'zstd': ([f'--use-compress-program={ZSTD_PROGRAM}'], '.tar.zst'),
+    'zstd': (['--use-compress-program=' + ZSTD_PROGRAM], '.tar.zst'),
     'bzip2': (['--bzip2'], '.tar.bz2'),
     'none': ([], '.tar'),
 }
@@ -126,10 +128,24 @@ def effective_compression(settings):
     return name
 
 
+def compression_options(settings):
+    """(tar options, file suffix) of the effective compression."""
+    name = effective_compression(settings)
+    if name not in COMPRESSION:
+        raise ModuleError(f'[client] compression = {name}: use one of '
+                          f'{", ".join(COMPRESSION_CHOICES)}')
+    threads = settings['compression_threads']
+    options, suffix = COMPRESSION[name]
+    return [o.format(threads=threads) for o in options], suffix
+
+
 def compression_text(settings):
     """One line for check and status: what archives are compressed with."""
     name = effective_compression(settings)
-    how = f'zstd, multithreaded ({ZSTD_PROGRAM})' if name == 'zstd' else name
+    how = name
+    if name == 'zstd':
+        how = 'zstd, multithreaded (%s)' % ZSTD_PROGRAM.format(
+            threads=settings['compression_threads'])
     if settings['compression'] == 'auto':
         how += ' (auto' + ('' if name == 'zstd' else
                            ': tar or zstd lacks zstd support') + ')'
@@ -328,11 +344,7 @@ class PrepareContext(ModuleContext):
     @property
     def compression(self):
         """(tar options, file suffix) for [client] compression."""
-        name = effective_compression(self.settings)
-        if name not in COMPRESSION:
-            raise ModuleError(f'[client] compression = {name}: use one of '
-                              f'{", ".join(COMPRESSION_CHOICES)}')
-        return COMPRESSION[name]
+        return compression_options(self.settings)
 
     def archive_chain(self, path):
         """The incremental state of one directory for this node, or None
@@ -1925,6 +1937,8 @@ COMMANDS = {
 # but their owner (check_run_user).
 WRITING_COMMANDS = ('commit', 'send', 'backup-all', 'init-node', 'gc',
                     'prune', 'retry')
+# The cron jobs: at [client] priority (idle), with all they start.
+BACKGROUND_COMMANDS = ('send', 'backup-all', 'gc', 'prune')
 
 
 def run_command(args, quiet):
@@ -1936,6 +1950,8 @@ def run_command(args, quiet):
                        'request_dir')
     setup_logging(client.settings['log_dir'], 'client.py', args.verbose,
                   quiet, create=args.command != 'check')
+    if args.command in BACKGROUND_COMMANDS:
+        lower_priority('client', client.settings)
     if args.command not in ('commit', 'check'):
         check_git_version()   # check reports it as a problem of its own
     return COMMANDS[args.command](client, args)

@@ -5085,6 +5085,8 @@ COMMANDS = {
 # only where --to says, as whoever runs it); every other command is refused
 # to a user who does not own the directories it writes (check_run_user).
 READING_COMMANDS = ('check', 'report', 'list', 'restore')
+# The cron jobs: at [server] priority (idle), with all they start.
+BACKGROUND_COMMANDS = ('run', 'verify', 'drill', 'gc', 'prune', 'offsite')
 
 
 def run_command(args):
@@ -5106,6 +5108,8 @@ def run_command(args):
                        args.verbose, args.quiet,
                        create=args.command != 'check',
                        log_name='server-git.log' if git_side else None)
+    if args.command in BACKGROUND_COMMANDS:
+        core.lower_priority('server', node.settings)
     # Not on the hook's path (ingest, gate): a push must not pay one more
     # git process for it; check and the cron commands say it.
     if args.command not in ('check', 'report', 'ingest', 'gate'):

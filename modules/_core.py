@@ -89,6 +89,12 @@ SCHEMA = {
         'ssh_command': 'ssh -o BatchMode=yes',
         'modules_dir': '',
         'compression': 'auto',
+        # zstd threads (-T): a 64-core host must not give a backup every
+        # core and ~170 MB; 0 = one per core.
+        'compression_threads': '4',
+        # idle | low | normal: the CPU and I/O priority of send, backup-all,
+        # gc and prune, and so of every child (tar, zstd, pg_dump, git).
+        'priority': 'idle',
         'full_every': '7d',
         'tar_command': 'tar',
         'pg_dump': 'pg_dump',
@@ -146,6 +152,9 @@ SCHEMA = {
         'max_commits_per_push': '10000',
         # Refs (branches, tags, notes) one mirrored git repository may have.
         'max_refs': '10000',
+        # idle | low | normal, of run, verify, drill, gc, prune, offsite and
+        # their children (sftp, ssh, git, tar, pg_restore).
+        'priority': 'idle',
     },
     'client *': {
         'sftp': '',
@@ -190,7 +199,11 @@ SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
 INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
             'max_requests_per_push', 'sftp_port', 'keep_daily',
             'keep_weekly', 'keep_monthly', 'transfers', 'jobs',
-            'max_commits_per_push', 'bwlimit', 'max_refs'}
+            'max_commits_per_push', 'bwlimit', 'max_refs',
+            'compression_threads'}
+# [client]/[server] priority: (niceness, ionice class options).
+PRIORITIES = {'idle': (19, ['-c', '3']), 'low': (10, ['-c', '2', '-n', '7']),
+              'normal': (0, None)}
 
 
 # --------------------------------------------------------------------------
@@ -1290,6 +1303,9 @@ class Config:
                     parse_size(value)
                 elif key in INT_KEYS and not re.fullmatch(r'\d+', value):
                     raise ValueError(f'not a whole number: {value!r}')
+                elif key == 'priority' and value not in PRIORITIES:
+                    raise ValueError(f'one of {", ".join(PRIORITIES)}, not '
+                                     f'{value!r}')
             except ValueError as e:
                 raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
                                   f': [{section}] {key}: {e}') from None
@@ -1402,6 +1418,31 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
             handler.setFormatter(logging.Formatter(
                 '%(asctime)s [%(process)d] %(levelname)s %(message)s'))
             log.addHandler(handler)
+
+
+def lower_priority(section, settings):
+    """Run this command, and so every child it starts (children inherit
+    both), at [section] priority: idle (the default) is nice 19 and the
+    idle I/O class, so a backup takes only the CPU and disk a busy host
+    leaves spare; low is nice 10 and best-effort I/O at 7; normal leaves
+    both as they are.  Only ever lowers."""
+    value = settings.get('priority') or 'idle'
+    if value not in PRIORITIES:
+        raise ConfigError(f'[{section}] priority = {value}: use one of '
+                          f'{", ".join(PRIORITIES)}')
+    niceness, io_class = PRIORITIES[value]
+    current = os.nice(0)
+    if current < niceness:
+        os.nice(niceness - current)
+    if io_class and shutil.which('ionice'):
+        proc = subprocess.run(['ionice', *io_class, '-p', str(os.getpid())],
+                              stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE,
+                              universal_newlines=True)
+        if proc.returncode:   # e.g. a container that refuses it
+            log.debug('ionice %s: %s', ' '.join(io_class),
+                      proc.stderr.strip())
 
 
 def mail_admins(config, section, subject, body, admins=None):

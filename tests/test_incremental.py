@@ -46,7 +46,7 @@ class CompressionTest(unittest.TestCase):
     def test_auto_is_multithreaded_zstd_and_check_and_status_say_so(self):
         support.require_tools('zstd')
         check = self.p.client('check', check=False).stdout
-        self.assertIn('compression: zstd, multithreaded (zstd -T0 -3 -B2M) '
+        self.assertIn('compression: zstd, multithreaded (zstd -T4 -3 -B2M) '
                       '(auto)', check)
         src = os.path.join(self.p.root, 'src')
         write(os.path.join(src, 'a.txt'), 'hello\n' * 1000)

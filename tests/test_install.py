@@ -390,6 +390,77 @@ class ScheduleTest(unittest.TestCase):
                 if line.startswith('warning:')]
 
 
+RECORDER = """#!/bin/sh
+# Records what runs: name, niceness, I/O class, arguments; then runs it.
+printf '%s|%s|%s|%s\\n' {name} "$(cut -d' ' -f19 /proc/$$/stat)" \\
+    "$(ionice -p $$)" "$*" >> {log}
+exec {program} "$@"
+"""
+
+
+class PoliteTest(unittest.TestCase):
+    """Item 8: the client's tar and zstd and the node's sftp run at idle
+    CPU and I/O priority with zstd capped at 4 threads, by default; both
+    are configurable.  Seen from the real processes (a recorder in PATH
+    that reads their /proc entry and ionice, then execs the program)."""
+
+    def setUp(self):
+        support.require_tools('zstd', 'ionice')
+        self.p = p = Pipeline(self)
+        wrappers = os.path.join(p.root, 'wrappers')
+        os.makedirs(wrappers)
+        self.log = os.path.join(p.root, 'children.log')
+        for name in ('tar', 'zstd', 'sftp'):
+            path = os.path.join(wrappers, name)
+            with open(path, 'w') as f:
+                f.write(RECORDER.format(name=name, log=self.log,
+                                        program=shutil.which(name)))
+            os.chmod(path, 0o755)
+        p.env['PATH'] = wrappers + os.pathsep + p.env['PATH']
+        self.src = os.path.join(p.root, 'src')
+        os.makedirs(self.src)
+        with open(os.path.join(self.src, 'a.txt'), 'w') as f:
+            f.write('polite\n' * 1000)
+
+    def children(self):
+        """{name: [(niceness, I/O class, arguments)]} recorded so far."""
+        found = {}
+        with open(self.log) as f:
+            for line in f:
+                name, nice, io, args = line.rstrip('\n').split('|', 3)
+                found.setdefault(name, []).append((int(nice), io, args))
+        os.unlink(self.log)
+        return found
+
+    def backup(self):
+        self.p.client('commit', 'app', self.src)
+        self.p.client('send')
+        self.p.server('run')
+        return self.children()
+
+    def test_children_run_idle_and_zstd_on_four_threads(self):
+        found = self.backup()
+        self.assertEqual(set(found), {'tar', 'zstd', 'sftp'})
+        for name, runs in found.items():
+            for nice, io, args in runs:
+                self.assertEqual((nice, io), (19, 'idle'), (name, args))
+        [compress] = [args for _, _, args in found['zstd']
+                      if '-d' not in args.split()]
+        self.assertEqual(compress.split()[:3], ['-T4', '-3', '-B2M'])
+        # Configurable: normal priority, two threads.
+        set_config(self.p, 'client', 'priority', 'normal')
+        set_config(self.p, 'client', 'compression_threads', '2')
+        set_config(self.p, 'server', 'priority', 'low')
+        found = self.backup()
+        own = os.nice(0)
+        for nice, io, args in found['tar'] + found['zstd']:
+            self.assertEqual(nice, own, args)
+            self.assertNotEqual(io, 'idle', args)
+        self.assertEqual({(nice, io) for nice, io, _ in found['sftp']},
+                         {(max(10, own), 'best-effort: prio 7')})
+        self.assertIn('-T2', [args.split()[0] for _, _, args in found['zstd']])
+
+
 class ExampleConfigurationTest(unittest.TestCase):
     """Item 1 and 7: the example's [mail] works as written, its admin is
     a local address, not a real-looking outside one."""
