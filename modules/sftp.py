@@ -210,7 +210,10 @@ def check_connection(ctx):
     return [(what, ctx.ssh_problem(
         proc.stderr, target, port,
         f"add the node's public key (the -i of [server] ssh_command) to "
-        f"~{target.partition('@')[0]}/.ssh/authorized_keys on the client")
+        f"the authorized_keys sshd reads for {target.partition('@')[0]} on "
+        f"the client: the AuthorizedKeysFile of its Match block if it has "
+        f"one (README's chrooted account: /etc/ssh/gbnode/authorized_keys), "
+        f"else ~{target.partition('@')[0]}/.ssh/authorized_keys")
         or f'{ctx.clean_text(proc.stderr.strip(), 300)}: sftp_root is '
         f'missing or not readable by {target}: create it, or fix '
         f'[client {ctx.client}] sftp_root')]

@@ -29,7 +29,9 @@ UNIT_JOBS = {('client', 'send'), ('client', 'backup-all'),
              ('client', 'prune'), ('client', 'gc'),
              ('server', 'run'), ('server', 'prune'), ('server', 'verify'),
              ('server', 'drill'), ('server', 'gc'), ('server', 'report'),
-             ('server', 'offsite')}
+             ('server', 'offsite'), ('server', 'metrics'), ('server', 'page')}
+# Units whose command is not their name: the report's two files.
+UNIT_COMMANDS = {'metrics': 'report', 'page': 'report'}
 # What a maintainer script of this package must never do.
 FORBIDDEN_IN_MAINTAINER_SCRIPTS = ('adduser', 'useradd', 'ssh-keygen',
                                    'systemctl', 'deb-systemd', 'chown')
@@ -237,11 +239,32 @@ class SystemdUnitsTest(unittest.TestCase):
                 service = f.read()
             self.assertIn('\nUser=adminbackup\n', service)
             self.assertRegex(service, r'\nExecStart=/usr/bin/gitbackup-%s '
-                             r'-q %s(\s|$)' % (side, re.escape(job)))
+                             r'-q %s(\s|$)' % (side, re.escape(
+                                 UNIT_COMMANDS.get(job, job))))
             with open(os.path.join(UNITS_DIR,
                                    f'gitbackup-{side}-{job}.timer')) as f:
                 timer = f.read()
             self.assertIn('\nOnCalendar=', timer)
+
+    def test_report_file_units_are_the_readmes_lines(self):
+        """The metrics and page timers write what the README's and
+        docs/operations.md's crontab lines write, and a warning or
+        critical report does not fail them."""
+        docs = ''
+        for doc in ('README.md', 'docs/operations.md'):
+            with open(os.path.join(support.ROOT, doc)) as f:
+                docs += f.read()
+        for job, fmt in (('metrics', 'prometheus'), ('page', 'html')):
+            with open(os.path.join(UNITS_DIR,
+                                   f'gitbackup-server-{job}.service')) as f:
+                service = f.read()
+            [args] = re.findall(r'\nExecStart=/usr/bin/gitbackup-server '
+                                r'(-q report --format (\S+) --output \S+)',
+                                service)
+            self.assertEqual(args[1], fmt)
+            self.assertIn('server.py ' + args[0].replace('-q report',
+                                                         'report -q'), docs)
+            self.assertIn('\nSuccessExitStatus=1 2\n', service)
 
     def test_units_verify_in_a_temporary_root(self):
         """The units as shipped, with ExecStart pointing into the unpacked
