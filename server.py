@@ -2326,7 +2326,7 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
                f'repositories checked, {len(problems)} problem(s): '
                f'{STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
-    log.info('%s', summary)
+    log.info('%s', summary, extra=core.FILE_ONLY)
     write_json(os.path.join(node.state_dir, 'verify.json'),
                {'finished': core.isotime(), 'status': STATUS_NAMES[status],
                 'problems': [m for _, m in problems][:100]})
@@ -3434,7 +3434,8 @@ def drill_command(node, only_client=None, out=sys.stdout):
             word = 'ok' if entry['ok'] else 'FAILED'
             line = f'{word}: {client} {source} {name}: {entry["detail"]}'
             out.write(line + '\n')
-            (log.info if entry['ok'] else log.error)('drill %s', line)
+            (log.info if entry['ok'] else log.error)('drill %s', line,
+                                                     extra=core.FILE_ONLY)
             if not entry['ok']:
                 failed.append(line)
         Journal(os.path.join(node.settings['data_dir'], client,
@@ -3444,6 +3445,7 @@ def drill_command(node, only_client=None, out=sys.stdout):
     summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
                f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
+    log.info('%s', summary, extra=core.FILE_ONLY)
     if failed:
         core.mail_admins(node.config, 'server',
                          f'gitbackup: drill on {node.name}: CRITICAL',

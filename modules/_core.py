@@ -757,8 +757,10 @@ def human_size(n):
 
 def clean_text(text, limit=300):
     """Make untrusted text safe for one log line: line breaks become
-    ' | ', other control characters '?'."""
-    text = ' | '.join(line for line in str(text).splitlines() if line)
+    ' | ', tabs a space (git and ssh indent with them), other control
+    characters '?'."""
+    text = ' | '.join(line for line in str(text).replace('\t', ' ')
+                      .splitlines() if line)
     text = ''.join(c if c.isprintable() else '?' for c in text)
     return text if len(text) <= limit else text[:limit] + '...'
 
@@ -1388,6 +1390,11 @@ class Config:
 # --------------------------------------------------------------------------
 # Logging and mail
 
+# log.info(..., extra=FILE_ONLY): for the log file only, when the command
+# prints the same line as its result on stdout (not twice on a terminal).
+FILE_ONLY = {'file_only': True}
+
+
 def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
                   log_name=None):
     """Log to stderr (for humans and cron) and to log_dir/<log_name>
@@ -1398,6 +1405,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING if quiet else
                      logging.DEBUG if verbose else logging.INFO)
+    handler.addFilter(lambda record: not getattr(record, 'file_only', False))
     handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
     log.addHandler(handler)
     path = os.path.join(log_dir or '.', log_name or f'{program}.log')

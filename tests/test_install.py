@@ -461,6 +461,40 @@ class PoliteTest(unittest.TestCase):
         self.assertIn('-T2', [args.split()[0] for _, _, args in found['zstd']])
 
 
+class OnceTest(unittest.TestCase):
+    """Item 7: verify and drill print each line once (stdout: the result;
+    the log file keeps it), a damaged file's too; tabs in a message are
+    spaces, not '?'."""
+
+    def test_verify_and_drill_print_each_line_once(self):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'a.txt'), 'w') as f:
+            f.write('once\n')
+        for _ in range(2):
+            p.client('commit', 'app', src)
+            p.client('send')
+            p.server('run')
+        first = p.stored('app')[0]
+        [archive] = [n for n in os.listdir(first) if '.tar' in n and
+                     not n.endswith('.listing')]
+        with open(os.path.join(first, archive), 'ab') as f:
+            f.write(b'damage')
+        for command in ('verify', 'drill'):
+            proc = p.server(command, check=False)
+            lines = proc.stdout.splitlines()
+            self.assertTrue(lines, command)
+            for line in lines:
+                self.assertNotIn(line, proc.stderr, command)
+            with open(os.path.join(p.node_dir, 'log', 'server.py.log')) as f:
+                self.assertIn(lines[-1], f.read())
+
+    def test_tabs_are_spaces(self):
+        from modules import _core
+        self.assertEqual(_core.clean_text('error:\tbad\x1b'), 'error: bad?')
+
+
 class ExampleConfigurationTest(unittest.TestCase):
     """Item 1 and 7: the example's [mail] works as written, its admin is
     a local address, not a real-looking outside one."""
