@@ -527,21 +527,30 @@ def bytes_read(group):
 
 def remote_refs(ctx, url, protocols):
     """One ls-remote before the fetch: (the branch HEAD names or None,
-    how many refs the fetch would mirror), or (None, None) when it fails
-    (the fetch then says why)."""
+    how many refs the fetch would mirror, the refs it does not mirror:
+    outside branches, tags and notes, e.g. refs/pull/*), or (None, None,
+    []) when it fails (the fetch then says why)."""
     proc = run_transfer(ctx, ['git', *hardening(protocols), 'ls-remote',
                               '--symref', '--', url],
                         git_environment(ctx, protocols), f'git ls-remote {url}')
     if proc.returncode != 0:
         ctx.log.debug('ls-remote %s: %s', url, proc.stderr.strip()[-300:])
-        return None, None
+        return None, None, []
     m = re.search(r'^ref: (refs/heads/\S+)\tHEAD$', proc.stdout, re.M)
-    count = 0
+    count, skipped = 0, []
     for line in proc.stdout.splitlines():
         ref = line.partition('\t')[2]
-        if ref.startswith(MIRRORED) and not ref.endswith('^{}'):
+        if ref.endswith('^{}') or ref == 'HEAD' or line.startswith('ref: '):
+            continue
+        if ref.startswith(MIRRORED):
             count += 1
-    return (m.group(1) if m else None), count
+        else:
+            skipped.append(ref)
+    if skipped:
+        ctx.log.info('%s: %s: %d ref(s) outside branches, tags and notes '
+                     'not mirrored (%s)', ctx.client, url, len(skipped),
+                     ctx.clean_text(' '.join(skipped[:5]), 300))
+    return (m.group(1) if m else None), count, skipped
 
 
 def check_ref_count(ctx, url, count):
@@ -675,7 +684,7 @@ def reachable_olds(walk, olds):
 def create_mirror(ctx, mirror, url, protocols, allowance=None):
     """First backup: an empty bare repository under a temporary name,
     filled by the same hardened fetch, then renamed into place."""
-    head, count = remote_refs(ctx, url, protocols)
+    head, count, skipped = remote_refs(ctx, url, protocols)
     check_ref_count(ctx, url, count)
     parent = os.path.dirname(mirror)
     ctx.make_dirs(parent)
@@ -697,7 +706,7 @@ def create_mirror(ctx, mirror, url, protocols, allowance=None):
     follow_head(ctx, tmp, head, refs)
     os.rename(tmp, mirror)
     ctx.fsync_dir(parent)
-    return refs
+    return refs, skipped
 
 
 def over_cap(ctx, refs):
@@ -729,7 +738,7 @@ def update_mirror(ctx, mirror, url, protocols, allowance=None):
                     old[ref] = sha
         preserved += preserve(ctx, mirror, old, list_refs(ctx, mirror))
         os.unlink(snapshot)
-    head, count = remote_refs(ctx, url, protocols)
+    head, count, _ = remote_refs(ctx, url, protocols)
     check_ref_count(ctx, url, count)
     ctx.pause_point('run:listed-refs')
     before = list_refs(ctx, mirror)
@@ -785,12 +794,32 @@ def handle(ctx, rest):
                                      'repository; move it away')
         refs, preserved = update_mirror(ctx, mirror, url, protocols,
                                         allowance)
+        skipped = []    # said when the mirror was made; logged each time
     else:
-        refs, preserved = create_mirror(ctx, mirror, url, protocols,
-                                        allowance), []
+        refs, skipped = create_mirror(ctx, mirror, url, protocols, allowance)
+        preserved = []
     check_tips(ctx, mirror, heads)
     ctx.log.info('%s: mirrored %s into %s (%d refs%s)', ctx.client, url,
                  mirror, len(refs),
                  f', {len(preserved)} preserved' if preserved else '')
     return {'stored': mirror, 'refs': len(refs), 'preserved': preserved,
-            'heads': heads}
+            'heads': heads, 'warnings': mirror_warnings(
+                mirror, preserved, skipped)}
+
+
+def mirror_warnings(mirror, preserved, skipped):
+    """What the admins hear of a backup that worked: history the client
+    rewrote or deleted (a force-push: by mistake, or someone covering
+    tracks), and, once, refs the mirror does not keep."""
+    warnings = []
+    if preserved:
+        warnings.append(
+            f'{mirror}: {len(preserved)} ref(s) rewritten or deleted by the '
+            f'client (a force-push?); the old tips are kept as '
+            f'{", ".join(preserved[:5])}' + (' ...' if len(preserved) > 5
+                                              else ''))
+    if skipped:
+        warnings.append(
+            f'{mirror}: {len(skipped)} ref(s) outside branches, tags and '
+            f'notes are not backed up, e.g. {", ".join(skipped[:3])}')
+    return warnings

@@ -31,6 +31,7 @@ sys.path.insert(0, support.ROOT)
 import sendmail  # noqa: E402
 from modules import _schedule  # noqa: E402
 from tests.test_hostile import set_config  # noqa: E402
+from tests.modules_pipeline import ModulePipeline
 from tests.pipeline import CLIENT, NODE, Pipeline
 
 UNITS = os.path.join(support.ROOT, 'packaging', 'systemd')
@@ -493,6 +494,42 @@ class OnceTest(unittest.TestCase):
     def test_tabs_are_spaces(self):
         from modules import _core
         self.assertEqual(_core.clean_text('error:\tbad\x1b'), 'error: bad?')
+
+
+class GitNewsTest(unittest.TestCase):
+    """Item 7: a client's rewritten history (a force-push) and refs the
+    mirror does not keep (refs/pull/*) are mailed, not only logged; the
+    backup itself is stored."""
+
+    def test_force_push_and_skipped_refs_are_mailed(self):
+        p = ModulePipeline(self)
+        p.start_daemon()
+        bare = p.client_repository('a.git', hook=False)
+        work = p.work_clone(bare)
+        first = p.commit_file(work, 'f', '1\n')
+        p.commit_file(work, 'f', '2\n')
+        p.git('push', '--quiet', 'origin', 'master', cwd=work)
+        p.git('push', '--quiet', 'origin', f'{first}:refs/pull/1/head',
+              cwd=work)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        p.server('run')   # exit 0: news, not a failure
+        [mail] = [m for m in p.mails() if 'run on' in m['Subject']]
+        self.assertIn('1 ref(s) outside branches, tags and notes are not '
+                      'backed up, e.g. refs/pull/1/head', mail.get_content())
+        p.git('push', '--quiet', '--force', 'origin', f'{first}:master',
+              cwd=work)
+        p.client('commit', 'git', bare)
+        p.client('send')
+        p.server('run')   # exit 0: news, not a failure
+        mails = [m for m in p.mails() if 'run on' in m['Subject']]
+        self.assertEqual(len(mails), 2)
+        self.assertRegex(mails[-1].get_content(),
+                         r'1 ref\(s\) rewritten or deleted by the client '
+                         r'\(a force-push\?\); the old tips are kept as '
+                         r'refs/preserved/\S+/refs/heads/master')
+        self.assertEqual(p.refs(p.mirror('a.git'), 'refs/heads/'),
+                         {'refs/heads/master': first})
 
 
 class ExampleConfigurationTest(unittest.TestCase):
