@@ -1154,9 +1154,14 @@ def last_outcomes(node, client):
     return verify, drills
 
 
-def verify_outcome(verify, path):
-    """The last verify's word on one snapshot or mirror path, or None."""
+def verify_outcome(verify, path, made=None):
+    """The last verify's word on one snapshot or mirror path, or None
+    when there was none, or when the snapshot (made: its node time) or
+    the mirror's newest fetch came after it: that verify never saw it."""
     if not verify:
+        return None
+    checked = parse_node_time(verify['time'])   # whole seconds
+    if made and (checked is None or made.replace(microsecond=0) > checked):
         return None
     bad = [p for p in verify['problems'] if p.startswith(path + '/') or
            p.startswith(path + ':')]
@@ -2800,7 +2805,7 @@ def list_snapshots(node, client, source=None):
                 'files': [{'name': f.get('name'), 'size': f.get('size'),
                            'sha256': f.get('sha256')}
                           for f in b.manifest['files'] if isinstance(f, dict)],
-                'verify': verify_outcome(verify, b.path),
+                'verify': verify_outcome(verify, b.path, b.time),
                 'drill': drills.get((name, b.name))})
     for name, repo in client_mirrors(node, client).items():
         if source and name != source:
@@ -2810,24 +2815,31 @@ def list_snapshots(node, client, source=None):
             'time': core.isotime(mirror_time(repo)) if mirror_time(repo)
             else None, 'kind': 'git', 'level': 0, 'base': None,
             'base_request': None, 'chain_broken': False, 'request_id': None, 'size': core.tree_size(repo), 'files': [],
-            'verify': verify_outcome(verify, repo),
+            'verify': verify_outcome(verify, repo, mirror_time(repo)),
             'drill': drills.get((name, GIT_SNAPSHOT))})
     return entries
 
 
 def list_text(entries):
-    lines = [f'{"CLIENT":<12} {"SOURCE":<16} {"SNAPSHOT":<18} {"KIND":<11} '
-             f'{"SIZE":>10}  {"VERIFY":<7} {"DRILL":<7} FILES']
+    """The `list` table, each column as wide as its widest cell: a long
+    kind (an increment and its base) or a snapshot name with a .N suffix
+    never pushes the columns after it out of line."""
+    rows = [('CLIENT', 'SOURCE', 'SNAPSHOT', 'KIND', 'SIZE', 'VERIFY',
+             'DRILL', 'FILES')]
     for e in entries:
         kind = e['kind'] + (f' <{e["base"]}' if e['base'] else
                             ' <MISSING BASE' if e['chain_broken'] else '')
-        lines.append(
-            f'{e["client"]:<12} {e["source"]:<16} {e["snapshot"]:<18} '
-            f'{kind:<11} {core.human_size(e["size"]):>10}  '
-            f'{(e["verify"] or {}).get("outcome", "-"):<7} '
-            f'{(e["drill"] or {}).get("outcome", "-"):<7} '
-            + ' '.join(clean_text(f['name']) for f in e['files']))
-    return '\n'.join(lines) + '\n'
+        rows.append((
+            clean_text(e['client']), clean_text(e['source']),
+            clean_text(e['snapshot']), kind, core.human_size(e['size']),
+            (e['verify'] or {}).get('outcome', '-'),
+            (e['drill'] or {}).get('outcome', '-'),
+            ' '.join(clean_text(f['name']) for f in e['files'])))
+    widths = [max(len(row[i]) for row in rows) for i in range(7)]
+    return ''.join('  '.join([cell.rjust(widths[i]) if i == 4 else
+                              cell.ljust(widths[i])
+                              for i, cell in enumerate(row[:7])] +
+                             [row[7]]).rstrip() + '\n' for row in rows)
 
 
 def list_command(node, client=None, source=None, fmt='text',

@@ -16,6 +16,7 @@ systemd units, the README's accounts and permissions, its schedule.
 import configparser
 import glob
 import io
+import json
 import os
 import pwd
 import re
@@ -530,6 +531,51 @@ class GitNewsTest(unittest.TestCase):
                          r'refs/preserved/\S+/refs/heads/master')
         self.assertEqual(p.refs(p.mirror('a.git'), 'refs/heads/'),
                          {'refs/heads/master': first})
+
+
+class ListTest(unittest.TestCase):
+    """Item 7: `list` columns stay in line whatever the kind or snapshot
+    name; VERIFY is '-' for what came after the last verify."""
+
+    def test_columns_and_verify_after_the_last_verify(self):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        os.makedirs(src)
+        with open(os.path.join(src, 'a.txt'), 'w') as f:
+            f.write('listed\n')
+        p.client('commit', 'app', src)
+        p.client('send')
+        p.server('run')
+        p.server('verify')
+        p.client('send')     # the node's confirmation: the next is an increment
+        # The next increment lands in the same second: its name gets .2
+        # (made here by renaming, as the node does within one second).
+        with open(os.path.join(src, 'b.txt'), 'w') as f:
+            f.write('later\n')
+        p.client('commit', 'app', src)
+        p.client('send')
+        p.server('run')
+        [first, second] = p.stored('app')
+        renamed = first + '.2'
+        os.rename(second, renamed)
+        entries = json.loads(p.server('list', '--format', 'json').stdout)
+        self.assertEqual([(e['snapshot'], (e['verify'] or {}).get('outcome'))
+                          for e in entries],
+                         [(os.path.basename(first), 'ok'),
+                          (os.path.basename(renamed), None)])
+        lines = p.server('list').stdout.splitlines()
+        self.assertEqual(len(lines), 3)
+        header = lines[0]
+        for word in ('KIND', 'VERIFY', 'DRILL', 'FILES'):
+            column = header.index(word)
+            for line in lines[1:]:     # left-aligned: starts there
+                self.assertEqual(line[column - 1], ' ', (word, line))
+                self.assertNotEqual(line[column], ' ', (word, line))
+        end = header.index('SIZE') + len('SIZE')
+        for line in lines[1:]:         # right-aligned: ends there
+            self.assertEqual(line[end - 1:end + 1], 'B ', line)
+        self.assertIn(' -  ', lines[2])
+        self.assertIn('incremental <', lines[2])
 
 
 class ExampleConfigurationTest(unittest.TestCase):
