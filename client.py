@@ -793,7 +793,10 @@ class Client:
             where = '[server] stale_after'
         else:
             where = 'the nodes\' default stale_after'
-        stale = self.config.get_duration('server', 'stale_after')
+        try:
+            stale = self.config.get_duration('server', 'stale_after')
+        except ConfigError:
+            return []      # the node's check says what is wrong there
         return _schedule.backup_all_warnings(stale, where)
 
     def check_environment(self):
@@ -1942,7 +1945,7 @@ BACKGROUND_COMMANDS = ('send', 'backup-all', 'gc', 'prune')
 
 
 def run_command(args, quiet):
-    config = Config(find_config(args.config, __file__))
+    config = Config(find_config(args.config, __file__), side='client')
     client = Client(config)
     if args.command in WRITING_COMMANDS:
         check_run_user('client.py', args.command, 'client', client.settings,

@@ -5108,7 +5108,8 @@ BACKGROUND_COMMANDS = ('run', 'verify', 'drill', 'gc', 'prune', 'offsite')
 
 
 def run_command(args):
-    config = core.Config(core.find_config(args.config, __file__))
+    config = core.Config(core.find_config(args.config, __file__),
+                         side='server')
     node = Node(config)
     # The git account runs ingest/gate/provision: its own log file, so
     # that neither account needs to write the other's.

@@ -190,6 +190,9 @@ SCHEMA = {
     },
 }
 FREE_SECTIONS = ('nodes', 'modules', 'sources')
+# Whose sections: each program checks its own (and [mail]).
+CLIENT_SECTIONS = ('client', 'nodes', 'modules', 'sources')
+SERVER_SECTIONS = ('server', 'offsite')
 # Typed keys, checked when the file is read (so a typo in a value is an
 # error naming its line, like a typo in a key).
 DURATION_KEYS = {'export_keep', 'alert_after', 'confirm_after', 'full_every',
@@ -1238,12 +1241,18 @@ class Config:
     """The parsed and validated INI file.  ``section(name)`` returns a dict of
     strings with the schema's defaults filled in."""
 
-    def __init__(self, path):
+    def __init__(self, path, side=None):
+        """side: 'client' or 'server', the program reading the file: the
+        keys and values of the other side's sections are that program's to
+        check (a typo in [client] of a shared file must not stop the node);
+        unknown sections are errors for both."""
         import sendmail  # here: sendmail.py imports this module
         self.path = os.path.abspath(path)
         self.parser = parser = self._read(path)
         lines = _line_numbers(path)
         for section in parser.sections():
+            if side and self._side_of(section) not in (None, side):
+                continue
             self._check_section(path, lines, section)
         if parser.has_section('mail'):
             problems = sendmail.mail_config_problems(dict(parser['mail']))
@@ -1338,6 +1347,15 @@ class Config:
             # A bad address would silently swallow every alert.
             raise ConfigError(f'{path}:{lines.get((section, "admin"), "?")}'
                               f': [{section}] admin: {e}') from None
+
+    @staticmethod
+    def _side_of(section):
+        """'client', 'server' or None (both: [mail]; unknown sections)."""
+        if section in CLIENT_SECTIONS:
+            return 'client'
+        if section in SERVER_SECTIONS or section.startswith('client '):
+            return 'server'
+        return None
 
     @staticmethod
     def _schema_of(section):

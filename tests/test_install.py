@@ -578,6 +578,38 @@ class ListTest(unittest.TestCase):
         self.assertIn('incremental <', lines[2])
 
 
+class SharedFileTest(unittest.TestCase):
+    """Item 7: in a file both sides read, a typo in the client's sections
+    stops the client (exit 2, the line named), not the node; and the other
+    way round."""
+
+    def test_each_side_checks_its_own_sections(self):
+        p = Pipeline(self, start=False)
+        with open(p.config) as f:
+            text = f.read()
+        for section, typo, broken, fine in (
+                ('client', 'nmae = c1', 'client.py', 'server.py'),
+                ('server', 'stale_aftr = 2d', 'server.py', 'client.py')):
+            with open(p.config, 'w') as f:
+                f.write(text.replace(f'[{section}]\n',
+                                     f'[{section}]\n{typo}\n', 1))
+            proc = p._run(broken, ['check'], check=False)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn(f"unknown key '{typo.split()[0]}' in [{section}]",
+                          proc.stderr)
+            proc = p._run(fine, ['check'], check=False)
+            self.assertNotIn('unknown key', proc.stderr)
+            self.assertIn('looks ready' if fine == 'server.py' else
+                          'client c1', proc.stdout)
+        # An unknown section is an error for both.
+        with open(p.config, 'w') as f:
+            f.write(text + '\n[clinet]\nname = c1\n')
+        for script in ('client.py', 'server.py'):
+            proc = p._run(script, ['check'], check=False)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn('unknown section [clinet]', proc.stderr)
+
+
 class ExampleConfigurationTest(unittest.TestCase):
     """Item 1 and 7: the example's [mail] works as written, its admin is
     a local address, not a real-looking outside one."""
