@@ -28,6 +28,10 @@ from tests import support
 
 CLIENT = 'c1'
 NODE = 'n1'
+# The suite's parallel modules share the cores: commands at the default
+# nice 19 would wait behind every other module's sshd and PostgreSQL.
+# tests/test_install.py PoliteTest removes it to test the default.
+PRIORITY = 'priority = normal'
 COMMAND_VARIABLES = {'client.py': 'GITBACKUP_CLIENT_CMD',
                      'server.py': 'GITBACKUP_SERVER_CMD'}
 
@@ -85,6 +89,7 @@ class Pipeline:
                 log_dir = {c}/log
                 admin = client-admin@example.invalid
                 ssh_command = {self.sshd.ssh_command(self.client_key)}
+                {PRIORITY}
 
                 [nodes]
                 {NODE} = {self.sshd.url(self.repo)}
@@ -101,6 +106,7 @@ class Pipeline:
                 sftp_root = {c}/export
                 ssh_command = {self.sshd.ssh_command(self.node_key)}
                 free_space_floor = 0
+                {PRIORITY}
 
                 [client {CLIENT}]
                 sftp = {self.sshd.user}@127.0.0.1

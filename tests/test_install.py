@@ -33,7 +33,7 @@ import sendmail  # noqa: E402
 from modules import _schedule  # noqa: E402
 from tests.test_hostile import set_config  # noqa: E402
 from tests.modules_pipeline import ModulePipeline
-from tests.pipeline import CLIENT, NODE, Pipeline
+from tests.pipeline import CLIENT, NODE, PRIORITY, Pipeline
 
 UNITS = os.path.join(support.ROOT, 'packaging', 'systemd')
 SYSTEM_PYTHON = '/usr/bin/python3'
@@ -331,7 +331,7 @@ class ScheduleTest(unittest.TestCase):
         for doc in ('README.md', 'docs/modules.md', 'docs/operations.md'):
             with open(os.path.join(support.ROOT, doc)) as f:
                 lines += [line for line in f.read().splitlines()
-                          if re.match(r'\s*[0-9*]', line) and
+                          if re.match(r'\s*([0-9*/,-]+\s+){5}', line) and
                           'backup-all' in line]
         self.assertGreaterEqual(len(lines), 3)
         for line in lines:
@@ -409,6 +409,10 @@ class PoliteTest(unittest.TestCase):
     def setUp(self):
         support.require_tools('zstd', 'ionice')
         self.p = p = Pipeline(self)
+        with open(p.config) as f:       # the defaults, not the suite's
+            text = f.read()
+        with open(p.config, 'w') as f:
+            f.write(text.replace(PRIORITY + '\n', ''))
         wrappers = os.path.join(p.root, 'wrappers')
         os.makedirs(wrappers)
         self.log = os.path.join(p.root, 'children.log')
@@ -608,6 +612,23 @@ class SharedFileTest(unittest.TestCase):
             proc = p._run(script, ['check'], check=False)
             self.assertEqual(proc.returncode, 2, proc.stderr)
             self.assertIn('unknown section [clinet]', proc.stderr)
+
+
+class ConnectAdviceTest(unittest.TestCase):
+    """Item 7: when sshd refuses the node's key, `check --connect` names
+    where the key goes for the README's chrooted account too (its Match
+    block's AuthorizedKeysFile), not only ~user/.ssh/authorized_keys."""
+
+    def test_refused_node_key_names_both_places(self):
+        from tests.test_operators import remove_key
+        p = Pipeline(self)
+        remove_key(p.sshd, p.node_key)
+        proc = p.server('check', '--connect', check=False)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertRegex(proc.stdout, r'FAILED .*login refused; add the '
+                         r"node's public key .* the AuthorizedKeysFile of its "
+                         r"Match block .*/etc/ssh/gbnode/authorized_keys\), "
+                         r'else ~\S+/\.ssh/authorized_keys')
 
 
 class ExampleConfigurationTest(unittest.TestCase):
