@@ -178,6 +178,16 @@ def as_account(user, argv, env, **kwargs):
         capture_output=True, text=True, timeout=300, **kwargs)
 
 
+def tree(top):
+    """Every path below top with its owner and mode."""
+    found = []
+    for parent, dirs, files in os.walk(top):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(parent, name))
+            found.append((os.path.join(parent, name), st.st_uid, st.st_mode))
+    return sorted(found)
+
+
 def chown(user, *paths, mode=None):
     for path in paths:
         subprocess.run(['chown', '-R', f'{user.pw_uid}:{user.pw_gid}', path],
@@ -286,10 +296,20 @@ class WrongUserTest(unittest.TestCase):
         p = Pipeline(self, start=False)
         accounts = NodeAccounts(self, p)
         log_dir = os.path.join(p.node_dir, 'log')
-        before = sorted(os.listdir(log_dir))
-        proc = p.server('check')
-        self.assertIn('looks ready', proc.stdout)
-        self.assertEqual(sorted(os.listdir(log_dir)), before)
+        before = tree(p.node_dir)
+        for args in (('check',), ('check', '--connect'), ('report',),
+                     ('list',)):
+            proc = p.server(*args, check=False)
+            self.assertEqual(tree(p.node_dir), before, args)
+        self.assertIn('looks ready', p.server('check').stdout)
+        # The client's reading commands as root, its directories
+        # adminbackup's: nothing made either.
+        for d in ('requests', 'queues', 'export', 'log'):
+            chown(accounts.admin, os.path.join(p.client_dir, d))
+        before = tree(p.client_dir)
+        for args in (('check',), ('status',)):
+            p.client(*args, check=False)
+            self.assertEqual(tree(p.client_dir), before, args)
         # As an older version did: root's log file.
         log_file = os.path.join(log_dir, 'server.py.log')
         with open(log_file, 'w'):
