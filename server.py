@@ -1938,7 +1938,7 @@ class Node:
         # On a host that is a client too, its crontab shows backup-all.
         for warning in _schedule.backup_all_warnings(
                 self.config.get_duration('server', 'stale_after'),
-                '[server] stale_after'):
+                '[server] stale_after') + self.unit_mail_warnings():
             out.write(f'warning: {warning}\n')
         if connect:
             problems += self.check_connections(out)
@@ -1947,6 +1947,22 @@ class Node:
                       f'{len(self.config.client_sections())} configured, '
                       f'{len(self.clients())} with a repository or pool)\n')
         return problems
+
+    def unit_mail_warnings(self):
+        """[mail] method = sendmail while the node's timers (which run with
+        NoNewPrivileges=yes) are enabled: a sendmail that needs a set-id
+        helper (Postfix, Exim) cannot queue their mail."""
+        import sendmail  # here: as modules/_core.py does
+        mail = self.config.section('mail')
+        timers = _schedule.enabled_timers('gitbackup-server-*.timer')
+        program = mail.get('sendmail') or sendmail.DEFAULT_SENDMAIL
+        helper = sendmail.setid_helper(program)
+        if mail.get('method') != 'sendmail' or not timers or not helper:
+            return []
+        return [f'[mail] method = sendmail: {", ".join(timers)} run with '
+                f'NoNewPrivileges=yes, under which {program} cannot use the '
+                f'set-id {helper}; their mail would only queue: use method '
+                f'= smtp (the default)']
 
     def check_connections(self, out):
         """`check --connect`: for every configured client, each connection

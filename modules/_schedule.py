@@ -192,6 +192,12 @@ def timer_schedule(timer):
     return min(intervals), '%s: OnCalendar=%s' % (timer, calendars[-1])
 
 
+def enabled_timers(pattern):
+    """The names of the enabled systemd timers matching a glob pattern."""
+    return sorted(os.path.basename(path) for path in
+                  glob.glob(os.path.join(WANTS_DIR, pattern)))
+
+
 def schedules(words, timer):
     """Every schedule of a job this host shows: [(interval, where)]."""
     found = cron_schedules(words) + user_crontab_schedules(words)

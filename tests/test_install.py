@@ -142,6 +142,45 @@ class MailUnderUnitTest(unittest.TestCase):
                                                        'mail-queue')) else [],
                          [])
 
+    def test_check_warns_of_sendmail_under_the_node_timers(self):
+        support.require_tools('sendmail')
+        import server
+        from modules import _core
+        tmp = support.temp_dir(self)
+        wants = os.path.join(tmp, 'wants')
+        os.makedirs(wants)
+        self.addCleanup(setattr, _schedule, 'WANTS_DIR', _schedule.WANTS_DIR)
+        _schedule.WANTS_DIR = wants
+        for d in ('TODO', 'data', 'log', 'repositories'):
+            os.makedirs(os.path.join(tmp, d))
+        config = os.path.join(tmp, 'backup.ini')
+
+        def warnings(method):
+            with open(config, 'w') as f:
+                f.write(textwrap.dedent(f"""\
+                    [server]
+                    name = n1
+                    todo_dir = {tmp}/TODO
+                    data_dir = {tmp}/data
+                    log_dir = {tmp}/log
+                    repositories = {tmp}/repositories
+
+                    [mail]
+                    method = {method}
+                    """))
+            out = io.StringIO()
+            server.Node(_core.Config(config)).check(out)
+            return [line for line in out.getvalue().splitlines()
+                    if line.startswith('warning:')]
+        self.assertEqual(warnings('sendmail'), [])     # no timer enabled
+        os.symlink(os.path.join(UNITS, 'gitbackup-server-run.timer'),
+                   os.path.join(wants, 'gitbackup-server-run.timer'))
+        [warning] = warnings('sendmail')
+        self.assertIn('gitbackup-server-run.timer run with NoNewPrivileges'
+                      '=yes', warning)
+        self.assertIn('use method = smtp', warning)
+        self.assertEqual(warnings('smtp'), [])
+
     def test_sendmail_under_no_new_privs_fails_at_once_and_queues(self):
         """method = sendmail under a unit: a clear refusal that names the
         fix, not a 60 s hang with postdrop left retrying."""
