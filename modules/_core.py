@@ -536,11 +536,12 @@ def check_run_user(program, command, section, settings, keys,
         owner = user_name(st.st_uid)
         account = owner_of(settings[account_key or key]) or owner
         if account == me:
+            path, group = settings[key], grp.getgrgid(os.getegid()).gr_name
             raise ConfigError(
-                f'{program} {command}: [{section}] {key} = {settings[key]} '
-                f'belongs to {owner} and is not shared with {me} through its '
-                f'group: make it {me}\'s (chown {me} {settings[key]}) or '
-                f'shared (chgrp GROUP-OF-{me}; chmod 2775)')
+                f'{program} {command}: [{section}] {key} = {path} belongs to '
+                f'{owner} and is not shared with {me} through its group: '
+                f'make it {me}\'s (chown {me} {path}) or share it (chgrp '
+                f'{group} {path}; chmod 2775 {path})')
         raise ConfigError(
             f'{program} {command}: refusing to run as {me}: '
             f'[{section}] {key} = {settings[key]} belongs to {owner}, and '
