@@ -375,6 +375,16 @@ class WrongUserTest(unittest.TestCase):
                           'run', proc.stderr)
         # And the account named is let in.
         accounts.server(accounts.admin, 'run')
+        # The right account, to a shared directory that is not shared: the
+        # fix, not "run it as git".
+        todo = os.path.join(p.node_dir, 'TODO')
+        os.chmod(todo, 0o755)
+        proc = accounts.server(accounts.admin, 'run', check=False)
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertIn(f'{todo} belongs to {accounts.git.pw_name} and is not '
+                      f'shared with {admin} through its group', proc.stderr)
+        self.assertIn(f'chmod 2775 {todo}', proc.stderr)
+        self.assertNotIn('run it as', proc.stderr)
 
 
 class ScheduleTest(unittest.TestCase):
