@@ -52,7 +52,7 @@ deps:
 	    case " $$missing " in *" postfix "*) \
 	        echo '$(POSTFIX_PRESEED)' | debconf-set-selections;; esac; \
 	    if [ -n "$$missing" ]; then \
-	        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing </dev/null; \
+	        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing </dev/null; } || exit 1; \
 	    else echo "all Debian packages present"; fi; \
 	    if getent shadow root | cut -d: -f2 | grep -q '^!'; then \
 	        echo "root's password is locked ('!'): setting '*' (still no password), so that the tests' sshd (UsePAM no) lets root in by key"; \
