@@ -10,7 +10,16 @@ systemd units, the README's accounts and permissions, its schedule.
   client is ingested at once, and stored by the next run.
 - `check` as root leaves no file behind that the right account cannot
   write, and says so; a wrong-user refusal names the right account.
-- The documented schedule matches the defaults: daily backup-all.
+- The documented schedule matches the defaults: daily backup-all, and
+  `check` warns of a crontab line or timer that runs it less often.
+- Polite on busy hosts: tar, zstd and sftp seen running idle, zstd on 4
+  threads.
+- The smaller traps: lines printed twice, tabs as '?', force-pushes only
+  logged, `list` columns and stale VERIFY, a typo in the other side's
+  section, the advice for a refused key, the example configuration.
+
+Accounts are throw-away (useradd, removed at cleanup), so these tests run
+as root (CI); elsewhere they are skipped, saying so.
 """
 
 import configparser
