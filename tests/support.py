@@ -102,6 +102,8 @@ TOOL_PACKAGES = {
     'getfattr': 'attr',
     'setfattr': 'attr',
     'setpriv': 'util-linux',
+    'ionice': 'util-linux',
+    'mount': 'mount',
     'useradd': 'passwd',
     'userdel': 'passwd',
 }
