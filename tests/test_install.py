@@ -30,6 +30,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -62,11 +63,24 @@ def make_account(testcase, prefix, shell='/usr/sbin/nologin', home=None,
     if groups:
         argv += ['--groups', ','.join(groups)]
     subprocess.run(argv + [name], check=True)
+    entry = pwd.getpwnam(name)
     testcase.addCleanup(subprocess.run, ['groupdel', name],
                         stderr=subprocess.DEVNULL)
     testcase.addCleanup(subprocess.run, ['userdel', name],
                         stderr=subprocess.DEVNULL)
-    return pwd.getpwnam(name)
+    # userdel refuses an account with processes (a mail helper left
+    # retrying when a test fails): stop what the account still runs.
+    testcase.addCleanup(kill_processes_of, entry.pw_uid)
+    return entry
+
+
+def kill_processes_of(uid):
+    for pid in os.listdir('/proc'):
+        try:
+            if pid.isdigit() and os.stat(f'/proc/{pid}').st_uid == uid:
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def read_unit(name):
