@@ -774,6 +774,11 @@ class Chain:
         """The stored snapshot the increment builds on directly, or None."""
         return self.links[-2] if len(self.links) > 1 else None
 
+    @property
+    def size(self):
+        """The restorable size: bytes of every link a restore reads."""
+        return sum(link.size for link in self.links)
+
 
 def snapshot_chains(backups):
     """{snapshot path: Chain} of every good snapshot of one source: the one
@@ -2672,19 +2677,6 @@ def offsite_lag(node, client, now):
             'last_copy': max((e.get('time') for e in copied), default=None)}
 
 
-def add_offsite_lag(node, client_report, now):
-    """report: the offsite lag of one client; a warning once the oldest
-    snapshot not yet offsite is older than stale_after."""
-    lag = offsite_lag(node, client_report['client'], now)
-    client_report['offsite'] = lag
-    if lag and lag['lag_seconds'] > client_report['stale_after_seconds']:
-        client_report['problems'].append(
-            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
-            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
-        client_report['status'] = STATUS_NAMES[max(
-            WARNING, STATUS_NAMES.index(client_report['status']))]
-
-
 def offsite_cli(node, fetch):
     """`server.py offsite [--fetch CLIENT SOURCE SNAPSHOT DIR]`."""
     if fetch:
@@ -3447,7 +3439,8 @@ PROM_HELP = {
         'Seconds since the newest good backup of a source, when the report '
         'was made (alert on time() - ..._timestamp_seconds instead).',
     'gitbackup_backup_size_bytes':
-        'Size of the newest good backup of a source.',
+        'Restorable size of the newest good backup of each series of a '
+        'source (an increment with its chain down to the full).',
     'gitbackup_stored_bytes':
         'Bytes kept for a source (all its stored backups).',
     'gitbackup_backups':
@@ -3500,11 +3493,13 @@ def add_stored_rows(node, client, now, rows):
         if not good:
             continue
         r = report_row(rows, client, source)
+        chains = snapshot_chains(good)
         r['count'] = len(good)
         r['stored_bytes'] = sum(b.size for b in good)
-        r['size_bytes'] = sum(b.size for b in newest_of_series(good))
+        # Restorable: an increment counts with its chain down to the full.
+        r['size_bytes'] = sum(chains[b.path].size
+                              for b in newest_of_series(good))
         r['last_success'], r['clock'] = arrival_last_success(good, now)
-        chains = snapshot_chains(good)
         for backup in newest_of_series(good):
             if not chains[backup.path].whole:
                 r['broken_chain'] = \
@@ -3595,8 +3590,9 @@ def row_level(r, drill, now, stale):
 
 
 def source_report(node, client, now):
-    """The report rows of one client: a dict per source, plus the client's
-    own problems and status."""
+    """The report of one client: a row per source, the client's own facts
+    (pending and failed requests, why fetches wait, its offsite lag), and
+    the statuses report_status decides from them."""
     stale, expected = client_limits(node, client)
     rows = {}
     add_stored_rows(node, client, now, rows)
@@ -3604,35 +3600,73 @@ def source_report(node, client, now):
     add_mirror_rows(node, client, journal, rows)
     pool = pool_requests(node, client)
     add_pool_counts(client, pool, journal, rows)
-    client_problems = []
-    client_status = OK
     for token in expected:
         matches = [s for s in rows if s == token or
                    (token == 'git' and s.startswith('git/'))]
         for s in matches or [token]:
             report_row(rows, client, s)['expected'] = True
-    drills = last_drills(node, client, now)
-    misconfigured = report_misconfigured(node, client)
-    if misconfigured:
-        client_problems.append(misconfigured)
-        client_status = CRITICAL
-    for r in rows.values():
-        level = row_level(r, drills.get(r['source']), now, stale)
-        if misconfigured:
-            # Nothing more arrives until a human acts, however fresh the
-            # last backup: every series of the client shows it.
-            level = CRITICAL
-        r['status'] = STATUS_NAMES[level]
-        client_status = max(client_status, level)
-    if not rows and not expected:
-        client_problems.append('nothing stored for this client yet')
-        client_status = max(client_status, WARNING)
-    return {'client': client, 'status': STATUS_NAMES[client_status],
-            'stale_after_seconds': stale, 'expect': expected,
-            'pending': pool['pending_total'], 'failed': pool['failed_total'],
-            'problems': client_problems, 'misconfigured': bool(misconfigured),
-            'sources': [rows[s] for s in sorted(rows)],
-            'history': report_history(node, client, now)}
+    waiting = report_waiting(node, client)
+    report = {'client': client, 'status': 'ok', 'stale_after_seconds': stale,
+              'expect': expected, 'pending': pool['pending_total'],
+              'failed': pool['failed_total'], 'problems': [],
+              'misconfigured': any(w['kind'] is Misconfigured
+                                   for w in waiting),
+              'sources': [rows[s] for s in sorted(rows)],
+              'history': report_history(node, client, now),
+              'offsite': offsite_lag(node, client, now)}
+    report_status(report, last_drills(node, client, now), waiting, now,
+                  node.config.get_duration('server', 'alert_after'))
+    return report
+
+
+def waiting_level(waiting, now, alert_after):
+    """The level of one reason fetches from a client wait, from the moment
+    the admins are mailed about it: an outage (unreachable) once it has
+    lasted alert_after, a full disk at once (warnings: nothing is lost,
+    requests wait); a misconfiguration or a refused login at once and
+    critical (only a human ends it).  Before alert_after an outage is the
+    blip the mail policy holds back, so no monitor rings for it either."""
+    kind = waiting['kind']
+    if issubclass(kind, Misconfigured):
+        return CRITICAL
+    after = alert_after if kind.alert_after else 0
+    return WARNING if (now - waiting['since']).total_seconds() >= after \
+        else OK
+
+
+def report_status(c, drills, waiting, now, alert_after):
+    """The one status rule of the report: it sets the status and problems
+    of every row and of the client c; text, JSON, Nagios, Prometheus and
+    HTML render them and decide nothing.  A row: row_level (age against
+    stale_after, expected sources, clock notes, broken chain, last drill,
+    latest failure).  The client: why its fetches wait (waiting_level),
+    its offsite copy behind by more than stale_after (warning), nothing
+    stored yet (warning).  A client's level holds for each of its rows
+    (nothing more arrives, or goes offsite, for any of them until it
+    ends), but its problem is recorded once, on the client."""
+    level = OK
+    for w in waiting:
+        found = waiting_level(w, now, alert_after)
+        if found > OK:
+            c['problems'].append(report_waiting_text(w))
+            level = max(level, found)
+    lag = c.get('offsite')
+    if lag and lag['lag_seconds'] > c['stale_after_seconds']:
+        c['problems'].append(
+            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
+            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
+        level = max(level, WARNING)
+    client_level = level
+    for r in c['sources']:
+        row = max(row_level(r, drills.get(r['source']), now,
+                            c['stale_after_seconds']), client_level)
+        r['status'] = STATUS_NAMES[row]
+        level = max(level, row)
+    if not c['sources'] and not c['expect']:
+        c['problems'].append('nothing stored for this client yet')
+        level = max(level, WARNING)
+    c['status'] = STATUS_NAMES[level]
+    return c
 
 
 def report_transfer_seconds(entry):
@@ -3680,16 +3714,6 @@ def report_waiting_text(waiting):
         f'{waiting["error"]}'
 
 
-def report_misconfigured(node, client):
-    """The problem text when fetches from this client wait for a human
-    (the node's configuration for it, or ssh refusing the node's login:
-    a Misconfigured Health record), else ''."""
-    for w in report_waiting(node, client):
-        if w['kind'] is Misconfigured:
-            return report_waiting_text(w)
-    return ''
-
-
 HISTORY_DAYS = 90
 # Bounds what one series adds to the report (and the JSON report).
 HISTORY_POINTS = 500
@@ -3725,10 +3749,12 @@ def add_stored_history(sources, start, node, client, journal):
               if e.get('outcome') == 'stored' and
               isinstance(e.get('request'), str)}
     for source, backups in stored_backups(node, client).items():
+        chains = snapshot_chains(backups)
         for b in backups:
             if b.good and b.time:
+                # The restorable size, so that an increment is no "drop".
                 add_history_snapshot(
-                    sources, start, source, b.time, b.size,
+                    sources, start, source, b.time, chains[b.path].size,
                     report_transfer_seconds(
                         stored.get(b.manifest.get('request'))))
     mirrors = client_mirrors(node, client)
@@ -3786,8 +3812,6 @@ def build_report(node, now=None):
     now = now or core.utcnow()
     clients = [source_report(node, client, now)
                for client in known_clients(node)]
-    for c in clients:
-        add_offsite_lag(node, c, now)
     worst = max([STATUS_NAMES.index(c['status']) for c in clients] or [OK])
     return {'node': node.name, 'generated': core.isotime(now),
             'status': STATUS_NAMES[worst], 'clients': clients}
@@ -4215,23 +4239,15 @@ def svg_series(history, now, stale, days=HISTORY_DAYS, width=SVG_WIDTH,
 
 def report_html_rows(report, now):
     """(level, client, source, cells, svg, caption, problems) per series,
-    worst first.  A client whose fetches wait (unreachable, no space,
-    misconfigured) is at least a warning here, however fresh its last
-    backup."""
+    worst first, each at the status the report decided.  A client's own
+    problems (it cannot be reached, its offsite copy is behind) are on its
+    first row only, not repeated on each of its series."""
     rows = []
     for c in report['clients']:
         history = c.get('history') or {}
-        waiting = []
-        for w in history.get('waiting') or []:
-            since = report_html_time(w.get('since'))
-            waiting.append(f'{w.get("what")} since '
-                           f'{core.isotime(since) if since else "?"}: '
-                           f'{w.get("error") or ""}')
         stale = c.get('stale_after_seconds') or 86400
         for r in c['sources'] or [None]:
             level = STATUS_NAMES.index(r['status'] if r else c['status'])
-            if waiting:
-                level = max(level, WARNING)
             source = r['source'] if r else '-'
             svg, facts = svg_series(
                 (history.get('sources') or {}).get(source), now, stale,
@@ -4245,8 +4261,6 @@ def report_html_rows(report, now):
                      str(r['count']) if r else '0',
                      str(r['failed'] if r else c['failed']),
                      str(r['pending'] if r else c['pending'])]
-            problems = waiting + (r['problems'] if r else []) + [
-                p for p in c['problems'] if p not in waiting]
             caption = [f'max {core.human_size(facts["largest"])}'
                        if facts['largest'] else '',
                        f'xfer ≤ {human_age(facts["slowest"])}'
@@ -4256,10 +4270,14 @@ def report_html_rows(report, now):
                        else '',
                        f'{facts["gaps"]} gap(s)' if facts['gaps'] else '',
                        offsite_caption(c.get('offsite'))]
-            rows.append((level, c['client'], source, cells, svg,
-                         ' · '.join(p for p in caption if p), problems))
+            rows.append([level, c['client'], source, cells, svg,
+                         ' · '.join(p for p in caption if p),
+                         list(r['problems']) if r else []])
     rows.sort(key=lambda row: (-row[0], row[1], row[2]))
-    return rows
+    problems = {c['client']: c['problems'] for c in report['clients']}
+    for row in rows:
+        row[6] = problems.pop(row[1], []) + row[6]
+    return [tuple(row) for row in rows]
 
 
 def offsite_caption(lag):
@@ -4294,7 +4312,7 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left;
   white-space: nowrap; vertical-align: middle; }
 th { background: #eee; position: sticky; top: 0; z-index: 1; }
 td.problems { white-space: normal; min-width: 12em; max-width: 26em;
-  font-size: 12px; overflow-wrap: anywhere; }
+  font-size: 12px; overflow-wrap: break-word; }
 td.history { padding: 2px 0.5em; line-height: 1; }
 td.history svg { display: block; }
 .caption { font-size: 10px; color: #555; }
@@ -4317,7 +4335,8 @@ def report_html_table_row(row):
     tds += ''.join(f'<td>{e(cell)}</td>' for cell in cells[3:])
     tds += (f'<td class="history">{svg}<span class="caption">'
             f'{e(caption)}</span></td>')
-    tds += f'<td class="problems">{e("; ".join(problems))}</td>'
+    tds += '<td class="problems">' + ''.join(
+        f'<div>{e(p)}</div>' for p in problems) + '</td>'
     return (f'<tr class="{STATUS_NAMES[level]}" data-client="{e(client)}" '
             f'data-source="{e(source)}">{tds}</tr>')
 
