@@ -1,14 +1,37 @@
 #!/usr/bin/env python3
-"""gitbackup node: take in backup requests, pull the data, keep it.
+"""gitbackup node: take in backup requests, pull the data, keep it, give it back.
 
-Each client pushes its backup requests to its own repository on the node
-(``<client>.git``, guarded by gitosis, gitolite or ``server.py gate``).
-That repository's ``post-update`` hook runs ``server.py ingest <client>``,
-which turns every newly pushed commit into request files in the client's
-pool.  Every five minutes cron runs ``server.py run``: each request is
-validated and handled by a node module that *pulls* the data itself (sftp
-download of a prepared file, git fetch of an exported repository), with the
-node's own key, from the host and port the node's configuration names.
+The life of a request, as this file tells it (each step is a chapter
+below, in this order; search for its banner, e.g. "# 3. Run"):
+
+ 0. Names, states and the node's clock -- what every chapter speaks of.
+ 1. Ingest   A client pushes commits to its own ``<client>.git`` (guarded
+             by gitosis, gitolite or ``server.py gate``).  The repository's
+             ``post-update`` hook runs ``ingest <client>``: every commit not
+             seen yet becomes ``RQ*`` request files in the client's pool.
+ 2. Store    What the node holds: how a pulled file becomes a snapshot
+             directory with its manifest, the read model (snapshots, their
+             chains, mirrors, the node's clients) and every journal reader.
+ 3. Run      Every five minutes cron runs ``run``: each request is validated
+             and handled by a node module that *pulls* the data itself
+             (sftp download of a prepared file, git fetch of an exported
+             repository), with the node's own key, from the host and port
+             this node's configuration names.  Results go back to the
+             client on its ``results`` branch.
+ 4. Keep     ``retry``, ``gc``, ``prune`` (retention per series) and
+             ``verify`` (re-hash and read back what is stored).
+ 5. Copy away  ``offsite``: snapshots and mirrors copied to an rclone remote.
+ 6. Give back  ``list``, ``restore`` and ``drill`` (restore into scratch and
+             prove it against what the client recorded).
+ 7. Tell     ``report``: one report, rendered as text, JSON, Nagios,
+             Prometheus or an HTML page.
+ 8. Access   ``gate``, ``provision``, ``add-client``: who may push where.
+ 9. Check    ``check [--connect]``: configuration and every connection.
+10. Command line: the parser in the same order, ``main()``.
+
+The store comes before the run that fills it, and the offsite copy before
+the chapters that restore from it and report on it, so that no chapter uses
+a name defined in a later one; only the command line calls into all.
 
 Guarantees:
 
@@ -25,10 +48,14 @@ Guarantees:
   ``max_attempts`` times.  ``run`` handles ``P*`` left by a crash first.
 * A backup counts as stored only when its directory, with a manifest of
   sha256 and size, has been renamed into place; partial downloads never do.
+* What a client made stays hostile data when it comes back: restore, drill,
+  verify, report and offsite read archives, listings, statistics and dumps
+  as carefully as ingest reads a push (see SECURITY.md).
 * A second concurrent ``run`` exits 0 at once (cron-safe).
 
-Shares configuration, ``run()``, locks and logging with client.py, which
-must be installed beside this script (with sendmail.py and modules/).
+Needs, beside this script: modules/ (the shared core and the node modules)
+and sendmail.py (mail to the admins).  client.py is never imported: the two
+scripts share only modules/_core.py.
 """
 
 import argparse
