@@ -887,19 +887,10 @@ def walk_dirs(top):
     return found
 
 
-def mirror_last_change(repo):
-    """When a git mirror last changed, as source_report counts it (for a
-    mirror without a journaled fetch, made by hand), or None."""
-    stamps = [os.stat(os.path.join(repo, name)).st_mtime
-              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
-              if os.path.exists(os.path.join(repo, name))]
-    if stamps:
-        return datetime.datetime.fromtimestamp(max(stamps), UTC)
-    return None
-
-
 def mirror_time(repo):
-    """A mirror's last change on the node's clock (its last fetch)."""
+    """When a git mirror last changed, on the node's clock (its last fetch:
+    FETCH_HEAD, packed-refs or refs), or None.  What report and list use
+    for a mirror without a journaled fetch (one made by hand)."""
     stamps = [os.stat(os.path.join(repo, name)).st_mtime
               for name in ('FETCH_HEAD', 'packed-refs', 'refs')
               if os.path.exists(os.path.join(repo, name))]
@@ -908,8 +899,11 @@ def mirror_time(repo):
 
 
 def known_clients(node):
-    """Clients with a pool, a repository, stored data or a [client NAME]."""
-    names = set(node.clients())
+    """The node's clients: those that push to it (a pool or a repository),
+    those with stored data, and every [client NAME] of its configuration
+    (one that never arrived is news).  Every command but `run` works on
+    these."""
+    names = set(node.pushing_clients())
     try:
         entries = os.listdir(node.settings['data_dir'])
     except FileNotFoundError:
@@ -1033,28 +1027,27 @@ def journal_tail(path, end, size=4096):
     return hashlib.sha256(data).hexdigest()
 
 
-# Where `drill` is expected to journal its outcomes, one JSON object per
-# line like results.jsonl: source, finished (node time), ok / outcome /
-# status.  Read only if present.
+# Where `drill` journals its outcomes, one JSON object per line like
+# results.jsonl: source, snapshot, run (its start), finished (node time),
+# ok (true only when the proof passed), detail.
 DRILL_JOURNAL = 'drills.jsonl'
 
 
-def read_drills(node, client):
-    """Drill outcomes of one client: [{'source', 'time', 'ok'}] (bad
-    lines skipped; nothing when no drill has run)."""
+def drill_journal(node, client):
+    """Drill outcomes of one client, oldest first: [{'source', 'snapshot',
+    'run', 'time', 'ok', 'detail'}]; lines without a source or a readable
+    time are skipped.  The one reader of drills.jsonl."""
     drills = []
     for entry in Journal(os.path.join(node.settings['data_dir'], client,
                                       DRILL_JOURNAL)).read()[0]:
-        if not isinstance(entry, dict) or \
-                not isinstance(entry.get('source'), str):
+        when = parse_node_time(entry.get('finished'))
+        if not when or not isinstance(entry.get('source'), str):
             continue
-        when = parse_node_time(entry.get('finished') or entry.get('time'))
-        if not when:
-            continue
-        ok = entry.get('ok') is True or \
-            entry.get('outcome') in ('ok', 'passed', 'restored') or \
-            entry.get('status') == 'ok'
-        drills.append({'source': entry['source'], 'time': when, 'ok': ok})
+        drills.append({
+            'source': entry['source'], 'snapshot': entry.get('snapshot'),
+            'run': str(entry.get('run') or entry['finished']), 'time': when,
+            'ok': entry.get('ok') is True,
+            'detail': clean_text(entry.get('detail') or '', 500)})
     return drills
 
 
@@ -1125,13 +1118,10 @@ def last_outcomes(node, client):
     if isinstance(state, dict) and state.get('finished'):
         problems = [str(p) for p in state.get('problems') or []]
         verify = {'time': state['finished'], 'problems': problems}
-    drills = {}
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        key = (entry.get('source'), entry.get('snapshot'))
-        drills[key] = {'outcome': 'ok' if entry.get('ok') is True
-                       else 'failed', 'time': entry.get('finished'),
-                       'detail': clean_text(entry.get('detail') or '', 500)}
+    drills = {(d['source'], d['snapshot']): {
+        'outcome': 'ok' if d['ok'] else 'failed',
+        'time': core.isotime(d['time']), 'detail': d['detail']}
+        for d in drill_journal(node, client)}
     return verify, drills
 
 
@@ -1556,8 +1546,10 @@ class Node:
                 'git': (section.get('git') or f'git://{client}').rstrip('/'),
                 'quota': quota, 'bwlimit': bwlimit, 'max_refs': max_refs}
 
-    def clients(self):
-        """Clients with a pool or a repository on this node."""
+    def pushing_clients(self):
+        """The clients that push to this node: a pool or a repository here.
+        `run` handles these; the node's clients (every one it reports on,
+        verifies, drills and prunes) are known_clients()."""
         names = set()
         for directory, suffix in ((self.settings['todo_dir'], ''),
                                   (self.settings['repositories'], '.git')):
@@ -1598,7 +1590,7 @@ class Node:
         main thread, once every worker is done."""
         errors = []
         core.flush_mail_queue(self.config, 'server')
-        clients = self.clients()
+        clients = self.pushing_clients()
         jobs = max(1, self.config.get_int('server', 'jobs'))
         with concurrent.futures.ThreadPoolExecutor(jobs) as workers:
             outcomes = list(workers.map(self.run_worker, clients))
@@ -1816,7 +1808,7 @@ class Node:
         self.pool(client).move(key, PROCESSING, NEW)
         if error.stops_pool:
             self.unreachable.add(client)
-        # Recorded as its Health kind (AccessDenied is a Misconfigured).
+        # Recorded as its Health kind (core.AccessDenied is a Misconfigured).
         kind = next(k for k in (Unreachable, NoSpace, Misconfigured)
                     if isinstance(error, k))
         self.health_seen.setdefault(client, (set(), set()))[1].add(kind)
@@ -1908,7 +1900,7 @@ class Node:
         if not problems:
             out.write(f'looks ready ({len(known_clients(self))} client(s): '
                       f'{len(self.config.client_sections())} configured, '
-                      f'{len(self.clients())} with a repository or pool)\n')
+                      f'{len(self.pushing_clients())} with a repository or pool)\n')
         return problems
 
     def check_connections(self, out):
@@ -1946,7 +1938,7 @@ class Node:
         directory under objects/ and refs/ must be writable, e.g. through
         the git account's group (docs/access-control.md)."""
         problems = []
-        for client in self.clients():
+        for client in self.pushing_clients():
             repo = self.repository(client)
             if not os.path.isdir(repo):
                 continue
@@ -3413,23 +3405,19 @@ def last_drills(node, client, now):
     """{source: last drill} for report: the newest drill run that covered
     the source; failed if any of its series failed there."""
     runs = {}
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        when = parse_node_time(entry.get('finished'))
-        if not when or not isinstance(entry.get('source'), str):
-            continue
-        run = str(entry.get('run') or entry.get('finished'))
-        last = runs.get(entry['source'])
-        if last is None or run > last['run']:
-            last = runs[entry['source']] = {'run': run, 'ok': True,
-                                            'time': when, 'problems': []}
-        if run == last['run']:
-            last['time'] = max(last['time'], when)
-            if entry.get('ok') is not True:
+    for drill in drill_journal(node, client):
+        last = runs.get(drill['source'])
+        if last is None or drill['run'] > last['run']:
+            last = runs[drill['source']] = {'run': drill['run'], 'ok': True,
+                                            'time': drill['time'],
+                                            'problems': []}
+        if drill['run'] == last['run']:
+            last['time'] = max(last['time'], drill['time'])
+            if not drill['ok']:
                 last['ok'] = False
-                words = [clean_text(entry[k], 500) for k in ('snapshot',
+                words = [clean_text(drill[k], 500) for k in ('snapshot',
                                                               'detail')
-                         if entry.get(k)]
+                         if drill[k]]
                 if words:
                     last['problems'].append(': '.join(words))
     for last in runs.values():
@@ -3550,11 +3538,7 @@ def add_mirror_rows(node, client, journal, rows):
         if not times:
             # Before the first journal entry (or a mirror made by hand):
             # the mirror's own last change, on the node's clock.
-            stamps = [os.stat(os.path.join(repo, name)).st_mtime
-                      for name in ('FETCH_HEAD', 'packed-refs', 'refs')
-                      if os.path.exists(os.path.join(repo, name))]
-            if stamps:
-                times = [datetime.datetime.fromtimestamp(max(stamps), UTC)]
+            times = [mirror_time(repo)] if mirror_time(repo) else []
         r['count'] = len(fetched.get(source, [])) or (1 if times else 0)
         r['last_success'] = max(times) if times else None
         r['size_bytes'] = r['stored_bytes'] = core.tree_size(repo)
@@ -3793,7 +3777,7 @@ def add_stored_history(sources, start, node, client, journal):
                                  report_transfer_seconds(entry))
     for source, repo in mirrors.items():
         if source not in sources:
-            when = mirror_last_change(repo)
+            when = mirror_time(repo)
             if when:
                 add_history_snapshot(sources, start, source, when, None,
                                      None)
@@ -3822,7 +3806,7 @@ def report_history(node, client, now, days=HISTORY_DAYS):
     sources = {}
     add_stored_history(sources, start, node, client, journal)
     add_failure_history(sources, start, node, client, journal)
-    for drill in read_drills(node, client):
+    for drill in drill_journal(node, client):
         if drill['time'] >= start and drill['source'] in sources:
             sources[drill['source']]['drills'].append(
                 {'time': drill['time'], 'ok': drill['ok']})
@@ -4505,9 +4489,10 @@ def report_command(node, fmt='text', mail=False, output=None,
 #   SSH_ORIGINAL_COMMAND against an allowlist and a strict pattern and
 #   returns what to exec; main() creates the repository and execs.
 
-class AccessDenied(GitBackupError):
-    """An ssh command the gate does not allow (told to the client on
-    stderr, logged, exit 1)."""
+class GateRefused(GitBackupError):
+    """An ssh command the gate does not allow a client's key (told to the
+    client on stderr, logged, exit 1).  Not core.AccessDenied, which is
+    the other direction: ssh refusing the node's own login to a client."""
 
 
 # Verbs as git's ssh transport sends them (old and new spelling), as in
@@ -4535,35 +4520,35 @@ def gate_command(node, client, original_command):
 
     Allowed: git-upload-pack / git-receive-pack (or ``git upload-pack``
     ...) of ``'<client>.git'`` (leading slashes and the ``.git`` suffix
-    optional, as gitosis allows).  Anything else raises AccessDenied.
+    optional, as gitosis allows).  Anything else raises GateRefused.
     Creates nothing: main() does that.
     """
     check_client_name(client)
     if original_command is None:
-        raise AccessDenied(f'no command: the key of {client} may only push '
+        raise GateRefused(f'no command: the key of {client} may only push '
                            f'to or fetch from {client}.git (no shell)')
     shown = clean_text(original_command, 200)
     if '\n' in original_command or '\r' in original_command or \
             '\0' in original_command:
-        raise AccessDenied(f'refused command {shown!r}: contains a newline')
+        raise GateRefused(f'refused command {shown!r}: contains a newline')
     words = original_command.split(None, 1)
     if words and words[0] == 'git':
         rest = original_command.split(None, 2)
         if len(rest) == 3:
             words = [f'{rest[0]} {rest[1]}', rest[2]]
     if len(words) != 2 or words[0] not in GATE_VERBS:
-        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
+        raise GateRefused(f'refused command {shown!r}: the key of {client} '
                            f'may only run git-upload-pack or '
                            f'git-receive-pack of {client}.git')
     match = GATE_PATH_RE.match(words[1].strip())
     if not match:
-        raise AccessDenied(f'refused command {shown!r}: unsafe repository '
+        raise GateRefused(f'refused command {shown!r}: unsafe repository '
                            'argument')
     name = match.group('name')
     if name.endswith('.git'):
         name = name[:-len('.git')]
     if name != client:
-        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
+        raise GateRefused(f'refused command {shown!r}: the key of {client} '
                            f'may only use {client}.git')
     return ['git', GATE_VERBS[words[0]], node.repository(client)]
 
