@@ -1047,7 +1047,10 @@ def pool_requests(node, client):
 
 def client_limits(node, client):
     """stale_after (seconds) and expected sources of a client."""
-    section = node.config.section(f'client {client}')
+    # A [client NAME] with a mistake counts with the [server] defaults
+    # (report shows it misconfigured).
+    section = {} if client in node.config.client_problems else \
+        node.config.section(f'client {client}')
     value = section.get('stale_after') or node.settings['stale_after']
     try:
         stale = core.parse_duration(value)
@@ -1587,6 +1590,8 @@ class Node:
     def client_settings(self, client):
         """Where this node fetches a client's data: the node's own
         configuration, never anything a request says."""
+        if client in self.config.client_problems:
+            raise ConfigError(self.config.client_problems[client])
         section = self.config.section(f'client {client}')
         server = self.settings
         sftp = section.get('sftp') or f'{server["sftp_user"]}@{client}'
@@ -2138,6 +2143,11 @@ def prune_command(node, dry_run=False, out=sys.stdout):
     keep_requests = node.config.get_duration('server', 'keep_requests')
     removed = kept = 0
     for client in known_clients(node):
+        if client in node.config.client_problems:
+            # Its retention cannot be read: nothing of it is removed.
+            errors.append(f'[client {client}] not pruned: '
+                          f'{node.config.client_problems[client]}')
+            continue
         retain = retention(node, client)
         for source, backups in stored_backups(node, client).items():
             directory = os.path.join(node.settings['data_dir'], client,
@@ -3488,6 +3498,10 @@ def source_report(node, client, now):
         for s in matches or [token]:
             report_row(rows, client, s)['expected'] = True
     waiting = report_waiting(node, client)
+    if client in node.config.client_problems:
+        waiting.append({'what': 'misconfigured', 'since': None,
+                        'kind': Misconfigured,
+                        'error': node.config.client_problems[client]})
     report = {'client': client, 'status': 'ok', 'stale_after_seconds': stale,
               'expect': expected, 'pending': pool['pending_total'],
               'failed': pool['failed_total'], 'problems': [],
@@ -3592,6 +3606,8 @@ def report_waiting(node, client):
 
 def report_waiting_text(waiting):
     """One line per entry of report_waiting(), as every format shows it."""
+    if not waiting['since']:       # the configuration file says so now
+        return f'{waiting["what"]}: {waiting["error"]}'
     return f'{waiting["what"]} since {core.isotime(waiting["since"])}: ' \
         f'{waiting["error"]}'
 
