@@ -1331,7 +1331,8 @@ class NodeContext(ModuleContext):
 
     def next_sequence(self):
         """The next arrival number of this client's snapshots: the order
-        they arrived in, whatever the clock said (SPEC 7).  Kept in
+        they arrived in, whatever the clock said (docs/operations.md,
+        "The node's clock").  Kept in
         data_dir/<client>/.sequence; if that is lost, the manifests say
         how far it got.  A crash after counting leaves a gap, never a
         repeat."""
@@ -1412,7 +1413,7 @@ class NodeContext(ModuleContext):
     def new_snapshot(self, incoming, base, manifest):
         """Write the manifest and rename the staging directory into
         files/<source>/<node time>: the one step that makes it stored.
-        A new snapshot gets the next arrival number (SPEC 7)."""
+        A new snapshot gets the next arrival number (next_sequence)."""
         manifest = {**manifest, 'seq': self.next_sequence()}
         core.write_json(os.path.join(incoming, 'manifest.json'), manifest)
         core.pause_point('run:manifest')
@@ -1551,6 +1552,14 @@ class ClientResults:
 
 
 class Node:
+    """The node as `run` sees it: its configuration ([server], each
+    client's settings as this node configures them, its modules and what
+    they say about stored files), where each client's pool and repository
+    are, and the run pipeline (per client: catch up on ingest, handle the
+    pool's requests through their modules, record each outcome and the
+    client's health, publish the results).  The read side is chapter 2's
+    functions, the checks chapter 9's."""
+
     def __init__(self, config):
         self.config = config
         self.settings = config.require('server')
@@ -1913,124 +1922,6 @@ class Node:
 
     # -- check ----------------------------------------------------------------
 
-    def check(self, out=sys.stdout, connect=False):
-        out.write(f'{self.config.path}: node {self.name}\n')
-        problems = []
-        try:
-            core.check_git_version()
-        except GitBackupError as e:
-            problems.append(str(e))
-        for tool in ('sftp', 'ssh'):
-            if not shutil.which(tool):
-                problems.append(f'{tool}: not installed or not in PATH')
-        problems += core.directory_problems('server', self.settings, (
-            'todo_dir', 'data_dir', 'log_dir', 'repositories'))
-        for key in ('alert_after', 'stale_after', 'command_timeout',
-                    'keep_requests'):
-            self.config.get_duration('server', key)
-        for key in ('quota', 'free_space_floor'):
-            self.config.get_size('server', key)
-        for key in ('max_attempts', 'max_request_size',
-                    'max_requests_per_push', 'keep_daily', 'keep_weekly',
-                    'keep_monthly'):
-            self.config.get_int('server', key)
-        for client in self.config.client_sections():
-            try:
-                check_client_name(client)
-                settings = self.client_settings(client)
-            except GitBackupError as e:
-                problems.append(f'[client {client}]: {e}')
-                continue
-            if not settings['sftp_root']:
-                problems.append(f'[client {client}]: no sftp_root (here or '
-                                'in [server]): sftp requests would fail')
-            scheme = settings['git'].split('://', 1)[0]
-            allowed = self.settings['git_protocols'].split()
-            if '://' not in settings['git'] or scheme not in allowed or \
-                    scheme in ('file', 'ext'):
-                problems.append(f'[client {client}] git = {settings["git"]}: '
-                                f'want a URL whose scheme is one of '
-                                f'[server] git_protocols ({", ".join(allowed)})')
-        problems += self.check_clock()
-        problems += self.unwritable_repositories()
-        for name in ('sftp', 'git'):
-            try:
-                core.load_module(self.config.modules_dir('server'), name)
-            except core.ModuleError as e:
-                problems.append(str(e))
-        for p in problems:
-            out.write(f'problem: {p}\n')
-        if connect:
-            problems += self.check_connections(out)
-        if not problems:
-            out.write(f'looks ready ({len(known_clients(self))} client(s): '
-                      f'{len(self.config.client_sections())} configured, '
-                      f'{len(self.pushing_clients())} with a repository or pool)\n')
-        return problems
-
-    def check_connections(self, out):
-        """`check --connect`: for every configured client, each connection
-        `run` makes (sftp login into sftp_root; its git server when
-        [client NAME] git is set), one line each, OK or FAILED with the
-        fix.  Returns the failures."""
-        problems = []
-        modules_dir = self.config.modules_dir('server')
-        for client in sorted(self.config.client_sections()):
-            try:
-                check_client_name(client)
-                ctx = NodeContext(self, client, None, False)
-            except GitBackupError as e:
-                problems += core.connection_line(out, client, str(e))
-                continue
-            names = ['sftp'] + (['git'] if self.config.section(
-                f'client {client}').get('git') else [])
-            for name in names:
-                try:
-                    module = core.load_module(modules_dir, name)
-                except core.ModuleError as e:
-                    problems += core.connection_line(out, client, str(e))
-                    continue
-                if module.has('check_connection'):
-                    for what, problem in \
-                            module.python.check_connection(ctx):
-                        problems += core.connection_line(out, what, problem)
-        return problems
-
-
-    def unwritable_repositories(self):
-        """Client repositories this user cannot write: `run` writes each
-        client's results into its repository (objects and a ref), so every
-        directory under objects/ and refs/ must be writable, e.g. through
-        the git account's group (docs/access-control.md)."""
-        problems = []
-        for client in self.pushing_clients():
-            repo = self.repository(client)
-            if not os.path.isdir(repo):
-                continue
-            for where in [repo] + [d for top in ('objects', 'refs') for d in
-                                   walk_dirs(os.path.join(repo, top))]:
-                if not os.access(where, os.W_OK | os.X_OK):
-                    problems.append(
-                        f'{repo}: {where} is not writable by '
-                        f'{core.user_name(os.geteuid())}: the results of '
-                        f'client {client} cannot be recorded (share the '
-                        'repository through the git account\'s group: see '
-                        'docs/access-control.md)')
-                    break
-        return problems
-
-    def check_clock(self):
-        """Stored times ahead of the node's clock: it was (or is) wrong."""
-        problems = []
-        now = core.utcnow()
-        for client in known_clients(self):
-            for source, backups in stored_backups(self, client).items():
-                good = [b for b in backups if b.good and b.time]
-                problems += [f'{client}/{source}: {note}' for note in
-                             arrival_last_success(good, now)[1]
-                             if 'future' in note]
-        return problems
-
 
 # ==========================================================================
 # 4. Keep: retry, gc, prune, verify
@@ -2051,8 +1942,9 @@ def mail_client_admins(node, client, subject, body):
 
 def retry_command(node, client, key=None, all_failed=False, out=sys.stdout):
     """Put given-up requests (X*) of a client back as RQ* with a fresh
-    attempt count (SPEC 4); the next run handles them and reports the new
-    outcome to the client.  Returns how many."""
+    attempt count (docs/operations.md, "Given-up requests"); the next run
+    handles them and reports the new outcome to the client.  Returns how
+    many."""
     check_client_name(client)
     if bool(key) == bool(all_failed):
         raise UsageError('give a request key or --all-failed')
@@ -4594,6 +4486,140 @@ def add_client(node, client, key_file, authorized_keys=None):
 
 
 # ==========================================================================
+# 9. Check: is this node ready?
+#
+# `check [--connect]`: what an admin runs after installing or changing the
+# configuration.  It only reads: the configuration, the tools, the
+# directories, every [client NAME], stored times against the clock, the
+# client repositories' permissions, and with --connect every connection
+# `run` would make.
+
+
+def check_node(node, out=sys.stdout, connect=False):
+    """server.py check: the configuration, tools, directories, every
+    [client NAME], the clock and the repositories; with connect, every
+    connection `run` makes.  Returns the problems (each printed)."""
+    out.write(f'{node.config.path}: node {node.name}\n')
+    problems = []
+    try:
+        core.check_git_version()
+    except GitBackupError as e:
+        problems.append(str(e))
+    for tool in ('sftp', 'ssh'):
+        if not shutil.which(tool):
+            problems.append(f'{tool}: not installed or not in PATH')
+    problems += core.directory_problems('server', node.settings, (
+        'todo_dir', 'data_dir', 'log_dir', 'repositories'))
+    for key in ('alert_after', 'stale_after', 'command_timeout',
+                'keep_requests'):
+        node.config.get_duration('server', key)
+    for key in ('quota', 'free_space_floor'):
+        node.config.get_size('server', key)
+    for key in ('max_attempts', 'max_request_size',
+                'max_requests_per_push', 'keep_daily', 'keep_weekly',
+                'keep_monthly'):
+        node.config.get_int('server', key)
+    for client in node.config.client_sections():
+        try:
+            check_client_name(client)
+            settings = node.client_settings(client)
+        except GitBackupError as e:
+            problems.append(f'[client {client}]: {e}')
+            continue
+        if not settings['sftp_root']:
+            problems.append(f'[client {client}]: no sftp_root (here or '
+                            'in [server]): sftp requests would fail')
+        scheme = settings['git'].split('://', 1)[0]
+        allowed = node.settings['git_protocols'].split()
+        if '://' not in settings['git'] or scheme not in allowed or \
+                scheme in ('file', 'ext'):
+            problems.append(f'[client {client}] git = {settings["git"]}: '
+                            f'want a URL whose scheme is one of '
+                            f'[server] git_protocols ({", ".join(allowed)})')
+    problems += check_clock(node)
+    problems += unwritable_repositories(node)
+    for name in ('sftp', 'git'):
+        try:
+            core.load_module(node.config.modules_dir('server'), name)
+        except core.ModuleError as e:
+            problems.append(str(e))
+    for p in problems:
+        out.write(f'problem: {p}\n')
+    if connect:
+        problems += check_connections(node, out)
+    if not problems:
+        out.write(f'looks ready ({len(known_clients(node))} client(s): '
+                  f'{len(node.config.client_sections())} configured, '
+                  f'{len(node.pushing_clients())} with a repository or pool)\n')
+    return problems
+
+
+def check_connections(node, out):
+    """`check --connect`: for every configured client, each connection
+    `run` makes (sftp login into sftp_root; its git server when
+    [client NAME] git is set), one line each, OK or FAILED with the
+    fix.  Returns the failures."""
+    problems = []
+    modules_dir = node.config.modules_dir('server')
+    for client in sorted(node.config.client_sections()):
+        try:
+            check_client_name(client)
+            ctx = NodeContext(node, client, None, False)
+        except GitBackupError as e:
+            problems += core.connection_line(out, client, str(e))
+            continue
+        names = ['sftp'] + (['git'] if node.config.section(
+            f'client {client}').get('git') else [])
+        for name in names:
+            try:
+                module = core.load_module(modules_dir, name)
+            except core.ModuleError as e:
+                problems += core.connection_line(out, client, str(e))
+                continue
+            if module.has('check_connection'):
+                for what, problem in \
+                        module.python.check_connection(ctx):
+                    problems += core.connection_line(out, what, problem)
+    return problems
+
+
+def unwritable_repositories(node):
+    """Client repositories this user cannot write: `run` writes each
+    client's results into its repository (objects and a ref), so every
+    directory under objects/ and refs/ must be writable, e.g. through
+    the git account's group (docs/access-control.md)."""
+    problems = []
+    for client in node.pushing_clients():
+        repo = node.repository(client)
+        if not os.path.isdir(repo):
+            continue
+        for where in [repo] + [d for top in ('objects', 'refs') for d in
+                               walk_dirs(os.path.join(repo, top))]:
+            if not os.access(where, os.W_OK | os.X_OK):
+                problems.append(
+                    f'{repo}: {where} is not writable by '
+                    f'{core.user_name(os.geteuid())}: the results of '
+                    f'client {client} cannot be recorded (share the '
+                    'repository through the git account\'s group: see '
+                    'docs/access-control.md)')
+                break
+    return problems
+
+
+def check_clock(node):
+    """Stored times ahead of the node's clock: it was (or is) wrong."""
+    problems = []
+    now = core.utcnow()
+    for client in known_clients(node):
+        for source, backups in stored_backups(node, client).items():
+            good = [b for b in backups if b.good and b.time]
+            problems += [f'{client}/{source}: {note}' for note in
+                         arrival_last_success(good, now)[1]
+                         if 'future' in note]
+    return problems
+
+
+# ==========================================================================
 # 10. Command line
 #
 # The parser lists the commands in the order of the chapters above; main()
@@ -4718,11 +4744,11 @@ def operations_parsers(command):
     report_parser(command)
     p = command('prune', 'apply retention to stored backups and old '
                 'request files (cron, daily)',
-                'Per source, on node time: keep the newest backup of each of '
+                'Per series, on node time: keep the newest backup of each of '
                 'the last keep_daily\ndays, keep_weekly ISO weeks and '
                 'keep_monthly months ([client NAME], else\n[server]); never '
-                'the newest good backup; remove the rest.  Git mirrors are\n'
-                'never pruned; directories without a readable manifest are '
+                'the newest good backup, nor a link a kept increment needs;\n'
+                'remove the rest.  Git mirrors are never pruned; directories without a readable manifest are '
                 'left for verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
@@ -4733,8 +4759,10 @@ def operations_parsers(command):
                 'check (cron, weekly)',
                 'Re-hash every stored file against its manifest (sha256 and '
                 'size); git fsck every\nmirror and client repository; read '
-                'the newest backup of each source back\n(tar --list of '
-                'archives, pg_restore --list of .dump files).  Problems are\n'
+                'the newest backup of each series back\nthrough the module '
+                'that stored it (tar --list of archives, pg_restore --list\n'
+                'of .dump files; a file no module claims: "hashes only"); '
+                'every broken\nincremental chain.  Problems are '
                 'printed and mailed.  Exit status like report: 0 ok, 1 '
                 'warning (a check could\nnot run), 2 critical (corruption).')
     p.add_argument('--client', help='only this client')
@@ -4915,7 +4943,7 @@ def run_cron(node):
 
 COMMANDS = {
     'ingest': lambda n, a: n.ingest(a.client, a.repository) and 0,
-    'check': lambda n, a: 1 if n.check(connect=a.connect) else 0,
+    'check': lambda n, a: 1 if check_node(n, connect=a.connect) else 0,
     # -- access control
     'provision': lambda n, a: 1 if provision(n, a.gitosis_conf) else 0,
     'add-client': lambda n, a: add_client(
