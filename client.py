@@ -821,8 +821,9 @@ class Client:
         and its sudo prefix).  One line each; returns the failures."""
         problems = []
         for link in self.links():
-            problems += connection_line(out, f'node {link.node}: push to '
-                                        f'{link.url}', link.connection.push_problem())
+            problems += connection_line(
+                out, f'node {link.node}: push to {link.url}',
+                link.connection.push_problem())
         for request_module, name in sorted(self.modules.items()):
             try:
                 module = load_module(self.config.modules_dir('client'), name)
@@ -1162,7 +1163,8 @@ class QueueLedger:
         remotes = git(self.repo, 'remote').stdout.split()
         git(self.repo, 'remote', 'set-url' if 'origin' in remotes else 'add',
             'origin', self.url)
-        git(self.repo, 'config', 'user.name', f'gitbackup {self.link.client.name}')
+        git(self.repo, 'config', 'user.name',
+            f'gitbackup {self.link.client.name}')
         git(self.repo, 'config', 'user.email',
             f'gitbackup@{self.link.client.name}')
         self.link.pool.create()
@@ -1199,7 +1201,8 @@ class QueueLedger:
         when the node has none yet; (None, why) when it cannot be asked."""
         proc = git(self.repo, 'fetch', '--quiet', '--no-tags', '--', self.url,
                    '+refs/heads/master:refs/remotes/origin/master',
-                   env=self.link.connection.git_ssh_env(), check=False, timeout=self.timeout)
+                   env=self.link.connection.git_ssh_env(), check=False,
+                   timeout=self.timeout)
         if proc.returncode != 0:
             if "couldn't find remote ref" in proc.stderr:
                 return '', ''
@@ -1455,7 +1458,8 @@ class NodeConnection:
             errors.append(self.failed(f'push to {self.node} failed',
                                            str(e), health))
             return None
-        git(self.link.ledger.repo, 'update-ref', 'refs/remotes/origin/master', local)
+        git(self.link.ledger.repo, 'update-ref',
+            'refs/remotes/origin/master', local)
         log.info('pushed %s to %s', local[:12], self.node)
         pause_point('send:pushed')
         health.ok()

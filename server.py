@@ -1085,8 +1085,8 @@ DRILL_JOURNAL = 'drills.jsonl'
 
 def drill_journal(node, client):
     """Drill outcomes of one client, oldest first: [{'source', 'snapshot',
-    'run', 'time', 'ok', 'proof', 'detail'}]; lines without a source or a readable
-    time are skipped.  The one reader of drills.jsonl."""
+    'run', 'time', 'ok', 'proof', 'detail'}]; lines without a source or
+    a readable time are skipped.  The one reader of drills.jsonl."""
     drills = []
     for entry in Journal(os.path.join(node.settings['data_dir'], client,
                                       DRILL_JOURNAL)).read()[0]:
@@ -3985,10 +3985,10 @@ def svg_series_summary(label, days, stale, facts, sized, drills):
 
 def svg_series(history, now, stale, days=HISTORY_DAYS, width=SVG_WIDTH,
                height=SVG_HEIGHT, label=''):
-    """A sparkline of one series as inline SVG: stored size per snapshot
-    (blue line; a drop below SIZE_DROP of the snapshot before ringed
-    red), transfer time (grey bars from the bottom), failed requests (red
-    lines), drill outcomes (diamonds at the top: green ok, red failed;
+    """A sparkline of one series as inline SVG: restorable size per
+    snapshot (blue line; a drop below SIZE_DROP of the snapshot before
+    ringed red), transfer time (grey bars from the bottom), failed
+    requests (red lines), drill outcomes (diamonds at the top: green ok, red failed;
     none drawn when there are none) and gaps longer than stale_after
     (amber bands).  `history` is one entry of report_history()'s
     'sources'; times may be datetimes or ISO text."""
@@ -4151,7 +4151,7 @@ def report_html_summary(report, rows):
                             in reversed(list(enumerate(STATUS_NAMES))))
     legend = ''.join(
         f'<i style="background:{color}"></i>{e(text)}' for color, text in (
-            ('#2563eb', 'stored size'), ('#7c8797', 'transfer time'),
+            ('#2563eb', 'restorable size'), ('#7c8797', 'transfer time'),
             ('#dc2626', 'failed request / size drop'),
             ('rgba(245,158,11,0.5)', 'gap > stale_after'),
             ('#16a34a', 'drill ok (red: failed)')))
@@ -4550,7 +4550,8 @@ def check_node(node, out=sys.stdout, connect=False):
     if not problems:
         out.write(f'looks ready ({len(known_clients(node))} client(s): '
                   f'{len(node.config.client_sections())} configured, '
-                  f'{len(node.pushing_clients())} with a repository or pool)\n')
+                  f'{len(node.pushing_clients())} with a repository or '
+                  'pool)\n')
     return problems
 
 
@@ -4748,8 +4749,9 @@ def operations_parsers(command):
                 'the last keep_daily\ndays, keep_weekly ISO weeks and '
                 'keep_monthly months ([client NAME], else\n[server]); never '
                 'the newest good backup, nor a link a kept increment needs;\n'
-                'remove the rest.  Git mirrors are never pruned; directories without a readable manifest are '
-                'left for verify.\nF* and X* request files (with .reason and '
+                'remove the rest.  Git mirrors are never pruned; '
+                'directories without a\nreadable manifest are left for '
+                'verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
                 'git/**/.<name>.git.incoming).  Every removal is printed.')
@@ -4763,8 +4765,8 @@ def operations_parsers(command):
                 'that stored it (tar --list of archives, pg_restore --list\n'
                 'of .dump files; a file no module claims: "hashes only"); '
                 'every broken\nincremental chain.  Problems are '
-                'printed and mailed.  Exit status like report: 0 ok, 1 '
-                'warning (a check could\nnot run), 2 critical (corruption).')
+                'printed and mailed.  Exit status like report:\n0 ok, 1 '
+                'warning (a check could not run), 2 critical (corruption).')
     p.add_argument('--client', help='only this client')
     p.add_argument('--no-restore-check', dest='restore',
                    action='store_false',
