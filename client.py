@@ -805,13 +805,13 @@ class Client:
         for node in self.nodes:
             if not NAME_RE.match(node):
                 problems.append(f'[nodes] {node}: not a valid node name')
-            elif not NodeLink(self, node).has_queue():
+            elif not NodeLink(self, node).ledger.has_queue():
                 problems.append(f'node {node}: no queue repository yet (run: '
                                 f'client.py init-node {node})')
             else:
                 problems += [f'node {node}: {why} (run: client.py init-node '
                              f'{node} --repair)' for why in
-                             NodeLink(self, node).queue_problems()]
+                             NodeLink(self, node).ledger.queue_problems()]
         return problems
 
     def check_connections(self, out):
