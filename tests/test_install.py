@@ -192,7 +192,7 @@ class MailUnderUnitTest(unittest.TestCase):
                     method = {method}
                     """))
             out = io.StringIO()
-            server.Node(_core.Config(config)).check(out)
+            server.check_node(server.Node(_core.Config(config)), out)
             return [line for line in out.getvalue().splitlines()
                     if line.startswith('warning:')]
         self.assertEqual(warnings('sendmail'), [])     # no timer enabled
