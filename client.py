@@ -55,8 +55,8 @@ import sys
 import tempfile
 import time
 
-if sys.version_info < (3, 9):
-    sys.exit('client.py: Python 3.9 or later is required')
+if sys.version_info < (3, 6):
+    sys.exit('client.py: Python 3.6 or later is required')
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules._core import (  # noqa: E402  (shared core, installed beside us)
@@ -70,8 +70,8 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
     new_request_id, older_than, pause_point, problem, read_json,
     ref_from_files, remove_listed,
-    run, setup_logging, sha256_file, ssh_timeout_options, timestamp,
-    write_json, fsync_dir)
+    run, setup_logging, sha256_file, shell_line, ssh_timeout_options,
+    timestamp, write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -285,7 +285,7 @@ class PrepareContext(ModuleContext):
         tmp = path + '.part'
         self.hashed.pop(path, None)
         with open(tmp, 'wb') as out, tempfile.TemporaryFile() as err:
-            log.debug('running: %s > %s', shlex.join(args), tmp)
+            log.debug('running: %s > %s', shell_line(args), tmp)
             try:
                 proc = subprocess.Popen(args, stdout=subprocess.PIPE,
                                         stderr=err, env=env,
@@ -301,7 +301,7 @@ class PrepareContext(ModuleContext):
                     timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
-                raise ModuleError(f'{shlex.join(args)}: still running after '
+                raise ModuleError(f'{shell_line(args)}: still running after '
                                   f'{self.timeout} s ([client] '
                                   'command_timeout); killed') from None
             except BaseException:
@@ -1175,7 +1175,7 @@ class NodeLink:
             # One ssh connection (one handshake) for the push and the
             # results fetch of a send; closed at its end (close_ssh).
             # GIT_SSH_COMMAND goes through sh, hence the quoting.
-            ssh += ' ' + shlex.join([
+            ssh += ' ' + shell_line([
                 '-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
                 '-o', 'ControlPersist=60'])
         return {**os.environ, 'GIT_SSH_COMMAND': ssh,

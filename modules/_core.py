@@ -216,7 +216,8 @@ class CommandFailed(GitBackupError):
         self.returncode = returncode
         self.stderr = stderr or ''
         where = f' (in {cwd})' if cwd else ''
-        lines = [f'{shlex.join(self.args_list)}{where} exited with {returncode}']
+        lines = [f'{shell_line(self.args_list)}{where} exited with '
+                 f'{returncode}']
         lines += ['    ' + line for line in self.stderr.strip().splitlines()[-20:]]
         super().__init__('\n'.join(lines))
 
@@ -340,6 +341,13 @@ def mail_summary(config, section, subject, problems, admins=None):
 # --------------------------------------------------------------------------
 # Helpers
 
+def shell_line(words):
+    """Words as one shell command line, each quoted as needed: for logs,
+    messages and the few commands a shell or git reads as a line.  (What
+    shlex.join does from Python 3.8; the client runs on 3.6.)"""
+    return ' '.join(shlex.quote(word) for word in words)
+
+
 def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
         stdout=subprocess.PIPE, text=True):
     """Run a program (argument list, never a shell) and return the result.
@@ -350,7 +358,7 @@ def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
     everything it started (ssh under git or sftp), never leaving a
     connection behind.
     """
-    log.debug('running: %s', shlex.join(args))
+    log.debug('running: %s', shell_line(args))
     kwargs = {'encoding': 'utf-8', 'errors': 'surrogateescape'} if text else {}
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout,
@@ -1464,6 +1472,7 @@ class ModuleContext:
     ssh_problem = staticmethod(lambda *a: ssh_problem(*a))
     make_dirs = staticmethod(lambda *a: make_dirs(*a))
     git_program = staticmethod(lambda: git_program())
+    shell_line = staticmethod(lambda words: shell_line(words))
 
     def ssh_timeout_options(self):
         return ssh_timeout_options(self.config, self.side)
@@ -1520,7 +1529,7 @@ class SharedSSH:
         self.path = os.path.join(self.directory, 'master')
         args = [*self.ssh_words, '-M', '-N', '-o', 'ControlPersist=no',
                 '-o', f'ControlPath={self.path}', '--', self.target]
-        log.debug('running: %s', shlex.join(args))
+        log.debug('running: %s', shell_line(args))
         # stderr to a file: nobody reads a pipe while the master runs.
         with tempfile.TemporaryFile(dir=self.directory) as err:
             try:
