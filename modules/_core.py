@@ -2,8 +2,10 @@
 
 Not a backup module: its name starts with an underscore, and module names
 start with a letter, so ``[modules]`` can never load it.  Both scripts import
-it as ``modules._core``; neither script imports the other.  Importing it
-does nothing but define names.
+it as ``modules._core``; neither script imports the other.  It imports
+sendmail.py (mail delivery), which imports nothing of ours, so there is no
+circle.  Importing it does nothing but define names.  It runs on Python
+3.6+ (client.py's minimum): see ``shell_line``.
 
 What lives here, once:
 
@@ -52,9 +54,11 @@ import zlib
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if HERE not in sys.path:     # sendmail.py lives there
     sys.path.insert(0, HERE)
+# Mail to the admins.  sendmail.py imports nothing of gitbackup's: the
+# import goes one way only.
+import sendmail  # noqa: E402
 
 VERSION = '0.1'
-MIN_PYTHON = (3, 9)
 MIN_GIT = (2, 20)      # update-ref, for-each-ref as used here, -c flags
 
 log = logging.getLogger('gitbackup')
@@ -1165,7 +1169,6 @@ class Config:
     strings with the schema's defaults filled in."""
 
     def __init__(self, path):
-        import sendmail  # here: sendmail.py imports this module
         self.path = os.path.abspath(path)
         self.parser = parser = self._read(path)
         lines = _line_numbers(path)
@@ -1252,7 +1255,6 @@ class Config:
 
     def _check_admins(self, path, lines, section):
         """The admin addresses must be ones sendmail accepts."""
-        import sendmail  # here: sendmail.py imports this module
         admins = self.parser[section].get('admin', '').split()
         try:
             if admins:
@@ -1360,7 +1362,6 @@ def mail_admins(config, section, subject, body, admins=None):
     names the log_dir whose queue keeps undelivered mail).  A failed
     delivery is queued by sendmail.py and logged, never raised: mail must
     not stop a backup."""
-    import sendmail  # here: sendmail.py imports this module
     admins = config.admins(section) if admins is None else admins
     if not admins:
         log.info('no admin configured in [%s]; not mailing: %s', section,
@@ -1378,7 +1379,6 @@ def mail_admins(config, section, subject, body, admins=None):
 
 
 def flush_mail_queue(config, section):
-    import sendmail  # here: sendmail.py imports this module
     try:
         sent, left = sendmail.flush_queue(config.section('mail'),
                                           config.section(section)['log_dir'])
