@@ -152,8 +152,9 @@ def problems_in(path):
             if name:
                 first_use[name] = min(node.lineno,
                                       first_use.get(name, node.lineno))
+    guarded = guarded_names(tree, names)
     for name, line in sorted(first_use.items()):
-        if name in guarded_names(tree, names):
+        if name in guarded:
             continue
         try:
             resolve(name)

@@ -217,9 +217,12 @@ def require_python(version):
     found with `pyenv prefix`; skip (or under CI=true fail) without it.
     The image carries 3.6 to 3.13 under pyenv for the compatibility tests
     (tests/test_compat.py)."""
+    pyenv = shutil.which('pyenv') or os.path.join(
+        os.environ.get('PYENV_ROOT') or os.path.expanduser('~/.pyenv'),
+        'bin', 'pyenv')
     try:
         prefix = subprocess.run(
-            ['pyenv', 'prefix', version], stdout=subprocess.PIPE,
+            [pyenv, 'prefix', version], stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, universal_newlines=True,
             timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -57,6 +57,19 @@ class SourceTest(unittest.TestCase):
         proc = run([python, '-c', COMPILE] + CLIENT_SIDE + NODE_SIDE)
         self.assertEqual((proc.returncode, proc.stderr), (0, ''))
 
+    def test_every_module_imports_on_the_oldest(self):
+        """Importing runs a module's top level (decorators, annotations,
+        constants): client.py, sendmail.py and every file in modules/."""
+        python = support.require_python(OLDEST_CLIENT)
+        names = ['client', 'sendmail'] + [
+            'modules.' + os.path.basename(path)[:-3]
+            for path in CLIENT_SIDE if path.startswith('modules')]
+        proc = run([python, '-B', '-c', 'import importlib, sys\n'
+                    'for name in sys.argv[1:]: importlib.import_module(name)',
+                    *names])
+        self.assertEqual((proc.returncode, proc.stdout + proc.stderr),
+                         (0, ''))
+
     def test_client_side_uses_only_what_its_oldest_has(self):
         python = support.require_python(OLDEST_CLIENT)
         proc = run([python, 'tests/stdlib_names.py'] + CLIENT_SIDE)
