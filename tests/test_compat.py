@@ -30,6 +30,11 @@ from tests.modules_pipeline import ModulePipeline, PostgresMixin
 from tests.pipeline import CLIENT, tree_commands
 from tests.test_restore import tree_state
 
+if support.ROOT not in sys.path:
+    sys.path.insert(0, support.ROOT)
+import sendmail  # noqa: E402
+from modules import _core as core  # noqa: E402
+
 OLDEST_CLIENT = '3.6'    # client.py, sendmail.py, modules/
 OLDEST_NODE = '3.8'      # server.py
 CLIENT_SIDE = ['client.py', 'sendmail.py'] + sorted(
@@ -148,6 +153,17 @@ class ImportDirectionTest(unittest.TestCase):
         self.assertIn('sendmail', imported_modules('modules/_core.py'))
         self.assertFalse(imported_modules('modules/_core.py') &
                          {'client', 'server'})
+
+    def test_sendmail_finds_the_config_as_the_scripts_do(self):
+        """sendmail.py keeps its own copy of the lookup order (it imports
+        nothing of ours): it must stay the core's."""
+        for path, environ in ((None, {}), ('/a.ini', {}),
+                              (None, {'GITBACKUP_CONFIG': '/b.ini'}),
+                              ('/a.ini', {'GITBACKUP_CONFIG': '/b.ini'})):
+            self.assertEqual(
+                sendmail.find_config(path, environ),
+                (core.find_config(path, sendmail.__file__, environ),
+                 bool(path or environ)))
 
     def test_a_missing_sendmail_is_one_clear_line(self):
         install = support.temp_dir(self)
