@@ -205,8 +205,9 @@ class ImportDirectionTest(unittest.TestCase):
 
 
 class OldestRoundTripTest(PostgresMixin, unittest.TestCase):
-    """client.py on 3.6 backs up, server.py on 3.8 stores and restores,
-    the client hears the results: the whole path of a request."""
+    """client.py on 3.6 backs up (a directory, a database, a repository
+    through its hook and one whose hook never ran), server.py on 3.8
+    stores and restores, the client hears the results."""
 
     @classmethod
     def create_data(cls, cluster):
@@ -239,13 +240,19 @@ class OldestRoundTripTest(PostgresMixin, unittest.TestCase):
         work = p.work_clone(bare)
         head = p.commit_file(work, 'README', 'hello\n')
         p.git('push', '--quiet', 'origin', 'master', cwd=work)
+        # A repository whose hook never ran: send catches it up.
+        unhooked = p.client_repository('unhooked.git', hook=False)
+        other_work = p.work_clone(unhooked, 'other')
+        other = p.commit_file(other_work, 'x', 'y\n')
+        p.git('push', '--quiet', 'origin', 'master', cwd=other_work)
         self.assertEqual(p.states(), {'C': 3})
         p.client('send')
+        self.assertEqual(p.states(), {'F': 4})
         self.assertIn('looks ready', p.client('check', '--connect').stdout)
         p.server('run')
-        self.assertEqual(p.states('node'), {'F': 3})
+        self.assertEqual(p.states('node'), {'F': 4})
         p.client('send')                                # hears the results
-        self.assertIn('node stored 3, node failed 0, not yet confirmed 0',
+        self.assertIn('node stored 4, node failed 0, not yet confirmed 0',
                       p.client('status').stdout)
         # Back from the node: the tree, the mirror, the dump's rows.
         restored = os.path.join(p.root, 'restored')
@@ -253,6 +260,8 @@ class OldestRoundTripTest(PostgresMixin, unittest.TestCase):
         self.assertEqual(tree_state(restored), tree_state(src))
         self.assertEqual(p.refs(p.mirror('proj.git'))['refs/heads/master'],
                          head)
+        self.assertEqual(
+            p.refs(p.mirror('unhooked.git'))['refs/heads/master'], other)
         dump = p.stored_files('postgresdb')['shop.dump']
         self.cluster.psql('CREATE DATABASE shop_restored')
         self.pg('pg_restore', '--exit-on-error', '--dbname', 'shop_restored',
