@@ -270,6 +270,10 @@ class OldestRoundTripTest(PostgresMixin, unittest.TestCase):
             'SELECT name FROM items ORDER BY id', db='shop_restored'),
             'apple\npear')
         self.assertIn('OK', p.server('report').stdout)
+        # Mail from the client on 3.6 (core -> sendmail.py): gc's log.
+        p.client('gc')
+        self.assertIn('git gc on', p.mails()[-1]['Subject'])
+        self.assertEqual(p.mails()[-1]['To'], 'client-admin@example.invalid')
 
 
 if __name__ == '__main__':
