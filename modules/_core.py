@@ -24,6 +24,7 @@ What lives here, once:
 """
 
 import argparse
+import base64
 import configparser
 import contextlib
 import datetime
@@ -696,6 +697,33 @@ def clean_text(text, limit=300):
     text = ' | '.join(line for line in str(text).splitlines() if line)
     text = ''.join(c if c.isprintable() else '?' for c in text)
     return text if len(text) <= limit else text[:limit] + '...'
+
+
+# A request stored with warnings (what a module could not back up, the
+# rest being stored) carries them to the node as warned=<base64url of the
+# lines>: at most this many lines of this many characters, so that the
+# request stays far below max_request_size.
+WARNINGS_SENT, WARNING_CHARS = 10, 300
+WARNED_RE = r'[A-Za-z0-9_-]{1,2200}={0,2}'
+
+
+def encode_warnings(lines):
+    """The warned= value of a request for these warning lines."""
+    text = '\n'.join(clean_text(line, WARNING_CHARS)
+                     for line in lines[:WARNINGS_SENT])
+    return base64.urlsafe_b64encode(
+        text.encode('utf-8', 'replace')).decode('ascii')
+
+
+def decode_warnings(value):
+    """The warning lines of a request's warned= (text from another host:
+    bounded and cleaned of control characters)."""
+    try:
+        raw = base64.urlsafe_b64decode(value.encode('ascii'))
+    except (ValueError, UnicodeError):
+        return ['(unreadable warned= value)']
+    lines = raw.decode('utf-8', 'replace').split('\n')[:WARNINGS_SENT]
+    return [clean_text(line, WARNING_CHARS) for line in lines if line]
 
 
 def pause_point(name):
