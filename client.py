@@ -67,7 +67,7 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     atomic_write, Config, ConfigError, GitBackupError, Health, Journal, Ledger,
     ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
     check_git_version, check_run_user, git_init_sha1, clean_text,
-    encode_warnings,
+    encode_warnings, warning_text,
     common_options, connection_line, directory_problems, ssh_problem,
     exclusive, find_config, flush_mail_queue, gc_repositories, git, guarded,
     isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
@@ -341,7 +341,7 @@ class PrepareContext(ModuleContext):
         log.warning('request %s: %s stored with %d warning(s):',
                     self.request_id, what, len(problems))
         for line in problems[:WARNINGS_LOGGED]:
-            log.warning('  %s', clean_text(line, 1000))
+            log.warning('  %s', warning_text(line, 1000))
         if len(problems) > WARNINGS_LOGGED:
             log.warning('  ... and %d more', len(problems) - WARNINGS_LOGGED)
 
@@ -580,10 +580,6 @@ def clock_step(directory, entries, now):
     (the clock went back since), a chain full stamped in the future, or
     a base whose tar dump time lies in the future."""
     for request_id, entry in entries:
-        made = entry.get('made_at')
-        if isinstance(made, (int, float)) and made > now:
-            return 'the clock moved back since %s was made (%s)' % (
-                request_id, entry.get('made'))
         full = entry.get('full_time')
         if isinstance(full, (int, float)) and full > now:
             return "the chain's full of %s is stamped in the future (%s)" % (
@@ -592,6 +588,10 @@ def clock_step(directory, entries, now):
         if dumped is not None and dumped > now:
             return 'the tar dump time of %s lies in the future (%s)' % (
                 request_id, isotime(utc_from_epoch(dumped)))
+        made = entry.get('made_at')
+        if isinstance(made, (int, float)) and made > now:
+            return 'the clock moved back since %s was made (%s)' % (
+                request_id, entry.get('made'))
     return ''
 
 

@@ -132,6 +132,9 @@ SCHEMA = {
         # reads them back with pg_restore --list.
         'drill_postgres': '',
         'keep_requests': '90d',
+        # How long prune waits for a drill, verify, restore or offsite
+        # reading a client's snapshots before it skips that client.
+        'prune_wait': '1m',
         'quota': '0',
         'bwlimit': '0',
         'free_space_floor': '1G',
@@ -183,7 +186,7 @@ FREE_SECTIONS = ('nodes', 'modules', 'sources')
 # error naming its line, like a typo in a key).
 DURATION_KEYS = {'export_keep', 'alert_after', 'confirm_after', 'full_every',
                  'command_timeout', 'keep_requests', 'stale_after',
-                 'connect_timeout', 'stall_timeout'}
+                 'connect_timeout', 'stall_timeout', 'prune_wait'}
 SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
 INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
             'max_requests_per_push', 'sftp_port', 'keep_daily',
@@ -707,10 +710,19 @@ WARNINGS_SENT, WARNING_CHARS = 10, 300
 WARNED_RE = r'[A-Za-z0-9_-]{1,2200}={0,2}'
 
 
+def warning_text(line, limit=WARNING_CHARS):
+    """One warning line cleaned, and cut in the middle when too long: a
+    path too long keeps its start and what tar said of it."""
+    line = clean_text(line, len(line))
+    if len(line) <= limit:
+        return line
+    half = (limit - 5) // 2
+    return line[:half] + ' ... ' + line[-half:]
+
+
 def encode_warnings(lines):
     """The warned= value of a request for these warning lines."""
-    text = '\n'.join(clean_text(line, WARNING_CHARS)
-                     for line in lines[:WARNINGS_SENT])
+    text = '\n'.join(warning_text(line) for line in lines[:WARNINGS_SENT])
     return base64.urlsafe_b64encode(
         text.encode('utf-8', 'replace')).decode('ascii')
 
@@ -723,7 +735,7 @@ def decode_warnings(value):
     except (ValueError, UnicodeError):
         return ['(unreadable warned= value)']
     lines = raw.decode('utf-8', 'replace').split('\n')[:WARNINGS_SENT]
-    return [clean_text(line, WARNING_CHARS) for line in lines if line]
+    return [warning_text(line) for line in lines if line]
 
 
 def pause_point(name):
@@ -740,18 +752,22 @@ def pause_point(name):
 
 class Lock:
     """An flock(2) lock file.  The kernel drops it when its holder dies, so a
-    lock can never go stale; the file holds the pid for the humans."""
+    lock can never go stale; the file holds the pid for the humans.
+    ``acquire(shared=True)`` takes it shared: any number of readers at
+    once, none while an exclusive holder has it (and the pid in the file
+    stays the last exclusive holder's)."""
 
     def __init__(self, path):
         self.path = path
         self.fd = None
 
-    def acquire(self, wait=0.0):
+    def acquire(self, wait=0.0, shared=False):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
         deadline = time.monotonic() + wait
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -761,8 +777,9 @@ class Lock:
                     os.close(fd)
                     return False
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'{os.getpid()}\n'.encode())
         self.fd = fd
         return True
 

@@ -13,6 +13,11 @@ With ``full_every`` (default 7d) the archives are a chain: a full one
 (``level=0``), then GNU tar ``--listed-incremental`` increments, each on
 the last archive the node confirmed storing (``level=<n> base=<request
 id>``); see ArchiveChain in client.py.
+
+A file tar cannot read, a path too long or a file that vanishes does not
+fail the backup: the rest is archived, and the lines tar wrote about them
+go to the node with the request (``ctx.warn``: stored with warnings).
+Only a fatal tar status (the archive itself not written) fails it.
 """
 
 import os
