@@ -1618,7 +1618,8 @@ class Node:
                 f'{len(warned)} request(s) of {client} stored with warnings',
                 '\n\n'.join(warned) + '\n\nThe rest of each backup is '
                 'stored; what is named above is not in it.\n',
-                self.config.admins(f'client {client}'))
+                sorted(set(self.config.admins('server') +
+                           self.config.admins(f'client {client}'))))
         self.stored_warnings.clear()
 
     def run_worker(self, client):
