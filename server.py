@@ -4957,7 +4957,12 @@ def operations_parsers(command):
                 'left for verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
-                'git/**/.<name>.git.incoming).  Every removal is printed.')
+                'git/**/.<name>.git.incoming).  Every removal is printed.\n'
+                'A chain goes from its newest link down (a prune killed '
+                'midway leaves no\nincrement without its base).  A client '
+                'whose snapshots a drill, verify,\nrestore or offsite is '
+                'reading is waited for ([server] prune_wait), then\nskipped '
+                '(and said so).')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     p = command('verify', 're-hash stored files, git fsck, sample restore '

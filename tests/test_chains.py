@@ -4,6 +4,7 @@ links, prune killed at each removal (kill -9 at the named pause point),
 prune beside a drill; files tar cannot read stored as warnings.  Real tar,
 sshd, sftp and git on loopback."""
 
+import base64
 import json
 import os
 import shutil
@@ -72,6 +73,29 @@ class LostFullTest(ChainCase):
         self.p.client('send')
         self.p.server('run')
         self.p.client('send')
+        again = self.p.stored('app')[-1]
+        self.assertEqual(manifest(again)['level'], 0)
+        self.assertEqual(self.restored(again), snapshot(self.src))
+
+
+    def test_a_link_verify_found_bad_makes_the_next_backup_a_full(self):
+        full = self.backup()
+        self.backup()
+        [archive] = files_of(full)
+        with open(os.path.join(full, archive), 'r+b') as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xff]))      # a bit flip on the disk
+        self.assertEqual(self.p.server('verify', check=False).returncode, 2)
+        self.backup(check=False)
+        reasons = ''.join(open(os.path.join(self.p.node_dir, 'TODO', CLIENT,
+                                            n)).read()
+                          for n in self.p.pool('node')
+                          if n.endswith('.reason'))
+        self.assertIn('failed the last verify', reasons)
+        self.p.client('send')
+        self.p.server('run')
         again = self.p.stored('app')[-1]
         self.assertEqual(manifest(again)['level'], 0)
         self.assertEqual(self.restored(again), snapshot(self.src))
@@ -321,6 +345,21 @@ class StoredWithWarningsTest(unittest.TestCase):
         self.p.client('send')
         self.p.server('run')
         self.assertEqual(self.p.server('report').returncode, 0)
+
+
+class WarnedTextTest(unittest.TestCase):
+    def test_warned_from_a_client_is_bounded_and_cleaned(self):
+        from modules import _core
+        hostile = '\n'.join(f'\x1b]0;owned\x07line {n} ' + 'x' * 10000
+                             for n in range(1000))
+        value = base64.urlsafe_b64encode(hostile.encode()).decode()
+        lines = _core.decode_warnings(value)
+        self.assertEqual(len(lines), _core.WARNINGS_SENT)
+        for line in lines:
+            self.assertLessEqual(len(line), _core.WARNING_CHARS)
+            self.assertTrue(line.isprintable(), line)
+        self.assertEqual(_core.decode_warnings('!!not base64'),
+                         ['(unreadable warned= value)'])
 
 
 if __name__ == '__main__':
