@@ -741,12 +741,15 @@ def decode_warnings(value):
 def pause_point(name):
     """Fault-injection hook for the crash tests: when $GITBACKUP_PAUSE_AT
     names this point (comma-separated list), stop here until killed, or
-    for $GITBACKUP_PAUSE_SECONDS and then go on."""
+    for $GITBACKUP_PAUSE_SECONDS, or until the file $GITBACKUP_PAUSE_UNTIL
+    exists, and then go on."""
     if name in os.environ.get('GITBACKUP_PAUSE_AT', '').split(','):
         log.warning('pausing at %s (GITBACKUP_PAUSE_AT)', name)
         seconds = float(os.environ.get('GITBACKUP_PAUSE_SECONDS') or 'inf')
+        until = os.environ.get('GITBACKUP_PAUSE_UNTIL')
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and \
+                not (until and os.path.exists(until)):
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 

@@ -197,7 +197,8 @@ class PruneTest(ChainCase):
         set_config(self.p, 'server', 'prune_wait = 1\n')
         set_config(self.p, f'client {CLIENT}', 'keep_daily = 1\n'
                    'keep_weekly = 0\nkeep_monthly = 0\n')
-        drill = PausedFor(self.p, {'GITBACKUP_PAUSE_SECONDS': '20'},
+        go_on = os.path.join(self.p.root, 'drill-goes-on')
+        drill = PausedFor(self.p, {'GITBACKUP_PAUSE_UNTIL': go_on},
                           'drill:reading', 'drill', CLIENT)
         # While the drill reads that chain, a new full arrives: prune
         # would remove the chain the drill is reading.
@@ -208,6 +209,8 @@ class PruneTest(ChainCase):
         self.assertIn(f'skipped {CLIENT}: its snapshots are being read',
                       prune.stdout)
         self.assertTrue(all(os.path.isdir(d) for d in read))
+        with open(go_on, 'w'):
+            pass
         out, err = drill.proc.communicate(timeout=300)
         self.assertEqual(drill.proc.returncode, 0, out + err)
         self.assertIn(f'ok: {CLIENT} app {os.path.basename(read[-1])}', out)
@@ -219,8 +222,8 @@ class PruneTest(ChainCase):
 
 
 class PausedFor(Paused):
-    """Paused, with more environment (GITBACKUP_PAUSE_SECONDS: go on after
-    that long); stdout kept for the caller."""
+    """Paused, with more environment (GITBACKUP_PAUSE_UNTIL: go on once
+    that file exists); stdout kept for the caller."""
 
     def __init__(self, pipeline, env, point, *args):
         self.proc = subprocess.Popen(
