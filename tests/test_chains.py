@@ -310,6 +310,9 @@ class StoredWithWarningsTest(unittest.TestCase):
         self.assertEqual(self.comparable(dest), self.comparable(self.src))
         self.assertFalse(os.path.lexists(os.path.join(dest, 'secret.txt')))
         self.assertTrue(os.path.isdir(os.path.join(dest, 'deep', 'd' * 200)))
+        # The drill proves what was stored: it is a good backup.
+        drill = self.p.server('drill', CLIENT, check=False)
+        self.assertEqual(drill.returncode, 0, drill.stdout + drill.stderr)
         # Named in the client's status, the node's report in every format.
         status = self.p.client('status').stdout
         self.assertIn(f'stored with {warned} warning(s)', status)
