@@ -45,7 +45,7 @@ def handle(ctx, rest):
     if ctx.leftover:
         stored = ctx.already_stored(source)
         if stored:
-            return {'stored': stored, 'recovered': True}
+            return {'stored': stored, 'recovered': True, **warnings}
     size = int(options['size']) if 'size' in options else None
     # Without an announced size the download is capped at what the quota
     # and the free-space floor still allow (a client cannot fill the disk).
