@@ -52,7 +52,12 @@ class ChainCase(unittest.TestCase):
 
 
 class LostFullTest(ChainCase):
-    def test_lost_full_makes_the_next_backup_a_full_that_restores(self):
+    def refusals(self):
+        return ''.join(open(os.path.join(self.p.node_dir, 'TODO', CLIENT,
+                                         n)).read()
+                       for n in self.p.pool('node') if n.endswith('.reason'))
+
+    def test_a_lost_or_bad_link_makes_the_next_backup_a_full(self):
         full = self.backup()
         self.backup()
         change_tree(self.src)
@@ -62,11 +67,7 @@ class LostFullTest(ChainCase):
         write(os.path.join(self.src, 'after-loss.txt'), 'new\n')
         self.backup(check=False)             # a level 3 increment: refused
         self.assertEqual(self.p.states('node').get('X'), 1)
-        reasons = ''.join(open(os.path.join(self.p.node_dir, 'TODO', CLIENT,
-                                            n)).read()
-                          for n in self.p.pool('node')
-                          if n.endswith('.reason'))
-        self.assertIn('chain', reasons)
+        self.assertIn('chain broken', self.refusals())
         # The client saw the refusal and asked again at once: no wait for
         # full_every, nor for the next scheduled backup.
         self.assertEqual(self.p.states().get('C'), 1, self.p.pool())
@@ -76,29 +77,21 @@ class LostFullTest(ChainCase):
         again = self.p.stored('app')[-1]
         self.assertEqual(manifest(again)['level'], 0)
         self.assertEqual(self.restored(again), snapshot(self.src))
-
-
-    def test_a_link_verify_found_bad_makes_the_next_backup_a_full(self):
-        full = self.backup()
-        self.backup()
-        [archive] = files_of(full)
-        with open(os.path.join(full, archive), 'r+b') as f:
+        # A link the last verify found bad counts as lost.
+        [archive] = files_of(again)
+        with open(os.path.join(again, archive), 'r+b') as f:
             f.seek(100)
             byte = f.read(1)
             f.seek(100)
             f.write(bytes([byte[0] ^ 0xff]))      # a bit flip on the disk
         self.assertEqual(self.p.server('verify', check=False).returncode, 2)
         self.backup(check=False)
-        reasons = ''.join(open(os.path.join(self.p.node_dir, 'TODO', CLIENT,
-                                            n)).read()
-                          for n in self.p.pool('node')
-                          if n.endswith('.reason'))
-        self.assertIn('failed the last verify', reasons)
+        self.assertIn('failed the last verify', self.refusals())
         self.p.client('send')
         self.p.server('run')
-        again = self.p.stored('app')[-1]
-        self.assertEqual(manifest(again)['level'], 0)
-        self.assertEqual(self.restored(again), snapshot(self.src))
+        newest = self.p.stored('app')[-1]
+        self.assertEqual(manifest(newest)['level'], 0)
+        self.assertEqual(self.restored(newest), snapshot(self.src))
 
 
 class ClientClockTest(ChainCase):
