@@ -82,6 +82,7 @@ if sys.version_info < (3, 9):
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -1636,6 +1637,16 @@ class Node:
                 problem = core.problem(f'{client}: run stopped: {e}')
                 return [problem]
 
+    def scratch_registry(self):
+        """Where a drill's live scratch PostgreSQL cluster is registered
+        (postgresdb.ScratchCluster), so that a killed drill's is stopped."""
+        return os.path.join(self.state_dir, 'scratch-postgres')
+
+    def reap_scratch(self):
+        """Stop what a killed drill left running: before anything else."""
+        postgresdb.reap_scratch_clusters(
+            core.ModuleContext(self.config, 'server'), self.scratch_registry())
+
     def ssh_registry(self, client):
         """Where the client's shared ssh connection leaves its pid."""
         return os.path.join(self.state_dir, f'ssh-{client}')
@@ -3040,7 +3051,8 @@ def restore_command(node, args, out=None):
     if not backups:
         raise RestoreError(f'nothing stored for {client} {args.source} '
                            '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file)
+    backup = choose_snapshot(backups, args.source, args.at, args.file or (
+        (args.database or args.globals) and database_file(args)))
     return restore_snapshot(node, client, backups, backup, args, out)
 
 
@@ -3063,10 +3075,41 @@ def fetch_offsite_snapshot(node, client, args, scratch):
     return backup
 
 
+def database_file(args):
+    """The stored file restore --database/--globals start from."""
+    if args.database:
+        if not postgresdb.DATABASE_RE.match(args.database):
+            raise UsageError(f'--database {clean_text(args.database)!r}: '
+                             'not a database name')
+        return postgresdb.dump_file_name(args.database)
+    return postgresdb.GLOBALS_FILE
+
+
+def restore_database(node, client, backups, backup, args, out):
+    """--database NAME / --globals: one psql script (postgresdb
+    restore_script) that creates the roles, then the database exactly."""
+    if not args.stdout:
+        raise UsageError('restore --database/--globals: give --stdout and '
+                         'pipe it into psql (see --help)')
+    name = database_file(args)
+    check_hashes([backup], {name}, args.force)
+    globals_path = snapshot_globals(backups, backup)
+    if globals_path is None:
+        log.warning('%s %s: no globals.sql stored at or before %s: the '
+                    'roles must exist on the target', client, args.source,
+                    backup.name)
+    postgresdb.restore_script(
+        core.ModuleContext(node.config, 'server'), out,
+        f'{client} {args.source} {backup.name}', args.database,
+        args.database and os.path.join(backup.path, name), globals_path)
+
+
 def restore_snapshot(node, client, backups, backup, args, out):
     """Restore one chosen snapshot (its chain from backups)."""
     log.info('restoring %s %s %s', client, args.source, backup.name)
-    if args.file:
+    if args.database or args.globals:
+        restore_database(node, client, backups, backup, args, out)
+    elif args.file:
         restore_file(backup, args.file, args, out)
     elif archive_entry(backup):
         restore_archive(node, client, backups, backup, args, out)
@@ -3089,9 +3132,6 @@ LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
                  'p': 'fifo', 'c': 'char', 'b': 'block'}
 ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
            'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
-# A restored table with fewer than this fraction of the rows recorded at
-# dump time fails the drill (n_live_tup is an estimate, not a count).
-ROWS_FLOOR = 0.5
 
 
 def unescape_name(text):
@@ -3194,119 +3234,31 @@ def drill_archive(node, client, backups, backup, scratch):
         'listing'
 
 
-class ScratchCluster:
-    """A throw-away PostgreSQL cluster for drills: initdb in a temporary
-    directory, unix socket only, trust auth, run as the `postgres` account
-    when we are root (postgres refuses to run as root); removed on exit."""
-
-    def __init__(self, bindir, timeout):
-        self.bindir, self.timeout = bindir, timeout
-        self.as_postgres = ['runuser', '-u', 'postgres', '--'] \
-            if os.geteuid() == 0 else []
-
-    def tool(self, name):
-        path = os.path.join(self.bindir, name)
-        return path if os.path.exists(path) else name
-
-    def __enter__(self):
-        # /tmp, not data_dir: the postgres account must reach it, and the
-        # socket path must stay short.
-        self.work = tempfile.mkdtemp(prefix='gitbackup-drill-pg-')
-        os.chmod(self.work, 0o755)
-        self.data = os.path.join(self.work, 'data')
-        os.mkdir(self.data, 0o700)
-        if self.as_postgres:
-            owner = pwd.getpwnam('postgres')
-            os.chown(self.data, owner.pw_uid, owner.pw_gid)
-            os.chown(self.work, owner.pw_uid, owner.pw_gid)
-        env = {**os.environ, 'LC_ALL': 'C'}
-        try:
-            core.run(self.as_postgres + [
-                self.tool('initdb'), '-D', self.data, '--auth=trust', '-U',
-                'postgres', '-E', 'UTF8', '--locale=C', '--no-sync'],
-                env=env, cwd=self.work, timeout=self.timeout)
-            core.run(self.as_postgres + [
-                self.tool('pg_ctl'), '-w', '-t', '120', '-D', self.data,
-                '-l', os.path.join(self.work, 'log'), '-o',
-                f"-k {self.work} -c listen_addresses='' -c fsync=off",
-                'start'], env=env, cwd=self.work, timeout=self.timeout)
-        except BaseException:
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        core.run(self.as_postgres + [self.tool('pg_ctl'), '-w', '-D',
-                                     self.data, '-m', 'immediate', 'stop'],
-                 check=False, cwd=self.work, timeout=120)
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def run(self, program, *args, check=True):
-        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
-        env.update({'PGHOST': self.work, 'PGUSER': 'postgres'})
-        return core.run([self.tool(program), *args], env=env, check=check,
-                        timeout=self.timeout)
+def snapshot_globals(backups, backup):
+    """The globals.sql a restore of backup's dumps runs first: the
+    snapshot's own (`postgresdb all`), else the newest stored before it (a
+    one-database request has none).  Its path, or None."""
+    good = [b for b in backups if b.good]
+    upto = good[:good.index(backup) + 1] if backup in good else [backup]
+    for candidate in reversed(upto):
+        if any(isinstance(f, dict) and f.get('name') == postgresdb.GLOBALS_FILE
+               for f in candidate.manifest['files']):
+            check_hashes([candidate], {postgresdb.GLOBALS_FILE}, False)
+            return os.path.join(candidate.path, postgresdb.GLOBALS_FILE)
+    return None
 
 
-def quote_ident(name):
-    return '"' + str(name).replace('"', '""') + '"'
-
-
-def drill_dump_rows(cluster, dump, stats, database):
-    """Restore one dump into the scratch cluster; compare every table's
-    row count with the client's statistics.  Problems, [] when fine."""
-    cluster.run('psql', '-X', '-q', '-d', 'postgres', '-c',
-                f'CREATE DATABASE {quote_ident(database)}')
-    # Without the globals the dump's owners and grants would not resolve:
-    # the drill proves data, so they are left out.
-    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
-                       '--no-privileges', '-d', database, '--', dump,
-                       check=False)
-    if proc.returncode != 0:
-        return [f'pg_restore failed: {clean_text(proc.stderr, 500)}']
-    problems = []
-    for table in (stats or {}).get('tables') or []:
-        name = f'{quote_ident(table.get("schema"))}.' \
-            f'{quote_ident(table.get("table"))}'
-        got = cluster.run('psql', '-X', '-A', '-t', '-q', '-d', database,
-                          '-c', f'SELECT count(*) FROM {name}', check=False)
-        recorded = int(table.get('rows') or 0)
-        rows = int(got.stdout.strip()) if got.returncode == 0 and \
-            got.stdout.strip().isdigit() else None
-        if rows is None:
-            problems.append(f'table {clean_text(name)} did not come back')
-        elif recorded > 0 and (rows == 0 or rows < recorded * ROWS_FLOOR):
-            problems.append(f'table {clean_text(name)}: {rows} rows '
-                            f'restored, {recorded} recorded at dump time')
-    return problems
-
-
-def drill_dumps(node, backup):
-    """Every dump of a snapshot: into a scratch cluster when [server]
-    drill_postgres is set, else read back with pg_restore --list."""
+def drill_dumps(node, backups, backup):
+    """Every dump of a snapshot, proven by the postgresdb module
+    (drill_stored: restored with no power in a scratch cluster, or only
+    read back)."""
     check_hashes([backup], None, force=False)
     dumps = [f['name'] for f in backup.manifest['files']
              if isinstance(f, dict) and str(f.get('name')).endswith(
                  DUMP_SUFFIXES)]
-    bindir = node.settings.get('drill_postgres')
-    timeout = node.config.get_duration('server', 'command_timeout')
-    problems = []
-    if not bindir:
-        for name in dumps:
-            found = restore_check(os.path.join(backup.path, name), timeout)
-            if found:
-                problems.append(found[1])
-        return problems, (f'{len(dumps)} dump(s) read back with pg_restore '
-                          '--list only ([server] drill_postgres not set)')
-    with ScratchCluster(bindir, timeout) as cluster:
-        for n, name in enumerate(dumps):
-            stats = read_json(os.path.join(backup.path,
-                                           name + STATS_SUFFIX))
-            problems += [f'{name}: {p}' for p in drill_dump_rows(
-                cluster, os.path.join(backup.path, name),
-                stats if isinstance(stats, dict) else None, f'drill{n}')]
-    return problems, (f'{len(dumps)} dump(s) restored into a scratch '
-                      'cluster, row counts compared')
+    return postgresdb.drill_stored(
+        core.ModuleContext(node.config, 'server'), backup.path, dumps,
+        node.scratch_registry(), snapshot_globals(backups, backup))
 
 
 def announced_heads(node, client, repo):
@@ -3357,7 +3309,8 @@ def drill_targets(node, client):
                          drill_archive(node, client, g, b, s))
             elif any(str(f.get('name')).endswith(DUMP_SUFFIXES)
                      for f in backup.manifest['files'] if isinstance(f, dict)):
-                proof = (lambda s, b=backup: drill_dumps(node, b))
+                proof = (lambda s, b=backup, g=good:
+                         drill_dumps(node, g, b))
             else:
                 proof = (lambda s, b=backup: (
                     check_hashes([b], None, False) or [], 'files re-hashed'))
@@ -3407,8 +3360,11 @@ def drill_command(node, only_client=None, out=sys.stdout):
                              DRILL_JOURNAL)).append(entries)
         count += len(entries)
     status = CRITICAL if failed else OK
+    # "checked", not "restored": without drill_postgres a dump is only
+    # read back, and each line says which proof it had.
     summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
-               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
+               f'checked, {len(failed)} failed: '
+               f'{STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
     if failed:
         core.mail_admins(node.config, 'server',
@@ -4943,9 +4899,15 @@ def restore_parsers(command):
                 '--stdout writes one tar stream:\n'
                 '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
                 '-C /srv/restore\n'
+                '  a database, exactly (roles first, then the database '
+                'with its owner,\n    encoding, locale, settings and ACL): '
+                '--database NAME --stdout | psql\n'
+                '      server.py restore c1 postgresdb --database shop '
+                '--stdout |\n'
+                '          ssh root@c1 sudo -u postgres psql -X -d postgres\n'
+                '    (--globals --stdout alone: the roles and tablespaces, '
+                'for a whole cluster)\n'
                 '  one file (a dump, globals.sql): --file NAME --stdout\n'
-                '      server.py restore c1 postgresdb --file shop.dump '
-                '--stdout | ssh c1 pg_restore -d shop\n'
                 '  git mirror (source git/<path>): --to DIR clones every ref '
                 '(refs/preserved/*\n    included), --stdout writes a git '
                 'bundle.\n'
@@ -4963,6 +4925,13 @@ def restore_parsers(command):
                    'snapshot')
     p.add_argument('--path', metavar='SUBDIR', help='only this directory '
                    'of an archive')
+    p.add_argument('--database', metavar='NAME', help='postgresdb: a psql '
+                   'script that creates the roles, then the database NAME '
+                   'exactly as it was (owner, encoding, locale, settings, '
+                   'ACL); with --stdout')
+    p.add_argument('--globals', action='store_true', help='postgresdb: '
+                   'only the roles and tablespaces (globals.sql), for a '
+                   'whole-cluster restore; with --stdout')
     p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
                    'may exist if empty)')
     p.add_argument('--stdout', action='store_true',
@@ -5017,6 +4986,7 @@ def gate_exec(node, client):
 
 
 def run_cron(node):
+    node.reap_scratch()
     return core.exclusive(
         node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
         2 * node.config.get_duration('server', 'command_timeout'))
@@ -5045,7 +5015,7 @@ COMMANDS = {
     # -- list, restore, drill
     'list': lambda n, a: list_command(n, a.client, a.source, a.format),
     'restore': lambda n, a: restore_command(n, a),
-    'drill': lambda n, a: drill_command(n, a.client),
+    'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused

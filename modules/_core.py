@@ -96,6 +96,10 @@ SCHEMA = {
         'pg_host': '',
         'pg_port': '',
         'pg_user': '',
+        # Row counts beside each dump, for the node's drill: exact (count(*)
+        # in the dump's own snapshot: a second scan of every table) or
+        # estimate (the statistics collector's: free, but no proof).
+        'pg_row_counts': 'exact',
         'export_keep': '7d',
         'keep_requests': '30d',
         'max_attempts': '5',
@@ -217,7 +221,8 @@ class CommandFailed(GitBackupError):
         self.stderr = stderr or ''
         where = f' (in {cwd})' if cwd else ''
         lines = [f'{shlex.join(self.args_list)}{where} exited with {returncode}']
-        lines += ['    ' + line for line in self.stderr.strip().splitlines()[-20:]]
+        lines += ['    ' + clean_text(line, 1000)
+                  for line in self.stderr.strip().splitlines()[-20:]]
         super().__init__('\n'.join(lines))
 
 
@@ -690,12 +695,31 @@ def human_size(n):
         n /= 1024
 
 
-def clean_text(text, limit=300):
-    """Make untrusted text safe for one log line: line breaks become
-    ' | ', other control characters '?'."""
-    text = ' | '.join(line for line in str(text).splitlines() if line)
-    text = ''.join(c if c.isprintable() else '?' for c in text)
-    return text if len(text) <= limit else text[:limit] + '...'
+def clean_text(text, limit=300, lines=False):
+    """The one cleaner of text from another host (stderr of git, ssh and
+    sftp, results, listings, dump names) before it reaches a terminal, a
+    log or a mail: a tab becomes a space, every other control character
+    (escape sequences included) '?'.  Line breaks become ' | ' (one log
+    line), or with lines=True stay (a block, each line cleaned).  Cut at
+    limit characters (None: whole)."""
+    text = str(text).replace('\t', ' ')
+    if lines:
+        text = '\n'.join(''.join(c if c.isprintable() else '?' for c in line)
+                         for line in text.split('\n'))
+    else:
+        text = ' | '.join(line for line in text.splitlines() if line)
+        text = ''.join(c if c.isprintable() else '?' for c in text)
+    return text if limit is None or len(text) <= limit \
+        else text[:limit] + '...'
+
+
+class CleanFormatter(logging.Formatter):
+    """Every log line, on the terminal and in the file, passes clean_text:
+    a message that quotes another host's text cannot carry an escape
+    sequence, whichever path it took."""
+
+    def format(self, record):
+        return clean_text(super().format(record), None, lines=True)
 
 
 def pause_point(name):
@@ -1330,7 +1354,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING if quiet else
                      logging.DEBUG if verbose else logging.INFO)
-    handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
+    handler.setFormatter(CleanFormatter(f'{program}: %(message)s'))
     log.addHandler(handler)
     if log_dir and (create or os.path.isdir(log_dir)):
         try:
@@ -1342,7 +1366,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
             log.warning('cannot write the log file in %s: %s', log_dir, e)
         else:
             handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-            handler.setFormatter(logging.Formatter(
+            handler.setFormatter(CleanFormatter(
                 '%(asctime)s [%(process)d] %(levelname)s %(message)s'))
             log.addHandler(handler)
 
@@ -1358,6 +1382,9 @@ def mail_admins(config, section, subject, body, admins=None):
         log.info('no admin configured in [%s]; not mailing: %s', section,
                  subject)
         return False
+    # Mail bodies quote other hosts' text (stderr, results): cleaned here,
+    # once for every mail.
+    subject, body = clean_text(subject, 300), clean_text(body, None, True)
     try:
         how = sendmail.send(subject, body, admins, config.section('mail'),
                             config.section(section)['log_dir'])
