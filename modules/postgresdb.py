@@ -564,6 +564,7 @@ class ScratchCluster:
             self.admin_sql(f'CREATE ROLE {DRILL_ROLE} LOGIN NOSUPERUSER '
                            'NOCREATEDB NOCREATEROLE BYPASSRLS PASSWORD '
                            + quote_literal(self.passwords[DRILL_ROLE]))
+            self.ctx.pause_point('drill-scratch-cluster')
         except BaseException:
             self.__exit__()
             raise
