@@ -667,11 +667,11 @@ URL_PATH_RE = re.compile(r'^[a-z][a-z0-9+.-]{0,15}://[^/\s]*(/\S*)?$')
 # What the sample restore check can read, by file name ending.
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
                 '.tar.bz2', '.tbz2')
-DUMP_SUFFIXES = ('.dump',)
+DUMP_SUFFIXES = postgresdb.STORED_SUFFIXES
 # Files a client sends beside its data, describing it (an archive's
 # listing, a dump's row statistics): what `drill` proves a restore against.
 LISTING_SUFFIX = '.listing'
-STATS_SUFFIX = '.stats.json'
+STATS_SUFFIX = postgresdb.STATS_SUFFIX
 COMPANION_SUFFIXES = (LISTING_SUFFIX, STATS_SUFFIX)
 TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
              (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
