@@ -285,6 +285,12 @@ class ExactDatabaseTest(DrillPipelineMixin, unittest.TestCase):
         self.backup('all')
         before = self.state_of_legacy()
         self.assertIn('LATIN1', before['database'])
+        # The drill restores as the recipe does, roles first: the policy's
+        # role exists, the LATIN1 rows come back, the counts are equal.
+        drill = self.p.server('drill')
+        self.assertIn('after the roles of the globals', drill.stdout)
+        self.assertIn('legacy.dump: 1 table(s), exact row counts equal',
+                      drill.stdout)
         # A new cluster, as after losing the host: no database, no roles.
         self.cluster.psql('DROP DATABASE legacy')
         self.cluster.psql('DROP ROLE app_owner')
