@@ -1,4 +1,5 @@
-"""postgresdb: back up PostgreSQL databases with pg_dump (client side).
+"""postgresdb: back up PostgreSQL databases with pg_dump, and everything
+the node knows about those dumps (verify, drill, restore).
 
 ``postgresdb <database>`` dumps one database; ``postgresdb all`` dumps every
 database that is not a template and accepts connections (listed with psql),
@@ -7,9 +8,10 @@ Each database becomes one custom-format dump (``pg_dump -Fc``: compressed,
 restorable table by table with ``pg_restore``), streamed to a file in the
 request's directory of export_dir and offered to the node as one ``sftp``
 server request with its sha256 and size, and with it, as a companion file
-``<dump>.stats.json``, every table's live-row estimate at dump time (for the
-node's restore drill).  A file appears under its final
-name only when its dump exited 0: a node is never offered half a dump.
+``<dump>.stats.json``, every table's exact row count, taken in the very
+snapshot pg_dump read (``[client] pg_row_counts``; for the node's restore
+drill).  A file appears under its final name only when its dump exited 0:
+a node is never offered half a dump.
 
 The programs are run as ``[client] pg_dump``, ``pg_dumpall`` and ``psql``
 say, so a prefix such as ``sudo -n -u postgres pg_dump`` works (see the
@@ -22,7 +24,16 @@ A dump that fails (no such database, server down, permission denied) fails
 that request only, with pg_dump's own message; ``send`` retries it and the
 other requests go on.  Within ``all``, a database whose dump fails becomes
 a request of its own (retried and given up on by itself, the admins
-mailed) while the other databases are sent.
+mailed) while the other databases are sent.  A database that refuses
+connections (datallowconn = false) cannot be dumped: ``all`` names it in
+a warning.
+
+On the node (Python 3.8+, below "Node side"): ``verify_stored`` reads a
+dump back; ``drill_stored`` restores a snapshot's dumps in a scratch
+cluster where they have no power (a role that is no superuser, a socket
+only the drill reaches, reaped if a drill is killed) and holds the row
+counts against the statistics; ``restore_script`` writes the psql script
+that recreates roles, then one database exactly.
 """
 
 import hashlib
