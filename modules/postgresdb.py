@@ -517,6 +517,9 @@ def reap_scratch_clusters(ctx, registry):
         names = sorted(os.listdir(registry))
     except FileNotFoundError:
         return
+    except OSError as e:
+        ctx.log.warning('cannot look for left-over scratch clusters: %s', e)
+        return
     for name in names:
         entry = os.path.join(registry, name)
         try:
