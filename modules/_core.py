@@ -192,6 +192,8 @@ INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
             'max_requests_per_push', 'sftp_port', 'keep_daily',
             'keep_weekly', 'keep_monthly', 'transfers', 'jobs',
             'max_commits_per_push', 'bwlimit', 'max_refs'}
+# Keys with a fixed set of values.
+CHOICE_KEYS = {'pg_row_counts': ('exact', 'estimate')}
 
 
 # --------------------------------------------------------------------------
@@ -1262,6 +1264,9 @@ class Config:
                     parse_size(value)
                 elif key in INT_KEYS and not re.fullmatch(r'\d+', value):
                     raise ValueError(f'not a whole number: {value!r}')
+                elif key in CHOICE_KEYS and value not in CHOICE_KEYS[key]:
+                    raise ValueError(f'{value!r}: want one of '
+                                     + ', '.join(CHOICE_KEYS[key]))
             except ValueError as e:
                 raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
                                   f': [{section}] {key}: {e}') from None

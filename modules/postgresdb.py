@@ -287,14 +287,6 @@ class SnapshotSession:
         self.err.close()
 
 
-def row_counts_mode(ctx):
-    mode = ctx.settings.get('pg_row_counts') or 'exact'
-    if mode not in ('exact', 'estimate'):
-        raise ctx.ModuleError('[client] pg_row_counts = %s: want exact or '
-                              'estimate' % mode)
-    return mode
-
-
 def parse_tables(text):
     """[(schema, table, rows)] from COUNT_ROWS/ESTIMATE_ROWS output, or
     None when it is not that."""
@@ -346,7 +338,8 @@ def dump_database(ctx, database, filename):
         '--format=custom', *connection_options(ctx.settings),
         '--dbname=' + conninfo_dbname(database)]
     what = 'pg_dump of database %r' % database
-    if row_counts_mode(ctx) == 'estimate':
+    # (The configuration allows only exact or estimate.)
+    if ctx.settings.get('pg_row_counts') == 'estimate':
         tables = estimated_rows(ctx, database)
         dumped = dump(ctx, args, filename, what)
         if tables is None:

@@ -364,6 +364,22 @@ class ExactDatabaseTest(DrillPipelineMixin, unittest.TestCase):
         self.assertIn('shop.dump: 1 table(s) against estimated row counts',
                       proc.stdout)
 
+    def test_estimates_when_asked_and_the_drill_says_so(self):
+        """[client] pg_row_counts = estimate: no second scan; the drill
+        checks the estimates loosely and says they were estimates."""
+        self.cluster.psql('ANALYZE items', db='shop')
+        self.p.edit_config('\n[nodes]\n', 'pg_row_counts = estimate\n\n'
+                           '[nodes]\n')
+        self.backup('shop')
+        [snap] = self.p.stored('postgresdb')
+        with open(os.path.join(snap, 'shop.dump.stats.json')) as f:
+            stats = json.load(f)
+        self.assertEqual((stats['counts'], stats['source']),
+                         ('estimate', 'pg_stat_user_tables.n_live_tup'))
+        proc = self.p.server('drill')
+        self.assertIn('shop.dump: 1 table(s) against estimated row counts',
+                      proc.stdout)
+
 
 if __name__ == '__main__':
     unittest.main()
