@@ -348,21 +348,23 @@ def mail_summary(config, section, subject, problems, admins=None):
 # Helpers
 
 def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
-        stdout=subprocess.PIPE, text=True):
+        stdout=subprocess.PIPE, text=True, stdin=None):
     """Run a program (argument list, never a shell) and return the result.
 
     On failure raise CommandFailed quoting the command, cwd, exit status and
     stderr; a program that is not installed raises ToolMissing.  The
     program runs in a session of its own, so a timeout kills it and
     everything it started (ssh under git or sftp), never leaving a
-    connection behind.
+    connection behind.  stdin: an open file to read instead of input (so
+    that a program run as another account reads just that file).
     """
     log.debug('running: %s', shlex.join(args))
     kwargs = {'encoding': 'utf-8', 'errors': 'surrogateescape'} if text else {}
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout,
                                 stderr=subprocess.PIPE,
-                                stdin=subprocess.PIPE if input is not None
+                                stdin=stdin if stdin is not None else
+                                subprocess.PIPE if input is not None
                                 else subprocess.DEVNULL,
                                 start_new_session=True, **kwargs)
     except FileNotFoundError:

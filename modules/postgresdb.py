@@ -545,8 +545,10 @@ class ScratchCluster:
     knows (in a 0600 passfile).  DRILL_ADMIN creates roles and databases
     with SQL of ours; every dump is restored and read by DRILL_ROLE, which
     is no superuser: a dump's COPY TO PROGRAM, server-side file writes,
-    untrusted languages and lo_export fail.  Runs as the `postgres`
-    account when we are root (postgres refuses root).  Registered in
+    untrusted languages and lo_export fail.  Server and client programs
+    run as the `postgres` account when we are root (postgres refuses root,
+    and pg_restore, which parses the dump, needs no more); a dump reaches
+    pg_restore as its stdin.  Registered in
     registry from before initdb until removed, so that a killed drill's
     cluster is stopped by the next drill or run (reap_scratch_clusters);
     every PG* variable of the environment is ignored."""
@@ -622,6 +624,9 @@ class ScratchCluster:
                   'w') as f:
             f.writelines(f'*:*:*:{role}:{password}\n'
                          for role, password in self.passwords.items())
+        if self.as_postgres:
+            owner = pwd.getpwnam('postgres')
+            os.chown(passfile, owner.pw_uid, owner.pw_gid)
 
     def start(self):
         options = (f'-k {shlex.quote(self.work)} -p {SCRATCH_PORT} '
@@ -632,24 +637,27 @@ class ScratchCluster:
                          os.path.join(self.work, 'log'), '-o', options,
                          'start'])
 
-    def run(self, program, *args, role=DRILL_ROLE, check=False):
-        """A client program against this cluster, as role."""
+    def run(self, program, *args, role=DRILL_ROLE, input=None, stdin=None):
+        """A client program against this cluster, as role (and as the
+        postgres account when we are root: pg_restore parses the dump,
+        which it reads from stdin, opened here)."""
         env = clean_environ(PGPASSFILE=os.path.join(self.work, 'pgpass'),
                             PGHOST=self.work, PGPORT=SCRATCH_PORT,
                             PGUSER=role, LC_ALL='C')
-        return self.ctx.run([server_tool(self.bindir, program), *args],
-                            env=env, check=check, timeout=self.ctx.timeout)
+        return self.ctx.run(
+            self.as_postgres + [server_tool(self.bindir, program), *args],
+            env=env, cwd=self.work, check=False, input=input, stdin=stdin,
+            timeout=self.ctx.timeout)
 
     def admin_sql(self, sql, input=None):
         """Our own SQL as DRILL_ADMIN (never a dump's)."""
-        return self.ctx.run(
-            [server_tool(self.bindir, 'psql'), '-X', '-q', '-v',
-             'ON_ERROR_STOP=1', '-d', 'postgres', *(['-c', sql] if sql
-                                                    else [])],
-            input=input, timeout=self.ctx.timeout, env=clean_environ(
-                PGPASSFILE=os.path.join(self.work, 'pgpass'),
-                PGHOST=self.work, PGPORT=SCRATCH_PORT, PGUSER=DRILL_ADMIN,
-                LC_ALL='C'))
+        proc = self.run('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d',
+                        'postgres', *(['-c', sql] if sql else []),
+                        role=DRILL_ADMIN, input=input)
+        if proc.returncode != 0:
+            raise self.ctx.ModuleError('scratch cluster: ' + self.ctx.clean_text(
+                proc.stderr, 500))
+        return proc
 
     def create_roles(self, names):
         """The roles a dump names (owners, policies' roles), as the
@@ -686,8 +694,9 @@ def global_role_names(path):
 
 def dump_encoding(cluster, dump):
     """The encoding of the database the dump was made from."""
-    proc = cluster.run('pg_restore', '--create', '--section=pre-data',
-                       '--file=-', '--', dump)
+    with open(dump, 'rb') as f:
+        proc = cluster.run('pg_restore', '--create', '--section=pre-data',
+                           '--file=-', stdin=f)
     m = ENCODING_RE.search(proc.stdout or '')
     return m.group(1) if m else 'UTF8'
 
@@ -745,8 +754,10 @@ def drill_dump(cluster, dump, number):
         return [clean(str(e), 300)], ''
     database = f'drill{number}'
     cluster.create_database(database, dump_encoding(cluster, dump))
-    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
-                       '--no-privileges', '--dbname=' + database, '--', dump)
+    with open(dump, 'rb') as f:
+        proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
+                           '--no-privileges', '--dbname=' + database,
+                           stdin=f)
     if proc.returncode != 0:
         error = clean(proc.stderr, 500)
         if NEEDS_POWER_RE.search(proc.stderr):
