@@ -596,6 +596,15 @@ class ScratchCluster:
             'owner': os.getpid(), 'owner_start': process_start(os.getpid()),
             'work': self.work}) + '\n', 0o600)
 
+    def postgres_account(self):
+        try:
+            return pwd.getpwnam('postgres')
+        except KeyError:
+            raise self.ctx.ModuleError(
+                'the drill runs PostgreSQL as the postgres account when '
+                'run as root, and there is none (install the postgresql '
+                'package, or run drill as the backup account)') from None
+
     def server_run(self, args):
         self.ctx.run(self.as_postgres + args, cwd=self.work,
                      env=clean_environ(LC_ALL='C'), timeout=self.ctx.timeout)
@@ -605,7 +614,7 @@ class ScratchCluster:
         with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT, 0o600), 'w') as f:
             f.write(self.passwords[DRILL_ADMIN] + '\n')
         if self.as_postgres:
-            owner = pwd.getpwnam('postgres')
+            owner = self.postgres_account()
             for path in (self.work, pwfile):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         self.server_run([server_tool(self.bindir, 'initdb'), '-D', self.data,
@@ -625,7 +634,7 @@ class ScratchCluster:
             f.writelines(f'*:*:*:{role}:{password}\n'
                          for role, password in self.passwords.items())
         if self.as_postgres:
-            owner = pwd.getpwnam('postgres')
+            owner = self.postgres_account()
             os.chown(passfile, owner.pw_uid, owner.pw_gid)
 
     def start(self):
