@@ -3078,7 +3078,8 @@ def fetch_offsite_snapshot(node, client, args, scratch):
 def database_file(args):
     """The stored file restore --database/--globals start from."""
     if args.database:
-        if not postgresdb.DATABASE_RE.match(args.database):
+        # Any name `all` dumped (spaces included): it only picks the file.
+        if not args.database.isprintable():
             raise UsageError(f'--database {clean_text(args.database)!r}: '
                              'not a database name')
         return postgresdb.dump_file_name(args.database)
