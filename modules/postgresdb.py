@@ -770,7 +770,10 @@ def drill_dump(cluster, dump, number):
     except ValueError as e:
         return [clean(str(e), 300)], ''
     database = f'drill{number}'
-    cluster.create_database(database, dump_encoding(cluster, dump))
+    try:
+        cluster.create_database(database, dump_encoding(cluster, dump))
+    except cluster.ctx.ModuleError as e:     # a bad encoding, say
+        return [clean(str(e), 500)], ''
     with open(dump, 'rb') as f:
         proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
                            '--no-privileges', '--dbname=' + database,
