@@ -50,6 +50,9 @@ import tempfile
 import threading
 import time
 
+from modules import _core as core
+from modules._core import clean_text
+
 ALL = 'all'
 # Database names accepted on the command line: what people actually use.
 # No '=' (libpq would read a connection string), no leading '-' (an option).
@@ -79,13 +82,18 @@ ESTIMATE_ROWS = (
 COUNT_SOURCES = {'exact': "count(*) in the snapshot pg_dump read",
                  'estimate': 'pg_stat_user_tables.n_live_tup'}
 STATS_SUFFIX = '.stats.json'
+# Node side: the files this module stores (pg_dump -Fc) and the companion
+# beside each (its tables' row counts at dump time).  globals.sql is plain
+# SQL that nothing here proves: it is checked by its sha256 only.
+STORED_SUFFIXES = ('.dump',)
+COMPANION_SUFFIXES = (STATS_SUFFIX,)
 # Every database but the templates, and whether it accepts connections.
 LIST_DATABASES = ("SELECT coalesce(json_agg(json_build_array(datname, "
                   "datallowconn) ORDER BY datname), '[]') FROM pg_database "
                   "WHERE NOT datistemplate")
 
 
-def check_path(client, module, path):
+def check_path(ctx, module, path):
     """'all' or a plain database name; the database itself is looked up
     only when the request is prepared (the server may be down now)."""
     if path == ALL or DATABASE_RE.match(path):
@@ -412,8 +420,6 @@ def prepare(ctx, module, path):
 # the node (ScratchCluster), and what restore hands an admin is made by
 # pg_restore, never by running the dump here.
 
-STORED_SUFFIXES = ('.dump',)
-COMPANION_SUFFIXES = (STATS_SUFFIX,)
 DRILL_ROLE = 'gitbackup_drill'      # restores, owns the scratch databases
 DRILL_ADMIN = 'postgres'            # creates roles and databases, nothing else
 SCRATCH_PREFIX = 'gitbackup-drill-pg-'
@@ -454,14 +460,39 @@ def quote_literal(text):
 
 
 def verify_stored(path, timeout):
-    """Read-back proof of one stored dump: pg_restore lists its contents."""
+    """`verify`'s read-back of one stored dump: pg_restore lists it.
+    Raises FileNotFoundError when pg_restore is missing (a check that
+    could not run), ValueError when the dump does not read back."""
     proc = subprocess.run(
         ['pg_restore', '--list', '--', path], stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=clean_environ(), timeout=timeout)
+        universal_newlines=True, env=clean_environ(), timeout=timeout)
     if proc.returncode != 0:
-        raise ValueError('pg_restore --list failed: ' + proc.stderr.decode(
-            'utf-8', 'replace').strip()[-500:])
+        raise ValueError(f'pg_restore --list failed (exit '
+                         f'{proc.returncode}): '
+                         f'{clean_text(proc.stderr.strip(), 500)}')
+
+
+def snapshot_globals(snapshots):
+    """The globals.sql a restore of the last snapshot's dumps runs first:
+    its own (`postgresdb all`), else the newest stored before it (a
+    one-database request has none).  snapshots: [(directory, manifest)]
+    of one source, oldest first, ending with the one restored.  Its path
+    (sha256 checked against its manifest), or None; ValueError when it is
+    damaged."""
+    for directory, manifest in reversed(snapshots):
+        for entry in manifest.get('files') or []:
+            if isinstance(entry, dict) and entry.get('name') == GLOBALS_FILE:
+                path = os.path.join(directory, GLOBALS_FILE)
+                try:
+                    found = core.sha256_file(path)
+                except OSError as e:
+                    raise ValueError(f'{path}: cannot read: {e}') from None
+                if found != (entry.get('sha256'), entry.get('size')):
+                    raise ValueError(f'{path}: DAMAGED (its sha256 or size '
+                                     'is not the manifest\'s)')
+                return path
+    return None
 
 
 def process_start(pid):
@@ -798,24 +829,30 @@ def drill_dump(cluster, dump, number):
     return compare_rows(kind, recorded, restored, clean), what
 
 
-def drill_stored(ctx, snapshot, dumps, registry, globals_path=None):
-    """Restore-and-compare proof of the dumps of one snapshot (node side,
-    `server.py drill`).
-
-    snapshot: the snapshot's directory; dumps: the names of its dumps
-    (their sha256 already checked); registry: the directory where a live
-    scratch cluster is registered (reap_scratch_clusters); globals_path:
-    the globals.sql the restore recipe would run first (the snapshot's own,
-    else the newest stored before it; None if there is none).
+def drill_stored(ctx, names, scratch):
+    """`drill`'s restore-and-compare proof of a snapshot's dumps (their
+    sha256 already checked).  ctx is the node's DrillContext: the snapshot
+    (`snapshot`, `manifest`), the source's earlier snapshots (`earlier`:
+    [(directory, manifest)], oldest first, for the globals), [server]
+    (`node_settings`) and where a live scratch cluster is registered
+    (`scratch_registry`, see reap_scratch_clusters); scratch is unused (the
+    cluster needs a directory the postgres account can reach).
 
     With [server] drill_postgres set, one ScratchCluster: the roles the
-    globals create are created (names only), then each dump is restored as
-    a non-superuser role into a database of its own with the dump's
+    globals create (snapshot_globals) are created, names only, as the
+    restore recipe runs the globals first; then each dump is restored as a
+    role that is no superuser into a database of its own with the dump's
     encoding, and every table's row count is held against its statistics:
     equal to exact counts, at least ROWS_FLOOR of old estimates.  Without
     it, each dump is only read back (pg_restore --list).  Returns
     (problems, detail); each problem names its dump."""
-    bindir = ctx.settings.get('drill_postgres')
+    snapshot, dumps = ctx.snapshot, names
+    try:
+        globals_path = snapshot_globals(
+            list(ctx.earlier) + [(ctx.snapshot, ctx.manifest)])
+    except ValueError as e:
+        return [clean_text(str(e), 500)], ''
+    bindir = ctx.node_settings.get('drill_postgres')
     problems = []
     if not bindir:
         for name in dumps:
@@ -827,7 +864,7 @@ def drill_stored(ctx, snapshot, dumps, registry, globals_path=None):
                           '--list, not restored ([server] drill_postgres '
                           'not set)')
     details = []
-    with ScratchCluster(ctx, bindir, registry) as cluster:
+    with ScratchCluster(ctx, bindir, ctx.scratch_registry) as cluster:
         cluster.create_roles(global_role_names(globals_path))
         for number, name in enumerate(dumps):
             found, what = drill_dump(cluster, os.path.join(snapshot, name),
