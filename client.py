@@ -1315,7 +1315,8 @@ class NodeResults:
             total = sum(r.get('warning_count') or len(r.get('warnings') or [])
                         for r in parts.values())
             with_warnings = f' with {total} warning(s)' if total else ''
-            out.write(f'  {last["finished"]} {request_id} '
+            out.write(f'  {clean_text(last["finished"], 40)} '
+                      f'{clean_text(request_id, 80)} '
                       f'{outcome[request_id]}{with_warnings}{count} '
                       f'{detail}\n')
             for line in warned[:WARNINGS_SHOWN]:
@@ -1903,15 +1904,17 @@ class NodeLink:
             if health.get('last_error'):
                 out.write(f'  {failing}failing since '
                           f'{health.get("first_failure")}: '
-                          f'{health["last_error"]}\n')
+                          f'{clean_text(health["last_error"], 1000)}\n')
         queue = self.ledger.queue_health().state
         if queue.get('first_failure'):
             out.write(f'  queue repository broken since '
-                      f'{queue["first_failure"]}: {queue["last_error"]}\n')
+                      f'{queue["first_failure"]}: '
+                      f'{clean_text(queue["last_error"], 1000)}\n')
         for request_id in states[FAILED][-5:]:
             module, target = read_request(self.pool.file(FAILED, request_id))
-            out.write(f'  failed request {request_id}: {module}\t{target} -- '
-                      f'{self.attempts.reason(request_id)}\n')
+            out.write(f'  failed request {request_id}: {module} '
+                      f'{clean_text(target)} -- '
+                      f'{clean_text(self.attempts.reason(request_id), 1000)}\n')
         if states[FAILED]:
             out.write('  put failed requests back: client.py retry '
                       '<request id>|--all-failed\n')
