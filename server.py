@@ -94,6 +94,7 @@ for _name in BESIDE:
 sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules import _schedule  # noqa: E402
+from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -579,21 +580,6 @@ def manifest_request_id(manifest):
         return None
     return manifest.get('request_id') or core.request_id_of(
         str(manifest.get('request', '')))
-
-
-def stored_request(client_dir, source, request_id):
-    """The snapshot directory of files/<source> that stored request_id."""
-    base = os.path.join(client_dir, 'files', source)
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return None
-    for name in names:
-        path = os.path.join(base, name)
-        if not name.startswith('.') and manifest_request_id(read_json(
-                os.path.join(path, 'manifest.json'))) == request_id:
-            return path
-    return None
 
 
 def manifest_requests(manifest):
@@ -1280,7 +1266,10 @@ class NodeContext(ModuleContext):
                   'companion_size': r'[0-9]{1,15}',
                   # A git tip the client saw (sha1 or sha256 object name).
                   'head': r'[0-9a-f]{40}(?:[0-9a-f]{24})?',
-                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID}
+                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID,
+                  # Stored with warnings: how many, and the first lines
+                  # (read with request_warnings: hostile text).
+                  'warnings': r'[0-9]{1,9}', 'warned': core.WARNED_RE}
         options = {}
         for token in tokens:
             key, eq, value = token.partition('=')
@@ -1293,6 +1282,17 @@ class NodeContext(ModuleContext):
                     self.refuse(f'malformed {key}={clean_text(value)!r}')
                 options[key] = value
         return options
+
+    def request_warnings(self, options):
+        """{'warning_count': n, 'warnings': [lines]} of a request a client
+        stored with warnings (files it could not read, the rest stored),
+        or {}.  The lines are another host's text: decoded, bounded and
+        cleaned by core.decode_warnings."""
+        if 'warnings' not in options and 'warned' not in options:
+            return {}
+        lines = core.decode_warnings(options.get('warned', ''))
+        count = max(int(options.get('warnings') or 0), len(lines), 1)
+        return {'warning_count': count, 'warnings': lines}
 
     def check_remote_path(self, path, root):
         """An absolute path, plain characters, no '..', inside root (both
@@ -1397,17 +1397,41 @@ class NodeContext(ModuleContext):
 
     def check_base(self, source, options):
         """(level, base) of an incremental archive (0, None for a full).
-        An increment whose base this node does not hold is refused: the
-        client, told so by the failed result, starts a new chain."""
+        An increment is accepted only onto a chain this node holds whole
+        down to its full, with no link its last verify or drill found bad;
+        otherwise it is refused (X* with the reason), and the client, told
+        so by the failed result, makes a full at once."""
         level = int(options.get('level', 0))
         base = options.get('base')
         if level and not base:
             self.refuse(f'level={level} without base=')
-        if level and not stored_request(self.client_dir, source, base):
-            self.refuse(f'base {base} of this level {level} increment is '
-                        f'not stored on this node (files/{source}); the '
-                        'client makes a full archive next')
+        problem = self.chain_problem(source, base) if level else None
+        if problem:
+            self.refuse(f'level {level} increment on {base}: chain broken: '
+                        f'{problem}; the client makes a full archive next')
         return level, (base if level else None)
+
+    def chain_problem(self, source, base):
+        """Why the chain an increment on client request `base` would
+        extend is not whole and good on this node, or None."""
+        backups = stored_backups(self.node, self.client).get(source, [])
+        stored = [b for b in backups
+                  if b.good and manifest_request_id(b.manifest) == base]
+        if not stored:
+            return (f'its base {base} is not stored on this node '
+                    f'(files/{source})')
+        chain = snapshot_chains(backups)[stored[-1].path]
+        if not chain.whole:
+            return chain.problem
+        verify, drills = last_outcomes(self.node, self.client)
+        for link in chain.links:
+            if (verify_outcome(verify, link.path) or {}).get('outcome') \
+                    == 'failed':
+                return f'{link.name}, a link of it, failed the last verify'
+            if (drills.get((source, link.name)) or {}).get('outcome') \
+                    == 'failed':
+                return f'{link.name}, a link of it, failed its last drill'
+        return None
 
     def store(self, incoming, source, manifest):
         """Store the files staged in incoming as (part of) the snapshot of
@@ -1608,6 +1632,9 @@ class Node:
         # {client: core.SharedSSH} of the clients being handled: each
         # worker only touches its own client's entry.
         self.shared_ssh = {}
+        # {client: [request stored with warnings, ...]} of this run, mailed
+        # once at its end (each worker touches only its own client's).
+        self.stored_warnings = {}
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
@@ -1709,7 +1736,22 @@ class Node:
         core.mail_summary(self.config, 'server',
                           f'gitbackup: run on {self.name}: {{n}} problem(s)',
                           errors)
+        self.mail_stored_warnings()
         return errors
+
+    def mail_stored_warnings(self):
+        """One mail per run and client for the requests stored with
+        warnings (each request is stored once, so each is told once).
+        They are stored backups: the run's exit status does not change."""
+        for client, warned in sorted(self.stored_warnings.items()):
+            core.mail_admins(
+                self.config, 'server', f'gitbackup: run on {self.name}: '
+                f'{len(warned)} request(s) of {client} stored with warnings',
+                '\n\n'.join(warned) + '\n\nThe rest of each backup is '
+                'stored; what is named above is not in it.\n',
+                sorted(set(self.config.admins('server') +
+                           self.config.admins(f'client {client}'))))
+        self.stored_warnings.clear()
 
     def run_worker(self, client):
         """One client under a lock of its own: two runs (cron and a manual
@@ -1729,6 +1771,16 @@ class Node:
                 # One client's broken disk or state never stops the others.
                 problem = core.problem(f'{client}: run stopped: {e}')
                 return [problem]
+
+    def scratch_registry(self):
+        """Where a drill's live scratch PostgreSQL cluster is registered
+        (postgresdb.ScratchCluster), so that a killed drill's is stopped."""
+        return os.path.join(self.state_dir, 'scratch-postgres')
+
+    def reap_scratch(self):
+        """Stop what a killed drill left running: before anything else."""
+        postgresdb.reap_scratch_clusters(
+            core.ModuleContext(self.config, 'server'), self.scratch_registry())
 
     def ssh_registry(self, client):
         """Where the client's shared ssh connection leaves its pid."""
@@ -1897,6 +1949,13 @@ class Node:
         pool = self.pool(client)
         self.client_results.record(client, key, 'stored', start, result)
         pool.move(key, PROCESSING, FINISHED)
+        if result.get('warning_count'):
+            text = (f'{client}: {key}: stored with '
+                    f'{result["warning_count"]} warning(s) in '
+                    f'{result.get("stored")}:\n' + '\n'.join(
+                        f'  {clean_text(w)}' for w in result['warnings']))
+            log.warning('%s', text)
+            self.stored_warnings.setdefault(client, []).append(text)
         Attempts(pool, 0).clear(key)
         # Only a request that fetched something proves the client
         # reachable, the space sufficient and the configuration right
@@ -1965,7 +2024,37 @@ class Node:
 # repositories kept small, retention applied per series, and stored files
 # re-hashed and read back.  Every age is measured on the node's own clock
 # (the manifest's `stored` time, the directory name, the result journal),
-# never on a timestamp a client supplied.
+# never on a timestamp a client supplied.  prune removes snapshots only
+# while no drill, verify, restore or offsite reads that client's
+# (client_data_lock).
+
+def client_data_lock(node, client, reader):
+    """The lock over one client's stored snapshots, acquired: shared by
+    its readers (drill, verify, restore, offsite: reader names which),
+    which wait for a running prune up to command_timeout, so that no
+    snapshot vanishes under them; exclusive for prune (reader None), which
+    waits [server] prune_wait and returns None if the readers are still
+    there.  A reader that may not create the lock file (restore run by
+    another account) reads without it, and says so."""
+    path = os.path.join(node.state_dir, f'data-{client}.lock')
+    lock = core.Lock(path)
+    try:
+        core.make_dirs(node.state_dir)
+        if reader is None:
+            wait = node.config.get_duration('server', 'prune_wait')
+            return lock if lock.acquire(wait=wait) else None
+        wait = node.config.get_duration('server', 'command_timeout')
+        if lock.acquire(wait=wait, shared=True):
+            return lock
+    except PermissionError as e:
+        if reader is None:
+            raise
+        log.warning('%s of %s without the prune lock: %s', reader, client, e)
+        return lock
+    raise TransientError(f'{reader} of {client}: a prune (pid '
+                         f'{lock.holder()}) still holds its snapshots after '
+                         f'{wait} s; try again')
+
 
 def mail_client_admins(node, client, subject, body):
     """Mail [client NAME] admin, the extra admins of one client's
@@ -2076,14 +2165,25 @@ def prune_command(node, dry_run=False, out=sys.stdout):
                           f'{node.config.client_problems[client]}')
             continue
         retain = retention(node, client)
-        for source, backups in stored_backups(node, client).items():
-            directory = os.path.join(node.settings['data_dir'], client,
-                                     'files', source)
-            source_errors, source_removed, source_kept = prune_source(
-                directory, backups, retain, dry_run, verb, out)
-            errors += source_errors
-            removed += source_removed
-            kept += source_kept
+        # A dry run only reads: it shares the lock like the readers.
+        lock = client_data_lock(node, client,
+                                'prune --dry-run' if dry_run else None)
+        if lock is None:
+            out.write(f'skipped {client}: its snapshots are being read (a '
+                      f'drill, verify, restore or offsite) for longer than '
+                      f'prune_wait; the next prune removes what is due\n')
+            log.warning('prune: skipped %s: its snapshots are being read',
+                        client)
+            continue
+        with lock:
+            for source, backups in stored_backups(node, client).items():
+                directory = os.path.join(node.settings['data_dir'], client,
+                                         'files', source)
+                source_errors, source_removed, source_kept = prune_source(
+                    directory, backups, retain, dry_run, verb, out)
+                errors += source_errors
+                removed += source_removed
+                kept += source_kept
         pool = node.pool(client)
         states = pool.list()
         errors += prune_incoming(node, client, states, dry_run, out)
@@ -2119,7 +2219,10 @@ def prune_source(directory, backups, retain, dry_run, verb, out):
     for path in list(keep):
         for link in chains[path].links[:-1] if path in chains else []:
             keep.setdefault(link.path, f'base of {os.path.basename(path)}')
-    for backup in good:
+    # Newest arrival first: an increment always arrives after its base, so
+    # a chain goes from its newest link down, and a prune killed at any
+    # point never leaves a link without its base.
+    for backup in sorted(good, key=StoredBackup.sort_key, reverse=True):
         if backup.path in keep:
             kept += 1
             log.debug('keeping %s (%s)', backup.path,
@@ -2134,6 +2237,7 @@ def prune_source(directory, backups, retain, dry_run, verb, out):
             continue
         removed += 1
         out.write(f'{verb} {backup.path}\n')
+        core.pause_point('prune:removed')
     for backup in backups:
         if not backup.good or not backup.time:
             log.warning('%s: no readable manifest; not pruned (see '
@@ -2260,12 +2364,13 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     clients = [check_client_name(only_client)] if only_client else \
         known_clients(node)
     for client in clients:
-        for backups in stored_backups(node, client).values():
-            source_problems, source_files, source_hashes_only = \
-                verify_source(backups, restore, timeout, node.formats)
-            problems += source_problems
-            files += source_files
-            hashes_only += source_hashes_only
+        with client_data_lock(node, client, 'verify'):
+            for backups in stored_backups(node, client).values():
+                source_problems, source_files, source_hashes_only = \
+                    verify_source(backups, restore, timeout, node.formats)
+                problems += source_problems
+                files += source_files
+                hashes_only += source_hashes_only
         repo_problems, repo_count = fsck_client_repositories(node, client,
                                                              timeout)
         problems += repo_problems
@@ -2593,11 +2698,12 @@ def offsite_command(node, out=sys.stdout):
     totals, errors = [0, 0], []
     for client in known_clients(node):
         state = offsite_state(node, client, off.remote)
-        for step in (offsite_snapshots, offsite_mirrors):
-            copied, removed, failed = step(off, node, client, state, out)
-            totals[0] += copied
-            totals[1] += removed
-            errors += failed
+        with client_data_lock(node, client, 'offsite'):
+            for step in (offsite_snapshots, offsite_mirrors):
+                copied, removed, failed = step(off, node, client, state, out)
+                totals[0] += copied
+                totals[1] += removed
+                errors += failed
     for error in errors:
         log.error('offsite: %s', error)
     log.info('offsite to %s: %d copied and verified, %d removed, %d '
@@ -3024,12 +3130,14 @@ def restore_command(node, args, out=None):
             backup = fetch_offsite_snapshot(node, client, args, scratch)
             return restore_snapshot(node, client, [backup], backup, args,
                                     out)
-    backups = stored_backups(node, client).get(args.source)
-    if not backups:
-        raise RestoreError(f'nothing stored for {client} {args.source} '
-                           '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file)
-    return restore_snapshot(node, client, backups, backup, args, out)
+    with client_data_lock(node, client, 'restore'):
+        backups = stored_backups(node, client).get(args.source)
+        if not backups:
+            raise RestoreError(f'nothing stored for {client} {args.source} '
+                               '(see `server.py list`)')
+        backup = choose_snapshot(backups, args.source, args.at, args.file or (
+            (args.database or args.globals) and database_file(args)))
+        return restore_snapshot(node, client, backups, backup, args, out)
 
 
 def fetch_offsite_snapshot(node, client, args, scratch):
@@ -3051,10 +3159,55 @@ def fetch_offsite_snapshot(node, client, args, scratch):
     return backup
 
 
+def earlier_snapshots(backups, backup):
+    """(directory, manifest) of the good snapshots stored before backup
+    in backups (one source), oldest first."""
+    good = [b for b in backups if b.good]
+    before = good[:good.index(backup)] if backup in good else []
+    return [(b.path, b.manifest) for b in before]
+
+
+def database_file(args):
+    """The stored file restore --database/--globals start from."""
+    if args.database:
+        # Any name `all` dumped (spaces included): it only picks the file.
+        if not args.database.isprintable():
+            raise UsageError(f'--database {clean_text(args.database)!r}: '
+                             'not a database name')
+        return postgresdb.dump_file_name(args.database)
+    return postgresdb.GLOBALS_FILE
+
+
+def restore_database(node, client, backups, backup, args, out):
+    """--database NAME / --globals: one psql script (postgresdb
+    restore_script) that creates the roles, then the database exactly."""
+    if not args.stdout:
+        raise UsageError('restore --database/--globals: give --stdout and '
+                         'pipe it into psql (see --help)')
+    name = database_file(args)
+    check_hashes([backup], {name}, args.force)
+    try:
+        globals_path = postgresdb.snapshot_globals(
+            earlier_snapshots(backups, backup) + [(backup.path,
+                                                   backup.manifest)])
+    except ValueError as e:
+        raise RestoreError(str(e)) from None
+    if globals_path is None:
+        log.warning('%s %s: no globals.sql stored at or before %s: the '
+                    'roles must exist on the target', client, args.source,
+                    backup.name)
+    postgresdb.restore_script(
+        core.ModuleContext(node.config, 'server'), out,
+        f'{client} {args.source} {backup.name}', args.database,
+        args.database and os.path.join(backup.path, name), globals_path)
+
+
 def restore_snapshot(node, client, backups, backup, args, out):
     """Restore one chosen snapshot (its chain from backups)."""
     log.info('restoring %s %s %s', client, args.source, backup.name)
-    if args.file:
+    if args.database or args.globals:
+        restore_database(node, client, backups, backup, args, out)
+    elif args.file:
         restore_file(backup, args.file, args, out)
     elif archive_entry(backup):
         restore_archive(node, client, backups, backup, args, out)
@@ -3076,7 +3229,7 @@ class DrillContext(ModuleContext):
     way to extract a chain (checked against the manifests first)."""
 
     def __init__(self, node, client, path, manifest=None, chain=(),
-                 heads=()):
+                 heads=(), earlier=()):
         super().__init__(node.config, 'server')
         self.client = client
         self.snapshot = path
@@ -3084,6 +3237,13 @@ class DrillContext(ModuleContext):
         self.node_settings = node.settings
         self.heads = list(heads)
         self.chain = list(chain)
+        # The source's snapshots stored before this one, oldest first, as
+        # (directory, manifest): what a module may need beside it (the
+        # globals of an earlier `postgresdb all`).
+        self.earlier = list(earlier)
+        # Where a module registers what it starts (a scratch cluster), so
+        # that what a killed drill left is stopped by the next command.
+        self.scratch_registry = node.scratch_registry()
 
     def extract_chain(self, directory):
         """Check the sha256 of every link below the snapshot (the
@@ -3130,7 +3290,8 @@ def drill_snapshot(node, client, backups, backup, scratch):
         ctx = DrillContext(node, client, backup.path, backup.manifest,
                            chain=chain_to_extract(backups, backup)
                            if manifest_level(backup.manifest) or
-                           archive_entry(backup) else [backup])
+                           archive_entry(backup) else [backup],
+                           earlier=earlier_snapshots(backups, backup))
         found, detail = code.drill_stored(ctx, names, scratch)
         problems += found
         details.append(detail)
@@ -3178,6 +3339,7 @@ def drill_one(node, client, run_id, source, name, proof):
     """Run one proof in a scratch directory; its journal entry."""
     scratch = scratch_dir(node, client, 'drill')
     try:
+        core.pause_point('drill:reading')
         problems, detail, proven = proof(scratch)
     except (GitBackupError, OSError) as e:
         problems, detail, proven = [str(e)], '', False
@@ -3201,22 +3363,26 @@ def drill_command(node, only_client=None, out=sys.stdout):
     count = 0
     for client in clients:
         entries = []
-        for source, name, proof in drill_targets(node, client):
-            entry = drill_one(node, client, run_id, source, name, proof)
-            entries.append(entry)
-            word = drill_word(entry)
-            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
-            out.write(line + '\n')
-            (log.info if entry['ok'] else log.error)('drill %s', line,
-                                                     extra=core.FILE_ONLY)
-            if not entry['ok']:
-                failed.append(line)
+        with client_data_lock(node, client, 'drill'):
+            for source, name, proof in drill_targets(node, client):
+                entry = drill_one(node, client, run_id, source, name, proof)
+                entries.append(entry)
+                word = drill_word(entry)
+                line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+                out.write(line + '\n')
+                (log.info if entry['ok'] else log.error)(
+                    'drill %s', line, extra=core.FILE_ONLY)
+                if not entry['ok']:
+                    failed.append(line)
         Journal(os.path.join(node.settings['data_dir'], client,
                              DRILL_JOURNAL)).append(entries)
         count += len(entries)
     status = CRITICAL if failed else OK
+    # "checked", not "restored": without drill_postgres a dump is only
+    # read back, and each line says which proof it had.
     summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
-               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
+               f'checked, {len(failed)} failed: '
+               f'{STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
     log.info('%s', summary, extra=core.FILE_ONLY)
     if failed:
@@ -3291,6 +3457,9 @@ PROM_HELP = {
         'Stored backups of a source (git mirrors: successful fetches).',
     'gitbackup_failed_requests':
         'Failed requests of a source kept as X* in the pool.',
+    'gitbackup_newest_backup_warnings':
+        'Newest backups of a source stored with warnings (files the client '
+        'could not read; the rest is stored).',
     'gitbackup_pending_requests':
         'Requests of a source waiting in the pool (RQ* and P*).',
     'gitbackup_status':
@@ -3348,6 +3517,19 @@ def add_stored_rows(node, client, now, rows):
             if not chains[backup.path].whole:
                 r['broken_chain'] = \
                     f'{backup.name}: {chains[backup.path].problem}'
+            if backup.manifest.get('warning_count'):
+                r.setdefault('stored_warnings', []).append(
+                    stored_warnings_text(backup))
+
+
+def stored_warnings_text(backup):
+    """The report's line on a newest backup stored with warnings (files
+    the client could not read; the rest is stored)."""
+    warned = [clean_text(w, 200) for w in
+              backup.manifest.get('warnings') or [] if isinstance(w, str)]
+    return (f'newest backup {backup.name} stored with '
+            f'{clean_text(backup.manifest["warning_count"])} warning(s): '
+            + '; '.join(warned[:3]))
 
 
 def add_mirror_rows(node, client, journal, rows):
@@ -3416,6 +3598,11 @@ def row_level(r, drill, now, stale):
     for note in r.get('clock', ()):
         level = max(level, WARNING if 'future' in note else OK)
         r['problems'].append(note)
+    for text in r.get('stored_warnings', ()):
+        # Stored, but without what the client could not read: until a
+        # backup without warnings replaces it.
+        level = max(level, WARNING)
+        r['problems'].append(text)
     if r.get('broken_chain'):
         # The newest backup cannot be restored: as bad as none.
         level = CRITICAL
@@ -3840,6 +4027,8 @@ def report_prometheus(report):
             samples['gitbackup_failed_requests'].append((labels, r['failed']))
             samples['gitbackup_pending_requests'].append(
                 (labels, r['pending']))
+            samples['gitbackup_newest_backup_warnings'].append(
+                (labels, len(r.get('stored_warnings', ()))))
             samples['gitbackup_status'].append(
                 (labels, STATUS_NAMES.index(r['status'])))
             if r.get('last_drill'):
@@ -4849,7 +5038,12 @@ def operations_parsers(command):
                 'verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
-                'git/**/.<name>.git.incoming).  Every removal is printed.')
+                'git/**/.<name>.git.incoming).  Every removal is printed.\n'
+                'A chain goes from its newest link down (a prune killed '
+                'midway leaves no\nincrement without its base).  A client '
+                'whose snapshots a drill, verify,\nrestore or offsite is '
+                'reading is waited for ([server] prune_wait), then\nskipped '
+                '(and said so).')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     p = command('verify', 're-hash stored files, git fsck, sample restore '
@@ -4959,9 +5153,15 @@ def restore_parsers(command):
                 '--stdout writes one tar stream:\n'
                 '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
                 '-C /srv/restore\n'
+                '  a database, exactly (roles first, then the database '
+                'with its owner,\n    encoding, locale, settings and ACL): '
+                '--database NAME --stdout | psql\n'
+                '      server.py restore c1 postgresdb --database shop '
+                '--stdout |\n'
+                '          ssh root@c1 sudo -u postgres psql -X -d postgres\n'
+                '    (--globals --stdout alone: the roles and tablespaces, '
+                'for a whole cluster)\n'
                 '  one file (a dump, globals.sql): --file NAME --stdout\n'
-                '      server.py restore c1 postgresdb --file shop.dump '
-                '--stdout | ssh c1 pg_restore -d shop\n'
                 '  git mirror (source git/<path>): --to DIR clones every ref '
                 '(refs/preserved/*\n    included), --stdout writes a git '
                 'bundle.\n'
@@ -4979,6 +5179,13 @@ def restore_parsers(command):
                    'snapshot')
     p.add_argument('--path', metavar='SUBDIR', help='only this directory '
                    'of an archive')
+    p.add_argument('--database', metavar='NAME', help='postgresdb: a psql '
+                   'script that creates the roles, then the database NAME '
+                   'exactly as it was (owner, encoding, locale, settings, '
+                   'ACL); with --stdout')
+    p.add_argument('--globals', action='store_true', help='postgresdb: '
+                   'only the roles and tablespaces (globals.sql), for a '
+                   'whole-cluster restore; with --stdout')
     p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
                    'may exist if empty)')
     p.add_argument('--stdout', action='store_true',
@@ -4999,9 +5206,11 @@ def drill_parser(command):
                 'archive is restored\n(its chain) and compared with the '
                 'listing the client made (names, types,\nsizes); every dump '
                 'is restored into a scratch PostgreSQL cluster when\n'
-                '[server] drill_postgres names the server programs, and its '
-                'row counts compared\nwith the client\'s statistics (else '
-                'read back with pg_restore --list); every\ngit mirror is '
+                '[server] drill_postgres names the server programs (roles '
+                'of the globals first,\nthe dump by a role that is no '
+                'superuser, over a private socket), and its\nrow counts '
+                'must equal the exact counts the client took (else read '
+                'back with\npg_restore --list); every git mirror is\n'
                 'cloned, fsck\'d and must hold every tip the client '
                 'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
                 '(report shows them); failures\nare printed with the '
@@ -5033,6 +5242,7 @@ def gate_exec(node, client):
 
 
 def run_cron(node):
+    node.reap_scratch()
     return core.exclusive(
         node.settings['log_dir'], 'run',
         lambda: 1 if core.failures(node.run()) else 0,
@@ -5062,7 +5272,7 @@ COMMANDS = {
     # -- list, restore, drill
     'list': lambda n, a: list_command(n, a.client, a.source, a.format),
     'restore': lambda n, a: restore_command(n, a),
-    'drill': lambda n, a: drill_command(n, a.client),
+    'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused

@@ -26,6 +26,7 @@ What lives here, once:
 """
 
 import argparse
+import base64
 import configparser
 import contextlib
 import datetime
@@ -107,6 +108,10 @@ SCHEMA = {
         'pg_host': '',
         'pg_port': '',
         'pg_user': '',
+        # Row counts beside each dump, for the node's drill: exact (count(*)
+        # in the dump's own snapshot: a second scan of every table) or
+        # estimate (the statistics collector's: free, but no proof).
+        'pg_row_counts': 'exact',
         'export_keep': '7d',
         'keep_requests': '30d',
         'max_attempts': '5',
@@ -142,6 +147,9 @@ SCHEMA = {
         # reads them back with pg_restore --list.
         'drill_postgres': '',
         'keep_requests': '90d',
+        # How long prune waits for a drill, verify, restore or offsite
+        # reading a client's snapshots before it skips that client.
+        'prune_wait': '1m',
         'quota': '0',
         'bwlimit': '0',
         'free_space_floor': '1G',
@@ -222,7 +230,8 @@ TYPES = {
         number=('max_attempts', 'max_batch', 'compression_threads')),
     'server': _typed(
         duration=('alert_after', 'stale_after', 'keep_requests',
-                  'command_timeout', 'connect_timeout', 'stall_timeout'),
+                  'command_timeout', 'connect_timeout', 'stall_timeout',
+                  'prune_wait'),
         size=('quota', 'free_space_floor', 'max_push_size'),
         number=('max_attempts', 'keep_daily', 'keep_weekly', 'keep_monthly',
                 'bwlimit', 'max_request_size', 'max_requests_per_push',
@@ -235,6 +244,9 @@ TYPES = {
     'offsite': _typed(number=('transfers',)),
     'mail': {},
 }
+# Keys with a fixed set of values.
+CHOICE_KEYS = {'pg_row_counts': ('exact', 'estimate'),
+               'priority': tuple(PRIORITIES)}
 
 
 # --------------------------------------------------------------------------
@@ -265,7 +277,8 @@ class CommandFailed(GitBackupError):
         where = f' (in {cwd})' if cwd else ''
         lines = [f'{shell_line(self.args_list)}{where} exited with '
                  f'{returncode}']
-        lines += ['    ' + line for line in self.stderr.strip().splitlines()[-20:]]
+        lines += ['    ' + clean_text(line, 1000)
+                  for line in self.stderr.strip().splitlines()[-20:]]
         super().__init__('\n'.join(lines))
 
 
@@ -411,21 +424,23 @@ def shell_line(words):
 
 
 def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
-        stdout=subprocess.PIPE, text=True):
+        stdout=subprocess.PIPE, text=True, stdin=None):
     """Run a program (argument list, never a shell) and return the result.
 
     On failure raise CommandFailed quoting the command, cwd, exit status and
     stderr; a program that is not installed raises ToolMissing.  The
     program runs in a session of its own, so a timeout kills it and
     everything it started (ssh under git or sftp), never leaving a
-    connection behind.
+    connection behind.  stdin: an open file to read instead of input (so
+    that a program run as another account reads just that file).
     """
     log.debug('running: %s', shell_line(args))
     kwargs = {'encoding': 'utf-8', 'errors': 'surrogateescape'} if text else {}
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout,
                                 stderr=subprocess.PIPE,
-                                stdin=subprocess.PIPE if input is not None
+                                stdin=stdin if stdin is not None else
+                                subprocess.PIPE if input is not None
                                 else subprocess.DEVNULL,
                                 start_new_session=True, **kwargs)
     except FileNotFoundError:
@@ -810,42 +825,102 @@ def human_size(n):
         n /= 1024
 
 
-def clean_text(text, limit=300):
-    """Make untrusted text safe for one log line: line breaks become
-    ' | ', tabs a space (git and ssh indent with them), other control
-    characters '?'."""
-    text = ' | '.join(line for line in str(text).replace('\t', ' ')
-                      .splitlines() if line)
-    text = ''.join(c if c.isprintable() else '?' for c in text)
-    return text if len(text) <= limit else text[:limit] + '...'
+def clean_text(text, limit=300, lines=False):
+    """The one cleaner of text from another host (stderr of git, ssh and
+    sftp, results, listings, dump names) before it reaches a terminal, a
+    log or a mail: a tab becomes a space, every other control character
+    (escape sequences included) '?'.  Line breaks become ' | ' (one log
+    line), or with lines=True stay (a block, each line cleaned).  Cut at
+    limit characters (None: whole)."""
+    text = str(text).replace('\t', ' ')
+    if lines:
+        text = '\n'.join(''.join(c if c.isprintable() else '?' for c in line)
+                         for line in text.split('\n'))
+    else:
+        text = ' | '.join(line for line in text.splitlines() if line)
+        text = ''.join(c if c.isprintable() else '?' for c in text)
+    return text if limit is None or len(text) <= limit \
+        else text[:limit] + '...'
+
+
+class CleanFormatter(logging.Formatter):
+    """Every log line, on the terminal and in the file, passes clean_text:
+    a message that quotes another host's text cannot carry an escape
+    sequence, whichever path it took."""
+
+    def format(self, record):
+        return clean_text(super().format(record), None, lines=True)
+
+
+# A request stored with warnings (what a module could not back up, the
+# rest being stored) carries them to the node as warned=<base64url of the
+# lines>: at most this many lines of this many characters, so that the
+# request stays far below max_request_size.
+WARNINGS_SENT, WARNING_CHARS = 10, 300
+WARNED_RE = r'[A-Za-z0-9_-]{1,2200}={0,2}'
+
+
+def warning_text(line, limit=WARNING_CHARS):
+    """One warning line cleaned, and cut in the middle when too long: a
+    path too long keeps its start and what tar said of it."""
+    line = clean_text(line, len(line))
+    if len(line) <= limit:
+        return line
+    half = (limit - 5) // 2
+    return line[:half] + ' ... ' + line[-half:]
+
+
+def encode_warnings(lines):
+    """The warned= value of a request for these warning lines."""
+    text = '\n'.join(warning_text(line) for line in lines[:WARNINGS_SENT])
+    return base64.urlsafe_b64encode(
+        text.encode('utf-8', 'replace')).decode('ascii')
+
+
+def decode_warnings(value):
+    """The warning lines of a request's warned= (text from another host:
+    bounded and cleaned of control characters)."""
+    try:
+        raw = base64.urlsafe_b64decode(value.encode('ascii'))
+    except (ValueError, UnicodeError):
+        return ['(unreadable warned= value)']
+    lines = raw.decode('utf-8', 'replace').split('\n')[:WARNINGS_SENT]
+    return [warning_text(line) for line in lines if line]
 
 
 def pause_point(name):
     """Fault-injection hook for the crash tests: when $GITBACKUP_PAUSE_AT
     names this point (comma-separated list), stop here until killed, or
-    for $GITBACKUP_PAUSE_SECONDS and then go on."""
+    for $GITBACKUP_PAUSE_SECONDS, or until the file $GITBACKUP_PAUSE_UNTIL
+    exists, and then go on."""
     if name in os.environ.get('GITBACKUP_PAUSE_AT', '').split(','):
         log.warning('pausing at %s (GITBACKUP_PAUSE_AT)', name)
         seconds = float(os.environ.get('GITBACKUP_PAUSE_SECONDS') or 'inf')
+        until = os.environ.get('GITBACKUP_PAUSE_UNTIL')
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and \
+                not (until and os.path.exists(until)):
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 class Lock:
     """An flock(2) lock file.  The kernel drops it when its holder dies, so a
-    lock can never go stale; the file holds the pid for the humans."""
+    lock can never go stale; the file holds the pid for the humans.
+    ``acquire(shared=True)`` takes it shared: any number of readers at
+    once, none while an exclusive holder has it (and the pid in the file
+    stays the last exclusive holder's)."""
 
     def __init__(self, path):
         self.path = path
         self.fd = None
 
-    def acquire(self, wait=0.0):
+    def acquire(self, wait=0.0, shared=False):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
         deadline = time.monotonic() + wait
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -855,8 +930,9 @@ class Lock:
                     os.close(fd)
                     return False
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'{os.getpid()}\n'.encode())
         self.fd = fd
         return True
 
@@ -1377,9 +1453,9 @@ class Config:
                 elif types.get(key) == 'number' and \
                         not re.fullmatch(r'\d+', value):
                     raise ValueError(f'not a whole number: {value!r}')
-                elif key == 'priority' and value not in PRIORITIES:
-                    raise ValueError(f'one of {", ".join(PRIORITIES)}, not '
-                                     f'{value!r}')
+                elif key in CHOICE_KEYS and value not in CHOICE_KEYS[key]:
+                    raise ValueError(f'{value!r}: want one of '
+                                     + ', '.join(CHOICE_KEYS[key]))
             except ValueError as e:
                 raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
                                   f': [{section}] {key}: {e}') from None
@@ -1492,7 +1568,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
     handler.setLevel(logging.WARNING if quiet else
                      logging.DEBUG if verbose else logging.INFO)
     handler.addFilter(lambda record: not getattr(record, 'file_only', False))
-    handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
+    handler.setFormatter(CleanFormatter(f'{program}: %(message)s'))
     log.addHandler(handler)
     path = os.path.join(log_dir or '.', log_name or f'{program}.log')
     if log_dir and (create or os.path.isdir(log_dir)):
@@ -1509,7 +1585,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
             log.warning('cannot write the log file in %s: %s', log_dir, e)
         else:
             handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-            handler.setFormatter(logging.Formatter(
+            handler.setFormatter(CleanFormatter(
                 '%(asctime)s [%(process)d] %(levelname)s %(message)s'))
             log.addHandler(handler)
 
@@ -1549,6 +1625,9 @@ def mail_admins(config, section, subject, body, admins=None):
         log.info('no admin configured in [%s]; not mailing: %s', section,
                  subject)
         return False
+    # Mail bodies quote other hosts' text (stderr, results): cleaned here,
+    # once for every mail.
+    subject, body = clean_text(subject, 300), clean_text(body, None, True)
     try:
         how = sendmail.send(subject, body, admins, config.section('mail'),
                             config.section(section)['log_dir'])
