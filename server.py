@@ -1894,10 +1894,7 @@ class Node:
         except OSError as e:
             return [core.problem(f'{client}: {key}: stored, but recording '
                                  f'it failed: {e}')]
-        # Stored, and something the admins must hear of (a module's
-        # 'warnings': e.g. a client that rewrote its git history).
-        return [core.notice(f'{client}: {key}: stored; {clean_text(w, 2000)}')
-                for w in result.get('warnings') or []]
+        return []
 
     def outcome(self, record, client, key, error):
         """Record a request's outcome (give_up, wait or failed).  If that
@@ -5244,8 +5241,7 @@ def gate_exec(node, client):
 def run_cron(node):
     node.reap_scratch()
     return core.exclusive(
-        node.settings['log_dir'], 'run',
-        lambda: 1 if core.failures(node.run()) else 0,
+        node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
         2 * node.config.get_duration('server', 'command_timeout'))
 
 

@@ -390,21 +390,6 @@ def problem(text, mail=True):
     return Problem(text, mail)
 
 
-def notice(text):
-    """News of a run that worked, for the admins' mail (a client that
-    rewrote its git history): mailed with the problems, but not a failure
-    of the run (its exit status stays 0) nor on stderr under -q."""
-    log.info('%s', text)
-    news = Problem(text, True)
-    news.notice = True
-    return news
-
-
-def failures(problems):
-    """The problems that fail a run (not the notices)."""
-    return [p for p in problems if not getattr(p, 'notice', False)]
-
-
 def mail_summary(config, section, subject, problems, admins=None):
     """Mail the problems worth a mail, if any."""
     worth = [p for p in problems if getattr(p, 'mail', True)]

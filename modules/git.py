@@ -823,9 +823,12 @@ def handle(ctx, rest):
     ctx.log.info('%s: mirrored %s into %s (%d refs%s)', ctx.client, url,
                  mirror, len(refs),
                  f', {len(preserved)} preserved' if preserved else '')
+    # Stored with warnings (mailed once with the run, as for files a
+    # client could not read): what the admins must hear of.
+    warnings = mirror_warnings(mirror, preserved, skipped)
     return {'stored': mirror, 'refs': len(refs), 'preserved': preserved,
-            'heads': heads, 'warnings': mirror_warnings(
-                mirror, preserved, skipped)}
+            'heads': heads, 'warnings': warnings,
+            'warning_count': len(warnings)}
 
 
 def mirror_warnings(mirror, preserved, skipped):
