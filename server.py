@@ -63,6 +63,7 @@ import base64
 import concurrent.futures
 import configparser
 import datetime
+import fnmatch
 import hashlib
 import html
 import json
@@ -82,6 +83,7 @@ if sys.version_info < (3, 9):
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules import _tarlisting as tarlisting  # noqa: E402
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -2805,6 +2807,228 @@ def list_command(node, client=None, source=None, fmt='text',
         out.write(list_text(entries))
     return 0
 
+# -- browse: find, ls, diff -------------------------------------------------
+# What a snapshot holds, read from what the node already has, nothing
+# extracted: an archive's listing and, for an increment, its directory
+# records (modules/_tarlisting.py: ONE listing model, also what the drill
+# compares a restored tree with); any other snapshot's manifest.
+
+
+def link_paths(backup):
+    """(listing, archive) paths of an archive snapshot."""
+    archive = os.path.join(backup.path, archive_entry(backup)['name'])
+    return archive + LISTING_SUFFIX, archive
+
+
+class SourceTrees:
+    """The trees the snapshots of one source restore, each computed once
+    from its base's tree: an archive's by applying its link of the chain
+    (tarlisting.apply_link), any other snapshot's from its manifest."""
+
+    def __init__(self, node, backups):
+        self.good = [b for b in backups if b.good and b.time]
+        self.timeout = node.config.get_duration('server', 'command_timeout')
+        self.done = {}
+
+    def tree(self, backup):
+        """({path: Entry}, {paths changed in this snapshot}).  RestoreError
+        for a broken chain, ListingError for a missing or bad listing."""
+        if backup.path not in self.done:
+            if archive_entry(backup):
+                self.archive_tree(backup)
+            else:
+                self.done[backup.path] = self.manifest_tree(backup)
+        return self.done[backup.path]
+
+    def archive_tree(self, backup):
+        tree = {}
+        for n, link in enumerate(restore_chain(self.good, backup)):
+            if link.path in self.done:
+                tree = self.done[link.path][0]
+                continue
+            listing, archive = link_paths(link)
+            if not os.path.isfile(listing):
+                raise tarlisting.ListingError(
+                    f'{link.name}: no listing recorded with its archive')
+            tree = dict(tree)
+            changed = tarlisting.apply_link(
+                tree, tarlisting.parse_listing(listing),
+                tarlisting.read_dumpdirs(archive, self.timeout) if n else None,
+                link.name)
+            self.done[link.path] = (tree, changed)
+
+    def manifest_tree(self, backup):
+        """The stored files as a flat tree; changed unless the previous
+        snapshot of the series stored the same bytes under the name."""
+        before = [b for b in self.good if b.series == backup.series and
+                  b.sort_key() < backup.sort_key()]
+        old = {f.get('name'): f.get('sha256') for f in
+               (before[-1].manifest['files'] if before else [])
+               if isinstance(f, dict)}
+        tree, changed = {}, set()
+        for f in backup.manifest['files']:
+            name = f.get('name') if isinstance(f, dict) else None
+            if not isinstance(name, str) or name.endswith(COMPANION_SUFFIXES):
+                continue
+            tree[name] = tarlisting.Entry(
+                path=name, kind='file', size=f.get('size'),
+                snapshot=backup.name)
+            if old.get(name) != f.get('sha256'):
+                changed.add(name)
+        return tree, changed
+
+
+def browse_path(path):
+    """PATH of ls, restore --path: relative to the source's root."""
+    found = tarlisting.member_path('./' + (path or '').strip('/'))
+    if found is None:
+        raise UsageError(f'{clean_text(path)!r}: want a path inside the '
+                         'backup, e.g. www/uploads')
+    return found
+
+
+def nearest_snapshot_holding(node, client, source, backup, path):
+    """The name of the snapshot of source nearest in time to backup whose
+    restored tree holds path (a file or a directory), or None."""
+    backups = stored_backups(node, client).get(source) or []
+    trees = SourceTrees(node, backups)
+    holding = []
+    for other in trees.good:
+        try:
+            if browse_path(path) in trees.tree(other)[0]:
+                holding.append(other)
+        except (GitBackupError, tarlisting.ListingError, OSError):
+            continue
+    if not holding:
+        return None
+    return min(holding, key=lambda b: (
+        abs((b.time - backup.time).total_seconds()), b.sort_key())).name
+
+
+def missing_path_error(node, client, source, backup, path):
+    """The error of a restore or ls asking for a path the snapshot does
+    not hold: it names the nearest snapshot that does."""
+    nearest = nearest_snapshot_holding(node, client, source, backup, path)
+    return RestoreError(
+        f'{source} {backup.name} holds no {clean_text(path)!r}; ' + (
+            f'the nearest snapshot that does is {nearest} (--at {nearest})'
+            if nearest else 'no snapshot of it does (see `server.py find`)'))
+
+
+def find_matches(node, client, pattern, source=None):
+    """(matches, problems): every snapshot in which a path matching the
+    shell pattern (against the path and its base name) exists."""
+    pattern = pattern.strip('/')
+    pattern = pattern[2:] if pattern.startswith('./') else pattern
+    matches, problems = [], []
+    for name, backups in stored_backups(node, client).items():
+        if source and name != source:
+            continue
+        trees = SourceTrees(node, backups)
+        for backup in trees.good:
+            try:
+                tree, changed = trees.tree(backup)
+            except (GitBackupError, tarlisting.ListingError, OSError) as e:
+                problems.append(f'{name} {backup.name}: {e}')
+                continue
+            for path in sorted(tree):
+                if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(
+                        path.rpartition('/')[2], pattern):
+                    matches.append({**tree[path].as_dict(), 'source': name,
+                                    'snapshot': backup.name,
+                                    'changed': path in changed})
+    return matches, problems
+
+
+def browse_json(rows, out):
+    out.write(json.dumps(rows, indent=1, sort_keys=True) + '\n')
+
+
+def shown(name):
+    """A name from a listing on a terminal: escaped as tar shows it."""
+    return tarlisting.escape_name(str(name))
+
+
+def entry_text(row):
+    """One path as ls and find print it (names cleaned for a terminal)."""
+    size = '-' if row['size'] is None else str(row['size'])
+    target = f' -> {shown(row["target"])}' if row.get('target') else ''
+    return (f'{row["type"]:<5} {row["mode"] or "-":>4} '
+            f'{shown(row["owner"] or "-"):<14} {size:>10} '
+            f'{row["mtime"] or "-":<20} {shown(row["path"])}{target}')
+
+
+def find_command(node, client, words, fmt='text', out=sys.stdout):
+    """server.py find CLIENT [SOURCE] PATTERN: 0 found, 1 nothing found or
+    a snapshot that could not be read."""
+    if len(words) not in (1, 2):
+        raise UsageError('find: give CLIENT [SOURCE] PATTERN')
+    source, pattern = (None, *words) if len(words) == 1 else words
+    matches, problems = find_matches(node, check_client_name(client),
+                                     pattern, source)
+    for problem in problems:
+        log.error('find: %s', clean_text(problem))
+    if fmt == 'json':
+        browse_json(matches, out)
+    else:
+        for row in matches:
+            out.write(f'{row["source"]} {row["snapshot"]} '
+                      f'{"changed" if row["changed"] else "same   "} '
+                      f'{entry_text(row)}\n')
+    return 1 if problems or not matches else 0
+
+
+def source_tree(node, client, source, at):
+    """(trees, backup, tree) of the snapshot --at picks (default newest)."""
+    backups = stored_backups(node, check_client_name(client)).get(source)
+    if not backups:
+        raise RestoreError(f'nothing stored for {client} {source} (see '
+                           '`server.py list`)')
+    trees = SourceTrees(node, backups)
+    backup = choose_snapshot(backups, source, at)
+    try:
+        return trees, backup, trees.tree(backup)[0]
+    except tarlisting.ListingError as e:
+        raise RestoreError(f'{source} {backup.name}: {e}') from None
+
+
+def ls_command(node, client, source, at=None, path=None, fmt='text',
+               out=sys.stdout):
+    """server.py ls: the tree the chain restores at --at, below PATH."""
+    trees, backup, tree = source_tree(node, client, source, at)
+    top = browse_path(path) if path else ''
+    if top and top not in tree:
+        raise missing_path_error(node, client, source, backup, path)
+    rows = [tree[p].as_dict() for p in sorted(tree)
+            if not top or p == top or p.startswith(top + '/')]
+    if fmt == 'json':
+        browse_json(rows, out)
+    else:
+        out.write(f'# {client} {source} {backup.name}: {len(rows)} '
+                  'entries\n' + ''.join(entry_text(r) + '\n' for r in rows))
+    return 0
+
+
+def diff_command(node, client, source, snap_a, snap_b, fmt='text',
+                 out=sys.stdout):
+    """server.py diff: + added, - removed, M changed from A to B."""
+    _, a, old = source_tree(node, client, source, snap_a)
+    _, b, new = source_tree(node, client, source, snap_b)
+    rows = []
+    for path in sorted(set(old) | set(new)):
+        change = '+' if path not in old else '-' if path not in new else \
+            'M' if not old[path].same_content(new[path]) else None
+        if change:
+            rows.append({'change': change, **(new.get(path) or
+                                              old[path]).as_dict()})
+    if fmt == 'json':
+        browse_json(rows, out)
+    else:
+        out.write(f'# {client} {source} {a.name} -> {b.name}\n' + ''.join(
+            f'{r["change"]} {shown(r["path"])}\n' for r in rows))
+    return 0
+
+
 # -- restore ----------------------------------------------------------------
 
 
@@ -2962,6 +3186,7 @@ def restore_archive(node, client, backups, backup, args, out):
     stream of the restored tree on stdout."""
     chain = restore_chain(backups, backup)
     check_hashes(chain, None, args.force)
+    check_paths_held(node, client, backups, backup, args.path)
     members = [member_path(args.path)] if args.path else []
     if args.stdout and len(chain) == 1 and not members and \
             'level' not in backup.manifest:
@@ -2980,6 +3205,26 @@ def restore_archive(node, client, backups, backup, args, out):
                  stdout=out.fileno(), text=False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_paths_held(node, client, backups, backup, paths):
+    """restore --path: every path must be in the tree the snapshot
+    restores, else an error naming the nearest snapshot that holds it,
+    before anything is written.  A snapshot whose listings cannot say is
+    left to the extraction."""
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    if not paths:
+        return
+    try:
+        tree = SourceTrees(node, backups).tree(backup)[0]
+    except (GitBackupError, tarlisting.ListingError, OSError) as e:
+        log.info('restore --path: %s: not checked against the listings: '
+                 '%s', backup.name, clean_text(e))
+        return
+    for path in paths:
+        if browse_path(path) not in tree:
+            raise missing_path_error(node, client, backup.source, backup,
+                                     path)
 
 
 def restore_file(backup, name, args, out):
@@ -3080,118 +3325,29 @@ def restore_snapshot(node, client, backups, backup, args, out):
 # -- drill ------------------------------------------------------------------
 
 
-# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
-# mode, owner/group, size (major,minor for devices), date, time, name.
-LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
-                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
-                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
-LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
-                 'p': 'fifo', 'c': 'char', 'b': 'block'}
-ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
-           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
 # A restored table with fewer than this fraction of the rows recorded at
 # dump time fails the drill (n_live_tup is an estimate, not a count).
 ROWS_FLOOR = 0.5
 
 
-def unescape_name(text):
-    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
-    out, i = bytearray(), 0
-    raw = text.encode('utf-8', 'surrogateescape')
-    while i < len(raw):
-        c = raw[i:i + 1]
-        if c == b'\\' and i + 1 < len(raw):
-            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
-            if octal:
-                out.append(int(octal.group(), 8))
-                i += 4
-                continue
-            nxt = chr(raw[i + 1])
-            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
-            i += 2
-            continue
-        out += c
-        i += 1
-    return os.fsdecode(bytes(out))
-
-
-def parse_listing(path):
-    """{relative name: (type, size or None)} of a listing file."""
-    entries = {}
-    with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        for line in f:
-            m = LISTING_RE.match(line.rstrip('\n'))
-            if not m:
-                continue
-            kind = LISTING_TYPES.get(m.group('type'), 'other')
-            name = m.group('name')
-            # A symlink's target and a hard link's original follow the
-            # name; names holding these words are too rare to guess for.
-            for sep in ((' -> ',) if kind == 'link' else
-                        (' link to ',) if m.group('type') == 'h' else ()):
-                name = name.split(sep, 1)[0]
-            name = unescape_name(name).rstrip('/')
-            name = name[2:] if name.startswith('./') else name
-            if name in ('', '.'):
-                continue
-            size = int(m.group('size')) if kind == 'file' and \
-                m.group('type') != 'h' else None
-            entries[name] = (kind, size)
-    return entries
-
-
-def restored_tree(top):
-    """{relative name: (type, size or None)} of a restored directory."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            mode = st.st_mode
-            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
-                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
-                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
-                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
-                else 'other'
-            found[os.path.relpath(path, top)] = (
-                kind, st.st_size if kind == 'file' else None)
-    return found
-
-
-def compare_listing(listing, tree, complete):
-    """Problems between what the client listed and what came back; an
-    increment's listing names only what changed (complete=False)."""
-    problems = []
-    for name, (kind, size) in sorted(listing.items()):
-        got = tree.get(name)
-        if got is None:
-            problems.append(f'{clean_text(name)}: missing')
-        elif got[0] != kind:
-            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
-        elif size is not None and got[1] != size:
-            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
-                            f'with {size}')
-    if complete:
-        problems += [f'{clean_text(name)}: not in the listing'
-                     for name in sorted(set(tree) - set(listing))]
-    return problems
-
-
 def drill_archive(node, client, backups, backup, scratch):
-    """Restore an archive (its chain) and hold it against its listing."""
+    """Restore an archive (its chain) and hold the restored tree against
+    the complete tree its chain's listings describe at that point."""
     chain = restore_chain(backups, backup)
     check_hashes(chain, None, force=False)
     extract_chain(chain, scratch)
-    entry = archive_entry(backup)
-    listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
-    if not os.path.exists(listing):
-        return [], f'{entry["name"]}: extracted; no listing recorded to ' \
-            'compare with'
-    tree = restored_tree(scratch)
-    problems = compare_listing(parse_listing(listing), tree,
-                               complete=len(chain) == 1)
-    return problems, f'{entry["name"]}: {len(tree)} entries match the ' \
-        'listing'
+    name = archive_entry(backup)['name']
+    if not all(os.path.isfile(link_paths(link)[0]) for link in chain):
+        return [], f'{name}: extracted; no listing recorded to compare with'
+    expected = SourceTrees(node, backups).tree(backup)[0]
+    # Owners are not compared: a drill restores them by number, while
+    # listings name them as the client's accounts do.
+    problems, compared = tarlisting.compare_tree(
+        scratch, expected, privileged=os.geteuid() == 0)
+    return [f'{clean_text(path)}: {problem}' for path, problem in problems], \
+        (f'{name}: {compared} of {len(expected)} entries the listings of '
+         f'{len(chain)} link(s) describe compared (type, size, mode, mtime, '
+         'xattrs): all match')
 
 
 class ScratchCluster:
@@ -3368,13 +3524,24 @@ def drill_targets(node, client):
     return targets
 
 
+def drill_failure_reason(error):
+    """The reason a proof stopped, in the words of its error (the type
+    for what is not one of ours, e.g. a malformed number)."""
+    if isinstance(error, (GitBackupError, OSError, tarlisting.ListingError)):
+        return str(error)
+    return f'{type(error).__name__}: {error}'
+
+
 def drill_one(node, client, run_id, source, name, proof):
     """Run one proof in a scratch directory; its journal entry."""
     scratch = scratch_dir(node, client, 'drill')
     try:
         problems, detail = proof(scratch)
-    except (GitBackupError, OSError) as e:
-        problems, detail = [str(e)], ''
+    except Exception as e:
+        # One bad snapshot is one failure: malformed listings, statistics
+        # or anything else a client sent fail this series, never the drill.
+        log.debug('drill %s %s %s', client, source, name, exc_info=True)
+        problems, detail = [drill_failure_reason(e)], ''
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {'source': source, 'snapshot': name, 'run': run_id,
@@ -4725,9 +4892,9 @@ and the post-update hook of every client repository <client>.git:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
-(could not check).  Commands that write (all but check, report, list and
-restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
-shares them through their setgid group (root too): exit 2.''')
+(could not check).  Commands that write (all but check, report, list,
+find, ls, diff and restore) refuse a user who neither owns todo_dir, data_dir
+and log_dir nor shares them through their setgid group (root too): exit 2.''')
     core.common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=core.VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
@@ -4744,6 +4911,7 @@ shares them through their setgid group (root too): exit 2.''')
     operations_parsers(command)
     offsite_and_retry_parsers(command)
     restore_parsers(command)
+    browse_parsers(command)
     drill_parser(command)
     return parser
 
@@ -4975,6 +5143,45 @@ def restore_parsers(command):
                    'checked), then restore it as above')
 
 
+def browse_parsers(command):
+    """The parsers of find, ls and diff (nothing is extracted)."""
+    p = command('find', 'which snapshots hold a path',
+                'Every snapshot in which a path matching the shell PATTERN '
+                'exists (matched\nagainst the path below the source\'s root '
+                'and against its base name):\nsource, snapshot, whether it '
+                'changed in that snapshot, type, mode, owner,\nsize, mtime, '
+                'path.  Read from listings and manifests, nothing extracted.'
+                '\n  server.py find c1 app \'report*.odt\'      a file a '
+                'user deleted: the\n                                        '
+                'newest snapshot listed holds it\n'
+                'Exit 0 found, 1 nothing found (or a snapshot could not be '
+                'read).')
+    p.add_argument('client')
+    p.add_argument('words', nargs='+', metavar='[SOURCE] PATTERN')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('ls', 'the tree a snapshot restores',
+                'The tree as the chain (full, then each increment, deletions '
+                'and renames\nincluded) restores it at --at (default: the '
+                'newest), below PATH.\n  server.py ls c1 app --at 2026-11-20 '
+                'www/uploads')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('path', nargs='?', metavar='PATH')
+    p.add_argument('--at', metavar='TIME', help='as for restore')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('diff', 'what changed between two snapshots',
+                'Paths added (+), removed (-) and changed (M: type, size, '
+                'mode, owner,\nmtime or link target) from SNAP_A to SNAP_B '
+                '(snapshot names or times as\nfor restore --at).\n'
+                '  server.py diff c1 app 2026-11-19 2026-11-20   what changed '
+                'last night')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('snap_a', metavar='SNAP_A')
+    p.add_argument('snap_b', metavar='SNAP_B')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+
+
 def drill_parser(command):
     """The parser of drill."""
     p = command('drill', 'restore the newest snapshot of every series and '
@@ -5046,11 +5253,17 @@ COMMANDS = {
     'list': lambda n, a: list_command(n, a.client, a.source, a.format),
     'restore': lambda n, a: restore_command(n, a),
     'drill': lambda n, a: drill_command(n, a.client),
+    'find': lambda n, a: find_command(n, a.client, a.words, a.format),
+    'ls': lambda n, a: ls_command(n, a.client, a.source, a.at, a.path,
+                                  a.format),
+    'diff': lambda n, a: diff_command(n, a.client, a.source, a.snap_a,
+                                      a.snap_b, a.format),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused
 # to a user who does not own the directories it writes (check_run_user).
-READING_COMMANDS = ('check', 'report', 'list', 'restore')
+READING_COMMANDS = ('check', 'report', 'list', 'restore', 'find', 'ls',
+                    'diff')
 
 
 def run_command(args):

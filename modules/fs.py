@@ -18,10 +18,31 @@ id>``); see ArchiveChain in client.py.
 import os
 import re
 import shlex
+import subprocess
 
 # Beside every archive: tar's verbose index of it (server.py's drill reads
 # files ending so as listings).
 LISTING_SUFFIX = '.listing'
+
+
+_full_time = {}
+
+
+def full_time_option(tar_command):
+    """['--full-time'] when tar lists seconds with it (GNU tar >= 1.27),
+    else [] (the node then compares no mtimes from the listing)."""
+    if tar_command not in _full_time:
+        try:
+            proc = subprocess.run(
+                shlex.split(tar_command) + ['--help'],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, timeout=30,
+                env=dict(os.environ, LC_ALL='C'))
+            _full_time[tar_command] = ['--full-time'] \
+                if b'--full-time' in proc.stdout else []
+        except (OSError, subprocess.TimeoutExpired):
+            _full_time[tar_command] = []
+    return _full_time[tar_command]
 
 
 def check_path(client, module, path):
@@ -44,15 +65,19 @@ def prepare(ctx, module, path):
     # The listing is tar's own verbose index, written while it archives
     # (no second read of the data): one `ls -l`-like line per member, names
     # escaped (\n, \\, octal) so that every name is one line.  The node's
-    # drill proves a restored tree against it (names, types, sizes).
+    # drill proves a restored tree against it, and find/ls/diff read it.
+    # --full-time in UTC gives the node mtimes to the second it can
+    # compare (tar prints local time, and minutes only without it).
     # None when [client] full_every = 0: every archive is full.
     chain = ctx.archive_chain(path)
     incremental = chain.start() if chain else []
     args = shlex.split(ctx.settings['tar_command']) + [
         '--create', '--file=-', '--sparse', *options, *incremental,
         '--verbose', '--verbose', '--quoting-style=escape',
+        *full_time_option(ctx.settings['tar_command']),
         f'--index-file={listing}.part', f'--directory={path}', '.']
-    status, stderr = ctx.stream_command_to_file(args, archive)
+    status, stderr = ctx.stream_command_to_file(
+        args, archive, env=dict(os.environ, TZ='UTC'))
     # GNU tar: 1 = some files changed while being read (a live system);
     # the archive is still good.  2 = fatal.
     if status == 1:

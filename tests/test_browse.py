@@ -1,0 +1,334 @@
+"""Find and browse what a node holds, and a drill that proves the whole
+tree (issue 22 items 5 and 7, issue 21 item 6): a real full and two
+increments through the pipeline with every kind of change (add, modify,
+delete, rename a file and a directory, hard links, a symlink become a
+directory); `find`, `ls` and `diff` read from the listings match the
+source tree at each point; `restore --path` of a path the snapshot does
+not hold names the nearest snapshot that does; the drill compares every
+entry of the chain's tree and fails when a middle link's listing no
+longer matches; one bad snapshot is one drill failure."""
+
+import calendar
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+import unittest
+
+from tests import support
+from tests.modules_pipeline import PostgresMixin
+from tests.pipeline import CLIENT, Pipeline
+from tests.test_restore import ClassCase
+
+
+def write(path, text, mode=0o644):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def make_tree(root):
+    write(os.path.join(root, 'keep.txt'), 'kept\n' * 50)
+    write(os.path.join(root, 'change.txt'), 'before\n')
+    write(os.path.join(root, 'delete.txt'), 'deleted later\n')
+    write(os.path.join(root, 'old name.txt'), 'renamed later\n')
+    write(os.path.join(root, 'run.sh'), '#!/bin/sh\n', 0o755)
+    write(os.path.join(root, 'sub', 'deep', 'x.txt'), 'deep\n')
+    write(os.path.join(root, 'olddir', 'y.txt'), 'dir renamed later\n')
+    write(os.path.join(root, 'odd\nname \\ here'), 'odd\n', 0o600)
+    os.makedirs(os.path.join(root, 'empty'))
+    os.symlink('sub/deep/x.txt', os.path.join(root, 'link'))
+    os.link(os.path.join(root, 'keep.txt'), os.path.join(root, 'hard'))
+
+
+def first_changes(root):
+    """Modify, delete, add, rename a file and a directory, a new hard
+    link pair, a changed mode."""
+    write(os.path.join(root, 'change.txt'), 'after, and longer\n')
+    os.unlink(os.path.join(root, 'delete.txt'))
+    os.rename(os.path.join(root, 'old name.txt'),
+              os.path.join(root, 'new name.txt'))
+    os.rename(os.path.join(root, 'olddir'), os.path.join(root, 'newdir'))
+    write(os.path.join(root, 'sub', 'added.txt'), 'new\n')
+    os.link(os.path.join(root, 'sub', 'added.txt'),
+            os.path.join(root, 'sub', 'hard2'))
+    os.chmod(os.path.join(root, 'run.sh'), 0o700)
+
+
+def second_changes(root):
+    """A directory deleted, a symlink replaced by a directory, a file
+    added in a renamed directory."""
+    shutil.rmtree(os.path.join(root, 'sub', 'deep'))
+    os.unlink(os.path.join(root, 'link'))
+    write(os.path.join(root, 'link', 'inside.txt'), 'was a symlink\n')
+    write(os.path.join(root, 'newdir', 'z.txt'), 'z\n')
+
+
+def source_state(root):
+    """{path: (type, size of a file, mode, mtime in s, link target)}."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            kind = 'dir' if stat.S_ISDIR(st.st_mode) else 'link' if \
+                stat.S_ISLNK(st.st_mode) else 'file'
+            state[os.path.relpath(path, root)] = (
+                kind, st.st_size if kind == 'file' else None,
+                None if kind == 'link' else stat.S_IMODE(st.st_mode),
+                int(st.st_mtime),
+                os.readlink(path) if kind == 'link' else None)
+    return state
+
+
+def listed_state(rows):
+    """ls --format json rows in source_state's shape."""
+    return {r['path']: (
+        r['type'], r['size'], None if r['type'] == 'link' else
+        int(r['mode'], 8), calendar.timegm(time.strptime(
+            r['mtime'], '%Y-%m-%dT%H:%M:%SZ')),
+        r['target']) for r in rows}
+
+
+def set_server_option(p, text):
+    with open(p.config) as f:
+        config = f.read()
+    with open(p.config, 'w') as f:
+        f.write(config.replace('[server]\n', '[server]\n' + text, 1))
+
+
+def rewrite_stored(snap, name, change):
+    """Change one stored file and its manifest entry alike (so that only
+    a comparison of contents, not a re-hash, can tell)."""
+    path = os.path.join(snap, name)
+    with open(path, 'rb') as f:
+        data = change(f.read())
+    with open(path, 'wb') as f:
+        f.write(data)
+    with open(os.path.join(snap, 'manifest.json')) as f:
+        manifest = json.load(f)
+    for entry in manifest['files']:
+        if entry['name'] == name:
+            entry.update(sha256=hashlib.sha256(data).hexdigest(),
+                         size=len(data))
+    with open(os.path.join(snap, 'manifest.json'), 'w') as f:
+        json.dump(manifest, f)
+
+
+def backup_chain(p, src):
+    """A full and two increments of src through the pipeline; the source
+    state after each, and the snapshot names."""
+    states = []
+    for change in (make_tree, first_changes, second_changes):
+        change(src)
+        states.append(source_state(src))
+        p.client('commit', 'app', src)
+        p.client('send')
+        p.server('run')
+        p.client('send')        # the client learns it was stored
+    snaps = [os.path.basename(s) for s in p.stored('app')]
+    levels = [json.loads(p.server('list', CLIENT, 'app', '--format',
+                                  'json').stdout)[n]['level'] for n in
+              range(3)]
+    assert levels == [0, 1, 2], levels
+    return states, snaps
+
+
+class BrowseTest(unittest.TestCase):
+    """One pipeline with a three-link chain, read every way."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.p = Pipeline(ClassCase(cls))
+        cls.src = os.path.join(cls.p.root, 'src')
+        cls.states, cls.snaps = backup_chain(cls.p, cls.src)
+
+    def server(self, *args, check=True):
+        return self.p.server(*args, check=check)
+
+    def json(self, *args):
+        return json.loads(self.server(*args, '--format', 'json').stdout)
+
+    def test_ls_at_each_point_is_the_source_tree_then(self):
+        for snap, state in zip(self.snaps, self.states):
+            rows = self.json('ls', CLIENT, 'app', '--at', snap)
+            self.assertEqual(listed_state(rows), state, snap)
+        # The default is the newest; text names every entry.
+        out = self.server('ls', CLIENT, 'app').stdout
+        self.assertIn(f'{self.snaps[2]}: {len(self.states[2])} entries', out)
+        self.assertIn('link/inside.txt', out)
+        self.assertIn('odd\\nname \\\\ here', out)      # one line each
+
+    def test_ls_path_and_a_path_the_snapshot_does_not_hold(self):
+        rows = self.json('ls', CLIENT, 'app', 'newdir')
+        self.assertEqual([r['path'] for r in rows],
+                         ['newdir', 'newdir/y.txt', 'newdir/z.txt'])
+        proc = self.server('ls', CLIENT, 'app', 'delete.txt', check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(f'the nearest snapshot that does is {self.snaps[0]}',
+                      proc.stderr)
+
+    def test_find_by_base_name_and_path(self):
+        rows = self.json('find', CLIENT, 'app', 'delete.txt')
+        self.assertEqual([(r['snapshot'], r['path'], r['changed'])
+                          for r in rows],
+                         [(self.snaps[0], 'delete.txt', True)])
+        # x.txt: stored in the full, unchanged in the first increment,
+        # gone with its directory in the second.
+        rows = self.json('find', CLIENT, 'x.txt')
+        self.assertEqual([(r['source'], r['snapshot'], r['path'],
+                           r['changed'], r['size']) for r in rows],
+                         [('app', self.snaps[0], 'sub/deep/x.txt', True, 5),
+                          ('app', self.snaps[1], 'sub/deep/x.txt', False, 5)])
+        rows = self.json('find', CLIENT, 'app', 'newdir/*')
+        self.assertEqual(sorted((r['snapshot'], r['path']) for r in rows), [
+            (self.snaps[1], 'newdir/y.txt'), (self.snaps[2], 'newdir/y.txt'),
+            (self.snaps[2], 'newdir/z.txt')])
+        rows = self.json('find', CLIENT, 'app', 'hard2')
+        self.assertEqual([r['size'] for r in rows], [4, 4])
+        proc = self.server('find', CLIENT, 'no-such-file', check=False)
+        self.assertEqual((proc.returncode, proc.stdout), (1, ''))
+        text = self.server('find', CLIENT, 'app', 'change.txt').stdout
+        self.assertIn(f'app {self.snaps[1]} changed file', text)
+
+    def expected_diff(self, a, b):
+        old, new = self.states[a], self.states[b]
+        return sorted(
+            [('+', p) for p in new if p not in old] +
+            [('-', p) for p in old if p not in new] +
+            [('M', p) for p in old if p in new and old[p] != new[p]],
+            key=lambda c: c[1])
+
+    def test_diff_is_the_changes_made(self):
+        for a, b in ((0, 1), (1, 2), (0, 2)):
+            rows = self.json('diff', CLIENT, 'app', self.snaps[a],
+                             self.snaps[b])
+            self.assertEqual([(r['change'], r['path']) for r in rows],
+                             self.expected_diff(a, b), (a, b))
+        text = self.server('diff', CLIENT, 'app', self.snaps[0],
+                           self.snaps[1]).stdout
+        for line in ('+ new name.txt', '- old name.txt', '- delete.txt',
+                     'M change.txt', '+ newdir/y.txt', '- olddir',
+                     '+ sub/hard2'):
+            self.assertIn('\n' + line + '\n', text)
+
+    def test_restore_path_names_the_nearest_snapshot_holding_it(self):
+        out = os.path.join(self.p.root, 'out-missing')
+        proc = self.server('restore', CLIENT, 'app', '--path', 'delete.txt',
+                           '--to', out, check=False)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn(f'holds no \'delete.txt\'; the nearest snapshot that '
+                      f'does is {self.snaps[0]}', proc.stderr)
+        self.assertFalse(os.path.exists(out))
+
+
+class ChainDrillTest(unittest.TestCase):
+    """The drill of a chain compares every entry the listings describe."""
+
+    def test_drill_compares_every_entry_and_catches_a_middle_listing(self):
+        p = Pipeline(self)
+        src = os.path.join(p.root, 'src')
+        states, snaps = backup_chain(p, src)
+        proc = p.server('drill')
+        entries = len(states[2])
+        self.assertIn(f'ok: {CLIENT} app {snaps[2]}: ', proc.stdout)
+        self.assertIn(f': {entries} of {entries} entries the listings of 3 '
+                      'link(s) describe compared', proc.stdout)
+        # The middle link's listing says 'new name.txt' (unchanged since,
+        # so not in the newest listing) had another size and mode.
+        middle = p.stored('app')[1]
+        [listing] = [n for n in os.listdir(middle) if n.endswith('.listing')]
+
+        def tamper(data):
+            lines = data.split(b'\n')
+            for n, line in enumerate(lines):
+                if line.endswith(b' ./new name.txt'):
+                    lines[n] = line.replace(b'-rw-r--r--', b'-rw-------') \
+                        .replace(b' 14 ', b' 15 ')
+            return b'\n'.join(lines)
+
+        rewrite_stored(middle, listing, tamper)
+        proc = p.server('drill', check=False)
+        self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+        self.assertIn(f'FAILED: {CLIENT} app {snaps[2]}: ', proc.stdout)
+        self.assertIn('new name.txt: 14 bytes, listed with 15', proc.stdout)
+        self.assertIn('new name.txt: mode 0644, listed as 0600', proc.stdout)
+
+
+class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
+    """A malformed listing (client a0) and a non-numeric row count
+    (client b0) are each their series' failure, with the reason, in the
+    journal and the mail; c1, drilled after them, passes."""
+
+    @classmethod
+    def create_data(cls, cluster):
+        cluster.psql('CREATE DATABASE shop')
+        cluster.psql('CREATE TABLE items (id int); INSERT INTO items '
+                     'VALUES (1), (2)', db='shop')
+
+    def setUp(self):
+        support.require_tools('pg_dump', 'pg_restore', 'psql')
+
+    def test_bad_listing_and_bad_statistics_fail_only_their_series(self):
+        p = Pipeline(self)
+        set_server_option(p, f'drill_postgres = {support.pg_bindir()}\n')
+        src = os.path.join(p.root, 'src')
+        make_tree(src)
+        p.client('commit', 'app', src)
+        p.client('send')
+        p.server('run')
+        data = os.path.join(p.node_dir, 'data')
+        shutil.copytree(os.path.join(data, CLIENT, 'files'),
+                        os.path.join(data, 'a0', 'files'), symlinks=True)
+        [snap] = [os.path.join(data, 'a0', 'files', 'app', n) for n in
+                  os.listdir(os.path.join(data, 'a0', 'files', 'app'))]
+        [listing] = [n for n in os.listdir(snap) if n.endswith('.listing')]
+        rewrite_stored(snap, listing, lambda d: d.replace(
+            b'         5 ', b'        5x ', 1))
+        self.store_dump_with_bad_statistics(os.path.join(
+            data, 'b0', 'files', 'postgresdb', '20260101T000000Z'))
+        proc = p.server('drill', check=False)
+        self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
+        self.assertNotIn('Traceback', proc.stdout + proc.stderr)
+        lines = proc.stdout.splitlines()
+        self.assertRegex(lines[0], r'^FAILED: a0 app \S+: .*\.listing line '
+                         r'[0-9]+: not a member line')
+        self.assertRegex(lines[1], r'^FAILED: b0 postgresdb 20260101T000000Z'
+                         r': ValueError: .*many')
+        self.assertRegex(lines[2], rf'^ok: {CLIENT} app ')
+        self.assertIn('3 snapshot(s) and mirror(s) restored, 2 failed',
+                      lines[3])
+        for client, ok in (('a0', False), ('b0', False), (CLIENT, True)):
+            with open(os.path.join(data, client, 'drills.jsonl')) as f:
+                [entry] = [json.loads(line) for line in f]
+            self.assertEqual(entry['ok'], ok, entry)
+        [mail] = [m for m in p.mails() if 'drill' in str(m['Subject'])]
+        body = mail.get_content()
+        self.assertIn('not a member line', body)
+        self.assertIn('ValueError', body)
+
+    def store_dump_with_bad_statistics(self, snap):
+        os.makedirs(snap)
+        dump = os.path.join(snap, 'shop.dump')
+        self.pg('pg_dump', '-Fc', '-f', dump, 'shop')
+        with open(dump + '.stats.json', 'w') as f:
+            json.dump({'tables': [{'schema': 'public', 'table': 'items',
+                                   'rows': 'many'}]}, f)
+        files = []
+        for name in ('shop.dump', 'shop.dump.stats.json'):
+            with open(os.path.join(snap, name), 'rb') as f:
+                data = f.read()
+            files.append({'name': name, 'size': len(data),
+                          'sha256': hashlib.sha256(data).hexdigest()})
+        with open(os.path.join(snap, 'manifest.json'), 'w') as f:
+            json.dump({'client': 'b0', 'source': 'postgresdb',
+                       'stored': '2026-01-01T00:00:00Z', 'files': files,
+                       'request_id': '20260101T000000.000000Z-1-1'}, f)
+
+
+if __name__ == '__main__':
+    unittest.main()
