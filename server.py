@@ -84,6 +84,7 @@ if sys.version_info < (3, 9):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules import _tarlisting as tarlisting  # noqa: E402
+from modules import git as git_module  # noqa: E402
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -3244,21 +3245,84 @@ def git_safe(mirror):
     return [*core.git_program(), '-c', f'safe.directory={mirror}']
 
 
-def restore_git(mirror, args, out):
+def restore_git(node, client, mirror, args, out):
     """A mirror: --to DIR clones it with every ref (refs/preserved/*
-    included: --mirror copies all of refs/), --stdout writes a bundle."""
-    if args.stdout:
+    included: --mirror copies all of refs/), --stdout writes a bundle.
+    With --at, the refs are those the mirror had then (mirror_refs_then)."""
+    then = mirror_refs_then(mirror, args.at) \
+        if args.at and args.at != GIT_SNAPSHOT else None
+    if args.stdout and then is None:
         out.flush()
         core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
                   'create', '-', '--all'], stdout=out.fileno(), text=False)
         return
-    target = prepare_target(args.to)
-    core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
-              '--no-hardlinks', '--', mirror, target])
-    # The clone is a copy, not a mirror of the node: fetching into it must
-    # not prune what it restored.
-    core.run([*core.git_program(), f'--git-dir={target}', 'config',
-              '--unset', 'remote.origin.mirror'], check=False)
+    scratch = None if args.to else scratch_dir(node, client, 'restore')
+    target = prepare_target(args.to) if args.to else \
+        os.path.join(scratch, 'mirror.git')
+    try:
+        core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
+                  '--no-hardlinks', '--', mirror, target])
+        # The clone is a copy, not a mirror of the node: fetching into it
+        # must not prune what it restored.
+        core.run([*core.git_program(), f'--git-dir={target}', 'config',
+                  '--unset', 'remote.origin.mirror'], check=False)
+        if then is not None:
+            set_refs(target, then)
+        if args.stdout:
+            out.flush()
+            core.run([*core.git_program(), f'--git-dir={target}', 'bundle',
+                      'create', '-', '--all'], stdout=out.fileno(),
+                     text=False)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def repository_refs(repo):
+    """{ref: tip} of every ref of a repository."""
+    out = core.run([*git_safe(repo), f'--git-dir={repo}', 'for-each-ref',
+                    '--format=%(objectname) %(refname)']).stdout
+    return {ref: sha for sha, _, ref in
+            (line.partition(' ') for line in out.splitlines()) if ref}
+
+
+def mirror_refs_then(mirror, at):
+    """{ref: tip} of a mirror as it was at --at TIME (from its reflogs and
+    preserved refs, modules/git.py refs_at), or a RestoreError saying why
+    no record tells: never today's refs in their place."""
+    when = parse_at(at)
+    refs, unknown, assumed, first = git_module.refs_at(
+        mirror, repository_refs(mirror), when.timestamp())
+    if first is None or when.timestamp() < first:
+        raise RestoreError(
+            f'{mirror}: no ref of it existed at {at}' + (
+                f': its first recorded fetch was at '
+                f'{core.isotime(datetime.datetime.fromtimestamp(first, UTC))}'
+                if first else ': it keeps no record (reflog) of its refs'))
+    if unknown:
+        raise RestoreError(
+            f'{mirror}: what {len(unknown)} ref(s) pointed to at {at} is '
+            'not recorded (no reflog reaches back so far): '
+            + ', '.join(clean_text(r) for r in unknown[:5])
+            + '; restore without --at gives every ref, the preserved old '
+            'tips included')
+    if assumed:
+        log.warning('%s: %d ref(s) restored at a tip whose start no record '
+                    'tells (deleted since, or tags fetched before tags had '
+                    'a reflog); they may have come after %s: %s', mirror,
+                    len(assumed), at,
+                    ', '.join(clean_text(r) for r in assumed[:5]))
+    return refs
+
+
+def set_refs(repo, refs):
+    """Make a repository's refs exactly refs, in one transaction."""
+    now = repository_refs(repo)
+    core.run([*core.git_program(), f'--git-dir={repo}', 'update-ref',
+              '--stdin'], input=''.join(
+        [f'delete {ref}\n' for ref in sorted(now) if ref not in refs] +
+        [f'update {ref} {sha}\n' for ref, sha in sorted(refs.items())
+         if now.get(ref) != sha]))
 
 
 def restore_command(node, args, out=None):
@@ -3271,7 +3335,7 @@ def restore_command(node, args, out=None):
     if args.source in mirrors or args.source.startswith('git/'):
         if args.source not in mirrors:
             raise RestoreError(f'no git mirror {args.source} of {client}')
-        restore_git(mirrors[args.source], args, out)
+        restore_git(node, client, mirrors[args.source], args, out)
         log.info('restored %s %s', client, args.source)
         return 0
     if getattr(args, 'origin', 'local') == 'offsite':

@@ -19,7 +19,7 @@ import time
 import unittest
 
 from tests import support
-from tests.modules_pipeline import PostgresMixin
+from tests.modules_pipeline import ModulePipeline, PostgresMixin
 from tests.pipeline import CLIENT, Pipeline
 from tests.test_restore import ClassCase
 
@@ -257,6 +257,70 @@ class ChainDrillTest(unittest.TestCase):
         self.assertIn(f'FAILED: {CLIENT} app {snaps[2]}: ', proc.stdout)
         self.assertIn('new name.txt: 14 bytes, listed with 15', proc.stdout)
         self.assertIn('new name.txt: mode 0644, listed as 0600', proc.stdout)
+
+
+class MirrorAtTest(unittest.TestCase):
+    """restore --at of a git mirror gives the refs it had then (from its
+    reflogs and preserved refs), or is refused: never today's."""
+
+    def test_mirror_refs_as_they_were(self):
+        p = ModulePipeline(self)
+        p.start_daemon()
+        bare = p.client_repository('proj.git')
+        work = p.work_clone(bare)
+        first = p.commit_file(work, 'README', 'one\n')
+        p.git('push', '--quiet', 'origin', 'master', cwd=work)
+        p.git('push', '--quiet', 'origin', 'master:topic', cwd=work)
+        before_any = time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                                   time.gmtime(time.time() - 2))
+        p.client('send')
+        p.server('run')
+        mirror = p.mirror('proj.git')
+        then_refs = p.refs(mirror)
+        time.sleep(1.1)
+        then = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+        time.sleep(1.1)
+        # Rewritten master, a deleted branch, a new tag.
+        p.git('commit', '--quiet', '--amend', '-m', 'rewritten', cwd=work)
+        p.git('tag', 'v1', cwd=work)
+        p.git('push', '--quiet', '--force', 'origin', 'master', 'v1',
+              ':topic', cwd=work)
+        p.client('send')
+        p.server('run')
+        now_refs = p.refs(mirror)
+        self.assertIn('refs/tags/v1', now_refs)
+        self.assertNotIn('refs/heads/topic', now_refs)
+        self.assertEqual(sum(r.startswith('refs/preserved/')
+                             for r in now_refs), 2)
+        out = os.path.join(p.root, 'then.git')
+        proc = p.server('restore', CLIENT, 'git/proj', '--at', then, '--to',
+                        out)
+        self.assertEqual(p.refs(out), then_refs)
+        # A deleted branch's start died with its reflog: said, not hidden.
+        self.assertIn('1 ref(s) restored at a tip whose start no record '
+                      'tells', proc.stderr)
+        self.assertIn('refs/heads/topic', proc.stderr)
+        self.assertEqual(p.refs(out)['refs/heads/master'], first)
+        # The bundle likewise; without --at, every ref of today.
+        bundle = os.path.join(p.root, 'then.bundle')
+        with open(bundle, 'wb') as f:
+            subprocess.run([*p.commands['server.py'], '--config', p.config,
+                            'restore', CLIENT, 'git/proj', '--at', then,
+                            '--stdout'], stdout=f, check=True, env=p.env)
+        heads = p.git('bundle', 'list-heads', bundle).stdout
+        self.assertEqual(sorted(line.split()[1] for line in
+                                heads.splitlines() if 'HEAD' not in line),
+                         sorted(then_refs))
+        out = os.path.join(p.root, 'now.git')
+        p.server('restore', CLIENT, 'git/proj', '--to', out)
+        self.assertEqual(p.refs(out), now_refs)
+        # Before the first fetch: refused, nothing written.
+        out = os.path.join(p.root, 'before.git')
+        proc = p.server('restore', CLIENT, 'git/proj', '--at', before_any,
+                        '--to', out, check=False)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn('no ref of it existed at', proc.stderr)
+        self.assertFalse(os.path.exists(out))
 
 
 class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
