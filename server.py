@@ -5180,7 +5180,8 @@ def restore_parsers(command):
                 '--stdout | ssh c1 pg_restore -d shop\n'
                 '  git mirror (source git/<path>): --to DIR clones every ref '
                 '(refs/preserved/*\n    included), --stdout writes a git '
-                'bundle.\n'
+                'bundle; with --at, the refs it had\n    then (from its '
+                'reflogs and preserved refs), or a refusal saying why.\n'
                 'Every file read is checked against its sha256 first; a '
                 'damaged snapshot is\nrefused unless --force.  DIR may exist '
                 'only if empty.')
@@ -5194,7 +5195,8 @@ def restore_parsers(command):
     p.add_argument('--file', metavar='NAME', help='one stored file of the '
                    'snapshot')
     p.add_argument('--path', metavar='SUBDIR', help='only this directory '
-                   'of an archive')
+                   'of an archive; a path the snapshot does not hold is '
+                   'refused, naming the nearest snapshot that does')
     p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
                    'may exist if empty)')
     p.add_argument('--stdout', action='store_true',
@@ -5220,8 +5222,11 @@ def browse_parsers(command):
                 'newest snapshot listed holds it\n'
                 'Exit 0 found, 1 nothing found (or a snapshot could not be '
                 'read).')
-    p.add_argument('client')
-    p.add_argument('words', nargs='+', metavar='[SOURCE] PATTERN')
+    p.usage = 'server.py find [options] CLIENT [SOURCE] PATTERN'
+    p.add_argument('client', metavar='CLIENT')
+    p.add_argument('words', nargs='+', metavar='[SOURCE] PATTERN',
+                   help='only this source (default: every one); the shell '
+                   'pattern')
     p.add_argument('--format', choices=('text', 'json'), default='text')
     p = command('ls', 'the tree a snapshot restores',
                 'The tree as the chain (full, then each increment, deletions '
@@ -5251,16 +5256,18 @@ def drill_parser(command):
     p = command('drill', 'restore the newest snapshot of every series and '
                 'prove it (cron, weekly)',
                 'Into a scratch directory on the node, per client: every '
-                'archive is restored\n(its chain) and compared with the '
-                'listing the client made (names, types,\nsizes); every dump '
-                'is restored into a scratch PostgreSQL cluster when\n'
-                '[server] drill_postgres names the server programs, and its '
-                'row counts compared\nwith the client\'s statistics (else '
-                'read back with pg_restore --list); every\ngit mirror is '
-                'cloned, fsck\'d and must hold every tip the client '
-                'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
-                '(report shows them); failures\nare printed with the '
-                'snapshot\'s list name and mailed.  Exit 0 ok, 2 critical.')
+                'archive is restored\n(its chain) and compared entry by '
+                'entry with the tree its listings describe\n(type, size, '
+                'mode, mtime, xattrs and ACLs where recorded); every dump\n'
+                'is restored into a scratch PostgreSQL cluster when [server] '
+                'drill_postgres\nnames the server programs, and its row '
+                'counts compared with the client\'s\nstatistics (else read '
+                'back with pg_restore --list); every git mirror is\ncloned, '
+                'fsck\'d and must hold every tip the client announced.  '
+                'Outcomes go to\ndata_dir/<client>/drills.jsonl (report shows '
+                'them); failures are printed with\nthe snapshot\'s list name '
+                'and mailed.  One bad snapshot is one failure: the\ndrill goes '
+                'on with the next series and client.  Exit 0 ok, 2 critical.')
     p.add_argument('client', nargs='?', help='only this client')
 
 

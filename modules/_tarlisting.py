@@ -34,6 +34,7 @@ import time
 MAX_LINE = 65536
 MAX_ENTRIES = 5000000
 MAX_DUMPDIR = 64 * 1024 * 1024
+MAX_RENAMES = 10000
 
 # One member line: mode (with tar's ACL/xattr mark), owner/group, size
 # (major,minor for devices), date and time (seconds and nanoseconds with
@@ -335,12 +336,24 @@ def read_dumpdirs(path, timeout):
 # -- the tree a chain restores ------------------------------------------------
 
 
-def remove_subtree(tree, path):
-    """Drop path and everything below it."""
-    tree.pop(path, None)
-    prefix = path + '/' if path else ''
-    for name in [n for n in tree if n.startswith(prefix)]:
-        del tree[name]
+def children_index(tree):
+    """{directory: [paths directly in it]} of a tree."""
+    index = {}
+    for path in tree:
+        index.setdefault(path.rpartition('/')[0], []).append(path)
+    return index
+
+
+def remove_subtree(tree, path, index=None):
+    """Drop path and everything below it (index: children_index(tree),
+    to avoid a scan of the whole tree for each removal)."""
+    if index is None:
+        index = children_index(tree)
+    todo = [path]
+    while todo:
+        name = todo.pop()
+        tree.pop(name, None)
+        todo.extend(index.pop(name, ()))
 
 
 def rename_subtree(tree, source, target):
@@ -363,6 +376,11 @@ def rename_subtree(tree, source, target):
 def apply_dumpdirs(tree, dumpdirs):
     """What extracting an increment does before its files: renames, then
     every directory loses the names it no longer holds."""
+    renames = sum(flag == 'R' for _, records in dumpdirs
+                  for flag, _ in records)
+    if renames > MAX_RENAMES:
+        raise ListingError(f'{renames} directories renamed in one archive '
+                           f'(at most {MAX_RENAMES} are followed)')
     for directory, records in dumpdirs:
         source = None
         for flag, name in records:
@@ -371,13 +389,12 @@ def apply_dumpdirs(tree, dumpdirs):
             elif flag == 'T' and source is not None:
                 rename_subtree(tree, source, name)
                 source = None
+    index = children_index(tree)
     for directory, records in dumpdirs:
         held = {name for flag, name in records if flag in 'YND'}
-        prefix = directory + '/' if directory else ''
-        for name in [n for n in tree if n.startswith(prefix) and
-                     '/' not in n[len(prefix):] and
-                     n[len(prefix):] not in held]:
-            remove_subtree(tree, name)
+        for path in list(index.get(directory, ())):
+            if path.rpartition('/')[2] not in held and path in tree:
+                remove_subtree(tree, path, index)
 
 
 def apply_link(tree, entries, dumpdirs, snapshot):
