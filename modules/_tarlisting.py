@@ -76,9 +76,14 @@ class Entry:
                  'mtime_text', 'target', 'hardlink', 'device', 'xattrs',
                  'acl', 'snapshot')
 
-    def __init__(self, **fields):
-        for name in self.__slots__:
-            setattr(self, name, fields.get(name))
+    def __init__(self, path=None, kind=None, size=None, mode=None,
+                 owner=None, mtime=None, mtime_text=None, target=None,
+                 hardlink=None, device=None, xattrs=None, acl=None,
+                 snapshot=None):
+        self.path, self.kind, self.size, self.mode = path, kind, size, mode
+        self.owner, self.mtime, self.mtime_text = owner, mtime, mtime_text
+        self.target, self.hardlink, self.device = target, hardlink, device
+        self.xattrs, self.acl, self.snapshot = xattrs, acl, snapshot
 
     def same_content(self, other):
         """Would a restore give the same file (what `diff` calls M)."""
@@ -103,6 +108,8 @@ def iso_mtime(entry):
 
 def unescape_name(text):
     """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
+    if '\\' not in text:
+        return text
     out, i = bytearray(), 0
     raw = text.encode('utf-8', 'surrogateescape')
     while i < len(raw):
@@ -145,14 +152,27 @@ def member_path(name):
         return ''
     if not name.startswith('./'):
         return None
+    rest = name[2:].rstrip('/')
+    if '..' not in rest and '//' not in rest and '/./' not in rest and \
+            not rest.startswith('./') and not rest.endswith('/.'):
+        return rest
     parts = [p for p in name[2:].split('/') if p not in ('', '.')]
     if '..' in parts:
         return None
     return '/'.join(parts)
 
 
+_modes = {}
+
+
 def parse_mode(perms):
     """'rwsr-x--T' -> 0o4750 | sticky."""
+    if perms not in _modes and len(_modes) < 4096:
+        _modes[perms] = mode_bits(perms)
+    return _modes.get(perms) or mode_bits(perms)
+
+
+def mode_bits(perms):
     mode = 0
     for n, c in enumerate(perms):
         bit = 1 << (8 - n)
@@ -172,9 +192,10 @@ def parse_mtime(date, clock):
     UTC); None when it printed only minutes (older clients, local time)."""
     if clock.count(':') < 2:
         return None
-    whole = clock.split('.')[0]
-    return calendar.timegm(time.strptime(date + ' ' + whole,
-                                         '%Y-%m-%d %H:%M:%S'))
+    year, month, day = date.split('-')
+    hour, minute, second = clock.split('.')[0].split(':')
+    return calendar.timegm((int(year), int(month), int(day), int(hour),
+                            int(minute), int(second), 0, 0, 0))
 
 
 def parse_line(m, where):
@@ -210,14 +231,30 @@ def parse_line(m, where):
         acl=m.group('mark') == '+' or None)
 
 
+class Where:
+    """'x.listing line 7', made only when an error needs it."""
+
+    __slots__ = ('name', 'number')
+
+    def __init__(self, name, number):
+        self.name, self.number = name, number
+
+    def __str__(self):
+        return f'{self.name} line {self.number}'
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
 def parse_listing(path):
     """[Entry] of one listing file, in the order tar stored the members.
     Raises ListingError naming the line of anything malformed."""
     entries, last = [], None
     with open(path, 'rb') as f:
+        name = os.path.basename(path)
         for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1),
                                           b''), 1):
-            where = f'{os.path.basename(path)} line {number}'
+            where = Where(name, number)
             if len(raw) > MAX_LINE:
                 raise ListingError(f'{where}: longer than {MAX_LINE} bytes')
             line = raw.decode('utf-8', 'surrogateescape').rstrip('\n')

@@ -18,17 +18,12 @@ import subprocess
 import time
 import unittest
 
+from modules import _tarlisting as tarlisting
 from tests import support
 from tests.modules_pipeline import ModulePipeline, PostgresMixin
 from tests.pipeline import CLIENT, Pipeline
-from tests.test_restore import ClassCase
-
-
-def write(path, text, mode=0o644):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-        f.write(text)
-    os.chmod(path, mode)
+from tests.test_incremental import set_config
+from tests.test_restore import ClassCase, write
 
 
 def make_tree(root):
@@ -94,13 +89,6 @@ def listed_state(rows):
         r['target']) for r in rows}
 
 
-def set_server_option(p, text):
-    with open(p.config) as f:
-        config = f.read()
-    with open(p.config, 'w') as f:
-        f.write(config.replace('[server]\n', '[server]\n' + text, 1))
-
-
 def rewrite_stored(snap, name, change):
     """Change one stored file and its manifest entry alike (so that only
     a comparison of contents, not a re-hash, can tell)."""
@@ -136,6 +124,55 @@ def backup_chain(p, src):
               range(3)]
     assert levels == [0, 1, 2], levels
     return states, snaps
+
+
+class ListingParseTest(unittest.TestCase):
+    """Listings are hostile text: what tar writes is read exactly, and
+    anything else is an error naming the line, never a traceback."""
+
+    LINES = [
+        'drwxr-xr-x  root/root         0 2026-12-04 18:30:27.8043797 ./',
+        '-rwsr-x---  0/0               5 2026-01-01 00:00:00           '
+        r'./a\\b\nc d',
+        'hrwsr-x---  0/0               0 2026-01-01 00:00:00           '
+        r'./h link to ./a\\b\nc d',
+        'lrwxrwxrwx  u/g               0 2026-01-01 00:00:01.5         '
+        './l -> ../outside',
+        'crw-rw----+ root/disk      8, 1 2026-01-01 00:00 ./dev/sda1',
+        '  a: user::rw-,group::r--',
+    ]
+
+    def listing(self, lines):
+        path = os.path.join(support.temp_dir(self, 'listing-'), 'x.listing')
+        with open(path, 'w', encoding='utf-8', errors='surrogateescape') as f:
+            f.write('\n'.join(lines) + '\n')
+        return path
+
+    def test_what_tar_writes(self):
+        entries = tarlisting.parse_listing(self.listing(self.LINES))
+        self.assertEqual([(e.path, e.kind, e.size, e.mode) for e in entries],
+                         [('a\\b\nc d', 'file', 5, 0o4750),
+                          ('h', 'file', None, 0o4750),
+                          ('l', 'link', None, 0o777),
+                          ('dev/sda1', 'char', None, 0o660)])
+        self.assertEqual(entries[1].hardlink, 'a\\b\nc d')
+        self.assertEqual((entries[2].target, entries[2].mtime),
+                         ('../outside', 1767225601))
+        self.assertEqual((entries[3].device, entries[3].mtime,
+                          entries[3].acl), ('8,1', None, True))
+
+    def test_malformed_lines_are_errors_naming_the_line(self):
+        for bad, words in (
+                (self.LINES[1].replace(' 5 ', ' 5x '), 'not a member line'),
+                (self.LINES[1].replace('./a', './../a'), 'not below'),
+                (self.LINES[1].replace('./a', '/etc/a'), 'not a member line'),
+                (self.LINES[2].replace('./a', '../a'), 'outside the tree'),
+                (self.LINES[1] + 'x' * tarlisting.MAX_LINE, 'longer than')):
+            path = self.listing([self.LINES[0], bad])
+            with self.assertRaises(tarlisting.ListingError) as caught:
+                tarlisting.parse_listing(path)
+            self.assertIn('x.listing line 2: ', str(caught.exception))
+            self.assertIn(words, str(caught.exception))
 
 
 class BrowseTest(unittest.TestCase):
@@ -339,7 +376,7 @@ class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
 
     def test_bad_listing_and_bad_statistics_fail_only_their_series(self):
         p = Pipeline(self)
-        set_server_option(p, f'drill_postgres = {support.pg_bindir()}\n')
+        set_config(p, 'server', f'drill_postgres = {support.pg_bindir()}\n')
         src = os.path.join(p.root, 'src')
         make_tree(src)
         p.client('commit', 'app', src)
