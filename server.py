@@ -3294,11 +3294,13 @@ def mirror_refs_then(mirror, at):
     refs, unknown, assumed, first = git_module.refs_at(
         mirror, repository_refs(mirror), when.timestamp())
     if first is None or when.timestamp() < first:
-        raise RestoreError(
-            f'{mirror}: no ref of it existed at {at}' + (
-                f': its first recorded fetch was at '
-                f'{core.isotime(datetime.datetime.fromtimestamp(first, UTC))}'
-                if first else ': it keeps no record (reflog) of its refs'))
+        raise RestoreError(f'{mirror}: ' + (
+            f'no record of its refs reaches back to {at}: the oldest is '
+            f'from {core.isotime(datetime.datetime.fromtimestamp(first, UTC))}'
+            ' (its first fetch)' if first else
+            'it keeps no record (reflog) of its refs') +
+            '; restore without --at gives every ref, the preserved old '
+            'tips included')
     if unknown:
         raise RestoreError(
             f'{mirror}: what {len(unknown)} ref(s) pointed to at {at} is '

@@ -685,8 +685,10 @@ def create_mirror(ctx, mirror, url, protocols, allowance=None):
     ctx.run([*ctx.git_program(), 'init', '--quiet', '--bare', tmp],
             timeout=ctx.timeout)
     # 'always': tags get a reflog too, so that `restore --at` knows when
-    # each ref came (refs_at).
+    # each ref came (refs_at); kept for as long as the mirror.
     for key, value in (('core.logAllRefUpdates', 'always'),
+                       ('gc.reflogExpire', 'never'),
+                       ('gc.reflogExpireUnreachable', 'never'),
                        ('transfer.fsckObjects', 'true'),
                        ('fetch.fsckObjects', 'true'),
                        ('gc.auto', '0')):

@@ -356,7 +356,8 @@ class MirrorAtTest(unittest.TestCase):
         proc = p.server('restore', CLIENT, 'git/proj', '--at', before_any,
                         '--to', out, check=False)
         self.assertEqual(proc.returncode, 1, proc.stderr)
-        self.assertIn('no ref of it existed at', proc.stderr)
+        self.assertIn(f'no record of its refs reaches back to {before_any}'
+                      ': the oldest is from ', proc.stderr)
         self.assertFalse(os.path.exists(out))
 
 
