@@ -65,7 +65,8 @@ def prepare(ctx, module, path):
     # The listing is tar's own verbose index, written while it archives
     # (no second read of the data): one `ls -l`-like line per member, names
     # escaped (\n, \\, octal) so that every name is one line.  The node's
-    # drill proves a restored tree against it, and find/ls/diff read it.
+    # drill proves a restored tree against it, and find/ls/diff read it
+    # (both through _tarlisting.py, which knows this format).
     # --full-time in UTC gives the node mtimes to the second it can
     # compare (tar prints local time, and minutes only without it).
     # None when [client] full_every = 0: every archive is full.
