@@ -504,7 +504,7 @@ def owner_names(st):
     return user + '/' + group
 
 
-def entry_problems(top, entry, owners, privileged):
+def entry_problems(top, entry, owners, mask):
     """How the restored copy of one entry differs from it ([] if not)."""
     path = os.path.join(top, entry.path)
     st = os.lstat(path)
@@ -518,8 +518,6 @@ def entry_problems(top, entry, owners, privileged):
             os.readlink(path) != entry.target:
         problems.append(f'points to {os.readlink(path)!r}, listed to '
                         f'{entry.target!r}')
-    # Without owners a restore clears setuid/setgid (privilege, not data).
-    mask = 0o7777 if privileged else 0o1777
     if kind != 'link' and entry.mode is not None and \
             stat.S_IMODE(st.st_mode) & mask != entry.mode & mask:
         problems.append('mode %04o, listed as %04o' % (
@@ -554,25 +552,31 @@ def attribute_problems(path, entry, kind):
     return problems
 
 
-def compare_tree(top, expected, owners=False, privileged=False):
-    """Problems between a restored directory and the tree the listings
-    describe (every entry: type, size, link target, mode, mtime where
-    the listing has seconds, owner if owners, xattrs and ACLs where
-    recorded), and the number of entries compared.  Without privileged,
-    device nodes may be missing and setuid/setgid bits cleared (the
-    node's safe extraction leaves them out)."""
+def compare_tree(top, expected, owners=False, privileged=False,
+                 mode_mask=None, left_out=None):
+    """Problems [(path, what)] between a restored directory and the tree
+    the listings describe (every entry: type, size, link target, mode,
+    mtime where the listing has seconds, owner if owners, xattrs and ACLs
+    where recorded), and the number of entries compared.  Without
+    privileged, device nodes may be missing and setuid/setgid bits
+    cleared (the node's safe extraction leaves them out); an extraction
+    that leaves out more says so with mode_mask (the mode bits it keeps)
+    and left_out (the kinds it skips)."""
+    if mode_mask is None:
+        mode_mask = 0o7777 if privileged else 0o1777
+    if left_out is None:
+        left_out = () if privileged else SPECIAL_KINDS
     problems, compared = [], 0
     restored = set(restored_paths(top))
     for path in sorted(expected):
         entry = expected[path]
         if path not in restored:
-            if entry.kind in SPECIAL_KINDS and not privileged:
-                continue
-            problems.append((path, 'missing'))
+            if entry.kind not in left_out:
+                problems.append((path, 'missing'))
             continue
         compared += 1
         problems += [(path, p) for p in entry_problems(top, entry, owners,
-                                                       privileged)]
+                                                       mode_mask)]
     problems += [(path, 'not in the listings')
                  for path in sorted(restored - set(expected))]
     return problems, compared
