@@ -30,11 +30,15 @@ _full_time = {}
 
 def full_time_option(tar_command):
     """['--full-time'] when tar lists seconds with it (GNU tar >= 1.27),
-    else [] (the node then compares no mtimes from the listing)."""
+    else [] (the node then compares no mtimes from the listing).  Asked of
+    the tar program itself: a sudo prefix allows only --create."""
     if tar_command not in _full_time:
+        words = shlex.split(tar_command) or ['tar']
+        program = next((w for w in words if os.path.basename(w) in
+                        ('tar', 'gtar')), words[-1])
         try:
             proc = subprocess.run(
-                shlex.split(tar_command) + ['--help'],
+                [program, '--help'],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, timeout=30,
                 env=dict(os.environ, LC_ALL='C'))
