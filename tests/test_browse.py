@@ -412,6 +412,17 @@ class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
         body = mail.get_content()
         self.assertIn('not a member line', body)
         self.assertIn('ValueError', body)
+        # find reads manifests too, and names a listing it cannot read.
+        rows = json.loads(p.server('find', 'b0', 'shop.*', '--format',
+                                   'json').stdout)
+        self.assertEqual([(r['source'], r['path'], r['changed'])
+                          for r in rows], [
+            ('postgresdb', 'shop.dump', True)])
+        proc = p.server('find', 'a0', 'app', '*', check=False)
+        self.assertEqual((proc.returncode, proc.stdout), (1, ''))
+        self.assertRegex(proc.stderr, r'find: app \S+: .*\.listing line '
+                         r'[0-9]+: not a member line')
+        self.assertNotIn('Traceback', proc.stderr)
 
     def store_dump_with_bad_statistics(self, snap):
         os.makedirs(snap)
