@@ -3410,10 +3410,12 @@ def drill_archive(node, client, backups, backup, scratch):
     # listings name them as the client's accounts do.
     problems, compared = tarlisting.compare_tree(
         scratch, expected, privileged=os.geteuid() == 0)
+    left_out = len(expected) - compared
     return [f'{clean_text(path)}: {problem}' for path, problem in problems], \
-        (f'{name}: {compared} of {len(expected)} entries the listings of '
-         f'{len(chain)} link(s) describe compared (type, size, mode, mtime, '
-         'xattrs): all match')
+        (f'{name}: {compared} entries compared with the tree the listings '
+         f'of {len(chain)} link(s) describe (type, size, mode, mtime, '
+         'xattrs): all match' + (f'; {left_out} device node(s) left out'
+                                 if left_out else ''))
 
 
 class ScratchCluster:

@@ -273,8 +273,9 @@ class ChainDrillTest(unittest.TestCase):
         proc = p.server('drill')
         entries = len(states[2])
         self.assertIn(f'ok: {CLIENT} app {snaps[2]}: ', proc.stdout)
-        self.assertIn(f': {entries} of {entries} entries the listings of 3 '
-                      'link(s) describe compared', proc.stdout)
+        self.assertIn(f': {entries} entries compared with the tree the '
+                      'listings of 3 link(s) describe (type, size, mode, '
+                      'mtime, xattrs): all match\n', proc.stdout)
         # The middle link's listing says 'new name.txt' (unchanged since,
         # so not in the newest listing) had another size and mode.
         middle = p.stored('app')[1]
