@@ -324,13 +324,20 @@ def archive_stream(path):
     """(process or None, file object) reading the plain tar of path."""
     for suffixes, command in DECOMPRESSORS:
         if path.endswith(suffixes):
-            proc = subprocess.Popen(command + ['--', path],
-                                    stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL,
-                                    stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            try:
+                proc = subprocess.Popen(command + ['--', path],
+                                        stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL,
+                                        stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            except OSError as e:
+                raise ListingError(f'{os.path.basename(path)}: cannot run '
+                                   f'{command[0]}: {e}') from None
             return proc, proc.stdout
-    return None, open(path, 'rb')
+    try:
+        return None, open(path, 'rb')
+    except OSError as e:
+        raise ListingError(f'{os.path.basename(path)}: {e}') from None
 
 
 def read_dumpdirs(path, timeout):
