@@ -2989,7 +2989,7 @@ def source_tree(node, client, source, at):
     backup = choose_snapshot(backups, source, at)
     try:
         return trees, backup, trees.tree(backup)[0]
-    except tarlisting.ListingError as e:
+    except (tarlisting.ListingError, OSError) as e:
         raise RestoreError(f'{source} {backup.name}: {e}') from None
 
 
