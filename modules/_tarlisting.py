@@ -405,7 +405,7 @@ def rename_subtree(tree, source, target):
     keeps its unchanged contents under the new name."""
     source, target = member_path(source), member_path(target)
     if not source or not target:
-        return
+        return []
     moved = {n: e for n, e in tree.items()
              if n == source or n.startswith(source + '/')}
     for name in moved:
@@ -415,23 +415,26 @@ def rename_subtree(tree, source, target):
         entry = Entry(**{k: getattr(entry, k) for k in Entry.__slots__})
         entry.path = new
         tree[new] = entry
+    return [target + name[len(source):] for name in moved]
 
 
 def apply_dumpdirs(tree, dumpdirs):
     """What extracting an increment does before its files: renames, then
-    every directory loses the names it no longer holds."""
+    every directory loses the names it no longer holds.  Returns the
+    paths that renames made."""
     renames = sum(flag == 'R' for _, records in dumpdirs
                   for flag, _ in records)
     if renames > MAX_RENAMES:
         raise ListingError(f'{renames} directories renamed in one archive '
                            f'(at most {MAX_RENAMES} are followed)')
+    renamed = set()
     for directory, records in dumpdirs:
         source = None
         for flag, name in records:
             if flag == 'R':
                 source = name
             elif flag == 'T' and source is not None:
-                rename_subtree(tree, source, name)
+                renamed.update(rename_subtree(tree, source, name))
                 source = None
     index = children_index(tree)
     for directory, records in dumpdirs:
@@ -439,15 +442,16 @@ def apply_dumpdirs(tree, dumpdirs):
         for path in list(index.get(directory, ())):
             if path.rpartition('/')[2] not in held and path in tree:
                 remove_subtree(tree, path, index)
+    return {path for path in renamed if path in tree}
 
 
 def apply_link(tree, entries, dumpdirs, snapshot):
     """Apply one link of a chain to tree (a dict path -> Entry) in place:
     its directory records (None for a full), then its listing.  Returns
-    the set of paths this link changed (added or rewritten)."""
-    if dumpdirs:
-        apply_dumpdirs(tree, dumpdirs)
-    changed = set()
+    the set of paths this link changed (added, rewritten or renamed)."""
+    changed = apply_dumpdirs(tree, dumpdirs) if dumpdirs else set()
+    for path in changed:
+        tree[path].snapshot = snapshot
     listed = {e.path: e for e in entries}
     for entry in entries:
         old = tree.get(entry.path)
@@ -464,16 +468,6 @@ def apply_link(tree, entries, dumpdirs, snapshot):
             else old.snapshot
         tree[entry.path] = entry
     return changed
-
-
-def check_parents(tree, where):
-    """Every path's directory is in the tree (a listing that names a file
-    in a directory it never listed is not one tar wrote)."""
-    for name in tree:
-        parent = name.rpartition('/')[0]
-        if parent and tree.get(parent) is None:
-            raise ListingError(f'{where}: {name[:200]!r} is in a directory '
-                               'the listings do not hold')
 
 
 # -- what a restored directory holds, against the tree ------------------------

@@ -221,10 +221,13 @@ class BrowseTest(unittest.TestCase):
                            r['changed'], r['size']) for r in rows],
                          [('app', self.snaps[0], 'sub/deep/x.txt', True, 5),
                           ('app', self.snaps[1], 'sub/deep/x.txt', False, 5)])
+        # A renamed directory's file is new at its path, then the same.
         rows = self.json('find', CLIENT, 'app', 'newdir/*')
-        self.assertEqual(sorted((r['snapshot'], r['path']) for r in rows), [
-            (self.snaps[1], 'newdir/y.txt'), (self.snaps[2], 'newdir/y.txt'),
-            (self.snaps[2], 'newdir/z.txt')])
+        self.assertEqual(sorted((r['snapshot'], r['path'], r['changed'])
+                                for r in rows), [
+            (self.snaps[1], 'newdir/y.txt', True),
+            (self.snaps[2], 'newdir/y.txt', False),
+            (self.snaps[2], 'newdir/z.txt', True)])
         rows = self.json('find', CLIENT, 'app', 'hard2')
         self.assertEqual([r['size'] for r in rows], [4, 4])
         proc = self.server('find', CLIENT, 'no-such-file', check=False)
