@@ -3618,6 +3618,24 @@ def drill_one(node, client, run_id, source, name, proof):
                                  2000)}
 
 
+def drill_client(node, client, run_id, out):
+    """Drill every series and mirror of one client, journal the outcomes;
+    (number drilled, failure lines)."""
+    entries, failed = [], []
+    for source, name, proof in drill_targets(node, client):
+        entry = drill_one(node, client, run_id, source, name, proof)
+        entries.append(entry)
+        word = 'ok' if entry['ok'] else 'FAILED'
+        line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+        out.write(line + '\n')
+        (log.info if entry['ok'] else log.error)('drill %s', line)
+        if not entry['ok']:
+            failed.append(line)
+    Journal(os.path.join(node.settings['data_dir'], client,
+                         DRILL_JOURNAL)).append(entries)
+    return len(entries), failed
+
+
 def drill_command(node, only_client=None, out=sys.stdout):
     """server.py drill: prove the newest snapshot of every series restores.
     Outcomes journaled per client (drills.jsonl, read by report); failures
@@ -3628,19 +3646,18 @@ def drill_command(node, only_client=None, out=sys.stdout):
     failed = []
     count = 0
     for client in clients:
-        entries = []
-        for source, name, proof in drill_targets(node, client):
-            entry = drill_one(node, client, run_id, source, name, proof)
-            entries.append(entry)
-            word = 'ok' if entry['ok'] else 'FAILED'
-            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
-            out.write(line + '\n')
-            (log.info if entry['ok'] else log.error)('drill %s', line)
-            if not entry['ok']:
-                failed.append(line)
-        Journal(os.path.join(node.settings['data_dir'], client,
-                             DRILL_JOURNAL)).append(entries)
-        count += len(entries)
+        try:
+            drilled, failures = drill_client(node, client, run_id, out)
+        except Exception as e:
+            # What no series' proof caught (its snapshots unreadable, its
+            # journal unwritable) fails this client, not the drill.
+            log.debug('drill %s', client, exc_info=True)
+            drilled, failures = 0, [f'FAILED: {client}: '
+                                    f'{clean_text(drill_failure_reason(e))}']
+            out.write(failures[0] + '\n')
+            log.error('drill %s', failures[0])
+        count += drilled
+        failed += failures
     status = CRITICAL if failed else OK
     summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
                f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
