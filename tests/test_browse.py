@@ -368,7 +368,8 @@ class MirrorAtTest(unittest.TestCase):
 class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
     """A malformed listing (client a0) and a non-numeric row count
     (client b0) are each their series' failure, with the reason, in the
-    journal and the mail; c1, drilled after them, passes."""
+    journal and the mail; a client whose journal cannot be written (a1)
+    fails alone; c1, drilled after them, passes."""
 
     @classmethod
     def create_data(cls, cluster):
@@ -397,17 +398,23 @@ class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
             b'         5 ', b'        5x ', 1))
         self.store_dump_with_bad_statistics(os.path.join(
             data, 'b0', 'files', 'postgresdb', '20260101T000000Z'))
+        # a1: healthy data, but a journal that cannot be written.
+        shutil.copytree(os.path.join(data, CLIENT, 'files'),
+                        os.path.join(data, 'a1', 'files'), symlinks=True)
+        os.makedirs(os.path.join(data, 'a1', 'drills.jsonl'))
         proc = p.server('drill', check=False)
         self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
         self.assertNotIn('Traceback', proc.stdout + proc.stderr)
         lines = proc.stdout.splitlines()
         self.assertRegex(lines[0], r'^FAILED: a0 app \S+: .*\.listing line '
                          r'[0-9]+: not a member line')
-        self.assertRegex(lines[1], r'^FAILED: b0 postgresdb 20260101T000000Z'
+        self.assertRegex(lines[1], r'^ok: a1 app ')
+        self.assertRegex(lines[2], r'^FAILED: a1: .*drills.jsonl')
+        self.assertRegex(lines[3], r'^FAILED: b0 postgresdb 20260101T000000Z'
                          r': ValueError: .*many')
-        self.assertRegex(lines[2], rf'^ok: {CLIENT} app ')
-        self.assertIn('3 snapshot(s) and mirror(s) restored, 2 failed',
-                      lines[3])
+        self.assertRegex(lines[4], rf'^ok: {CLIENT} app ')
+        self.assertIn('3 snapshot(s) and mirror(s) restored, 3 failed',
+                      lines[5])
         for client, ok in (('a0', False), ('b0', False), (CLIENT, True)):
             with open(os.path.join(data, client, 'drills.jsonl')) as f:
                 [entry] = [json.loads(line) for line in f]
