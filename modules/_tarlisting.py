@@ -505,7 +505,7 @@ def owner_names(st):
     return user + '/' + group
 
 
-def entry_problems(top, entry, owners, mask):
+def entry_problems(top, entry, owners, mask, privileged):
     """How the restored copy of one entry differs from it ([] if not)."""
     path = os.path.join(top, entry.path)
     st = os.lstat(path)
@@ -529,12 +529,13 @@ def entry_problems(top, entry, owners, mask):
     if owners and owner_names(st) != entry.owner and \
             '%d/%d' % (st.st_uid, st.st_gid) != entry.owner:
         problems.append(f'owner {owner_names(st)}, listed as {entry.owner}')
-    problems += attribute_problems(path, entry, kind)
+    problems += attribute_problems(path, entry, kind, privileged)
     return problems
 
 
-def attribute_problems(path, entry, kind):
-    """Extended attributes and ACLs, where the listing recorded them."""
+def attribute_problems(path, entry, kind, privileged):
+    """Extended attributes and ACLs, where the listing recorded them (only
+    user.* ones when a restore without privilege could not set others)."""
     if kind == 'link' or (not entry.xattrs and not entry.acl):
         return []
     try:
@@ -543,6 +544,8 @@ def attribute_problems(path, entry, kind):
         return [f'cannot read its extended attributes: {e}']
     problems = []
     for name, length in sorted((entry.xattrs or {}).items()):
+        if not privileged and not name.startswith('user.'):
+            continue
         if name not in names:
             problems.append(f'extended attribute {name} missing')
         elif len(os.getxattr(path, name, follow_symlinks=False)) != length:
@@ -576,8 +579,8 @@ def compare_tree(top, expected, owners=False, privileged=False,
                 problems.append((path, 'missing'))
             continue
         compared += 1
-        problems += [(path, p) for p in entry_problems(top, entry, owners,
-                                                       mode_mask)]
+        problems += [(path, p) for p in entry_problems(
+            top, entry, owners, mode_mask, privileged)]
     problems += [(path, 'not in the listings')
                  for path in sorted(restored - set(expected))]
     return problems, compared

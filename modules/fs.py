@@ -70,7 +70,9 @@ def prepare(ctx, module, path):
     # (no second read of the data): one `ls -l`-like line per member, names
     # escaped (\n, \\, octal) so that every name is one line.  The node's
     # drill proves a restored tree against it, and find/ls/diff read it
-    # (both through _tarlisting.py, which knows this format).
+    # (both through _tarlisting.py, which knows this format).  The third
+    # --verbose adds each member's extended attribute names and ACLs on
+    # indented lines when tar archives them.
     # --full-time in UTC gives the node mtimes to the second it can
     # compare (tar prints local time, and minutes only without it).
     # None when [client] full_every = 0: every archive is full.
@@ -78,7 +80,7 @@ def prepare(ctx, module, path):
     incremental = chain.start() if chain else []
     args = shlex.split(ctx.settings['tar_command']) + [
         '--create', '--file=-', '--sparse', *options, *incremental,
-        '--verbose', '--verbose', '--quoting-style=escape',
+        '--verbose', '--verbose', '--verbose', '--quoting-style=escape',
         *full_time_option(ctx.settings['tar_command']),
         f'--index-file={listing}.part', f'--directory={path}', '.']
     status, stderr = ctx.stream_command_to_file(

@@ -161,6 +161,38 @@ class ListingParseTest(unittest.TestCase):
         self.assertEqual((entries[3].device, entries[3].mtime,
                           entries[3].acl), ('8,1', None, True))
 
+    def test_compare_tree_checks_every_recorded_field(self):
+        top = support.temp_dir(self, 'restored-')
+        write(os.path.join(top, 'd', 'f'), 'abc', 0o640)
+        os.setxattr(os.path.join(top, 'd', 'f'), 'user.k', b'v')
+        os.symlink('d/f', os.path.join(top, 'l'))
+        for path in ('d/f', 'd'):
+            os.utime(os.path.join(top, path), (1767225600, 1767225600))
+        stamp = '2026-01-01 00:00:00.000000000'
+        entries = tarlisting.parse_listing(self.listing([
+            f'drwxr-xr-x  u/g 0 {stamp} ./d/',
+            f'-rw-r-----* u/g 3 {stamp} ./d/f',
+            '  x: 1 user.k',
+            f'lrwxrwxrwx  u/g 0 {stamp} ./l -> d/f']))
+        tree = {}
+        tarlisting.apply_link(tree, entries, None, 'snap')
+        os.chmod(os.path.join(top, 'd'), 0o755)
+        self.assertEqual(tarlisting.compare_tree(top, tree), ([], 3))
+        os.removexattr(os.path.join(top, 'd', 'f'), 'user.k')
+        os.chmod(os.path.join(top, 'd', 'f'), 0o600)
+        os.utime(os.path.join(top, 'd', 'f'), (1767225601, 1767225601))
+        os.unlink(os.path.join(top, 'l'))
+        os.symlink('elsewhere', os.path.join(top, 'l'))
+        write(os.path.join(top, 'extra'), '')
+        problems, count = tarlisting.compare_tree(top, tree)
+        self.assertEqual(count, 3)
+        self.assertEqual(problems, [
+            ('d/f', 'mode 0600, listed as 0640'),
+            ('d/f', 'mtime 1767225601, listed as 1767225600'),
+            ('d/f', 'extended attribute user.k missing'),
+            ('l', "points to 'elsewhere', listed to 'd/f'"),
+            ('extra', 'not in the listings')])
+
     def test_malformed_lines_are_errors_naming_the_line(self):
         for bad, words in (
                 (self.LINES[1].replace(' 5 ', ' 5x '), 'not a member line'),
