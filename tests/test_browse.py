@@ -55,11 +55,14 @@ def first_changes(root):
 
 
 def second_changes(root):
-    """A directory deleted, a symlink replaced by a directory, a file
-    added in a renamed directory."""
-    shutil.rmtree(os.path.join(root, 'sub', 'deep'))
+    """A symlink replaced by a directory, a directory deleted, a file
+    added in a renamed directory.  (The new directory is made first: one
+    that reused the deleted one's inode would look to GNU tar like that
+    directory renamed, and its increment would not extract over the
+    symlink: a tar limit, not what this test is about.)"""
     os.unlink(os.path.join(root, 'link'))
     write(os.path.join(root, 'link', 'inside.txt'), 'was a symlink\n')
+    shutil.rmtree(os.path.join(root, 'sub', 'deep'))
     write(os.path.join(root, 'newdir', 'z.txt'), 'z\n')
 
 
@@ -208,7 +211,8 @@ class ListingParseTest(unittest.TestCase):
 
 
 class BrowseTest(unittest.TestCase):
-    """One pipeline with a three-link chain, read every way."""
+    """One pipeline with a three-link chain, read every way; the drill of
+    the chain compares every entry of its tree."""
 
     @classmethod
     def setUpClass(cls):
@@ -288,26 +292,11 @@ class BrowseTest(unittest.TestCase):
                      '+ sub/hard2'):
             self.assertIn('\n' + line + '\n', text)
 
-    def test_restore_path_names_the_nearest_snapshot_holding_it(self):
-        out = os.path.join(self.p.root, 'out-missing')
-        proc = self.server('restore', CLIENT, 'app', '--path', 'delete.txt',
-                           '--to', out, check=False)
-        self.assertEqual(proc.returncode, 1, proc.stderr)
-        self.assertIn(f'holds no \'delete.txt\'; the nearest snapshot that '
-                      f'does is {self.snaps[0]}', proc.stderr)
-        self.assertFalse(os.path.exists(out))
-
-
-class ChainDrillTest(unittest.TestCase):
-    """The drill of a chain compares every entry the listings describe."""
-
     def test_drill_compares_every_entry_and_catches_a_middle_listing(self):
-        p = Pipeline(self)
-        src = os.path.join(p.root, 'src')
-        states, snaps = backup_chain(p, src)
+        p = self.p
         proc = p.server('drill')
-        entries = len(states[2])
-        self.assertIn(f'ok: {CLIENT} app {snaps[2]}: ', proc.stdout)
+        entries = len(self.states[2])
+        self.assertIn(f'ok: {CLIENT} app {self.snaps[2]}: ', proc.stdout)
         self.assertIn(f': {entries} entries compared with the tree the '
                       'listings of 3 link(s) describe (type, size, mode, '
                       'mtime, xattrs): all match\n', proc.stdout)
@@ -315,6 +304,10 @@ class ChainDrillTest(unittest.TestCase):
         # so not in the newest listing) had another size and mode.
         middle = p.stored('app')[1]
         [listing] = [n for n in os.listdir(middle) if n.endswith('.listing')]
+        kept = {name: open(os.path.join(middle, name), 'rb').read()
+                for name in (listing, 'manifest.json')}
+        self.addCleanup(lambda: [open(os.path.join(middle, name), 'wb').write(
+            data) for name, data in kept.items()])
 
         def tamper(data):
             lines = data.split(b'\n')
@@ -327,9 +320,18 @@ class ChainDrillTest(unittest.TestCase):
         rewrite_stored(middle, listing, tamper)
         proc = p.server('drill', check=False)
         self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
-        self.assertIn(f'FAILED: {CLIENT} app {snaps[2]}: ', proc.stdout)
+        self.assertIn(f'FAILED: {CLIENT} app {self.snaps[2]}: ', proc.stdout)
         self.assertIn('new name.txt: 14 bytes, listed with 15', proc.stdout)
         self.assertIn('new name.txt: mode 0644, listed as 0600', proc.stdout)
+
+    def test_restore_path_names_the_nearest_snapshot_holding_it(self):
+        out = os.path.join(self.p.root, 'out-missing')
+        proc = self.server('restore', CLIENT, 'app', '--path', 'delete.txt',
+                           '--to', out, check=False)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn(f'holds no \'delete.txt\'; the nearest snapshot that '
+                      f'does is {self.snaps[0]}', proc.stderr)
+        self.assertFalse(os.path.exists(out))
 
 
 class MirrorAtTest(unittest.TestCase):
