@@ -2,17 +2,19 @@
 
 Node-side plumbing of the fs module (not a backup module: module names
 start with a letter).  The client records beside every archive tar's own
-verbose index (``tar -cvv --quoting-style=escape --index-file``, see
-fs.py): one ``ls -l``-like line per member it stored.  A full archive's
+verbose index (``tar -cvvv --quoting-style=escape --index-file``, see
+fs.py): one ``ls -l``-like line per member it stored (with its extended
+attribute names and ACLs on indented lines).  A full archive's
 listing is its whole tree.  An increment (GNU ``--listed-incremental``)
 lists every directory of the tree and only the files that changed; what
 was deleted or renamed is not in the listing but in the archive's own
 directory records ("dumpdirs": the names each directory held, and the
-renames), which GNU tar applies when it extracts.  ``chain_tree`` applies
-each link's dumpdirs and then its listing in order, as tar applies each
-archive, so that the result is the tree a restore of that point gives:
-what ``find``, ``ls``, ``diff`` and the drill read (nothing is extracted;
-dumpdirs are read from the increments with ``read_dumpdirs``).
+renames), which GNU tar applies when it extracts.  ``apply_link``
+applies one link's dumpdirs and then its listing, as tar applies its
+archive; applied link by link from the full (server.py's SourceTrees),
+the result is the tree a restore of that point gives: what ``find``,
+``ls``, ``diff`` and the drill (``compare_tree``) read.  Nothing is
+extracted; dumpdirs are read from the increments with ``read_dumpdirs``.
 
 Listings and archives come from a client, so they are hostile text: every
 line is bounded and parsed strictly, and anything malformed raises
