@@ -5295,7 +5295,10 @@ def drill_parser(command):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extras = parser.parse_known_args(argv)
+        if extras and not take_trailing_operands(args, extras):
+            parser.error(f'unrecognized arguments: {" ".join(extras)}')
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     # ingest runs as the git user from a hook: files it creates must stay
@@ -5304,6 +5307,23 @@ def main(argv=None):
         os.umask(0o002)
     core.setup_logging(None, 'server.py', args.verbose, args.quiet)
     return core.guarded(lambda: run_command(args))
+
+
+def take_trailing_operands(args, extras):
+    """argparse gives an optional operand its empty value before it sees
+    an option, so `ls CLIENT SOURCE --at TIME PATH` and `find CLIENT
+    --format json PATTERN` leave PATH and PATTERN over: they are taken
+    here, as SPEC's command lines write them.  False if extras are not
+    such operands."""
+    if any(word.startswith('-') for word in extras):
+        return False
+    if args.command == 'ls' and args.path is None and len(extras) == 1:
+        args.path = extras[0]
+        return True
+    if args.command == 'find' and len(args.words) + len(extras) <= 2:
+        args.words += extras
+        return True
+    return False
 
 
 def gate_exec(node, client):

@@ -240,13 +240,24 @@ class BrowseTest(unittest.TestCase):
         rows = self.json('ls', CLIENT, 'app', 'newdir')
         self.assertEqual([r['path'] for r in rows],
                          ['newdir', 'newdir/y.txt', 'newdir/z.txt'])
+        # Options before the operand, as SPEC writes the command line.
+        rows = json.loads(self.server('ls', CLIENT, 'app', '--at',
+                                      self.snaps[1], '--format', 'json',
+                                      'newdir').stdout)
+        self.assertEqual([r['path'] for r in rows],
+                         ['newdir', 'newdir/y.txt'])
+        proc = self.server('ls', CLIENT, 'app', '--at', self.snaps[1], 'a',
+                           'b', check=False)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn('unrecognized arguments: a b', proc.stderr)
         proc = self.server('ls', CLIENT, 'app', 'delete.txt', check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn(f'the nearest snapshot that does is {self.snaps[0]}',
                       proc.stderr)
 
     def test_find_by_base_name_and_path(self):
-        rows = self.json('find', CLIENT, 'app', 'delete.txt')
+        rows = json.loads(self.server('find', CLIENT, '--format', 'json',
+                                      'app', 'delete.txt').stdout)
         self.assertEqual([(r['snapshot'], r['path'], r['changed'])
                           for r in rows],
                          [(self.snaps[0], 'delete.txt', True)])
