@@ -196,6 +196,32 @@ class ListingParseTest(unittest.TestCase):
             ('l', "points to 'elsewhere', listed to 'd/f'"),
             ('extra', 'not in the listings')])
 
+    def test_an_increment_renames_deletes_and_replaces(self):
+        stamp = '2026-01-01 00:00:00'
+        full = tarlisting.parse_listing(self.listing([
+            f'drwxr-xr-x  u/g 0 {stamp} ./old/',
+            f'-rw-r--r--  u/g 1 {stamp} ./old/kept',
+            f'drwxr-xr-x  u/g 0 {stamp} ./was-dir/',
+            f'-rw-r--r--  u/g 1 {stamp} ./was-dir/inside',
+            f'-rw-r--r--  u/g 1 {stamp} ./gone']))
+        increment = tarlisting.parse_listing(self.listing([
+            f'drwxr-xr-x  u/g 0 {stamp} ./new/',
+            f'-rw-r--r--  u/g 2 {stamp} ./was-dir']))
+        # What the increment's directory records say: old/ became new/
+        # (its file unchanged), gone and was-dir/ are not in ./ any more
+        # as they were.
+        dumpdirs = [('', [('D', 'new'), ('Y', 'was-dir'), ('R', './old'),
+                          ('T', './new')]),
+                    ('new', [('N', 'kept')])]
+        tree = {}
+        tarlisting.apply_link(tree, full, None, 'full')
+        changed = tarlisting.apply_link(tree, increment, dumpdirs, 'inc')
+        self.assertEqual({p: (e.kind, e.size, e.snapshot)
+                          for p, e in tree.items()}, {
+            'new': ('dir', None, 'inc'), 'new/kept': ('file', 1, 'inc'),
+            'was-dir': ('file', 2, 'inc')})
+        self.assertEqual(changed, {'new', 'new/kept', 'was-dir'})
+
     def test_malformed_lines_are_errors_naming_the_line(self):
         for bad, words in (
                 (self.LINES[1].replace(' 5 ', ' 5x '), 'not a member line'),
