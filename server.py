@@ -2827,6 +2827,7 @@ class SourceTrees:
     (tarlisting.apply_link), any other snapshot's from its manifest."""
 
     def __init__(self, node, backups):
+        self.backups = backups
         self.good = [b for b in backups if b.good and b.time]
         self.timeout = node.config.get_duration('server', 'command_timeout')
         self.done = {}
@@ -2857,6 +2858,13 @@ class SourceTrees:
                 tarlisting.read_dumpdirs(archive, self.timeout) if n else None,
                 link.name)
             self.done[link.path] = (tree, changed)
+
+    def keep_only(self, backup):
+        """Forget every tree but backup's, to walk a source's snapshots in
+        order in the memory of two trees (a forgotten base is read again
+        if a later snapshot needs it)."""
+        self.done = {backup.path: self.done[backup.path]} \
+            if backup.path in self.done else {}
 
     def manifest_tree(self, backup):
         """The stored files as a flat tree; changed unless the previous
@@ -2900,6 +2908,7 @@ def nearest_snapshot_holding(node, client, source, backup, path):
                 holding.append(other)
         except (GitBackupError, tarlisting.ListingError, OSError):
             continue
+        trees.keep_only(other)
     if not holding:
         return None
     return min(holding, key=lambda b: (
@@ -2932,6 +2941,7 @@ def find_matches(node, client, pattern, source=None):
             except (GitBackupError, tarlisting.ListingError, OSError) as e:
                 problems.append(f'{name} {backup.name}: {e}')
                 continue
+            trees.keep_only(backup)
             for path in sorted(tree):
                 if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(
                         path.rpartition('/')[2], pattern):
@@ -2979,16 +2989,20 @@ def find_command(node, client, words, fmt='text', out=sys.stdout):
     return 1 if problems or not matches else 0
 
 
-def source_tree(node, client, source, at):
-    """(trees, backup, tree) of the snapshot --at picks (default newest)."""
+def source_trees(node, client, source):
+    """SourceTrees of one source, or a RestoreError if nothing is stored."""
     backups = stored_backups(node, check_client_name(client)).get(source)
     if not backups:
         raise RestoreError(f'nothing stored for {client} {source} (see '
                            '`server.py list`)')
-    trees = SourceTrees(node, backups)
-    backup = choose_snapshot(backups, source, at)
+    return SourceTrees(node, backups)
+
+
+def tree_at(trees, source, at):
+    """(backup, tree) of the snapshot --at picks (default newest)."""
+    backup = choose_snapshot(trees.backups, source, at)
     try:
-        return trees, backup, trees.tree(backup)[0]
+        return backup, trees.tree(backup)[0]
     except (tarlisting.ListingError, OSError) as e:
         raise RestoreError(f'{source} {backup.name}: {e}') from None
 
@@ -2996,7 +3010,7 @@ def source_tree(node, client, source, at):
 def ls_command(node, client, source, at=None, path=None, fmt='text',
                out=sys.stdout):
     """server.py ls: the tree the chain restores at --at, below PATH."""
-    trees, backup, tree = source_tree(node, client, source, at)
+    backup, tree = tree_at(source_trees(node, client, source), source, at)
     top = browse_path(path) if path else ''
     if top and top not in tree:
         raise missing_path_error(node, client, source, backup, path)
@@ -3013,8 +3027,9 @@ def ls_command(node, client, source, at=None, path=None, fmt='text',
 def diff_command(node, client, source, snap_a, snap_b, fmt='text',
                  out=sys.stdout):
     """server.py diff: + added, - removed, M changed from A to B."""
-    _, a, old = source_tree(node, client, source, snap_a)
-    _, b, new = source_tree(node, client, source, snap_b)
+    trees = source_trees(node, client, source)
+    a, old = tree_at(trees, source, snap_a)
+    b, new = tree_at(trees, source, snap_b)
     rows = []
     for path in sorted(set(old) | set(new)):
         change = '+' if path not in old else '-' if path not in new else \
