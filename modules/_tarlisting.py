@@ -32,6 +32,8 @@ import subprocess
 import tarfile
 import time
 
+# What fs.py names a listing: the archive's name and this.
+LISTING_SUFFIX = '.listing'
 # Bounds on what one listing or archive may make the node hold in memory.
 MAX_LINE = 65536
 MAX_ENTRIES = 5000000
@@ -470,6 +472,30 @@ def apply_link(tree, entries, dumpdirs, snapshot):
             else old.snapshot
         tree[entry.path] = entry
     return changed
+
+
+def apply_stored_link(tree, listing, archive, name, first, timeout):
+    """The tree after one stored link of a chain: a copy of tree with the
+    link's listing applied (and, unless it is the full, its archive's
+    directory records); (tree, paths it changed).  ListingError when the
+    link has no listing or a bad one."""
+    if not os.path.isfile(listing):
+        raise ListingError(f'{name}: no listing recorded with its archive')
+    tree = dict(tree)
+    changed = apply_link(tree, parse_listing(listing),
+                         None if first else read_dumpdirs(archive, timeout),
+                         name)
+    return tree, changed
+
+
+def chain_tree(links, timeout):
+    """The tree a chain restores: links are (listing, archive, snapshot
+    name) from the full to the point wanted."""
+    tree = {}
+    for n, (listing, archive, name) in enumerate(links):
+        tree = apply_stored_link(tree, listing, archive, name, n == 0,
+                                 timeout)[0]
+    return tree
 
 
 # -- what a restored directory holds, against the tree ------------------------

@@ -18,11 +18,22 @@ id>``); see ArchiveChain in client.py.
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
-# Beside every archive: tar's verbose index of it (server.py's drill reads
-# files ending so as listings).
-LISTING_SUFFIX = '.listing'
+from modules import _tarlisting as tarlisting
+from modules._core import clean_text
+
+# Beside every archive: tar's verbose index of it (read by _tarlisting.py
+# for drill_stored and the node's find, ls and diff).
+LISTING_SUFFIX = tarlisting.LISTING_SUFFIX
+# Node side: the files this module stores (what tar and the compressors
+# make of a directory) and the companion it sends beside each.
+STORED_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
+                   '.tar.bz2', '.tbz2')
+COMPANION_SUFFIXES = (LISTING_SUFFIX,)
+TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
+             (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
 
 
 _full_time = {}
@@ -49,7 +60,7 @@ def full_time_option(tar_command):
     return _full_time[tar_command]
 
 
-def check_path(client, module, path):
+def check_path(ctx, module, path):
     if not os.path.isdir(path):
         raise ValueError(f'{path}: not a directory')
     return os.path.abspath(path)
@@ -99,3 +110,59 @@ def prepare(ctx, module, path):
         chain.advance()
     yield 'fs', ctx.sftp_request(archive, source=module, companion=listing,
                                  **(chain.request_options() if chain else {}))
+
+
+# -- node side: proving what this module stored -----------------------------
+
+def verify_stored(path, timeout):
+    """`verify`'s read-back of one stored archive: tar lists it whole
+    (through its decompressor).  Raises FileNotFoundError when a program
+    it needs is missing (a check that could not run), ValueError when the
+    archive does not read back."""
+    name = os.path.basename(path)
+    for suffixes, tool in TAR_TOOLS:
+        if name.endswith(suffixes) and not shutil.which(tool):
+            raise FileNotFoundError(f'{tool}: not installed or not in PATH')
+    proc = subprocess.run(['tar', '--list', '--file', path],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise ValueError(f'tar --list failed (exit {proc.returncode}): '
+                         f'{clean_text(proc.stderr.strip(), 500)}')
+
+
+def drill_stored(ctx, names, scratch):
+    """`drill`'s proof of a snapshot's archive: its chain (full first) is
+    extracted into scratch through the node's one extraction path
+    (ctx.extract_chain, which checks every link's sha256 first) and the
+    restored tree is compared, entry by entry, with the complete tree the
+    chain's listings describe at that point (_tarlisting.compare_tree).
+    Returns (problems, what was proven)."""
+    links = ctx.extract_chain(scratch)
+    name = names[0]
+    stored = [(archive + LISTING_SUFFIX, archive, link.name)
+              for link, archive in ((link, stored_archive(link))
+                                    for link in ctx.chain)]
+    if not all(os.path.isfile(listing) for listing, _, _ in stored):
+        return [], f'{name}: extracted; no listing recorded to compare with'
+    expected = tarlisting.chain_tree(stored, ctx.timeout)
+    # Owners are not compared: a drill restores them by number, while
+    # listings name them as the client's accounts do.
+    problems, compared = tarlisting.compare_tree(
+        scratch, expected, privileged=os.geteuid() == 0)
+    left_out = len(expected) - compared
+    return [f'{clean_text(path)}: {problem}' for path, problem in problems], \
+        (f'{name}: {compared} entries compared with the tree the listings '
+         f'of {links} link(s) describe (type, size, mode, mtime, xattrs): '
+         'all match' + (f'; {left_out} device node(s) left out'
+                        if left_out else ''))
+
+
+def stored_archive(link):
+    """The path of the archive a stored snapshot (a link of a chain)
+    holds, from its manifest."""
+    for entry in (link.manifest or {}).get('files') or []:
+        if isinstance(entry, dict) and \
+                str(entry.get('name')).endswith(STORED_SUFFIXES):
+            return os.path.join(link.path, entry['name'])
+    raise ValueError(f'{link.name}: no archive in this snapshot')
