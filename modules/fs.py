@@ -140,9 +140,9 @@ def drill_stored(ctx, names, scratch):
     Returns (problems, what was proven)."""
     links = ctx.extract_chain(scratch)
     name = names[0]
-    stored = [(archive + LISTING_SUFFIX, archive, link.name)
-              for link, archive in ((link, stored_archive(link))
-                                    for link in ctx.chain)]
+    archives = [(stored_archive(link), link.name) for link in ctx.chain]
+    stored = [(archive + LISTING_SUFFIX, archive, link_name)
+              for archive, link_name in archives]
     if not all(os.path.isfile(listing) for listing, _, _ in stored):
         return [], f'{name}: extracted; no listing recorded to compare with'
     expected = tarlisting.chain_tree(stored, ctx.timeout)
