@@ -92,6 +92,16 @@ def listed_state(rows):
         r['target']) for r in rows}
 
 
+def read_bytes(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def write_bytes(path, data):
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
 def rewrite_stored(snap, name, change):
     """Change one stored file and its manifest entry alike (so that only
     a comparison of contents, not a re-hash, can tell)."""
@@ -341,10 +351,9 @@ class BrowseTest(unittest.TestCase):
         # so not in the newest listing) had another size and mode.
         middle = p.stored('app')[1]
         [listing] = [n for n in os.listdir(middle) if n.endswith('.listing')]
-        kept = {name: open(os.path.join(middle, name), 'rb').read()
-                for name in (listing, 'manifest.json')}
-        self.addCleanup(lambda: [open(os.path.join(middle, name), 'wb').write(
-            data) for name, data in kept.items()])
+        for name in (listing, 'manifest.json'):     # as they were, after
+            path = os.path.join(middle, name)
+            self.addCleanup(write_bytes, path, read_bytes(path))
 
         def tamper(data):
             lines = data.split(b'\n')
