@@ -493,7 +493,7 @@ class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
         self.assertRegex(lines[3], r'^FAILED: b0 postgresdb 20260101T000000Z'
                          r': ValueError: .*many')
         self.assertRegex(lines[4], rf'^ok: {CLIENT} app ')
-        self.assertIn('3 snapshot(s) and mirror(s) restored, 3 failed',
+        self.assertIn('3 snapshot(s) and mirror(s) checked, 3 failed',
                       lines[5])
         for client, ok in (('a0', False), ('b0', False), (CLIENT, True)):
             with open(os.path.join(data, client, 'drills.jsonl')) as f:
