@@ -491,7 +491,7 @@ class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
         self.assertRegex(lines[1], r'^ok: a1 app ')
         self.assertRegex(lines[2], r'^FAILED: a1: .*drills.jsonl')
         self.assertRegex(lines[3], r'^FAILED: b0 postgresdb 20260101T000000Z'
-                         r': ValueError: .*many')
+                         r': shop.dump: malformed statistics .*many')
         self.assertRegex(lines[4], rf'^ok: {CLIENT} app ')
         self.assertIn('3 snapshot(s) and mirror(s) checked, 3 failed',
                       lines[5])
@@ -502,7 +502,7 @@ class OneBadSnapshotTest(PostgresMixin, unittest.TestCase):
         [mail] = [m for m in p.mails() if 'drill' in str(m['Subject'])]
         body = mail.get_content()
         self.assertIn('not a member line', body)
-        self.assertIn('ValueError', body)
+        self.assertIn('malformed statistics', body)
         # find reads manifests too, and names a listing it cannot read.
         rows = json.loads(p.server('find', 'b0', 'shop.*', '--format',
                                    'json').stdout)
