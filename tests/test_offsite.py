@@ -234,8 +234,8 @@ class OffsiteTest(unittest.TestCase):
         out = self.server('offsite').stdout
         self.assertEqual(self.remote_files(),
                          [f for f in before if f not in gone])
-        self.assertEqual(out.strip(), f'removed {CLIENT}/files/{SOURCE}/'
-                         f'{os.path.basename(old)}')
+        self.assertRegex(out.strip(), f'^removed {CLIENT}/files/{SOURCE}/'
+                         f'{os.path.basename(old)} \\(pruned: [0-9TZ:-]+\\)$')
         self.assertEqual(self.journal()[-1]['event'], 'removed')
 
     def test_changed_mirror_gets_a_new_bundle_replacing_the_old(self):
@@ -300,10 +300,12 @@ class OffsiteTest(unittest.TestCase):
                     '--at', name, '--to', target)
         with open(os.path.join(target, 'data.txt')) as f:
             self.assertEqual(f.read(), f'{MARKER} 1\n' * 50)
-        # Without a snapshot name there is nothing to choose from.
-        proc = self.server('restore', CLIENT, SOURCE, '--from', 'offsite',
-                           '--to', os.path.join(self.root, 'x'), status=2)
-        self.assertIn('--at', proc.stderr)
+        # Without --at: the newest snapshot the remote holds.
+        newest = os.path.join(self.root, 'newest')
+        self.server('restore', CLIENT, SOURCE, '--from', 'offsite',
+                    '--to', newest)
+        with open(os.path.join(newest, 'data.txt')) as f:
+            self.assertEqual(f.read(), f'{MARKER} 2\n' * 50)
 
     def test_fetch_refuses_a_file_changed_on_the_remote(self):
         self.server('offsite')
