@@ -2736,17 +2736,25 @@ def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
     off.rclone('copy', *off.options, staging, target)
     off.verify(staging, target)
     sha256, size = core.sha256_file(bundle)
-    journal.append([off.entry('copied', bundle_rel, refs=digest,
-                              sha256=sha256, bytes=size)])
+    entry = off.entry('copied', bundle_rel, refs=digest, sha256=sha256,
+                      bytes=size)
+    journal.append([entry])
     os.unlink(bundle)
-    index = {'format': 1, 'client': client, 'source': f'git/{rel}',
-             'kind': 'git', 'bundle': name, 'sha256': sha256, 'size': size,
-             'refs': digest, 'time': core.isotime()}
-    index_rel = f'git/{rel}.git/{OFFSITE_INDEX}'
+    offsite_mirror_index(off, journal, client, entry, staging)
+    return bundle_rel
+
+
+def offsite_mirror_index(off, journal, client, entry, staging):
+    """Write the index of a mirror: its newest bundle (a journal entry)."""
+    mirror, name = entry['path'].rsplit('/', 1)
+    index = {'format': 1, 'client': client,
+             'source': mirror[:-len('.git')], 'kind': 'git', 'bundle': name,
+             'sha256': entry.get('sha256'), 'size': entry.get('bytes'),
+             'refs': entry.get('refs'), 'time': entry.get('time')}
+    index_rel = f'{mirror}/{OFFSITE_INDEX}'
     text = json.dumps(index, indent=1, sort_keys=True) + '\n'
     journal.append([off.entry('copied', index_rel, sha256=off.put_text(
         client, index_rel, text, staging))])
-    return bundle_rel
 
 
 def offsite_mirrors(off, node, client, state, out):
@@ -3176,6 +3184,7 @@ def offsite_verify_command(node, only_client=None, out=sys.stdout):
             node.settings['data_dir'], client))
         try:
             problems += verify_offsite_snapshots(off, node, client)
+            problems += verify_offsite_indexes(off, node, client, scratch)
             problems += verify_offsite_mirrors(off, node, client, scratch)
             problems += verify_offsite_kept(off, node, client, scratch,
                                             deadline)
@@ -3244,6 +3253,39 @@ def verify_offsite_snapshots(off, node, client):
         problems.append((WARNING, f'{text}; copied again from the node and '
                          'verified'))
     return problems
+
+
+def verify_offsite_indexes(off, node, client, scratch):
+    """Read back every index (and the results journal) there against the
+    sha256 journaled when it was written; write again what differs."""
+    state = offsite_state(node, client, off.remote)
+    damaged = []
+    for rel, entry in sorted(state.items()):
+        if not (rel.endswith('/' + OFFSITE_INDEX) or
+                rel == OFFSITE_RESULTS) or not entry.get('sha256'):
+            continue
+        result = off.rclone('cat', off.path(client, rel), check=False)
+        if result.returncode or hashlib.sha256(result.stdout.encode(
+                'utf-8', 'surrogateescape')).hexdigest() != entry['sha256']:
+            damaged.append(rel)
+    if not damaged:
+        return []
+    journal = offsite_journal(node, client)
+    kept = {k: v for k, v in state.items() if k not in damaged}
+    errors = offsite_indexes(off, node, client, kept, scratch)
+    for rel in damaged:
+        if rel.startswith('git/'):
+            bundles = [e for p, e in state.items() if p.endswith('.bundle')
+                       and p.startswith(rel.rsplit('/', 1)[0] + '/')]
+            try:
+                offsite_mirror_index(off, journal, client, max(
+                    bundles, key=lambda e: e['path']), scratch)
+            except (GitBackupError, OSError, ValueError) as e:
+                errors.append(f'{client}/{rel}: {e}')
+    return [(CRITICAL if any(rel in e for e in errors) else WARNING,
+             f'{off.path(client, rel)}: differs on the remote; ' +
+             ('writing it again failed' if any(rel in e for e in errors)
+              else 'written again and read back')) for rel in damaged]
 
 
 def verify_offsite_mirrors(off, node, client, scratch):
@@ -4239,6 +4281,9 @@ PROM_HELP = {
     'gitbackup_offsite_lag_seconds':
         'Age of the oldest snapshot of a client not yet offsite (0: the '
         'offsite copy is up to date).',
+    'gitbackup_offsite_missing':
+        'Snapshots and mirrors the offsite remote holds that this node '
+        'lost other than by prune (critical: restore --from offsite).',
     'gitbackup_report_timestamp_seconds':
         'When this report was made (node time).',
 }
@@ -4719,6 +4764,8 @@ def report_prometheus(report):
                 (f'{{client="{client}"}}', c['offsite']['pending']))
             samples['gitbackup_offsite_lag_seconds'].append(
                 (f'{{client="{client}"}}', c['offsite']['lag_seconds']))
+            samples['gitbackup_offsite_missing'].append(
+                (f'{{client="{client}"}}', len(c['offsite']['missing'])))
         for r in c['sources']:
             labels = (f'{{client="{client}",source="'
                       f'{prometheus_label(r["source"])}"}}')
