@@ -2660,9 +2660,10 @@ def offsite_snapshots(off, node, client, state, out):
     return copied, removed, errors
 
 
-def index_entry(backups, backup, manifest_sha256):
-    """One snapshot as an index (and `list --from offsite`) names it."""
-    base = base_snapshot(backups, backup)
+def index_entry(chains, backup, manifest_sha256):
+    """One snapshot as an index (and `list --from offsite`) names it;
+    chains as snapshot_chains gives them."""
+    base = chains[backup.path].base
     return {'snapshot': backup.name, 'time': core.isotime(backup.time),
             'kind': snapshot_kind(backup),
             'level': manifest_level(backup.manifest),
@@ -2700,9 +2701,10 @@ def source_index(off, node, client, source, state):
                     if f'files/{source}/{b.name}' in there and
                     f'files/{source}/{b.name}' not in local]
     backups.sort(key=StoredBackup.sort_key)
+    chains = snapshot_chains(backups)
     return {'format': 1, 'client': client, 'source': source,
             'kind': 'files',
-            'snapshots': [index_entry(backups, b, there[snapshot_rel(b)].get(
+            'snapshots': [index_entry(chains, b, there[snapshot_rel(b)].get(
                 'manifest_sha256')) for b in backups]}
 
 
@@ -3858,7 +3860,7 @@ def restore_from_offsite(node, client, args, out):
             return 0
         backups = index_backups(index, scratch, args.source)
         backup = choose_snapshot(backups, args.source, args.at, args.file)
-        chain = restore_chain(backups, backup) \
+        chain = chain_to_extract(backups, backup) \
             if archive_entry(backup) and not args.file else [backup]
         for link in chain:
             offsite_fetch_into(off, client, args.source,
