@@ -2686,11 +2686,10 @@ def index_backups(index, top, source):
     return sorted((b for b in backups if b.good), key=StoredBackup.sort_key)
 
 
-def source_index(off, node, client, source, state):
+def source_index(off, client, source, state, local):
     """The index of one source: every snapshot verified on the remote,
-    from the local manifest, else (kept there, gone here) from the index
-    written before."""
-    local = local_snapshots(node, client)
+    from the local manifest (local: local_snapshots), else (kept there,
+    gone here) from the index written before."""
     there = {rel: e for rel, e in state.items() if e.get('event') ==
              'copied' and SNAPSHOT_REL_RE.match(rel) and
              rel.split('/')[1] == source}
@@ -2715,8 +2714,9 @@ def offsite_indexes(off, node, client, state, staging):
     journal = offsite_journal(node, client)
     errors = []
     sources = {m.group(1) for m in map(SNAPSHOT_REL_RE.match, state) if m}
+    local = local_snapshots(node, client)
     texts = {f'files/{s}/{OFFSITE_INDEX}': json.dumps(
-        source_index(off, node, client, s, state), indent=1,
+        source_index(off, client, s, state, local), indent=1,
         sort_keys=True) + '\n' for s in sorted(sources)}
     results = os.path.join(node.settings['data_dir'], client,
                            OFFSITE_RESULTS)
@@ -3854,6 +3854,11 @@ def restore_from_offsite(node, client, args, out):
                                dir=node.settings['data_dir'])
     try:
         if index.get('kind') == 'git':
+            if args.at:
+                raise UsageError('restore --from offsite of a mirror: the '
+                                 'remote holds its newest bundle only; '
+                                 'leave out --at (every ref, preserved '
+                                 'old tips included)')
             mirror = offsite_fetch_mirror(off, client, index, os.path.join(
                 scratch, 'mirror.git'), scratch)
             restore_git(mirror, args, out)

@@ -32,7 +32,9 @@ UNIT_JOBS = {('client', 'send'), ('client', 'backup-all'),
              ('client', 'prune'), ('client', 'gc'),
              ('server', 'run'), ('server', 'prune'), ('server', 'verify'),
              ('server', 'drill'), ('server', 'gc'), ('server', 'report'),
-             ('server', 'offsite')}
+             ('server', 'offsite'), ('server', 'offsite-verify')}
+# The command line of a unit whose name is not its command.
+UNIT_COMMANDS = {'offsite-verify': 'verify --offsite'}
 # What a maintainer script of this package must never do.
 FORBIDDEN_IN_MAINTAINER_SCRIPTS = ('adduser', 'useradd', 'ssh-keygen',
                                    'systemctl', 'deb-systemd', 'chown')
@@ -243,7 +245,8 @@ class SystemdUnitsTest(unittest.TestCase):
                 service = f.read()
             self.assertIn('\nUser=adminbackup\n', service)
             self.assertRegex(service, r'\nExecStart=/usr/bin/gitbackup-%s '
-                             r'-q %s(\s|$)' % (side, re.escape(job)))
+                             r'-q %s(\s|$)' % (side, re.escape(
+                                 UNIT_COMMANDS.get(job, job))))
             with open(os.path.join(UNITS_DIR,
                                    f'gitbackup-{side}-{job}.timer')) as f:
                 timer = f.read()
