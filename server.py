@@ -1874,7 +1874,10 @@ class Node:
 
     # -- check ----------------------------------------------------------------
 
-    def check(self, out=sys.stdout, connect=False):
+    def check(self, out=sys.stdout, connect=False, more=()):
+        """The configuration test; with connect, every connection too,
+        and the checks in more (functions of out returning problems, for
+        what later chapters own: the offsite remote, mail)."""
         out.write(f'{self.config.path}: node {self.name}\n')
         problems = []
         try:
@@ -1923,6 +1926,8 @@ class Node:
             out.write(f'problem: {p}\n')
         if connect:
             problems += self.check_connections(out)
+            for extra in more:
+                problems += extra(out)
         if not problems:
             out.write(f'looks ready ({len(known_clients(self))} client(s): '
                       f'{len(self.config.client_sections())} configured, '
@@ -5888,12 +5893,12 @@ def gate_exec(node, client):
 def check_cli(node, args, out=sys.stdout):
     """check; with --connect also the offsite remote, and with
     --mail-test one message through [mail]."""
-    problems = node.check(out=out, connect=args.connect)
-    if args.connect:
-        problems += offsite_check_connection(node, out)
-        if args.mail_test:
-            problems += mail_test(node, out)
-    return 1 if problems else 0
+    if args.mail_test and not args.connect:
+        raise UsageError('check: --mail-test goes with --connect')
+    more = [lambda o: offsite_check_connection(node, o)]
+    if args.mail_test:
+        more.append(lambda o: mail_test(node, o))
+    return 1 if node.check(out=out, connect=args.connect, more=more) else 0
 
 
 def run_cron(node):

@@ -506,6 +506,8 @@ class OffsiteTest(unittest.TestCase):
         self.assertIn('OK      offsite remote offsite:gitbackup (list, '
                       'write, read, delete)', out)
         self.assertRegex(out, r'OK      mail to node-admin@example.invalid')
+        self.assertTrue(out.rstrip().splitlines()[-1].startswith(
+            'looks ready'), out)
         self.assertEqual(len(self.mails()), 1)
         self.assertEqual(self.remote_files(), [])   # scratch removed
         self.rclone.stop()
