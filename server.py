@@ -2431,6 +2431,7 @@ RCLONE_UNREACHABLE_RE = re.compile(
     r"Failed to create file system|couldn't connect|connection refused|"
     r'dial tcp|no route to host|i/o timeout|network is unreachable|'
     r'no such host|TLS handshake', re.IGNORECASE)
+OFFSITE_PROBE_TIMEOUT = 120   # seconds the first listing of a run may take
 OFFSITE_INDEX = 'index.json'
 OFFSITE_RESULTS = 'results.jsonl'
 # files/<source>/<snapshot>: the remote path of one snapshot.
@@ -2470,13 +2471,14 @@ class Offsite:
         self.timeout = node.config.get_duration('server', 'command_timeout')
         self.crypt = self.remote_type() == 'crypt'
 
-    def rclone(self, *args, check=True, input=None):
+    def rclone(self, *args, check=True, input=None, timeout=None):
         """rclone with our config; a remote it cannot reach at all is
         OffsiteUnreachable, any other failure CommandFailed."""
         # --ask-password=false: cron has no terminal to type one into.
         result = core.run([*self.program, '--config', self.rclone_config,
                            '--ask-password=false', *args],
-                          timeout=self.timeout, check=False, input=input)
+                          timeout=timeout or self.timeout, check=False,
+                          input=input)
         if result.returncode and RCLONE_UNREACHABLE_RE.search(
                 result.stderr or ''):
             last = clean_text(result.stderr.strip().splitlines()[-1], 500)
@@ -2491,9 +2493,17 @@ class Offsite:
         """One quick listing (one try, no retries): raises
         OffsiteUnreachable when the remote is down.  An empty remote
         (directory not found) is reachable."""
-        result = self.rclone('lsf', '--max-depth', '1', '--retries', '1',
-                             '--low-level-retries', '1', self.remote,
-                             check=False)
+        try:
+            # A remote that accepts connections and then says nothing (a
+            # tarpit) must cost this one probe, not a timeout per copy.
+            result = self.rclone(
+                'lsf', '--max-depth', '1', '--retries', '1',
+                '--low-level-retries', '1', '--contimeout', '30s',
+                '--timeout', '60s', self.remote, check=False,
+                timeout=min(self.timeout, OFFSITE_PROBE_TIMEOUT))
+        except core.CommandFailed as e:
+            raise OffsiteUnreachable(f'offsite remote {self.remote} cannot '
+                                     f'be reached: {e}') from None
         if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
             raise OffsiteFailed(f'offsite remote {self.remote}: listing '
                                 f'failed: {clean_text(result.stderr, 500)}')

@@ -14,9 +14,11 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import textwrap
+import time
 import unittest
 
 from tests import support
@@ -144,7 +146,7 @@ class OffsiteTest(unittest.TestCase):
         self.rclone.rclone_conf(self.rclone_conf, self.env)
         self.write_config('offsite:gitbackup')
 
-    def write_config(self, remote):
+    def write_config(self, remote, server_extra=''):
         n = self.node
         self.config = os.path.join(self.root, 'backup.ini')
         with open(self.config, 'w') as f:
@@ -167,7 +169,7 @@ class OffsiteTest(unittest.TestCase):
                 [mail]
                 method = spool
                 spool_dir = {self.root}/mail
-                '''))
+                ''').replace('[offsite]', server_extra + '[offsite]'))
 
     def server(self, *args, status=0):
         proc = subprocess.run(
@@ -500,6 +502,27 @@ class OffsiteTest(unittest.TestCase):
         self.server('offsite')
         self.assertEqual(len([m for m in self.mails()
                               if 'recovered' in m['Subject']]), 1)
+
+    def test_a_remote_that_never_answers_costs_one_probe(self):
+        """A tarpit (connections accepted, nothing said): one bounded
+        probe, not command_timeout per pending snapshot."""
+        tarpit = socket.socket()
+        self.addCleanup(tarpit.close)
+        tarpit.bind((support.HOST, 0))
+        tarpit.listen(16)
+        with open(self.rclone_conf) as f:
+            conf = f.read()
+        with open(self.rclone_conf, 'w') as f:
+            f.write(conf.replace(f'port = {self.rclone.port}\n',
+                                 f'port = {tarpit.getsockname()[1]}\n'))
+        self.write_config('offsite:gitbackup', 'command_timeout = 4s\n')
+        start = time.monotonic()
+        proc = self.server('offsite', status=1)
+        self.assertLess(time.monotonic() - start, 3 * 4)
+        self.assertEqual(proc.stderr.count('cannot be reached'), 1,
+                         proc.stderr)
+        self.assertFalse(os.path.exists(os.path.join(
+            self.node, 'data', CLIENT, 'offsite.jsonl')))
 
     def test_check_connect_tests_the_remote_and_mail(self):
         out = self.server('check', '--connect', '--mail-test').stdout
