@@ -2878,7 +2878,10 @@ def offsite_missing_alert(node, client, missing):
                          node.config, 'server',
                          f'the node\'s own copy of {client}\'s snapshots')
     if missing:
-        log.error('offsite: %s', offsite_missing_text(client, missing))
+        # Told once by mail and every time by `report`: not a cron mail a
+        # night (the log has it at info level).
+        core.problem(f'offsite: {offsite_missing_text(client, missing)}',
+                     mail=False)
         health.failed(offsite_missing_text(client, missing), 0)
     elif health.state.get('first_failure'):
         health.ok()
@@ -2909,9 +2912,10 @@ def offsite_command(node, out=sys.stdout):
     except OffsiteUnreachable as e:
         health.failed(str(e), node.config.get_duration('server',
                                                        'alert_after'))
-        log.error('offsite: %s; nothing more tried this run (the next run '
-                  'carries on)', e)
-        return [str(e)]
+        # An outage: one mail after alert_after (the Health record), not
+        # a cron mail a night; under -q it prints nothing.
+        return [core.problem(f'offsite: {e}; nothing more tried this run '
+                             '(the next run carries on)', mail=False)]
     health.ok()
     for error in errors:
         log.error('offsite: %s', error)

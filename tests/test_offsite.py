@@ -498,6 +498,9 @@ class OffsiteTest(unittest.TestCase):
         failing = [m for m in self.mails() if 'failing' in m['Subject']]
         self.assertEqual(len(failing), 1)
         self.assertIn('offsite remote offsite:gitbackup', failing[0]['Subject'])
+        # Under cron (-q) an outage prints nothing: the mail tells.
+        proc = self.server('-q', 'offsite', status=1)
+        self.assertEqual((proc.stdout, proc.stderr), ('', ''))
         self.rclone.start()
         self.server('offsite')
         self.assertEqual(len([m for m in self.mails()
