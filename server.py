@@ -3577,14 +3577,20 @@ def offsite_list_entries(node, client=None, source=None):
 
 
 def offsite_list_entry(client, source, e):
+    """One `list` entry from an index entry: read from the remote, so
+    every field is checked or cleaned before it is printed."""
     manifest = e.get('manifest') if isinstance(e.get('manifest'), dict) \
         else {}
     level = manifest_level(manifest)
+    base = e.get('base') if STORED_NAME_RE.match(str(e.get('base'))) \
+        else None
+    kind = e.get('kind') if e.get('kind') in ('full', 'incremental',
+                                                'file', 'git') else '?'
     return {'client': client, 'source': source, 'snapshot': e['snapshot'],
-            'time': e.get('time'), 'kind': str(e.get('kind')),
-            'level': level, 'base': e.get('base'),
+            'time': clean_text(e.get('time') or '', 40) or None,
+            'kind': kind, 'level': level, 'base': base,
             'base_request': manifest.get('base'),
-            'chain_broken': bool(level) and not e.get('base'),
+            'chain_broken': bool(level) and not base,
             'request_id': manifest.get('request_id'),
             'size': e.get('size') if isinstance(e.get('size'), int) else 0,
             'files': [f for f in e.get('files') or [] if isinstance(f, dict)],
