@@ -2905,6 +2905,9 @@ def offsite_command(node, out=sys.stdout):
     try:
         off.reachable()
         for client in known_clients(node):
+            if not os.path.isdir(os.path.join(node.settings['data_dir'],
+                                              client)):
+                continue    # configured, nothing stored yet
             copied, removed, failed = offsite_client(off, node, client, out)
             totals[0] += copied
             totals[1] += removed
@@ -3227,8 +3230,10 @@ def offsite_verify_command(node, only_client=None, out=sys.stdout):
     deadline = time.monotonic() + off.timeout
     problems = []
     for client in clients:
-        scratch = tempfile.mkdtemp(prefix='.offsite-verify-', dir=os.path.join(
-            node.settings['data_dir'], client))
+        top = os.path.join(node.settings['data_dir'], client)
+        if not os.path.isdir(top):
+            continue    # nothing stored, nothing copied
+        scratch = tempfile.mkdtemp(prefix='.offsite-verify-', dir=top)
         try:
             problems += verify_offsite_snapshots(off, node, client)
             problems += verify_offsite_indexes(off, node, client, scratch)
