@@ -159,6 +159,14 @@ class RecoveryTest(unittest.TestCase):
             self.server(config, 'restore', CLIENT, SOURCE, '--from',
                         'offsite', '--at', name, '--to', target)
             self.assertEqual(snapshot(target), tree, name)
+        # One directory of the middle point.
+        part = os.path.join(self.root, 'part')
+        self.server(config, 'restore', CLIENT, SOURCE, '--from', 'offsite',
+                    '--at', names[1], '--path', 'sub', '--to', part)
+        self.assertEqual(snapshot(os.path.join(part, 'sub')),
+                         {k[len('sub/'):]: v for k, v in
+                          self.points[1][1].items()
+                          if k.startswith('sub/')})
         # A tar stream of the newest point, without --at.
         with open(os.path.join(self.root, 'newest.tar'), 'w') as out:
             self.server(config, 'restore', CLIENT, SOURCE, '--from',
