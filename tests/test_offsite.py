@@ -315,6 +315,19 @@ class OffsiteTest(unittest.TestCase):
                     '--to', newest)
         with open(os.path.join(newest, 'data.txt')) as f:
             self.assertEqual(f.read(), f'{MARKER} 2\n' * 50)
+        # One stored file, byte for byte (a dump is restored this way).
+        last = self.snapshots()[-1]
+        with open(os.path.join(last, 'manifest.json')) as f:
+            name = json.load(f)['files'][0]['name']
+        proc = subprocess.run(
+            [support.PYTHON, os.path.join(support.ROOT, 'server.py'),
+             '--config', self.config, 'restore', CLIENT, SOURCE, '--from',
+             'offsite', '--file', name, '--stdout'], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=300)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with open(os.path.join(last, name), 'rb') as f:
+            self.assertEqual(proc.stdout, f.read())
 
     def test_fetch_refuses_a_file_changed_on_the_remote(self):
         self.server('offsite')
