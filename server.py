@@ -4736,6 +4736,9 @@ def offsite_report_lines(report):
         else:
             lines.append(f'  {c["client"]}: up to date (last copy '
                          f'{lag["last_copy"] or "never"})')
+        if lag.get('missing'):
+            lines.append(f'  {c["client"]}: {len(lag["missing"])} kept '
+                         'there, lost here (critical, see Problems)')
     if lines:
         remote = clean_text(report['clients'][0]['offsite']['remote'])
         lines = ['', f'Offsite ({remote}):'] + [clean_text(l, 1000)
@@ -5143,6 +5146,8 @@ def offsite_caption(lag):
     [offsite])."""
     if not lag:
         return ''
+    if lag.get('missing'):
+        return f'offsite: {len(lag["missing"])} kept there, lost here'
     if not lag['pending']:
         return 'offsite up to date'
     return (f'offsite: {lag["pending"]} behind, oldest '

@@ -405,6 +405,7 @@ class OffsiteTest(unittest.TestCase):
         text = self.server('report', status=2).stdout
         self.assertIn(name, text)
         self.assertIn('restore it with `server.py restore', text)
+        self.assertIn(f'{CLIENT}: 1 kept there, lost here', text)
         self.assertIn('--from offsite', text)
         report = json.loads(self.server('report', '--format', 'json',
                                         status=2).stdout)
@@ -420,6 +421,7 @@ class OffsiteTest(unittest.TestCase):
                       prom)
         page = self.server('report', '--format', 'html', status=2).stdout
         self.assertIn(name, page)
+        self.assertIn('offsite: 1 kept there, lost here', page)
         # Mailed once, not on every run.
         self.server('offsite')
         mails = [m for m in self.mails() if 'copy of' in m['Subject']]
