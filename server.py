@@ -1073,6 +1073,12 @@ def prune_journal(node, client):
                                 PRUNE_JOURNAL))
 
 
+def pruned_entry(source, snapshot, rule):
+    """One line of prune's journal."""
+    return {'event': 'pruned', 'source': source, 'snapshot': snapshot,
+            'time': core.isotime(), 'rule': rule}
+
+
 def pruned_snapshots(node, client):
     """{'files/<source>/<snapshot>': journal entry} of what prune removed."""
     pruned = {}
@@ -2131,6 +2137,33 @@ def prune_command(node, dry_run=False, out=sys.stdout):
     return errors
 
 
+def prune_snapshot(node, client, source, snapshot, out=sys.stdout):
+    """`prune --snapshot CLIENT SOURCE SNAPSHOT`: remove one snapshot on
+    purpose (data that must go), here and, through prune's journal, on
+    the offsite remote at its next run; also for one already lost here
+    that must not come back.  Refused while a stored increment builds on
+    it."""
+    check_client_name(client)
+    if not SOURCE_NAME_RE.match(source) or not STORED_NAME_RE.match(snapshot):
+        raise UsageError(f'not a source and snapshot name: {source!r} '
+                         f'{snapshot!r} (see `server.py list`)')
+    backups = stored_backups(node, client).get(source) or []
+    path = os.path.join(node.settings['data_dir'], client, 'files', source,
+                        snapshot)
+    users = [b.name for b in backups if b.path != path and
+             any(link.path == path for link in
+                 snapshot_chains(backups).get(b.path, Chain([])).links)]
+    if users:
+        raise UsageError(f'{source} {snapshot}: {", ".join(users)} build on '
+                         'it; remove those first (newest first)')
+    prune_journal(node, client).append([pruned_entry(
+        source, snapshot, 'by hand (prune --snapshot)')])
+    if os.path.isdir(path):
+        remove_tree(path)
+    out.write(f'removed {path}\n')
+    return 0
+
+
 def prune_source(directory, backups, retain, dry_run, verb, out,
                  journal=None):
     """Apply retention (daily, weekly, monthly) to the backups of one
@@ -2164,11 +2197,10 @@ def prune_source(directory, backups, retain, dry_run, verb, out,
             continue
         try:
             if journal is not None:
-                journal.append([{
-                    'event': 'pruned', 'source': backup.source,
-                    'snapshot': backup.name, 'time': core.isotime(),
-                    'rule': f'not kept by keep_daily {daily}, keep_weekly '
-                            f'{weekly}, keep_monthly {monthly}'}])
+                journal.append([pruned_entry(
+                    backup.source, backup.name,
+                    f'not kept by keep_daily {daily}, keep_weekly '
+                    f'{weekly}, keep_monthly {monthly}')])
             if not dry_run:
                 remove_tree(backup.path)
         except OSError as e:
@@ -5721,6 +5753,11 @@ def operations_parsers(command):
                 'git/**/.<name>.git.incoming).  Every removal is printed.')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
+    p.add_argument('--snapshot', nargs=3, metavar=('CLIENT', 'SOURCE',
+                                                   'SNAPSHOT'),
+                   help='remove this one snapshot on purpose, here and (at '
+                   'the next offsite run) on the offsite remote; refused '
+                   'while an increment builds on it')
     p = command('verify', 're-hash stored files, git fsck, sample restore '
                 'check (cron, weekly)',
                 'Re-hash every stored file against its manifest (sha256 and '
@@ -5951,7 +5988,8 @@ COMMANDS = {
     'report': lambda n, a: report_command(n, a.format, a.mail, a.output),
     'prune': lambda n, a: core.exclusive(
         n.settings['log_dir'], 'prune',
-        lambda: 1 if prune_command(n, a.dry_run) else 0),
+        lambda: prune_snapshot(n, *a.snapshot) if a.snapshot else
+        1 if prune_command(n, a.dry_run) else 0),
     'verify': lambda n, a: offsite_verify_command(n, a.client)
     if a.offsite else verify_command(n, a.client, a.restore),
     # -- offsite

@@ -434,6 +434,24 @@ class OffsiteTest(unittest.TestCase):
         with open(os.path.join(target, 'data.txt')) as f:
             self.assertEqual(f.read(), f'{MARKER} 1\n' * 50)
 
+    def test_a_snapshot_removed_on_purpose_goes_there_too(self):
+        """prune --snapshot: data that must go is removed here, journaled
+        as prune's decision, and removed on the remote by the next run."""
+        self.server('offsite')
+        old, new = self.snapshots()
+        gone = self.expected_files(new)
+        self.server('prune', '--snapshot', CLIENT, SOURCE,
+                    os.path.basename(new))
+        self.assertEqual(self.snapshots(), [old])
+        out = self.server('offsite').stdout
+        self.assertIn(f'removed {CLIENT}/files/{SOURCE}/'
+                      f'{os.path.basename(new)}', out)
+        files = self.remote_files()
+        self.assertFalse(set(gone) & set(files), files)
+        self.assertEqual(json.loads(self.server(
+            'report', '--format', 'json').stdout)['clients'][0]['offsite']
+            ['missing'], [])
+
     def test_mirror_deleted_by_hand_keeps_its_bundle(self):
         self.server('offsite')
         bundles = [f for f in self.remote_files() if f.endswith('.bundle')]
