@@ -68,6 +68,7 @@ import html
 import json
 import os
 import pwd
+import random
 import re
 import shlex
 import shutil
@@ -3269,7 +3270,8 @@ def offsite_verify_command(node, only_client=None, out=sys.stdout):
         try:
             problems += verify_offsite_snapshots(off, node, client)
             problems += verify_offsite_indexes(off, node, client, scratch)
-            problems += verify_offsite_mirrors(off, node, client, scratch)
+            problems += verify_offsite_mirrors(off, node, client, scratch,
+                                               deadline)
             problems += verify_offsite_kept(off, node, client, scratch,
                                             deadline)
         finally:
@@ -3372,10 +3374,11 @@ def verify_offsite_indexes(off, node, client, scratch):
               else 'written again and read back')) for rel in damaged]
 
 
-def verify_offsite_mirrors(off, node, client, scratch):
-    """Download each mirror's newest bundle there and re-hash it; a
-    damaged or missing one is replaced by a new bundle while the mirror
-    is here."""
+def verify_offsite_mirrors(off, node, client, scratch, deadline):
+    """Download each mirror's newest bundle there and re-hash it, in a
+    random order while time is left (a sample when there is not time
+    for all); a damaged or missing one is replaced by a new bundle while
+    the mirror is here."""
     state = offsite_state(node, client, off.remote)
     mirrors = client_mirrors(node, client)
     journal = offsite_journal(node, client)
@@ -3386,7 +3389,13 @@ def verify_offsite_mirrors(off, node, client, scratch):
             source = rel.rsplit('/', 1)[0][:-len('.git')]
             if rel > newest.get(source, {}).get('path', ''):
                 newest[source] = entry
-    for source, entry in sorted(newest.items()):
+    order = sorted(newest.items())
+    random.shuffle(order)
+    for source, entry in order:
+        if time.monotonic() > deadline:
+            log.info('verify --offsite: out of time before %s/%s', client,
+                     source)
+            break
         index = {'source': source, 'bundle': entry['path'].rsplit('/', 1)[1],
                  'sha256': entry.get('sha256'), 'size': entry.get('bytes')}
         try:
@@ -3417,10 +3426,13 @@ def verify_offsite_mirrors(off, node, client, scratch):
 
 def verify_offsite_kept(off, node, client, scratch, deadline):
     """The snapshots only the remote holds (lost here): downloaded and
-    re-hashed while time is left.  Nothing can repair them: critical."""
+    re-hashed in a random order while time is left.  Nothing can repair
+    them: critical."""
     state = offsite_state(node, client, off.remote)
     problems = []
-    for rel in offsite_missing(node, client, state):
+    missing = offsite_missing(node, client, state)
+    random.shuffle(missing)
+    for rel in missing:
         match = SNAPSHOT_REL_RE.match(rel)
         if not match:
             continue
