@@ -5782,9 +5782,10 @@ def operations_parsers(command):
     p.add_argument('--offsite', action='store_true',
                    help='check the [offsite] remote instead (cron, weekly): '
                    'rclone check\n(cryptcheck) of every snapshot against '
-                   'this node\'s copy, every mirror\'s\nbundle downloaded '
-                   'and re-hashed; what is damaged or missing there is\n'
-                   'copied again while this node holds it')
+                   'this node\'s copy, every index read back,\nbundles '
+                   're-hashed within command_timeout; what is damaged or '
+                   'missing\nthere is copied again while this node holds '
+                   'it')
     p.add_argument('--no-restore-check', dest='restore',
                    action='store_false',
                    help='skip the tar/pg_restore read-back')
