@@ -2900,7 +2900,9 @@ def offsite_missing_text(client, missing):
             f'{", ".join(missing[:10])}{" ..." if len(missing) > 10 else ""}'
             f'; kept on the remote: restore it with `server.py restore '
             f'{client} SOURCE --from offsite --at SNAPSHOT`, or put the '
-            f'client back whole with `server.py offsite --rebuild {client}`')
+            f'client back whole with `server.py offsite --rebuild {client}` '
+            f'(if it is to go: `server.py prune --snapshot {client} SOURCE '
+            'SNAPSHOT`)')
 
 
 def offsite_missing_alert(node, client, missing):
