@@ -2771,6 +2771,7 @@ def offsite_indexes(off, node, client, state, staging):
     if os.path.isfile(results):
         with open(results, encoding='utf-8', errors='replace') as f:
             texts[OFFSITE_RESULTS] = f.read()
+    errors += offsite_mirror_indexes(off, journal, client, state, staging)
     for rel, text in texts.items():
         digest = hashlib.sha256(text.encode()).hexdigest()
         if state.get(rel, {}).get('sha256') == digest:
@@ -2783,6 +2784,36 @@ def offsite_indexes(off, node, client, state, staging):
             errors.append(f'{client}/{rel}: {e}')
             continue
         journal.append([off.entry('copied', rel, sha256=digest)])
+    return errors
+
+
+def newest_bundles(state):
+    """{'git/<path>.git': journal entry of its newest verified bundle}."""
+    newest = {}
+    for rel, entry in state.items():
+        if rel.startswith('git/') and rel.endswith('.bundle') and \
+                entry.get('event') == 'copied':
+            mirror = rel.rsplit('/', 1)[0]
+            if rel > newest.get(mirror, {}).get('path', ''):
+                newest[mirror] = entry
+    return newest
+
+
+def offsite_mirror_indexes(off, journal, client, state, staging):
+    """Write the index of every mirror there whose index does not name its
+    newest bundle (one copied before indexes existed, or whose mirror is
+    gone here); returns the errors."""
+    errors = []
+    for mirror, entry in sorted(newest_bundles(state).items()):
+        if state.get(f'{mirror}/{OFFSITE_INDEX}', {}).get('bundle') == \
+                entry['path'].rsplit('/', 1)[1]:
+            continue
+        try:
+            offsite_mirror_index(off, journal, client, entry, staging)
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{mirror}: {e}')
     return errors
 
 
@@ -2829,8 +2860,9 @@ def offsite_mirror_index(off, journal, client, entry, staging):
              'refs': entry.get('refs'), 'time': entry.get('time')}
     index_rel = f'{mirror}/{OFFSITE_INDEX}'
     text = json.dumps(index, indent=1, sort_keys=True) + '\n'
-    journal.append([off.entry('copied', index_rel, sha256=off.put_text(
-        client, index_rel, text, staging))])
+    journal.append([off.entry('copied', index_rel, bundle=name,
+                              sha256=off.put_text(client, index_rel, text,
+                                                  staging))])
 
 
 def offsite_mirrors(off, node, client, state, out):
@@ -3358,18 +3390,8 @@ def verify_offsite_indexes(off, node, client, scratch):
             damaged.append(rel)
     if not damaged:
         return []
-    journal = offsite_journal(node, client)
     kept = {k: v for k, v in state.items() if k not in damaged}
     errors = offsite_indexes(off, node, client, kept, scratch)
-    for rel in damaged:
-        if rel.startswith('git/'):
-            bundles = [e for p, e in state.items() if p.endswith('.bundle')
-                       and p.startswith(rel.rsplit('/', 1)[0] + '/')]
-            try:
-                offsite_mirror_index(off, journal, client, max(
-                    bundles, key=lambda e: e['path']), scratch)
-            except (GitBackupError, OSError, ValueError) as e:
-                errors.append(f'{client}/{rel}: {e}')
     return [(CRITICAL if any(rel in e for e in errors) else WARNING,
              f'{off.path(client, rel)}: differs on the remote; ' +
              ('writing it again failed' if any(rel in e for e in errors)
@@ -3385,13 +3407,8 @@ def verify_offsite_mirrors(off, node, client, scratch, deadline):
     mirrors = client_mirrors(node, client)
     journal = offsite_journal(node, client)
     problems = []
-    newest = {}
-    for rel, entry in state.items():
-        if rel.endswith('.bundle') and entry.get('event') == 'copied':
-            source = rel.rsplit('/', 1)[0][:-len('.git')]
-            if rel > newest.get(source, {}).get('path', ''):
-                newest[source] = entry
-    order = sorted(newest.items())
+    order = sorted((mirror[:-len('.git')], entry) for mirror, entry in
+                   newest_bundles(state).items())
     random.shuffle(order)
     for source, entry in order:
         if time.monotonic() > deadline:

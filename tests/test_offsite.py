@@ -489,9 +489,13 @@ class OffsiteTest(unittest.TestCase):
                            'offsite', '--to', os.path.join(self.root, 'y'),
                            status=1)
         self.assertIn('DAMAGED', proc.stderr)
+        os.unlink(os.path.join(self.served, 'gitbackup', CLIENT, 'git',
+                               'proj.git', 'index.json'))
         out = self.server('verify', '--offsite', status=1).stdout
         self.assertIn(f'{rel}: {name} differs on the remote; copied again',
                       out)
+        self.assertIn('proj.git/index.json: differs on the remote; written '
+                      'again', out)
         self.assertIn('replaced by a new bundle', out)
         self.assertEqual(sha256(remote), sha256(os.path.join(new, name)))
         self.assertIn('0 problem(s)', self.server('verify',
