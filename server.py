@@ -2734,6 +2734,23 @@ def index_backups(index, top, source):
     return sorted((b for b in backups if b.good), key=StoredBackup.sort_key)
 
 
+def remote_manifest(off, client, rel, entry):
+    """A snapshot only the remote holds, from its manifest there (an index
+    lost or written before it): a StoredBackup, or None when the manifest
+    is not the one journaled when it was copied."""
+    result = off.rclone('cat', off.path(client, f'{rel}/manifest.json'),
+                        check=False)
+    text = result.stdout.encode('utf-8', 'surrogateescape')
+    if result.returncode or hashlib.sha256(text).hexdigest() != \
+            entry.get('manifest_sha256'):
+        log.error('offsite: %s: its manifest there is missing or not the '
+                  'one copied; left out of the index', off.path(client, rel))
+        return None
+    source, name = rel.split('/')[1:]
+    backup = StoredBackup(source, '/' + name, json.loads(text))
+    return backup if backup.good else None
+
+
 def source_index(off, client, source, state, local):
     """The index of one source: every snapshot verified on the remote,
     from the local manifest (local: local_snapshots), else (kept there,
@@ -2742,11 +2759,15 @@ def source_index(off, client, source, state, local):
              'copied' and SNAPSHOT_REL_RE.match(rel) and
              rel.split('/')[1] == source}
     backups = [local[rel] for rel in there if rel in local]
-    if any(rel not in local for rel in there):
-        old = off.read_json(client, f'files/{source}/{OFFSITE_INDEX}')
-        backups += [b for b in index_backups(old, '/', source)
-                    if f'files/{source}/{b.name}' in there and
-                    f'files/{source}/{b.name}' not in local]
+    gone = [rel for rel in there if rel not in local]
+    if gone:
+        old = {b.name: b for b in index_backups(off.read_json(
+            client, f'files/{source}/{OFFSITE_INDEX}'), '/', source)}
+        for rel in gone:
+            backup = old.get(rel.rsplit('/', 1)[1]) or \
+                remote_manifest(off, client, rel, there[rel])
+            if backup:
+                backups.append(backup)
     backups.sort(key=StoredBackup.sort_key)
     chains = snapshot_chains(backups)
     return {'format': 1, 'client': client, 'source': source,
@@ -3285,9 +3306,9 @@ def rebuild_mirror(off, node, client, index, out):
 
 def offsite_verify_command(node, only_client=None, out=sys.stdout):
     """`verify --offsite`: rclone check (cryptcheck) of every snapshot
-    against the node's copy, a download and re-hash of every mirror's
-    bundle and, within command_timeout, of the snapshots only the remote
-    still holds.  What is damaged or missing there is copied again while
+    against the node's copy, every index read back and, within
+    command_timeout, a download and re-hash of mirror bundles and of the
+    snapshots only the remote still holds.  What is damaged or missing there is copied again while
     the node still holds it.  Mails problems; returns 0/1/2 like
     verify."""
     off = Offsite(node)

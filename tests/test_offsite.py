@@ -427,7 +427,15 @@ class OffsiteTest(unittest.TestCase):
         mails = [m for m in self.mails() if 'copy of' in m['Subject']]
         self.assertEqual(len(mails), 1, [m['Subject'] for m in mails])
         self.assertIn(name, mails[0].get_content())
-        # And it is restorable from there.
+        # Its index lost too: verify --offsite writes it again from the
+        # manifest there, and it is still listed and restorable.
+        os.unlink(os.path.join(self.served, 'gitbackup', CLIENT, 'files',
+                               SOURCE, 'index.json'))
+        self.assertIn('index.json: differs on the remote; written again',
+                      self.server('verify', '--offsite', status=1).stdout)
+        listed = json.loads(self.server('list', '--from', 'offsite',
+                                        '--format', 'json').stdout)
+        self.assertIn(os.path.basename(old), [e['snapshot'] for e in listed])
         target = os.path.join(self.root, 'back')
         self.server('restore', CLIENT, SOURCE, '--from', 'offsite', '--at',
                     os.path.basename(old), '--to', target)
