@@ -25,8 +25,30 @@ SOURCE = 'app'
 
 
 class RecoveryTest(unittest.TestCase):
-    def setUp(self):
+    """One pipeline and remote for the class (built by a fixture instance
+    whose cleanups run at the end): the new node only reads the remote;
+    the rebuild test, last by name, then replaces the pipeline's node."""
+
+    SHARED = ('p', 'root', 'env', 'served', 'rclone', 'rclone_conf', 'src',
+              'points', 'mirror')
+
+    @classmethod
+    def setUpClass(cls):
         support.require_tools('rclone', 'git', 'tar')
+        cls.fixture = cls('build')
+        try:
+            cls.fixture.build()
+        except BaseException:
+            cls.fixture.doCleanups()
+            raise
+        for name in cls.SHARED:
+            setattr(cls, name, getattr(cls.fixture, name))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.fixture.doCleanups()
+
+    def build(self):
         self.p = Pipeline(self)
         self.root = self.p.root
         self.env = self.p.env
