@@ -2959,8 +2959,9 @@ def offsite_missing_text(client, missing):
 
 
 def offsite_missing_alert(node, client, missing):
-    """One mail when snapshots go missing here, one when that is over
-    (the Health record an outage uses, alerting at once)."""
+    """One mail when snapshots go missing here (again when more do), one
+    when that is over (the Health record an outage uses, alerting at
+    once)."""
     health = core.Health(os.path.join(node.state_dir,
                                       f'offsite-missing-{client}.json'),
                          node.config, 'server',
@@ -2970,6 +2971,9 @@ def offsite_missing_alert(node, client, missing):
         # night (the log has it at info level).
         core.problem(f'offsite: {offsite_missing_text(client, missing)}',
                      mail=False)
+        if not set(missing) <= set(health.state.get('missing') or []):
+            health.state['alerted'] = False     # more is lost: tell again
+        health.state['missing'] = missing
         health.failed(offsite_missing_text(client, missing), 0)
     elif health.state.get('first_failure'):
         health.ok()

@@ -427,6 +427,13 @@ class OffsiteTest(unittest.TestCase):
         mails = [m for m in self.mails() if 'copy of' in m['Subject']]
         self.assertEqual(len(mails), 1, [m['Subject'] for m in mails])
         self.assertIn(name, mails[0].get_content())
+        # A second loss is news: one more mail.
+        shutil.rmtree(new)
+        self.server('offsite')
+        self.server('offsite')
+        mails = [m for m in self.mails() if 'copy of' in m['Subject']]
+        self.assertEqual(len(mails), 2, [m['Subject'] for m in mails])
+        self.assertIn(os.path.basename(new), mails[1].get_content())
         # Its index lost too: verify --offsite writes it again from the
         # manifest there, and it is still listed and restorable.
         os.unlink(os.path.join(self.served, 'gitbackup', CLIENT, 'files',
