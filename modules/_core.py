@@ -178,16 +178,41 @@ SCHEMA = {
     },
 }
 FREE_SECTIONS = ('nodes', 'modules', 'sources')
-# Typed keys, checked when the file is read (so a typo in a value is an
-# error naming its line, like a typo in a key).
-DURATION_KEYS = {'export_keep', 'alert_after', 'confirm_after', 'full_every',
-                 'command_timeout', 'keep_requests', 'stale_after',
-                 'connect_timeout', 'stall_timeout'}
-SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
-INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
-            'max_requests_per_push', 'sftp_port', 'keep_daily',
-            'keep_weekly', 'keep_monthly', 'transfers', 'jobs',
-            'max_commits_per_push', 'bwlimit', 'max_refs'}
+
+
+def _typed(duration=(), size=(), number=()):
+    types = dict.fromkeys(duration, 'duration')
+    types.update(dict.fromkeys(size, 'size'))
+    types.update(dict.fromkeys(number, 'number'))
+    return types
+
+
+# The type of each typed key, per section: a key's type is what its own
+# section means by it, never decided by its name across sections ([server]
+# bwlimit is sftp's Kbit/s, [offsite] bwlimit rclone's rate such as 10M).
+# Checked when the file is read, so a typo in a value is an error naming
+# its line, like a typo in a key; keys not listed are text.
+TYPES = {
+    'client': _typed(
+        duration=('export_keep', 'alert_after', 'confirm_after',
+                  'full_every', 'command_timeout', 'keep_requests',
+                  'connect_timeout', 'stall_timeout'),
+        number=('max_attempts', 'max_batch')),
+    'server': _typed(
+        duration=('alert_after', 'stale_after', 'keep_requests',
+                  'command_timeout', 'connect_timeout', 'stall_timeout'),
+        size=('quota', 'free_space_floor', 'max_push_size'),
+        number=('max_attempts', 'keep_daily', 'keep_weekly', 'keep_monthly',
+                'bwlimit', 'max_request_size', 'max_requests_per_push',
+                'jobs', 'max_commits_per_push', 'max_refs')),
+    'client *': _typed(
+        duration=('stale_after',), size=('quota',),
+        number=('sftp_port', 'keep_daily', 'keep_weekly', 'keep_monthly',
+                'bwlimit', 'max_refs')),
+    # bwlimit: passed to rclone --bwlimit as written (10M, a timetable).
+    'offsite': _typed(number=('transfers',)),
+    'mail': {},
+}
 
 
 # --------------------------------------------------------------------------
@@ -1161,8 +1186,19 @@ class Config:
         self.path = os.path.abspath(path)
         self.parser = parser = self._read(path)
         lines = _line_numbers(path)
+        # A mistake in one [client NAME] (a shared file with many) is that
+        # client's problem, not the node's: its requests wait as
+        # misconfigured, `report` and `check` name it, the others go on.
+        self.client_problems = {}
         for section in parser.sections():
-            self._check_section(path, lines, section)
+            try:
+                self._check_section(path, lines, section)
+            except ConfigError as e:
+                if not section.startswith('client ') or \
+                        self._schema_of(section) is None:
+                    raise
+                self.client_problems[section[len('client '):].strip()] = \
+                    str(e)
         if parser.has_section('mail'):
             problems = sendmail.mail_config_problems(dict(parser['mail']))
             if problems:
@@ -1203,7 +1239,7 @@ class Config:
         self._check_keys(path, lines, section, schema)
         if schema is None:
             return  # a free-form section: any value, nothing required
-        self._check_values(path, lines, section)
+        self._check_values(path, lines, section, self._types_of(section))
         missing = [k for k, v in schema.items()
                    if v is REQUIRED and not self.parser[section].get(k)]
         if missing:
@@ -1225,18 +1261,19 @@ class Config:
             if schema is None and not NAME_RE.match(key):
                 raise ConfigError(f'{at}: bad name {key!r} in [{section}]')
 
-    def _check_values(self, path, lines, section):
-        """Durations, sizes and whole numbers must parse (empty values
-        mean the default)."""
+    def _check_values(self, path, lines, section, types):
+        """Durations, sizes and whole numbers, as the section's types say,
+        must parse (empty values mean the default)."""
         for key, value in self.parser[section].items():
             if not value:
                 continue
             try:
-                if key in DURATION_KEYS:
+                if types.get(key) == 'duration':
                     parse_duration(value)
-                elif key in SIZE_KEYS:
+                elif types.get(key) == 'size':
                     parse_size(value)
-                elif key in INT_KEYS and not re.fullmatch(r'\d+', value):
+                elif types.get(key) == 'number' and \
+                        not re.fullmatch(r'\d+', value):
                     raise ValueError(f'not a whole number: {value!r}')
             except ValueError as e:
                 raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
@@ -1261,6 +1298,12 @@ class Config:
         if section.startswith('client '):
             return SCHEMA['client *']
         return None
+
+    @staticmethod
+    def _types_of(section):
+        if section in TYPES:
+            return TYPES[section]
+        return TYPES['client *'] if section.startswith('client ') else {}
 
     def has(self, section):
         return self.parser.has_section(section)

@@ -75,6 +75,16 @@ def handle(ctx, rest):
     return {'stored': stored, 'sha256': digest, 'size': got}
 
 
+def request_source(settings, rest):
+    """The source a request line feeds (its ``source=``, default
+    ``files``), for the node's report of pending and failed requests;
+    the node validates what this returns."""
+    for word in rest.split()[2:]:
+        if word.startswith('source='):
+            return word[len('source='):]
+    return 'files'
+
+
 def fetch_companion(ctx, remote, options, incoming):
     """The file beside the main one that describes it (``companion=NAME``
     with its own sha256 and size): fetched, checked and stored in the same
