@@ -4054,6 +4054,15 @@ def drill_targets(node, client):
     return targets
 
 
+def drill_word(drill):
+    """How a drill outcome is told: FAILED, ok, or hashes only (passed,
+    but no module proved the files: never called ok)."""
+    if not drill['ok']:
+        return 'FAILED'
+    return 'ok' if drill.get('proof', 'restored') == 'restored' \
+        else 'hashes only'
+
+
 def drill_one(node, client, run_id, source, name, proof):
     """Run one proof in a scratch directory; its journal entry."""
     scratch = scratch_dir(node, client, 'drill')
@@ -4084,8 +4093,7 @@ def drill_command(node, only_client=None, out=sys.stdout):
         for source, name, proof in drill_targets(node, client):
             entry = drill_one(node, client, run_id, source, name, proof)
             entries.append(entry)
-            word = 'FAILED' if not entry['ok'] else \
-                'ok' if entry['proof'] == 'restored' else 'hashes only'
+            word = drill_word(entry)
             line = f'{word}: {client} {source} {name}: {entry["detail"]}'
             out.write(line + '\n')
             (log.info if entry['ok'] else log.error)('drill %s', line)
@@ -4107,16 +4115,20 @@ def drill_command(node, only_client=None, out=sys.stdout):
 
 def last_drills(node, client, now):
     """{source: last drill} for report: the newest drill run that covered
-    the source; failed if any of its series failed there."""
+    the source; failed if any of its series failed there; its proof
+    'hashes only' when no module proved any of them."""
     runs = {}
     for drill in drill_journal(node, client):
         last = runs.get(drill['source'])
         if last is None or drill['run'] > last['run']:
             last = runs[drill['source']] = {'run': drill['run'], 'ok': True,
                                             'time': drill['time'],
+                                            'proof': 'hashes only',
                                             'problems': []}
         if drill['run'] == last['run']:
             last['time'] = max(last['time'], drill['time'])
+            if drill['proof'] == 'restored':
+                last['proof'] = 'restored'
             if not drill['ok']:
                 last['ok'] = False
                 words = [clean_text(drill[k], 500) for k in ('snapshot',
@@ -4133,7 +4145,7 @@ def last_drills(node, client, now):
 def drill_level(row, drill):
     """A source's report level from its last drill (failed = critical)."""
     row['last_drill'] = drill and {k: drill[k] for k in
-                                   ('time', 'ok', 'age_seconds')}
+                                   ('time', 'ok', 'proof', 'age_seconds')}
     if drill and not drill['ok']:
         row['problems'].append('last restore drill failed' + (
             ': ' + '; '.join(drill['problems']) if drill['problems'] else ''))
@@ -4586,7 +4598,7 @@ def report_text(report):
                                zip(line, widths)).rstrip())
     lines += offsite_report_lines(report)
     drills = [f'  {c["client"]}/{r["source"]}: '
-              f'{"ok" if r["last_drill"]["ok"] else "FAILED"} '
+              f'{drill_word(r["last_drill"])} '
               f'{human_age(r["last_drill"]["age_seconds"])} ago'
               for c in report['clients'] for r in c['sources']
               if r.get('last_drill')]

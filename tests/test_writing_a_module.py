@@ -68,6 +68,8 @@ class WritingAModuleTest(unittest.TestCase):
         self.assertIn(f'hashes only: c1 hostinfo {name}: hostinfo.txt: '
                       'hashes only', drill)
         self.assertNotIn('ok: c1 hostinfo', drill)
+        self.assertIn('c1/hostinfo: hashes only',
+                      self.p.server('report', check=False).stdout)
         shutil.copy2(os.path.join(EXAMPLES, 'hostinfoproof.py'),
                      os.path.join(self.p.root, 'modules'))
         verify = self.p.server('verify').stdout
