@@ -55,10 +55,21 @@ import sys
 import tempfile
 import time
 
-if sys.version_info < (3, 9):
-    sys.exit('client.py: Python 3.9 or later is required')
+# The oldest Python this script runs on (and is tested with): the default
+# python3 of RHEL 8 and SLES 15.  server.py needs 3.8.
+MIN_PYTHON = (3, 6)
+if sys.version_info < MIN_PYTHON:
+    sys.exit('client.py: Python %d.%d or later is required, this is %s'
+             % (MIN_PYTHON + (sys.version.split()[0],)))
+# What must be installed beside this script, as one directory.
+BESIDE = ('sendmail.py', os.path.join('modules', '_core.py'))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _name in BESIDE:
+    if not os.path.isfile(os.path.join(HERE, _name)):
+        sys.exit('client.py: %s is missing in %s: install client.py, '
+                 'sendmail.py and modules/ together' % (_name, HERE))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
 from modules._core import (  # noqa: E402  (shared core, installed beside us)
     request_id_of, ACCESS_DENIED_HINT, ACCESS_DENIED_RE, CHUNK, NAME_RE,
     REQUEST_ID, REQUEST_ID_RE, VERSION, ZERO_ID, Attempts, CommandFailed,
@@ -70,8 +81,8 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
     new_request_id, older_than, pause_point, problem, read_json,
     ref_from_files, remove_listed,
-    run, setup_logging, sha256_file, ssh_timeout_options, timestamp,
-    write_json, fsync_dir)
+    run, setup_logging, sha256_file, shell_line, ssh_timeout_options,
+    timestamp, write_json, fsync_dir)
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -285,7 +296,7 @@ class PrepareContext(ModuleContext):
         tmp = path + '.part'
         self.hashed.pop(path, None)
         with open(tmp, 'wb') as out, tempfile.TemporaryFile() as err:
-            log.debug('running: %s > %s', shlex.join(args), tmp)
+            log.debug('running: %s > %s', shell_line(args), tmp)
             try:
                 proc = subprocess.Popen(args, stdout=subprocess.PIPE,
                                         stderr=err, env=env,
@@ -301,7 +312,7 @@ class PrepareContext(ModuleContext):
                     timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
-                raise ModuleError(f'{shlex.join(args)}: still running after '
+                raise ModuleError(f'{shell_line(args)}: still running after '
                                   f'{self.timeout} s ([client] '
                                   'command_timeout); killed') from None
             except BaseException:
@@ -1388,7 +1399,7 @@ class NodeConnection:
             # One ssh connection (one handshake) for the push and the
             # results fetch of a send; closed at its end (close_ssh).
             # GIT_SSH_COMMAND goes through sh, hence the quoting.
-            ssh += ' ' + shlex.join([
+            ssh += ' ' + shell_line([
                 '-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
                 '-o', 'ControlPersist=60'])
         return {**os.environ, 'GIT_SSH_COMMAND': ssh,
@@ -1789,7 +1800,10 @@ and in the post-update hook of every git repository to back up:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration.
 Run every command as the owner of request_dir, queue_dir, export_dir and
-log_dir: the commands that write refuse any other user (root too), exit 2.''')
+log_dir: the commands that write refuse any other user (root too), exit 2.
+
+Python 3.6 or later (RHEL 8, SLES 15); server.py needs 3.8.  `make test`
+runs this client on 3.6 with a node on 3.8.''')
     common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')

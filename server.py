@@ -77,10 +77,22 @@ import sys
 import tempfile
 import time
 
-if sys.version_info < (3, 9):
-    sys.exit('server.py: Python 3.9 or later is required')
+# The oldest Python this script runs on (and is tested with): Ubuntu
+# 20.04's.  client.py runs on 3.6, for the older hosts it backs up.
+MIN_PYTHON = (3, 8)
+if sys.version_info < MIN_PYTHON:
+    sys.exit('server.py: Python %d.%d or later is required, this is %s '
+             '(client.py runs on 3.6 or later)'
+             % (MIN_PYTHON + (sys.version.split()[0],)))
+# What must be installed beside this script, as one directory.
+BESIDE = ('sendmail.py', os.path.join('modules', '_core.py'))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _name in BESIDE:
+    if not os.path.isfile(os.path.join(HERE, _name)):
+        sys.exit('server.py: %s is missing in %s: install server.py, '
+                 'sendmail.py and modules/ together' % (_name, HERE))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
@@ -5636,7 +5648,10 @@ Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
 (could not check).  Commands that write (all but check, report, list and
 restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
-shares them through their setgid group (root too): exit 2.''')
+shares them through their setgid group (root too): exit 2.
+
+Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
+3.8 with a client on 3.6.''')
     core.common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=core.VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')

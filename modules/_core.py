@@ -2,8 +2,10 @@
 
 Not a backup module: its name starts with an underscore, and module names
 start with a letter, so ``[modules]`` can never load it.  Both scripts import
-it as ``modules._core``; neither script imports the other.  Importing it
-does nothing but define names.
+it as ``modules._core``; neither script imports the other.  It imports
+sendmail.py (mail delivery), which imports nothing of ours, so there is no
+circle.  Importing it does nothing but define names.  It runs on Python
+3.6+ (client.py's minimum): see ``shell_line``.
 
 What lives here, once:
 
@@ -52,9 +54,11 @@ import zlib
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if HERE not in sys.path:     # sendmail.py lives there
     sys.path.insert(0, HERE)
+# Mail to the admins.  sendmail.py imports nothing of gitbackup's: the
+# import goes one way only.
+import sendmail  # noqa: E402
 
 VERSION = '0.1'
-MIN_PYTHON = (3, 9)
 MIN_GIT = (2, 20)      # update-ref, for-each-ref as used here, -c flags
 
 log = logging.getLogger('gitbackup')
@@ -241,7 +245,8 @@ class CommandFailed(GitBackupError):
         self.returncode = returncode
         self.stderr = stderr or ''
         where = f' (in {cwd})' if cwd else ''
-        lines = [f'{shlex.join(self.args_list)}{where} exited with {returncode}']
+        lines = [f'{shell_line(self.args_list)}{where} exited with '
+                 f'{returncode}']
         lines += ['    ' + line for line in self.stderr.strip().splitlines()[-20:]]
         super().__init__('\n'.join(lines))
 
@@ -365,6 +370,13 @@ def mail_summary(config, section, subject, problems, admins=None):
 # --------------------------------------------------------------------------
 # Helpers
 
+def shell_line(words):
+    """Words as one shell command line, each quoted as needed: for logs,
+    messages and the few commands a shell or git reads as a line.  (What
+    shlex.join does from Python 3.8; the client runs on 3.6.)"""
+    return ' '.join(shlex.quote(word) for word in words)
+
+
 def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
         stdout=subprocess.PIPE, text=True):
     """Run a program (argument list, never a shell) and return the result.
@@ -375,7 +387,7 @@ def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
     everything it started (ssh under git or sftp), never leaving a
     connection behind.
     """
-    log.debug('running: %s', shlex.join(args))
+    log.debug('running: %s', shell_line(args))
     kwargs = {'encoding': 'utf-8', 'errors': 'surrogateescape'} if text else {}
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout,
@@ -1182,7 +1194,6 @@ class Config:
     strings with the schema's defaults filled in."""
 
     def __init__(self, path):
-        import sendmail  # here: sendmail.py imports this module
         self.path = os.path.abspath(path)
         self.parser = parser = self._read(path)
         lines = _line_numbers(path)
@@ -1281,7 +1292,6 @@ class Config:
 
     def _check_admins(self, path, lines, section):
         """The admin addresses must be ones sendmail accepts."""
-        import sendmail  # here: sendmail.py imports this module
         admins = self.parser[section].get('admin', '').split()
         try:
             if admins:
@@ -1395,7 +1405,6 @@ def mail_admins(config, section, subject, body, admins=None):
     names the log_dir whose queue keeps undelivered mail).  A failed
     delivery is queued by sendmail.py and logged, never raised: mail must
     not stop a backup."""
-    import sendmail  # here: sendmail.py imports this module
     admins = config.admins(section) if admins is None else admins
     if not admins:
         log.info('no admin configured in [%s]; not mailing: %s', section,
@@ -1413,7 +1422,6 @@ def mail_admins(config, section, subject, body, admins=None):
 
 
 def flush_mail_queue(config, section):
-    import sendmail  # here: sendmail.py imports this module
     try:
         sent, left = sendmail.flush_queue(config.section('mail'),
                                           config.section(section)['log_dir'])
@@ -1507,6 +1515,7 @@ class ModuleContext:
     ssh_problem = staticmethod(lambda *a: ssh_problem(*a))
     make_dirs = staticmethod(lambda *a: make_dirs(*a))
     git_program = staticmethod(lambda: git_program())
+    shell_line = staticmethod(lambda words: shell_line(words))
 
     def ssh_timeout_options(self):
         return ssh_timeout_options(self.config, self.side)
@@ -1563,7 +1572,7 @@ class SharedSSH:
         self.path = os.path.join(self.directory, 'master')
         args = [*self.ssh_words, '-M', '-N', '-o', 'ControlPersist=no',
                 '-o', f'ControlPath={self.path}', '--', self.target]
-        log.debug('running: %s', shlex.join(args))
+        log.debug('running: %s', shell_line(args))
         # stderr to a file: nobody reads a pipe while the master runs.
         with tempfile.TemporaryFile(dir=self.directory) as err:
             try:

@@ -406,7 +406,8 @@ def throttle_fetch(ctx, url, env):
     program = [sys.executable, THROTTLE, str(limit)]
     if scheme == 'ssh':
         ssh = env['GIT_SSH_COMMAND']
-        env['GIT_SSH_COMMAND'] = shlex.join([*program, '--']) + ' ' + ssh
+        env['GIT_SSH_COMMAND'] = (ctx.shell_line([*program, '--']) + ' '
+                                  + ssh)
         # git tells OpenSSH by the command's first word, now python's; as
         # it would have decided, else it probes with `-G` (harmless).
         if os.path.basename(shlex.split(ssh)[0]) == 'ssh':
@@ -424,7 +425,7 @@ def git_proxy(ctx, program):
     path = os.path.join(ctx.node.state_dir, f'git-proxy-{program[-1]}')
     text = ('#!/bin/sh\n# Written by gitbackup (modules/git.py): git:// '
             'fetches at bwlimit.\n'
-            f'exec {shlex.join(program)} --connect "$@"\n')
+            f'exec {ctx.shell_line(program)} --connect "$@"\n')
     try:
         with open(path, encoding='utf-8') as f:
             current = f.read()

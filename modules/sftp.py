@@ -151,7 +151,8 @@ def sftp_get(ctx, remote, local, max_size=None):
             *bwlimit_args(ctx), '--', target]
     batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
                                  .replace('"', '\\"'))
-    ctx.log.debug('running: %s <<< %s', shlex.join(args), batch.strip())
+    ctx.log.debug('running: %s <<< %s', ctx.shell_line(args),
+                  batch.strip())
     # stderr goes to a file: a pipe nobody reads while we poll could fill
     # up and stall the transfer.
     with tempfile.TemporaryFile() as err:
