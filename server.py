@@ -94,6 +94,7 @@ for _name in BESIDE:
 
 sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -1739,6 +1740,16 @@ class Node:
                 # One client's broken disk or state never stops the others.
                 problem = core.problem(f'{client}: run stopped: {e}')
                 return [problem]
+
+    def scratch_registry(self):
+        """Where a drill's live scratch PostgreSQL cluster is registered
+        (postgresdb.ScratchCluster), so that a killed drill's is stopped."""
+        return os.path.join(self.state_dir, 'scratch-postgres')
+
+    def reap_scratch(self):
+        """Stop what a killed drill left running: before anything else."""
+        postgresdb.reap_scratch_clusters(
+            core.ModuleContext(self.config, 'server'), self.scratch_registry())
 
     def ssh_registry(self, client):
         """Where the client's shared ssh connection leaves its pid."""
@@ -3908,7 +3919,8 @@ def restore_command(node, args, out=None):
     if not backups:
         raise RestoreError(f'nothing stored for {client} {args.source} '
                            '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file)
+    backup = choose_snapshot(backups, args.source, args.at, args.file or (
+        (args.database or args.globals) and database_file(args)))
     return restore_snapshot(node, client, backups, backup, args, out)
 
 
@@ -3952,10 +3964,55 @@ def restore_from_offsite(node, client, args, out):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def earlier_snapshots(backups, backup):
+    """(directory, manifest) of the good snapshots stored before backup
+    in backups (one source), oldest first."""
+    good = [b for b in backups if b.good]
+    before = good[:good.index(backup)] if backup in good else []
+    return [(b.path, b.manifest) for b in before]
+
+
+def database_file(args):
+    """The stored file restore --database/--globals start from."""
+    if args.database:
+        # Any name `all` dumped (spaces included): it only picks the file.
+        if not args.database.isprintable():
+            raise UsageError(f'--database {clean_text(args.database)!r}: '
+                             'not a database name')
+        return postgresdb.dump_file_name(args.database)
+    return postgresdb.GLOBALS_FILE
+
+
+def restore_database(node, client, backups, backup, args, out):
+    """--database NAME / --globals: one psql script (postgresdb
+    restore_script) that creates the roles, then the database exactly."""
+    if not args.stdout:
+        raise UsageError('restore --database/--globals: give --stdout and '
+                         'pipe it into psql (see --help)')
+    name = database_file(args)
+    check_hashes([backup], {name}, args.force)
+    try:
+        globals_path = postgresdb.snapshot_globals(
+            earlier_snapshots(backups, backup) + [(backup.path,
+                                                   backup.manifest)])
+    except ValueError as e:
+        raise RestoreError(str(e)) from None
+    if globals_path is None:
+        log.warning('%s %s: no globals.sql stored at or before %s: the '
+                    'roles must exist on the target', client, args.source,
+                    backup.name)
+    postgresdb.restore_script(
+        core.ModuleContext(node.config, 'server'), out,
+        f'{client} {args.source} {backup.name}', args.database,
+        args.database and os.path.join(backup.path, name), globals_path)
+
+
 def restore_snapshot(node, client, backups, backup, args, out):
     """Restore one chosen snapshot (its chain from backups)."""
     log.info('restoring %s %s %s', client, args.source, backup.name)
-    if args.file:
+    if args.database or args.globals:
+        restore_database(node, client, backups, backup, args, out)
+    elif args.file:
         restore_file(backup, args.file, args, out)
     elif archive_entry(backup):
         restore_archive(node, client, backups, backup, args, out)
@@ -3977,7 +4034,7 @@ class DrillContext(ModuleContext):
     way to extract a chain (checked against the manifests first)."""
 
     def __init__(self, node, client, path, manifest=None, chain=(),
-                 heads=()):
+                 heads=(), earlier=()):
         super().__init__(node.config, 'server')
         self.client = client
         self.snapshot = path
@@ -3985,6 +4042,13 @@ class DrillContext(ModuleContext):
         self.node_settings = node.settings
         self.heads = list(heads)
         self.chain = list(chain)
+        # The source's snapshots stored before this one, oldest first, as
+        # (directory, manifest): what a module may need beside it (the
+        # globals of an earlier `postgresdb all`).
+        self.earlier = list(earlier)
+        # Where a module registers what it starts (a scratch cluster), so
+        # that what a killed drill left is stopped by the next command.
+        self.scratch_registry = node.scratch_registry()
 
     def extract_chain(self, directory):
         """Check the sha256 of every link below the snapshot (the
@@ -4031,7 +4095,8 @@ def drill_snapshot(node, client, backups, backup, scratch):
         ctx = DrillContext(node, client, backup.path, backup.manifest,
                            chain=chain_to_extract(backups, backup)
                            if manifest_level(backup.manifest) or
-                           archive_entry(backup) else [backup])
+                           archive_entry(backup) else [backup],
+                           earlier=earlier_snapshots(backups, backup))
         found, detail = code.drill_stored(ctx, names, scratch)
         problems += found
         details.append(detail)
@@ -4115,8 +4180,11 @@ def drill_command(node, only_client=None, out=sys.stdout):
                              DRILL_JOURNAL)).append(entries)
         count += len(entries)
     status = CRITICAL if failed else OK
+    # "checked", not "restored": without drill_postgres a dump is only
+    # read back, and each line says which proof it had.
     summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
-               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
+               f'checked, {len(failed)} failed: '
+               f'{STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
     if failed:
         core.mail_admins(node.config, 'server',
@@ -5899,9 +5967,15 @@ def restore_parsers(command):
                 '--stdout writes one tar stream:\n'
                 '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
                 '-C /srv/restore\n'
+                '  a database, exactly (roles first, then the database '
+                'with its owner,\n    encoding, locale, settings and ACL): '
+                '--database NAME --stdout | psql\n'
+                '      server.py restore c1 postgresdb --database shop '
+                '--stdout |\n'
+                '          ssh root@c1 sudo -u postgres psql -X -d postgres\n'
+                '    (--globals --stdout alone: the roles and tablespaces, '
+                'for a whole cluster)\n'
                 '  one file (a dump, globals.sql): --file NAME --stdout\n'
-                '      server.py restore c1 postgresdb --file shop.dump '
-                '--stdout | ssh c1 pg_restore -d shop\n'
                 '  git mirror (source git/<path>): --to DIR clones every ref '
                 '(refs/preserved/*\n    included), --stdout writes a git '
                 'bundle.\n'
@@ -5919,6 +5993,13 @@ def restore_parsers(command):
                    'snapshot')
     p.add_argument('--path', metavar='SUBDIR', help='only this directory '
                    'of an archive')
+    p.add_argument('--database', metavar='NAME', help='postgresdb: a psql '
+                   'script that creates the roles, then the database NAME '
+                   'exactly as it was (owner, encoding, locale, settings, '
+                   'ACL); with --stdout')
+    p.add_argument('--globals', action='store_true', help='postgresdb: '
+                   'only the roles and tablespaces (globals.sql), for a '
+                   'whole-cluster restore; with --stdout')
     p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
                    'may exist if empty)')
     p.add_argument('--stdout', action='store_true',
@@ -5941,9 +6022,11 @@ def drill_parser(command):
                 'archive is restored\n(its chain) and compared with the '
                 'listing the client made (names, types,\nsizes); every dump '
                 'is restored into a scratch PostgreSQL cluster when\n'
-                '[server] drill_postgres names the server programs, and its '
-                'row counts compared\nwith the client\'s statistics (else '
-                'read back with pg_restore --list); every\ngit mirror is '
+                '[server] drill_postgres names the server programs (roles '
+                'of the globals first,\nthe dump by a role that is no '
+                'superuser, over a private socket), and its\nrow counts '
+                'must equal the exact counts the client took (else read '
+                'back with\npg_restore --list); every git mirror is\n'
                 'cloned, fsck\'d and must hold every tip the client '
                 'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
                 '(report shows them); failures\nare printed with the '
@@ -5975,6 +6058,7 @@ def gate_exec(node, client):
 
 
 def run_cron(node):
+    node.reap_scratch()
     return core.exclusive(
         node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
         2 * node.config.get_duration('server', 'command_timeout'))
@@ -6007,7 +6091,7 @@ COMMANDS = {
     'list': lambda n, a: list_command(n, a.client, a.source, a.format,
                                       origin=a.origin),
     'restore': lambda n, a: restore_command(n, a),
-    'drill': lambda n, a: drill_command(n, a.client),
+    'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused
