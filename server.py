@@ -3951,9 +3951,11 @@ def restore_from_offsite(node, client, args, out):
             restore_git(mirror, args, out)
             return 0
         backups = index_backups(index, scratch, args.source, node.formats)
-        backup = choose_snapshot(backups, args.source, args.at, args.file)
+        file = args.file or ((args.database or args.globals) and
+                             database_file(args))
+        backup = choose_snapshot(backups, args.source, args.at, file)
         chain = chain_to_extract(backups, backup) \
-            if archive_entry(backup) and not args.file else [backup]
+            if archive_entry(backup) and not file else [backup]
         for link in chain:
             offsite_fetch_into(off, client, args.source,
                                index_snapshot(index, link.name), link.path)
