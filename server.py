@@ -568,21 +568,6 @@ def manifest_request_id(manifest):
         str(manifest.get('request', '')))
 
 
-def stored_request(client_dir, source, request_id):
-    """The snapshot directory of files/<source> that stored request_id."""
-    base = os.path.join(client_dir, 'files', source)
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return None
-    for name in names:
-        path = os.path.join(base, name)
-        if not name.startswith('.') and manifest_request_id(read_json(
-                os.path.join(path, 'manifest.json'))) == request_id:
-            return path
-    return None
-
-
 def manifest_requests(manifest):
     """The node request keys a manifest says it holds (old manifests
     name one, `request`)."""
@@ -1291,7 +1276,10 @@ class NodeContext(ModuleContext):
                   'companion_size': r'[0-9]{1,15}',
                   # A git tip the client saw (sha1 or sha256 object name).
                   'head': r'[0-9a-f]{40}(?:[0-9a-f]{24})?',
-                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID}
+                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID,
+                  # Stored with warnings: how many, and the first lines
+                  # (read with request_warnings: hostile text).
+                  'warnings': r'[0-9]{1,9}', 'warned': core.WARNED_RE}
         options = {}
         for token in tokens:
             key, eq, value = token.partition('=')
@@ -1304,6 +1292,17 @@ class NodeContext(ModuleContext):
                     self.refuse(f'malformed {key}={clean_text(value)!r}')
                 options[key] = value
         return options
+
+    def request_warnings(self, options):
+        """{'warning_count': n, 'warnings': [lines]} of a request a client
+        stored with warnings (files it could not read, the rest stored),
+        or {}.  The lines are another host's text: decoded, bounded and
+        cleaned by core.decode_warnings."""
+        if 'warnings' not in options and 'warned' not in options:
+            return {}
+        lines = core.decode_warnings(options.get('warned', ''))
+        count = max(int(options.get('warnings') or 0), len(lines), 1)
+        return {'warning_count': count, 'warnings': lines}
 
     def check_remote_path(self, path, root):
         """An absolute path, plain characters, no '..', inside root (both
@@ -1408,17 +1407,41 @@ class NodeContext(ModuleContext):
 
     def check_base(self, source, options):
         """(level, base) of an incremental archive (0, None for a full).
-        An increment whose base this node does not hold is refused: the
-        client, told so by the failed result, starts a new chain."""
+        An increment is accepted only onto a chain this node holds whole
+        down to its full, with no link its last verify or drill found bad;
+        otherwise it is refused (X* with the reason), and the client, told
+        so by the failed result, makes a full at once."""
         level = int(options.get('level', 0))
         base = options.get('base')
         if level and not base:
             self.refuse(f'level={level} without base=')
-        if level and not stored_request(self.client_dir, source, base):
-            self.refuse(f'base {base} of this level {level} increment is '
-                        f'not stored on this node (files/{source}); the '
-                        'client makes a full archive next')
+        problem = self.chain_problem(source, base) if level else None
+        if problem:
+            self.refuse(f'level {level} increment on {base}: chain broken: '
+                        f'{problem}; the client makes a full archive next')
         return level, (base if level else None)
+
+    def chain_problem(self, source, base):
+        """Why the chain an increment on client request `base` would
+        extend is not whole and good on this node, or None."""
+        backups = stored_backups(self.node, self.client).get(source, [])
+        stored = [b for b in backups
+                  if b.good and manifest_request_id(b.manifest) == base]
+        if not stored:
+            return (f'its base {base} is not stored on this node '
+                    f'(files/{source})')
+        chain = snapshot_chains(backups)[stored[-1].path]
+        if not chain.whole:
+            return chain.problem
+        verify, drills = last_outcomes(self.node, self.client)
+        for link in chain.links:
+            if (verify_outcome(verify, link.path) or {}).get('outcome') \
+                    == 'failed':
+                return f'{link.name}, a link of it, failed the last verify'
+            if (drills.get((source, link.name)) or {}).get('outcome') \
+                    == 'failed':
+                return f'{link.name}, a link of it, failed its last drill'
+        return None
 
     def store(self, incoming, source, manifest):
         """Store the files staged in incoming as (part of) the snapshot of
@@ -1619,6 +1642,9 @@ class Node:
         # {client: core.SharedSSH} of the clients being handled: each
         # worker only touches its own client's entry.
         self.shared_ssh = {}
+        # {client: [request stored with warnings, ...]} of this run, mailed
+        # once at its end (each worker touches only its own client's).
+        self.stored_warnings = {}
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
@@ -1720,7 +1746,22 @@ class Node:
         core.mail_summary(self.config, 'server',
                           f'gitbackup: run on {self.name}: {{n}} problem(s)',
                           errors)
+        self.mail_stored_warnings()
         return errors
+
+    def mail_stored_warnings(self):
+        """One mail per run and client for the requests stored with
+        warnings (each request is stored once, so each is told once).
+        They are stored backups: the run's exit status does not change."""
+        for client, warned in sorted(self.stored_warnings.items()):
+            core.mail_admins(
+                self.config, 'server', f'gitbackup: run on {self.name}: '
+                f'{len(warned)} request(s) of {client} stored with warnings',
+                '\n\n'.join(warned) + '\n\nThe rest of each backup is '
+                'stored; what is named above is not in it.\n',
+                sorted(set(self.config.admins('server') +
+                           self.config.admins(f'client {client}'))))
+        self.stored_warnings.clear()
 
     def run_worker(self, client):
         """One client under a lock of its own: two runs (cron and a manual
@@ -1915,6 +1956,13 @@ class Node:
         pool = self.pool(client)
         self.client_results.record(client, key, 'stored', start, result)
         pool.move(key, PROCESSING, FINISHED)
+        if result.get('warning_count'):
+            text = (f'{client}: {key}: stored with '
+                    f'{result["warning_count"]} warning(s) in '
+                    f'{result.get("stored")}:\n' + '\n'.join(
+                        f'  {clean_text(w)}' for w in result['warnings']))
+            log.warning('%s', text)
+            self.stored_warnings.setdefault(client, []).append(text)
         Attempts(pool, 0).clear(key)
         # Only a request that fetched something proves the client
         # reachable, the space sufficient and the configuration right
@@ -1983,7 +2031,37 @@ class Node:
 # repositories kept small, retention applied per series, and stored files
 # re-hashed and read back.  Every age is measured on the node's own clock
 # (the manifest's `stored` time, the directory name, the result journal),
-# never on a timestamp a client supplied.
+# never on a timestamp a client supplied.  prune removes snapshots only
+# while no drill, verify, restore or offsite reads that client's
+# (client_data_lock).
+
+def client_data_lock(node, client, reader):
+    """The lock over one client's stored snapshots, acquired: shared by
+    its readers (drill, verify, restore, offsite: reader names which),
+    which wait for a running prune up to command_timeout, so that no
+    snapshot vanishes under them; exclusive for prune (reader None), which
+    waits [server] prune_wait and returns None if the readers are still
+    there.  A reader that may not create the lock file (restore run by
+    another account) reads without it, and says so."""
+    path = os.path.join(node.state_dir, f'data-{client}.lock')
+    lock = core.Lock(path)
+    try:
+        core.make_dirs(node.state_dir)
+        if reader is None:
+            wait = node.config.get_duration('server', 'prune_wait')
+            return lock if lock.acquire(wait=wait) else None
+        wait = node.config.get_duration('server', 'command_timeout')
+        if lock.acquire(wait=wait, shared=True):
+            return lock
+    except PermissionError as e:
+        if reader is None:
+            raise
+        log.warning('%s of %s without the prune lock: %s', reader, client, e)
+        return lock
+    raise TransientError(f'{reader} of {client}: a prune (pid '
+                         f'{lock.holder()}) still holds its snapshots after '
+                         f'{wait} s; try again')
+
 
 def mail_client_admins(node, client, subject, body):
     """Mail [client NAME] admin, the extra admins of one client's
@@ -2094,15 +2172,26 @@ def prune_command(node, dry_run=False, out=sys.stdout):
                           f'{node.config.client_problems[client]}')
             continue
         retain = retention(node, client)
-        for source, backups in stored_backups(node, client).items():
-            directory = os.path.join(node.settings['data_dir'], client,
-                                     'files', source)
-            source_errors, source_removed, source_kept = prune_source(
-                directory, backups, retain, dry_run, verb, out,
-                None if dry_run else prune_journal(node, client))
-            errors += source_errors
-            removed += source_removed
-            kept += source_kept
+        # A dry run only reads: it shares the lock like the readers.
+        lock = client_data_lock(node, client,
+                                'prune --dry-run' if dry_run else None)
+        if lock is None:
+            out.write(f'skipped {client}: its snapshots are being read (a '
+                      f'drill, verify, restore or offsite) for longer than '
+                      f'prune_wait; the next prune removes what is due\n')
+            log.warning('prune: skipped %s: its snapshots are being read',
+                        client)
+            continue
+        with lock:
+            for source, backups in stored_backups(node, client).items():
+                directory = os.path.join(node.settings['data_dir'], client,
+                                         'files', source)
+                source_errors, source_removed, source_kept = prune_source(
+                    directory, backups, retain, dry_run, verb, out,
+                    None if dry_run else prune_journal(node, client))
+                errors += source_errors
+                removed += source_removed
+                kept += source_kept
         pool = node.pool(client)
         states = pool.list()
         errors += prune_incoming(node, client, states, dry_run, out)
@@ -2134,10 +2223,15 @@ def prune_snapshot(node, client, source, snapshot, out=sys.stdout):
     if users:
         raise UsageError(f'{source} {snapshot}: {", ".join(users)} build on '
                          'it; remove those first (newest first)')
-    prune_journal(node, client).append([pruned_entry(
-        source, snapshot, 'by hand (prune --snapshot)')])
-    if os.path.isdir(path):
-        remove_tree(path)
+    lock = client_data_lock(node, client, None)
+    if lock is None:
+        raise TransientError(f'{client}: its snapshots are being read (a '
+                             'drill, verify, restore or offsite); try again')
+    with lock:
+        prune_journal(node, client).append([pruned_entry(
+            source, snapshot, 'by hand (prune --snapshot)')])
+        if os.path.isdir(path):
+            remove_tree(path)
     out.write(f'removed {path}\n')
     return 0
 
@@ -2167,7 +2261,10 @@ def prune_source(directory, backups, retain, dry_run, verb, out,
     for path in list(keep):
         for link in chains[path].links[:-1] if path in chains else []:
             keep.setdefault(link.path, f'base of {os.path.basename(path)}')
-    for backup in good:
+    # Newest arrival first: an increment always arrives after its base, so
+    # a chain goes from its newest link down, and a prune killed at any
+    # point never leaves a link without its base.
+    for backup in sorted(good, key=StoredBackup.sort_key, reverse=True):
         if backup.path in keep:
             kept += 1
             log.debug('keeping %s (%s)', backup.path,
@@ -2187,6 +2284,7 @@ def prune_source(directory, backups, retain, dry_run, verb, out,
             continue
         removed += 1
         out.write(f'{verb} {backup.path}\n')
+        core.pause_point('prune:removed')
     for backup in backups:
         if not backup.good or not backup.time:
             log.warning('%s: no readable manifest; not pruned (see '
@@ -2313,12 +2411,13 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     clients = [check_client_name(only_client)] if only_client else \
         known_clients(node)
     for client in clients:
-        for backups in stored_backups(node, client).values():
-            source_problems, source_files, source_hashes_only = \
-                verify_source(backups, restore, timeout, node.formats)
-            problems += source_problems
-            files += source_files
-            hashes_only += source_hashes_only
+        with client_data_lock(node, client, 'verify'):
+            for backups in stored_backups(node, client).values():
+                source_problems, source_files, source_hashes_only = \
+                    verify_source(backups, restore, timeout, node.formats)
+                problems += source_problems
+                files += source_files
+                hashes_only += source_hashes_only
         repo_problems, repo_count = fsck_client_repositories(node, client,
                                                              timeout)
         problems += repo_problems
@@ -2977,7 +3076,9 @@ def offsite_command(node, out=sys.stdout):
             if not os.path.isdir(os.path.join(node.settings['data_dir'],
                                               client)):
                 continue    # configured, nothing stored yet
-            copied, removed, failed = offsite_client(off, node, client, out)
+            with client_data_lock(node, client, 'offsite'):
+                copied, removed, failed = offsite_client(off, node, client,
+                                                         out)
             totals[0] += copied
             totals[1] += removed
             errors += failed
@@ -3209,16 +3310,9 @@ def offsite_rebuild(node, only_client=None, out=sys.stdout):
         if not catalogue:
             errors.append(f'{client}: nothing on {off.path(client)}')
             continue
-        for source, index in sorted(catalogue.items()):
-            try:
-                if index.get('kind') == 'git':
-                    rebuild_mirror(off, node, client, index, out)
-                else:
-                    rebuild_source(off, node, client, source, index, out)
-            except OffsiteUnreachable:
-                raise
-            except (GitBackupError, OSError) as e:
-                errors.append(f'{client}/{source}: {e}')
+        core.make_dirs(os.path.join(node.settings['data_dir'], client))
+        with client_data_lock(node, client, 'offsite --rebuild'):
+            errors += rebuild_client(off, node, client, catalogue, out)
         results = os.path.join(node.settings['data_dir'], client,
                                OFFSITE_RESULTS)
         if not os.path.exists(results):
@@ -3226,6 +3320,22 @@ def offsite_rebuild(node, only_client=None, out=sys.stdout):
                        check=False)
     for error in errors:
         log.error('offsite --rebuild: %s', error)
+    return errors
+
+
+def rebuild_client(off, node, client, catalogue, out):
+    """Every source of one client's catalogue put back; the errors."""
+    errors = []
+    for source, index in sorted(catalogue.items()):
+        try:
+            if index.get('kind') == 'git':
+                rebuild_mirror(off, node, client, index, out)
+            else:
+                rebuild_source(off, node, client, source, index, out)
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{source}: {e}')
     return errors
 
 
@@ -3304,12 +3414,9 @@ def offsite_verify_command(node, only_client=None, out=sys.stdout):
             continue    # nothing stored, nothing copied
         scratch = tempfile.mkdtemp(prefix='.offsite-verify-', dir=top)
         try:
-            problems += verify_offsite_snapshots(off, node, client)
-            problems += verify_offsite_indexes(off, node, client, scratch)
-            problems += verify_offsite_mirrors(off, node, client, scratch,
-                                               deadline)
-            problems += verify_offsite_kept(off, node, client, scratch,
-                                            deadline)
+            with client_data_lock(node, client, 'verify --offsite'):
+                problems += verify_offsite_client(off, node, client, scratch,
+                                                  deadline)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     status = max([level for level, _ in problems] or [OK])
@@ -3325,6 +3432,14 @@ def offsite_verify_command(node, only_client=None, out=sys.stdout):
                                    for level, message in problems) +
                          '\n\n' + summary + '\n')
     return status
+
+
+def verify_offsite_client(off, node, client, scratch, deadline):
+    """verify --offsite of one client: [(level, message)]."""
+    return (verify_offsite_snapshots(off, node, client) +
+            verify_offsite_indexes(off, node, client, scratch) +
+            verify_offsite_mirrors(off, node, client, scratch, deadline) +
+            verify_offsite_kept(off, node, client, scratch, deadline))
 
 
 def offsite_check_differences(off, local, remote):
@@ -3915,13 +4030,14 @@ def restore_command(node, args, out=None):
         restore_git(mirrors[args.source], args, out)
         log.info('restored %s %s', client, args.source)
         return 0
-    backups = stored_backups(node, client).get(args.source)
-    if not backups:
-        raise RestoreError(f'nothing stored for {client} {args.source} '
-                           '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file or (
-        (args.database or args.globals) and database_file(args)))
-    return restore_snapshot(node, client, backups, backup, args, out)
+    with client_data_lock(node, client, 'restore'):
+        backups = stored_backups(node, client).get(args.source)
+        if not backups:
+            raise RestoreError(f'nothing stored for {client} {args.source} '
+                               '(see `server.py list`)')
+        backup = choose_snapshot(backups, args.source, args.at, args.file or (
+            (args.database or args.globals) and database_file(args)))
+        return restore_snapshot(node, client, backups, backup, args, out)
 
 
 def restore_from_offsite(node, client, args, out):
@@ -4146,6 +4262,7 @@ def drill_one(node, client, run_id, source, name, proof):
     """Run one proof in a scratch directory; its journal entry."""
     scratch = scratch_dir(node, client, 'drill')
     try:
+        core.pause_point('drill:reading')
         problems, detail, proven = proof(scratch)
     except (GitBackupError, OSError) as e:
         problems, detail, proven = [str(e)], '', False
@@ -4169,15 +4286,16 @@ def drill_command(node, only_client=None, out=sys.stdout):
     count = 0
     for client in clients:
         entries = []
-        for source, name, proof in drill_targets(node, client):
-            entry = drill_one(node, client, run_id, source, name, proof)
-            entries.append(entry)
-            word = drill_word(entry)
-            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
-            out.write(line + '\n')
-            (log.info if entry['ok'] else log.error)('drill %s', line)
-            if not entry['ok']:
-                failed.append(line)
+        with client_data_lock(node, client, 'drill'):
+            for source, name, proof in drill_targets(node, client):
+                entry = drill_one(node, client, run_id, source, name, proof)
+                entries.append(entry)
+                word = drill_word(entry)
+                line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+                out.write(line + '\n')
+                (log.info if entry['ok'] else log.error)('drill %s', line)
+                if not entry['ok']:
+                    failed.append(line)
         Journal(os.path.join(node.settings['data_dir'], client,
                              DRILL_JOURNAL)).append(entries)
         count += len(entries)
@@ -4260,6 +4378,9 @@ PROM_HELP = {
         'Stored backups of a source (git mirrors: successful fetches).',
     'gitbackup_failed_requests':
         'Failed requests of a source kept as X* in the pool.',
+    'gitbackup_newest_backup_warnings':
+        'Newest backups of a source stored with warnings (files the client '
+        'could not read; the rest is stored).',
     'gitbackup_pending_requests':
         'Requests of a source waiting in the pool (RQ* and P*).',
     'gitbackup_status':
@@ -4320,6 +4441,19 @@ def add_stored_rows(node, client, now, rows):
             if not chains[backup.path].whole:
                 r['broken_chain'] = \
                     f'{backup.name}: {chains[backup.path].problem}'
+            if backup.manifest.get('warning_count'):
+                r.setdefault('stored_warnings', []).append(
+                    stored_warnings_text(backup))
+
+
+def stored_warnings_text(backup):
+    """The report's line on a newest backup stored with warnings (files
+    the client could not read; the rest is stored)."""
+    warned = [clean_text(w, 200) for w in
+              backup.manifest.get('warnings') or [] if isinstance(w, str)]
+    return (f'newest backup {backup.name} stored with '
+            f'{clean_text(backup.manifest["warning_count"])} warning(s): '
+            + '; '.join(warned[:3]))
 
 
 def add_mirror_rows(node, client, journal, rows):
@@ -4388,6 +4522,11 @@ def row_level(r, drill, now, stale):
     for note in r.get('clock', ()):
         level = max(level, WARNING if 'future' in note else OK)
         r['problems'].append(note)
+    for text in r.get('stored_warnings', ()):
+        # Stored, but without what the client could not read: until a
+        # backup without warnings replaces it.
+        level = max(level, WARNING)
+        r['problems'].append(text)
     if r.get('broken_chain'):
         # The newest backup cannot be restored: as bad as none.
         level = CRITICAL
@@ -4824,6 +4963,8 @@ def report_prometheus(report):
             samples['gitbackup_failed_requests'].append((labels, r['failed']))
             samples['gitbackup_pending_requests'].append(
                 (labels, r['pending']))
+            samples['gitbackup_newest_backup_warnings'].append(
+                (labels, len(r.get('stored_warnings', ()))))
             samples['gitbackup_status'].append(
                 (labels, STATUS_NAMES.index(r['status'])))
             if r.get('last_drill'):
@@ -5834,7 +5975,12 @@ def operations_parsers(command):
                 'verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
-                'git/**/.<name>.git.incoming).  Every removal is printed.')
+                'git/**/.<name>.git.incoming).  Every removal is printed.\n'
+                'A chain goes from its newest link down (a prune killed '
+                'midway leaves no\nincrement without its base).  A client '
+                'whose snapshots a drill, verify,\nrestore or offsite is '
+                'reading is waited for ([server] prune_wait), then\nskipped '
+                '(and said so).')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     p.add_argument('--snapshot', nargs=3, metavar=('CLIENT', 'SOURCE',

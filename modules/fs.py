@@ -13,6 +13,11 @@ With ``full_every`` (default 7d) the archives are a chain: a full one
 (``level=0``), then GNU tar ``--listed-incremental`` increments, each on
 the last archive the node confirmed storing (``level=<n> base=<request
 id>``); see ArchiveChain in client.py.
+
+A file tar cannot read, a path too long or a file that vanishes does not
+fail the backup: the rest is archived, and the lines tar wrote about them
+go to the node with the request (``ctx.warn``: stored with warnings).
+Only a fatal tar status (the archive itself not written) fails it.
 """
 
 import os
@@ -34,6 +39,25 @@ STORED_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
 COMPANION_SUFFIXES = (LISTING_SUFFIX,)
 TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
              (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
+
+
+# What tar says on stderr that is no problem: --listed-incremental's notes
+# on directories, and sockets, which no archive holds.
+TAR_NOTE_RE = re.compile(r': (?:Directory is new|Directory has been renamed'
+                         r'(?: from .*)?|socket ignored)$')
+
+
+def tar_problems(stderr):
+    """The lines of tar's stderr that name what it could not store as it
+    was: unreadable files, names too long, files that vanished or changed
+    while being read ('./secret: Warning: Cannot open: Permission
+    denied')."""
+    problems = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if line and not TAR_NOTE_RE.search(line):
+            problems.append(re.sub(r'^[^ :]*tar: ', '', line))
+    return problems
 
 
 def check_path(ctx, module, path):
@@ -60,19 +84,24 @@ def prepare(ctx, module, path):
     # None when [client] full_every = 0: every archive is full.
     chain = ctx.archive_chain(path)
     incremental = chain.start() if chain else []
+    # --ignore-failed-read: a file that cannot be read (or has a name too
+    # long, or vanished) is a warning, not a fatal error: the rest of the
+    # tree is still a backup (tar_problems below names what is missing).
     args = shlex.split(ctx.settings['tar_command']) + [
-        '--create', '--file=-', '--sparse', *options, *incremental,
+        '--create', '--file=-', '--sparse', '--ignore-failed-read',
+        *options, *incremental,
         '--verbose', '--verbose', '--quoting-style=escape',
         f'--index-file={listing}.part', f'--directory={path}', '.']
     status, stderr = ctx.stream_command_to_file(args, archive)
-    # GNU tar: 1 = some files changed while being read (a live system);
-    # the archive is still good.  2 = fatal.
-    if status == 1:
-        ctx.log.warning('tar %s: files changed while archiving: %s', path,
-                        stderr.strip()[-500:])
-    elif status != 0:
+    # GNU tar: 0 = done, 1 = some files differ (changed or vanished while
+    # being read: a live system), 2 = fatal (the archive itself could not
+    # be written).  With --ignore-failed-read, unreadable files do not
+    # make it 2.  Only a fatal status fails the request; every member tar
+    # could not store as it was is named, whatever the status.
+    if status not in (0, 1):
         raise ctx.ModuleError(f'tar of {path} failed (exit {status}): '
                               f'{stderr.strip()[-1000:]}')
+    ctx.warn(path, tar_problems(stderr))
     ctx.publish(archive)
     ctx.publish(listing)
     if chain:
