@@ -63,6 +63,7 @@ import base64
 import concurrent.futures
 import configparser
 import datetime
+import fnmatch
 import hashlib
 import html
 import json
@@ -94,6 +95,7 @@ for _name in BESIDE:
 
 sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules import _tarlisting as tarlisting  # noqa: E402
 from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
@@ -3804,6 +3806,238 @@ def list_command(node, client=None, source=None, fmt='text',
         out.write(list_text(entries))
     return 0
 
+# -- browse: find, ls, diff -------------------------------------------------
+# What a snapshot holds, read from what the node already has, nothing
+# extracted: an archive's listing and, for an increment, its directory
+# records (modules/_tarlisting.py: ONE listing model, also what the drill
+# compares a restored tree with); any other snapshot's manifest.
+
+
+def link_paths(backup):
+    """(listing, archive) paths of an archive snapshot."""
+    archive = os.path.join(backup.path, archive_entry(backup)['name'])
+    return archive + tarlisting.LISTING_SUFFIX, archive
+
+
+class SourceTrees:
+    """The trees the snapshots of one source restore, each computed once
+    from its base's tree: an archive's by applying its link of the chain
+    (tarlisting.apply_link), any other snapshot's from its manifest."""
+
+    def __init__(self, node, backups):
+        self.backups = backups
+        self.good = [b for b in backups if b.good and b.time]
+        self.timeout = node.config.get_duration('server', 'command_timeout')
+        self.formats = node.formats
+        self.done = {}
+
+    def tree(self, backup):
+        """({path: Entry}, {paths changed in this snapshot}).  RestoreError
+        for a broken chain, ListingError for a missing or bad listing."""
+        if backup.path not in self.done:
+            if archive_entry(backup):
+                self.archive_tree(backup)
+            else:
+                self.done[backup.path] = self.manifest_tree(backup)
+        return self.done[backup.path]
+
+    def archive_tree(self, backup):
+        tree = {}
+        for n, link in enumerate(chain_to_extract(self.good, backup)):
+            if link.path in self.done:
+                tree = self.done[link.path][0]
+                continue
+            listing, archive = link_paths(link)
+            self.done[link.path] = tarlisting.apply_stored_link(
+                tree, listing, archive, link.name, n == 0, self.timeout)
+            tree = self.done[link.path][0]
+
+    def keep_only(self, backup):
+        """Forget every tree but backup's, to walk a source's snapshots in
+        order in the memory of two trees (a forgotten base is read again
+        if a later snapshot needs it)."""
+        self.done = {backup.path: self.done[backup.path]} \
+            if backup.path in self.done else {}
+
+    def manifest_tree(self, backup):
+        """The stored files as a flat tree; changed unless the previous
+        snapshot of the series stored the same bytes under the name."""
+        before = [b for b in self.good if b.series == backup.series and
+                  b.sort_key() < backup.sort_key()]
+        old = {f.get('name'): f.get('sha256') for f in
+               (before[-1].manifest['files'] if before else [])
+               if isinstance(f, dict)}
+        tree, changed = {}, set()
+        for f in backup.manifest['files']:
+            name = f.get('name') if isinstance(f, dict) else None
+            if not isinstance(name, str) or self.formats.is_companion(name):
+                continue
+            tree[name] = tarlisting.Entry(
+                path=name, kind='file', size=f.get('size'),
+                snapshot=backup.name)
+            if old.get(name) != f.get('sha256'):
+                changed.add(name)
+        return tree, changed
+
+
+def browse_path(path):
+    """PATH of ls, restore --path: relative to the source's root."""
+    found = tarlisting.member_path('./' + (path or '').strip('/'))
+    if found is None:
+        raise UsageError(f'{clean_text(path)!r}: want a path inside the '
+                         'backup, e.g. www/uploads')
+    return found
+
+
+def nearest_snapshot_holding(node, client, source, backup, path):
+    """The name of the snapshot of source nearest in time to backup whose
+    restored tree holds path (a file or a directory), or None."""
+    backups = stored_backups(node, client).get(source) or []
+    trees = SourceTrees(node, backups)
+    holding = []
+    for other in trees.good:
+        try:
+            if browse_path(path) in trees.tree(other)[0]:
+                holding.append(other)
+        except (GitBackupError, tarlisting.ListingError, OSError):
+            continue
+        trees.keep_only(other)
+    if not holding:
+        return None
+    return min(holding, key=lambda b: (
+        abs((b.time - backup.time).total_seconds()), b.sort_key())).name
+
+
+def missing_path_error(node, client, source, backup, path):
+    """The error of a restore or ls asking for a path the snapshot does
+    not hold: it names the nearest snapshot that does."""
+    nearest = nearest_snapshot_holding(node, client, source, backup, path)
+    return RestoreError(
+        f'{source} {backup.name} holds no {clean_text(path)!r}; ' + (
+            f'the nearest snapshot that does is {nearest} (--at {nearest})'
+            if nearest else 'no snapshot of it does (see `server.py find`)'))
+
+
+def find_matches(node, client, pattern, source=None):
+    """(matches, problems): every snapshot in which a path matching the
+    shell pattern (against the path and its base name) exists."""
+    pattern = pattern.strip('/')
+    pattern = pattern[2:] if pattern.startswith('./') else pattern
+    matches, problems = [], []
+    for name, backups in stored_backups(node, client).items():
+        if source and name != source:
+            continue
+        trees = SourceTrees(node, backups)
+        for backup in trees.good:
+            try:
+                tree, changed = trees.tree(backup)
+            except (GitBackupError, tarlisting.ListingError, OSError) as e:
+                problems.append(f'{name} {backup.name}: {e}')
+                continue
+            trees.keep_only(backup)
+            for path in sorted(tree):
+                if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(
+                        path.rpartition('/')[2], pattern):
+                    matches.append({**tree[path].as_dict(), 'source': name,
+                                    'snapshot': backup.name,
+                                    'changed': path in changed})
+    return matches, problems
+
+
+def browse_json(rows, out):
+    out.write(json.dumps(rows, indent=1, sort_keys=True) + '\n')
+
+
+def shown(name):
+    """A name from a listing on a terminal: escaped as tar shows it."""
+    return tarlisting.escape_name(str(name))
+
+
+def entry_text(row):
+    """One path as ls and find print it (names cleaned for a terminal)."""
+    size = '-' if row['size'] is None else str(row['size'])
+    target = f' -> {shown(row["target"])}' if row.get('target') else ''
+    return (f'{row["type"]:<5} {row["mode"] or "-":>4} '
+            f'{shown(row["owner"] or "-"):<14} {size:>10} '
+            f'{row["mtime"] or "-":<20} {shown(row["path"])}{target}')
+
+
+def find_command(node, client, words, fmt='text', out=sys.stdout):
+    """server.py find CLIENT [SOURCE] PATTERN: 0 found, 1 nothing found or
+    a snapshot that could not be read."""
+    if len(words) not in (1, 2):
+        raise UsageError('find: give CLIENT [SOURCE] PATTERN')
+    source, pattern = (None, *words) if len(words) == 1 else words
+    matches, problems = find_matches(node, check_client_name(client),
+                                     pattern, source)
+    for problem in problems:
+        log.error('find: %s', clean_text(problem))
+    if fmt == 'json':
+        browse_json(matches, out)
+    else:
+        for row in matches:
+            out.write(f'{row["source"]} {row["snapshot"]} '
+                      f'{"changed" if row["changed"] else "same   "} '
+                      f'{entry_text(row)}\n')
+    return 1 if problems or not matches else 0
+
+
+def source_trees(node, client, source):
+    """SourceTrees of one source, or a RestoreError if nothing is stored."""
+    backups = stored_backups(node, check_client_name(client)).get(source)
+    if not backups:
+        raise RestoreError(f'nothing stored for {client} {source} (see '
+                           '`server.py list`)')
+    return SourceTrees(node, backups)
+
+
+def tree_at(trees, source, at):
+    """(backup, tree) of the snapshot --at picks (default newest)."""
+    backup = choose_snapshot(trees.backups, source, at)
+    try:
+        return backup, trees.tree(backup)[0]
+    except (tarlisting.ListingError, OSError) as e:
+        raise RestoreError(f'{source} {backup.name}: {e}') from None
+
+
+def ls_command(node, client, source, at=None, path=None, fmt='text',
+               out=sys.stdout):
+    """server.py ls: the tree the chain restores at --at, below PATH."""
+    backup, tree = tree_at(source_trees(node, client, source), source, at)
+    top = browse_path(path) if path else ''
+    if top and top not in tree:
+        raise missing_path_error(node, client, source, backup, path)
+    rows = [tree[p].as_dict() for p in sorted(tree)
+            if not top or p == top or p.startswith(top + '/')]
+    if fmt == 'json':
+        browse_json(rows, out)
+    else:
+        out.write(f'# {client} {source} {backup.name}: {len(rows)} '
+                  'entries\n' + ''.join(entry_text(r) + '\n' for r in rows))
+    return 0
+
+
+def diff_command(node, client, source, snap_a, snap_b, fmt='text',
+                 out=sys.stdout):
+    """server.py diff: + added, - removed, M changed from A to B."""
+    trees = source_trees(node, client, source)
+    a, old = tree_at(trees, source, snap_a)
+    b, new = tree_at(trees, source, snap_b)
+    rows = []
+    for path in sorted(set(old) | set(new)):
+        change = '+' if path not in old else '-' if path not in new else \
+            'M' if not old[path].same_content(new[path]) else None
+        if change:
+            rows.append({'change': change, **(new.get(path) or
+                                              old[path]).as_dict()})
+    if fmt == 'json':
+        browse_json(rows, out)
+    else:
+        out.write(f'# {client} {source} {a.name} -> {b.name}\n' + ''.join(
+            f'{r["change"]} {shown(r["path"])}\n' for r in rows))
+    return 0
+
+
 # -- restore ----------------------------------------------------------------
 
 
@@ -3961,6 +4195,7 @@ def restore_archive(node, client, backups, backup, args, out):
     stream of the restored tree on stdout."""
     chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, args.force)
+    check_paths_held(node, client, backups, backup, args.path)
     members = [member_path(args.path)] if args.path else []
     if args.stdout and len(chain) == 1 and not members and \
             'level' not in backup.manifest:
@@ -3981,6 +4216,26 @@ def restore_archive(node, client, backups, backup, args, out):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def check_paths_held(node, client, backups, backup, paths):
+    """restore --path: every path must be in the tree the snapshot
+    restores, else an error naming the nearest snapshot that holds it,
+    before anything is written.  A snapshot whose listings cannot say is
+    left to the extraction."""
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    if not paths:
+        return
+    try:
+        tree = SourceTrees(node, backups).tree(backup)[0]
+    except (GitBackupError, tarlisting.ListingError, OSError) as e:
+        log.info('restore --path: %s: not checked against the listings: '
+                 '%s', backup.name, clean_text(e))
+        return
+    for path in paths:
+        if browse_path(path) not in tree:
+            raise missing_path_error(node, client, backup.source, backup,
+                                     path)
+
+
 def restore_file(backup, name, args, out):
     """One stored file (a dump, globals.sql, any file) to stdout or DIR."""
     check_hashes([backup], {name}, args.force)
@@ -3998,21 +4253,90 @@ def git_safe(mirror):
     return [*core.git_program(), '-c', f'safe.directory={mirror}']
 
 
-def restore_git(mirror, args, out):
+def restore_git(node, client, mirror, args, out):
     """A mirror: --to DIR clones it with every ref (refs/preserved/*
-    included: --mirror copies all of refs/), --stdout writes a bundle."""
-    if args.stdout:
+    included: --mirror copies all of refs/), --stdout writes a bundle.
+    With --at, the refs are those the mirror had then (mirror_refs_then)."""
+    then = mirror_refs_then(node, mirror, args.at) \
+        if args.at and args.at != GIT_SNAPSHOT else None
+    if args.stdout and then is None:
         out.flush()
         core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
                   'create', '-', '--all'], stdout=out.fileno(), text=False)
         return
-    target = prepare_target(args.to)
-    core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
-              '--no-hardlinks', '--', mirror, target])
-    # The clone is a copy, not a mirror of the node: fetching into it must
-    # not prune what it restored.
-    core.run([*core.git_program(), f'--git-dir={target}', 'config',
-              '--unset', 'remote.origin.mirror'], check=False)
+    scratch = None if args.to else scratch_dir(node, client, 'restore')
+    target = prepare_target(args.to) if args.to else \
+        os.path.join(scratch, 'mirror.git')
+    try:
+        core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
+                  '--no-hardlinks', '--', mirror, target])
+        # The clone is a copy, not a mirror of the node: fetching into it
+        # must not prune what it restored.
+        core.run([*core.git_program(), f'--git-dir={target}', 'config',
+                  '--unset', 'remote.origin.mirror'], check=False)
+        if then is not None:
+            set_refs(target, then)
+        if args.stdout:
+            out.flush()
+            core.run([*core.git_program(), f'--git-dir={target}', 'bundle',
+                      'create', '-', '--all'], stdout=out.fileno(),
+                     text=False)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def repository_refs(repo):
+    """{ref: tip} of every ref of a repository."""
+    out = core.run([*git_safe(repo), f'--git-dir={repo}', 'for-each-ref',
+                    '--format=%(objectname) %(refname)']).stdout
+    return {ref: sha for sha, _, ref in
+            (line.partition(' ') for line in out.splitlines()) if ref}
+
+
+def mirror_refs_then(node, mirror, at):
+    """{ref: tip} of a mirror as it was at --at TIME (from its reflogs and
+    preserved refs, the git module's refs_at), or a RestoreError saying
+    why no record tells: never today's refs in their place."""
+    when = parse_at(at)
+    git_module = node.formats.load('git')
+    if git_module is None or not hasattr(git_module, 'refs_at'):
+        raise RestoreError(f'{mirror}: restore --at needs the git module '
+                           '(refs_at) in [server] modules_dir')
+    refs, unknown, assumed, first = git_module.refs_at(
+        mirror, repository_refs(mirror), when.timestamp())
+    if first is None or when.timestamp() < first:
+        raise RestoreError(f'{mirror}: ' + (
+            f'no record of its refs reaches back to {at}: the oldest is '
+            f'from {core.isotime(datetime.datetime.fromtimestamp(first, UTC))}'
+            ' (its first fetch)' if first else
+            'it keeps no record (reflog) of its refs') +
+            '; restore without --at gives every ref, the preserved old '
+            'tips included')
+    if unknown:
+        raise RestoreError(
+            f'{mirror}: what {len(unknown)} ref(s) pointed to at {at} is '
+            'not recorded (no reflog reaches back so far): '
+            + ', '.join(clean_text(r) for r in unknown[:5])
+            + '; restore without --at gives every ref, the preserved old '
+            'tips included')
+    if assumed:
+        log.warning('%s: %d ref(s) restored at a tip whose start no record '
+                    'tells (deleted since, or tags fetched before tags had '
+                    'a reflog); they may have come after %s: %s', mirror,
+                    len(assumed), at,
+                    ', '.join(clean_text(r) for r in assumed[:5]))
+    return refs
+
+
+def set_refs(repo, refs):
+    """Make a repository's refs exactly refs, in one transaction."""
+    now = repository_refs(repo)
+    core.run([*core.git_program(), f'--git-dir={repo}', 'update-ref',
+              '--stdin'], input=''.join(
+        [f'delete {ref}\n' for ref in sorted(now) if ref not in refs] +
+        [f'update {ref} {sha}\n' for ref, sha in sorted(refs.items())
+         if now.get(ref) != sha]))
 
 
 def restore_command(node, args, out=None):
@@ -4027,7 +4351,7 @@ def restore_command(node, args, out=None):
     if args.source in mirrors or args.source.startswith('git/'):
         if args.source not in mirrors:
             raise RestoreError(f'no git mirror {args.source} of {client}')
-        restore_git(mirrors[args.source], args, out)
+        restore_git(node, client, mirrors[args.source], args, out)
         log.info('restored %s %s', client, args.source)
         return 0
     with client_data_lock(node, client, 'restore'):
@@ -4249,6 +4573,14 @@ def drill_targets(node, client):
     return targets
 
 
+def drill_failure_reason(error):
+    """The reason a proof stopped, in the words of its error (the type
+    for what is not one of ours, e.g. a malformed number)."""
+    if isinstance(error, (GitBackupError, OSError, tarlisting.ListingError)):
+        return str(error)
+    return f'{type(error).__name__}: {error}'
+
+
 def drill_word(drill):
     """How a drill outcome is told: FAILED, ok, or hashes only (passed,
     but no module proved the files: never called ok)."""
@@ -4264,8 +4596,11 @@ def drill_one(node, client, run_id, source, name, proof):
     try:
         core.pause_point('drill:reading')
         problems, detail, proven = proof(scratch)
-    except (GitBackupError, OSError) as e:
-        problems, detail, proven = [str(e)], '', False
+    except Exception as e:
+        # One bad snapshot is one failure: malformed listings, statistics
+        # or anything else a client sent fail this series, never the drill.
+        log.debug('drill %s %s %s', client, source, name, exc_info=True)
+        problems, detail, proven = [drill_failure_reason(e)], '', False
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {'source': source, 'snapshot': name, 'run': run_id,
@@ -4273,6 +4608,25 @@ def drill_one(node, client, run_id, source, name, proof):
             'proof': 'restored' if proven else 'hashes only',
             'detail': clean_text('; '.join(problems) if problems else detail,
                                  2000)}
+
+
+def drill_client(node, client, run_id, out):
+    """Drill every series and mirror of one client, journal the outcomes;
+    (number drilled, failure lines)."""
+    entries, failed = [], []
+    with client_data_lock(node, client, 'drill'):
+        for source, name, proof in drill_targets(node, client):
+            entry = drill_one(node, client, run_id, source, name, proof)
+            entries.append(entry)
+            word = drill_word(entry)
+            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+            out.write(line + '\n')
+            (log.info if entry['ok'] else log.error)('drill %s', line)
+            if not entry['ok']:
+                failed.append(line)
+    Journal(os.path.join(node.settings['data_dir'], client,
+                         DRILL_JOURNAL)).append(entries)
+    return len(entries), failed
 
 
 def drill_command(node, only_client=None, out=sys.stdout):
@@ -4285,20 +4639,18 @@ def drill_command(node, only_client=None, out=sys.stdout):
     failed = []
     count = 0
     for client in clients:
-        entries = []
-        with client_data_lock(node, client, 'drill'):
-            for source, name, proof in drill_targets(node, client):
-                entry = drill_one(node, client, run_id, source, name, proof)
-                entries.append(entry)
-                word = drill_word(entry)
-                line = f'{word}: {client} {source} {name}: {entry["detail"]}'
-                out.write(line + '\n')
-                (log.info if entry['ok'] else log.error)('drill %s', line)
-                if not entry['ok']:
-                    failed.append(line)
-        Journal(os.path.join(node.settings['data_dir'], client,
-                             DRILL_JOURNAL)).append(entries)
-        count += len(entries)
+        try:
+            drilled, failures = drill_client(node, client, run_id, out)
+        except Exception as e:
+            # What no series' proof caught (its snapshots unreadable, its
+            # journal unwritable) fails this client, not the drill.
+            log.debug('drill %s', client, exc_info=True)
+            drilled, failures = 0, [f'FAILED: {client}: '
+                                    f'{clean_text(drill_failure_reason(e))}']
+            out.write(failures[0] + '\n')
+            log.error('drill %s', failures[0])
+        count += drilled
+        failed += failures
     status = CRITICAL if failed else OK
     # "checked", not "restored": without drill_postgres a dump is only
     # read back, and each line says which proof it had.
@@ -5857,9 +6209,9 @@ and the post-update hook of every client repository <client>.git:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
-(could not check).  Commands that write (all but check, report, list and
-restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
-shares them through their setgid group (root too): exit 2.
+(could not check).  Commands that write (all but check, report, list,
+find, ls, diff and restore) refuse a user who neither owns todo_dir, data_dir
+and log_dir nor shares them through their setgid group (root too): exit 2.
 
 Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
 3.8 with a client on 3.6.''')
@@ -5879,6 +6231,7 @@ Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
     operations_parsers(command)
     offsite_and_retry_parsers(command)
     restore_parsers(command)
+    browse_parsers(command)
     drill_parser(command)
     return parser
 
@@ -6126,7 +6479,8 @@ def restore_parsers(command):
                 '  one file (a dump, globals.sql): --file NAME --stdout\n'
                 '  git mirror (source git/<path>): --to DIR clones every ref '
                 '(refs/preserved/*\n    included), --stdout writes a git '
-                'bundle.\n'
+                'bundle; with --at, the refs it had\n    then (from its '
+                'reflogs and preserved refs), or a refusal saying why.\n'
                 'Every file read is checked against its sha256 first; a '
                 'damaged snapshot is\nrefused unless --force.  DIR may exist '
                 'only if empty.')
@@ -6140,7 +6494,8 @@ def restore_parsers(command):
     p.add_argument('--file', metavar='NAME', help='one stored file of the '
                    'snapshot')
     p.add_argument('--path', metavar='SUBDIR', help='only this directory '
-                   'of an archive')
+                   'of an archive; a path the snapshot does not hold is '
+                   'refused, naming the nearest snapshot that does')
     p.add_argument('--database', metavar='NAME', help='postgresdb: a psql '
                    'script that creates the roles, then the database NAME '
                    'exactly as it was (owner, encoding, locale, settings, '
@@ -6162,30 +6517,77 @@ def restore_parsers(command):
                    'nothing')
 
 
+def browse_parsers(command):
+    """The parsers of find, ls and diff (nothing is extracted)."""
+    p = command('find', 'which snapshots hold a path',
+                'Every snapshot in which a path matching the shell PATTERN '
+                'exists (matched\nagainst the path below the source\'s root '
+                'and against its base name):\nsource, snapshot, whether it '
+                'changed in that snapshot, type, mode, owner,\nsize, mtime, '
+                'path.  Read from listings and manifests, nothing extracted.'
+                '\n  server.py find c1 app \'report*.odt\'      a file a '
+                'user deleted: the\n                                        '
+                'newest snapshot listed holds it\n'
+                'Exit 0 found, 1 nothing found (or a snapshot could not be '
+                'read).')
+    p.usage = 'server.py find [options] CLIENT [SOURCE] PATTERN'
+    p.add_argument('client', metavar='CLIENT')
+    p.add_argument('words', nargs='+', metavar='[SOURCE] PATTERN',
+                   help='only this source (default: every one); the shell '
+                   'pattern')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('ls', 'the tree a snapshot restores',
+                'The tree as the chain (full, then each increment, deletions '
+                'and renames\nincluded) restores it at --at (default: the '
+                'newest), below PATH.\n  server.py ls c1 app --at 2026-11-20 '
+                'www/uploads')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('path', nargs='?', metavar='PATH')
+    p.add_argument('--at', metavar='TIME', help='as for restore')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('diff', 'what changed between two snapshots',
+                'Paths added (+), removed (-) and changed (M: type, size, '
+                'mode, owner,\nmtime or link target) from SNAP_A to SNAP_B '
+                '(snapshot names or times as\nfor restore --at).\n'
+                '  server.py diff c1 app 2026-11-19 2026-11-20   what changed '
+                'last night')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('snap_a', metavar='SNAP_A')
+    p.add_argument('snap_b', metavar='SNAP_B')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+
+
 def drill_parser(command):
     """The parser of drill."""
     p = command('drill', 'restore the newest snapshot of every series and '
                 'prove it (cron, weekly)',
                 'Into a scratch directory on the node, per client: every '
-                'archive is restored\n(its chain) and compared with the '
-                'listing the client made (names, types,\nsizes); every dump '
-                'is restored into a scratch PostgreSQL cluster when\n'
-                '[server] drill_postgres names the server programs (roles '
-                'of the globals first,\nthe dump by a role that is no '
-                'superuser, over a private socket), and its\nrow counts '
-                'must equal the exact counts the client took (else read '
-                'back with\npg_restore --list); every git mirror is\n'
-                'cloned, fsck\'d and must hold every tip the client '
-                'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
-                '(report shows them); failures\nare printed with the '
-                'snapshot\'s list name and mailed.  Exit 0 ok, 2 critical.')
+                'archive is restored\n(its chain) and compared entry by '
+                'entry with the tree its listings describe\n(type, size, '
+                'mode, mtime, xattrs and ACLs where recorded); every dump '
+                'is\nrestored into a scratch PostgreSQL cluster when '
+                '[server] drill_postgres names\nthe server programs (roles '
+                'of the globals first, the dump by a role that is\nno '
+                'superuser, over a private socket), and its row counts must '
+                'equal the\nexact counts the client took (else read back with '
+                'pg_restore --list); every\ngit mirror is cloned, fsck\'d and '
+                'must hold every tip the client announced.\nOutcomes go to '
+                'data_dir/<client>/drills.jsonl (report shows them); failures'
+                '\nare printed with the snapshot\'s list name and mailed.  One '
+                'bad snapshot is\none failure: the drill goes on with the next '
+                'series and client.  Exit 0 ok,\n2 critical.')
     p.add_argument('client', nargs='?', help='only this client')
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extras = parser.parse_known_args(argv)
+        if extras and not take_trailing_operands(args, extras):
+            parser.error(f'unrecognized arguments: {" ".join(extras)}')
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     # ingest runs as the git user from a hook: files it creates must stay
@@ -6194,6 +6596,23 @@ def main(argv=None):
         os.umask(0o002)
     core.setup_logging(None, 'server.py', args.verbose, args.quiet)
     return core.guarded(lambda: run_command(args))
+
+
+def take_trailing_operands(args, extras):
+    """argparse gives an optional operand its empty value before it sees
+    an option, so `ls CLIENT SOURCE --at TIME PATH` and `find CLIENT
+    --format json PATTERN` leave PATH and PATTERN over: they are taken
+    here, as SPEC's command lines write them.  False if extras are not
+    such operands."""
+    if any(word.startswith('-') for word in extras):
+        return False
+    if args.command == 'ls' and args.path is None and len(extras) == 1:
+        args.path = extras[0]
+        return True
+    if args.command == 'find' and len(args.words) + len(extras) <= 2:
+        args.words += extras
+        return True
+    return False
 
 
 def gate_exec(node, client):
@@ -6240,11 +6659,17 @@ COMMANDS = {
                                       origin=a.origin),
     'restore': lambda n, a: restore_command(n, a),
     'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
+    'find': lambda n, a: find_command(n, a.client, a.words, a.format),
+    'ls': lambda n, a: ls_command(n, a.client, a.source, a.at, a.path,
+                                  a.format),
+    'diff': lambda n, a: diff_command(n, a.client, a.source, a.snap_a,
+                                      a.snap_b, a.format),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused
 # to a user who does not own the directories it writes (check_run_user).
-READING_COMMANDS = ('check', 'report', 'list', 'restore')
+READING_COMMANDS = ('check', 'report', 'list', 'restore', 'find', 'ls',
+                    'diff')
 
 
 def run_command(args):
