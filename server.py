@@ -4381,14 +4381,15 @@ def restore_from_offsite(node, client, args, out):
                                dir=node.settings['data_dir'])
     try:
         if index.get('kind') == 'git':
-            if args.at:
+            if args.at and args.at != GIT_SNAPSHOT:
                 raise UsageError('restore --from offsite of a mirror: the '
-                                 'remote holds its newest bundle only; '
-                                 'leave out --at (every ref, preserved '
-                                 'old tips included)')
+                                 'remote holds its newest bundle only (no '
+                                 'reflogs); leave out --at (every ref, '
+                                 'preserved old tips included)')
+            args.at = None
             mirror = offsite_fetch_mirror(off, client, index, os.path.join(
                 scratch, 'mirror.git'), scratch)
-            restore_git(mirror, args, out)
+            restore_git(node, client, mirror, args, out)
             return 0
         backups = index_backups(index, scratch, args.source, node.formats)
         file = args.file or ((args.database or args.globals) and
