@@ -68,6 +68,7 @@ import hashlib
 import html
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -1125,6 +1126,35 @@ def offsite_journal(node, client):
                                 OFFSITE_JOURNAL))
 
 
+# What `prune` removed and why, one JSON object per snapshot (source,
+# snapshot, rule, time): the only grounds on which `offsite` removes a
+# remote copy.  Written before the directory goes, so that a prune cut
+# short is still known.
+PRUNE_JOURNAL = 'pruned.jsonl'
+
+
+def prune_journal(node, client):
+    return Journal(os.path.join(node.settings['data_dir'], client,
+                                PRUNE_JOURNAL))
+
+
+def pruned_entry(source, snapshot, rule):
+    """One line of prune's journal."""
+    return {'event': 'pruned', 'source': source, 'snapshot': snapshot,
+            'time': core.isotime(), 'rule': rule}
+
+
+def pruned_snapshots(node, client):
+    """{'files/<source>/<snapshot>': journal entry} of what prune removed."""
+    pruned = {}
+    for entry in prune_journal(node, client).read()[0]:
+        if isinstance(entry, dict) and entry.get('event') == 'pruned' and \
+                isinstance(entry.get('source'), str) and \
+                isinstance(entry.get('snapshot'), str):
+            pruned[f'files/{entry["source"]}/{entry["snapshot"]}'] = entry
+    return pruned
+
+
 def failed_requests(node, client, journal):
     """{request: (when, reason)} of the client's failed requests: from the
     journal, else from the note of a request given up before the journal
@@ -2179,7 +2209,8 @@ def prune_command(node, dry_run=False, out=sys.stdout):
                 directory = os.path.join(node.settings['data_dir'], client,
                                          'files', source)
                 source_errors, source_removed, source_kept = prune_source(
-                    directory, backups, retain, dry_run, verb, out)
+                    directory, backups, retain, dry_run, verb, out,
+                    None if dry_run else prune_journal(node, client))
                 errors += source_errors
                 removed += source_removed
                 kept += source_kept
@@ -2195,9 +2226,43 @@ def prune_command(node, dry_run=False, out=sys.stdout):
     return errors
 
 
-def prune_source(directory, backups, retain, dry_run, verb, out):
+def prune_snapshot(node, client, source, snapshot, out=sys.stdout):
+    """`prune --snapshot CLIENT SOURCE SNAPSHOT`: remove one snapshot on
+    purpose (data that must go), here and, through prune's journal, on
+    the offsite remote at its next run; also for one already lost here
+    that must not come back.  Refused while a stored increment builds on
+    it."""
+    check_client_name(client)
+    if not SOURCE_NAME_RE.match(source) or not STORED_NAME_RE.match(snapshot):
+        raise UsageError(f'not a source and snapshot name: {source!r} '
+                         f'{snapshot!r} (see `server.py list`)')
+    backups = stored_backups(node, client).get(source) or []
+    path = os.path.join(node.settings['data_dir'], client, 'files', source,
+                        snapshot)
+    users = [b.name for b in backups if b.path != path and
+             any(link.path == path for link in
+                 snapshot_chains(backups).get(b.path, Chain([])).links)]
+    if users:
+        raise UsageError(f'{source} {snapshot}: {", ".join(users)} build on '
+                         'it; remove those first (newest first)')
+    lock = client_data_lock(node, client, None)
+    if lock is None:
+        raise TransientError(f'{client}: its snapshots are being read (a '
+                             'drill, verify, restore or offsite); try again')
+    with lock:
+        prune_journal(node, client).append([pruned_entry(
+            source, snapshot, 'by hand (prune --snapshot)')])
+        if os.path.isdir(path):
+            remove_tree(path)
+    out.write(f'removed {path}\n')
+    return 0
+
+
+def prune_source(directory, backups, retain, dry_run, verb, out,
+                 journal=None):
     """Apply retention (daily, weekly, monthly) to the backups of one
-    source; return (errors, how many removed, how many kept)."""
+    source; return (errors, how many removed, how many kept).  Each
+    removal is journaled first (the offsite copy follows the journal)."""
     daily, weekly, monthly = retain
     errors = []
     removed = kept = 0
@@ -2228,6 +2293,11 @@ def prune_source(directory, backups, retain, dry_run, verb, out):
                       keep[backup.path])
             continue
         try:
+            if journal is not None:
+                journal.append([pruned_entry(
+                    backup.source, backup.name,
+                    f'not kept by keep_daily {daily}, keep_weekly '
+                    f'{weekly}, keep_monthly {monthly}')])
             if not dry_run:
                 remove_tree(backup.path)
         except OSError as e:
@@ -2454,19 +2524,29 @@ def fsck_client_repositories(node, client, timeout):
 #
 # rclone is the engine: it speaks the remote's protocol (sftp, S3, WebDAV,
 # ...), encrypts when the remote is a `crypt` remote, and checks hashes.
-# This section only decides what to copy and what to remove there.  The
-# remote mirrors data_dir:
+# This section decides what to copy, what to remove there, and how a node
+# that holds nothing reads the remote on its own.  The remote mirrors
+# data_dir:
 #   <remote>/<client>/files/<source>/<snapshot>/   (manifest.json included)
+#   <remote>/<client>/files/<source>/index.json    (every snapshot of it)
 #   <remote>/<client>/git/<path>.git/<node time>.bundle
+#   <remote>/<client>/git/<path>.git/index.json    (its newest bundle)
+#   <remote>/<client>/results.jsonl                (request outcomes)
+# An index names each snapshot with its kind, its base as a snapshot name,
+# its files with size and sha256, and its whole manifest: `list --from
+# offsite`, `restore --from offsite` and `offsite --rebuild` need nothing
+# else.  The results journal lets a rebuilt node recognise the requests it
+# already handled when a client pushes its ledger again.
 # A git mirror travels as one `git bundle --all` whenever its refs changed:
 # one self-contained file that `git bundle verify` and a hash can prove,
 # where a file-by-file `rclone copy` of a bare repository (never `sync`)
 # would keep stale loose refs and packs beside the new ones after a gc.
 # The mirror never loses history (preserved refs), so its newest bundle
 # holds all that older ones did: those are removed once it is verified.
-# Snapshots are removed remotely only after prune removed them here, and
-# only while their source still has a snapshot here (prune always keeps
-# the newest: an empty source means a missing disk, not a prune).
+# A snapshot is removed remotely only when prune's journal says prune
+# removed it here.  One missing here for any other reason (a disk error,
+# an fsck, a mistaken rm, an older data_dir put back) is kept there,
+# reported critical and mailed once: the remote copy is then the last one.
 # Every step is recorded in data_dir/<client>/offsite.jsonl: 'start'
 # before a copy (so a copy cut short is still known to be there, partly),
 # 'copied' once verified, 'removed' once gone.  It comes before the
@@ -2476,10 +2556,27 @@ OFFSITE_REMOTE_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_. -]*:[^\s]*$')
 # rclone's exit statuses for "directory not found" and "file not found":
 # what was to be removed is already gone.
 RCLONE_NOT_FOUND = (3, 4)
+# What rclone says when it cannot reach the remote at all: the run stops
+# there (one try, not one per snapshot) and waits for the next run.
+RCLONE_UNREACHABLE_RE = re.compile(
+    r"Failed to create file system|couldn't connect|connection refused|"
+    r'dial tcp|no route to host|i/o timeout|network is unreachable|'
+    r'no such host|TLS handshake', re.IGNORECASE)
+OFFSITE_PROBE_TIMEOUT = 120   # seconds the first listing of a run may take
+OFFSITE_INDEX = 'index.json'
+OFFSITE_RESULTS = 'results.jsonl'
+# files/<source>/<snapshot>: the remote path of one snapshot.
+SNAPSHOT_REL_RE = re.compile(r'^files/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/'
+                             r'([0-9]{8}T[0-9]{6}Z(?:\.[0-9]+)?)$')
 
 
 class OffsiteFailed(GitBackupError):
     """A copy, a check or a fetch from the offsite remote failed."""
+
+
+class OffsiteUnreachable(OffsiteFailed):
+    """The remote cannot be reached at all: nothing more is tried this
+    run."""
 
 
 class Offsite:
@@ -2505,11 +2602,42 @@ class Offsite:
         self.timeout = node.config.get_duration('server', 'command_timeout')
         self.crypt = self.remote_type() == 'crypt'
 
-    def rclone(self, *args, check=True):
+    def rclone(self, *args, check=True, input=None, timeout=None):
+        """rclone with our config; a remote it cannot reach at all is
+        OffsiteUnreachable, any other failure CommandFailed."""
         # --ask-password=false: cron has no terminal to type one into.
-        return core.run([*self.program, '--config', self.rclone_config,
-                         '--ask-password=false', *args],
-                        timeout=self.timeout, check=check)
+        result = core.run([*self.program, '--config', self.rclone_config,
+                           '--ask-password=false', *args],
+                          timeout=timeout or self.timeout, check=False,
+                          input=input)
+        if result.returncode and RCLONE_UNREACHABLE_RE.search(
+                result.stderr or ''):
+            last = clean_text(result.stderr.strip().splitlines()[-1], 500)
+            raise OffsiteUnreachable(f'offsite remote {self.remote} cannot '
+                                     f'be reached: {last}')
+        if check and result.returncode:
+            raise core.CommandFailed(result.args, result.returncode,
+                                     result.stderr)
+        return result
+
+    def reachable(self):
+        """One quick listing (one try, no retries): raises
+        OffsiteUnreachable when the remote is down.  An empty remote
+        (directory not found) is reachable."""
+        try:
+            # A remote that accepts connections and then says nothing (a
+            # tarpit) must cost this one probe, not a timeout per copy.
+            result = self.rclone(
+                'lsf', '--max-depth', '1', '--retries', '1',
+                '--low-level-retries', '1', '--contimeout', '30s',
+                '--timeout', '60s', self.remote, check=False,
+                timeout=min(self.timeout, OFFSITE_PROBE_TIMEOUT))
+        except core.CommandFailed as e:
+            raise OffsiteUnreachable(f'offsite remote {self.remote} cannot '
+                                     f'be reached: {e}') from None
+        if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
+            raise OffsiteFailed(f'offsite remote {self.remote}: listing '
+                                f'failed: {clean_text(result.stderr, 500)}')
 
     def remote_type(self):
         """The type of the named remote ('crypt', 's3', ...); a name the
@@ -2530,15 +2658,17 @@ class Offsite:
             else self.remote + '/'
         return f'{base}{client}/{rel}'.rstrip('/')
 
+    def check_args(self):
+        """check or cryptcheck: a crypt remote stores no plaintext hashes;
+        cryptcheck encrypts ours and compares."""
+        return ['cryptcheck'] if self.crypt else ['check']
+
     def verify(self, local_dir, remote_dir):
-        """Prove that every file of local_dir arrived whole.  A crypt
-        remote stores no plaintext hashes: cryptcheck encrypts ours and
-        compares.  A remote without a hash in common (WebDAV) would be
-        compared by size alone: download and compare bytes instead."""
-        if self.crypt:
-            self.rclone('cryptcheck', '--one-way', local_dir, remote_dir)
-            return
-        result = self.rclone('check', '--one-way', local_dir, remote_dir)
+        """Prove that every file of local_dir arrived whole.  A remote
+        without a hash in common (WebDAV) would be compared by size
+        alone: download and compare bytes instead."""
+        result = self.rclone(*self.check_args(), '--one-way', local_dir,
+                             remote_dir)
         if 'No common hash' in result.stderr:
             self.rclone('check', '--one-way', '--download', local_dir,
                         remote_dir)
@@ -2550,6 +2680,29 @@ class Offsite:
         if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
             raise core.CommandFailed(result.args, result.returncode,
                                      result.stderr)
+
+    def read_json(self, client, rel):
+        """A small JSON file of the remote (an index), or None if absent
+        or not JSON."""
+        result = self.rclone('cat', self.path(client, rel), check=False)
+        if result.returncode:
+            return None
+        try:
+            return json.loads(result.stdout)
+        except ValueError:
+            return None
+
+    def put_text(self, client, rel, text, staging):
+        """Write a small file there and read it back: what arrived is what
+        was meant.  Returns its sha256."""
+        local = os.path.join(staging, os.path.basename(rel))
+        atomic_write(local, text)
+        self.rclone('copyto', local, self.path(client, rel))
+        back = self.rclone('cat', self.path(client, rel)).stdout
+        if back != text:
+            raise OffsiteFailed(f'{self.path(client, rel)}: read back '
+                                'differs from what was written')
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def entry(self, event, rel, **extra):
         return {'event': event, 'remote': self.remote, 'path': rel,
@@ -2572,6 +2725,27 @@ def snapshot_rel(backup):
     return f'files/{backup.source}/{backup.name}'
 
 
+def offsite_missing(node, client, state):
+    """What the remote holds whose original this node lost for a reason
+    other than prune: snapshot paths and mirror paths (git/<path>.git),
+    sorted.  The remote copy is then the last one: kept, never removed."""
+    data = os.path.join(node.settings['data_dir'], client)
+    pruned = pruned_snapshots(node, client)
+    missing = set()
+    for rel, entry in state.items():
+        if entry.get('event') != 'copied':
+            continue
+        if SNAPSHOT_REL_RE.match(rel):
+            if rel not in pruned and not os.path.isdir(
+                    os.path.join(data, rel)):
+                missing.add(rel)
+        elif rel.endswith('.bundle'):
+            mirror = rel.rsplit('/', 1)[0]
+            if not os.path.isdir(os.path.join(data, mirror)):
+                missing.add(mirror)
+    return sorted(missing)
+
+
 def offsite_copy_snapshot(off, journal, client, backup):
     rel = snapshot_rel(backup)
     manifest_sha256 = core.sha256_file(
@@ -2585,43 +2759,181 @@ def offsite_copy_snapshot(off, journal, client, backup):
     log.info('offsite: copied %s/%s', client, rel)
 
 
+def local_snapshots(node, client):
+    """{'files/<source>/<snapshot>': StoredBackup} of the good ones."""
+    return {snapshot_rel(b): b
+            for backups in stored_backups(node, client).values()
+            for b in backups if b.good and b.time}
+
+
 def offsite_snapshots(off, node, client, state, out):
     """Copy the snapshots not yet verified there (oldest first, so an
-    increment's base goes before it); remove those prune removed here.
-    Returns (copied, removed, errors)."""
+    increment's base goes before it); remove there those prune's journal
+    says it removed here, and nothing else.  Returns (copied, removed,
+    errors)."""
     journal = offsite_journal(node, client)
-    local = {}
-    for backups in stored_backups(node, client).values():
-        for backup in backups:
-            if backup.good and backup.time:
-                local[snapshot_rel(backup)] = backup
+    local = local_snapshots(node, client)
     copied, removed, errors = 0, 0, []
     for rel, backup in local.items():
         if state.get(rel, {}).get('event') == 'copied':
             continue
         try:
             offsite_copy_snapshot(off, journal, client, backup)
+        except OffsiteUnreachable:
+            raise
         except (GitBackupError, OSError) as e:
             errors.append(f'{client}/{rel}: {e}')
             continue
         copied += 1
         out.write(f'copied {client}/{rel}\n')
-    sources = {rel.rsplit('/', 1)[0] for rel in local}
+    pruned = pruned_snapshots(node, client)
+    data = os.path.join(node.settings['data_dir'], client)
     for rel in sorted(state):
-        if not rel.startswith('files/') or rel in local or \
-                rel.rsplit('/', 1)[0] not in sources or \
-                os.path.exists(os.path.join(node.settings['data_dir'],
-                                            client, rel)):
+        if not SNAPSHOT_REL_RE.match(rel) or rel not in pruned or \
+                rel in local or os.path.exists(os.path.join(data, rel)):
             continue
         try:
             off.remove(off.path(client, rel), directory=True)
+        except OffsiteUnreachable:
+            raise
         except GitBackupError as e:
             errors.append(f'{client}/{rel}: cannot remove: {e}')
             continue
-        journal.append([off.entry('removed', rel)])
+        journal.append([off.entry('removed', rel, pruned=pruned[rel])])
         removed += 1
-        out.write(f'removed {client}/{rel}\n')
+        out.write(f'removed {client}/{rel} (pruned: '
+                  f'{pruned[rel].get("time")})\n')
     return copied, removed, errors
+
+
+def index_entry(chains, backup, manifest_sha256):
+    """One snapshot as an index (and `list --from offsite`) names it;
+    chains as snapshot_chains gives them."""
+    base = chains[backup.path].base
+    return {'snapshot': backup.name, 'time': core.isotime(backup.time),
+            'kind': snapshot_kind(backup),
+            'level': manifest_level(backup.manifest),
+            'base': base.name if base else None, 'size': backup.size,
+            'files': [{'name': f.get('name'), 'size': f.get('size'),
+                       'sha256': f.get('sha256')}
+                      for f in backup.manifest['files']
+                      if isinstance(f, dict)],
+            'manifest_sha256': manifest_sha256, 'manifest': backup.manifest}
+
+
+def index_backups(index, top, source, formats=None):
+    """StoredBackups (oldest first) of an index's snapshots, their paths
+    under top (where they are, or will be, fetched)."""
+    backups = [StoredBackup(source, os.path.join(top, e['snapshot']),
+                            e.get('manifest'), formats)
+               for e in (index or {}).get('snapshots') or []
+               if isinstance(e, dict) and
+               STORED_NAME_RE.match(str(e.get('snapshot')))]
+    return sorted((b for b in backups if b.good), key=StoredBackup.sort_key)
+
+
+def remote_manifest(off, client, rel, entry):
+    """A snapshot only the remote holds, from its manifest there (an index
+    lost or written before it): a StoredBackup, or None when the manifest
+    is not the one journaled when it was copied."""
+    result = off.rclone('cat', off.path(client, f'{rel}/manifest.json'),
+                        check=False)
+    text = result.stdout.encode('utf-8', 'surrogateescape')
+    if result.returncode or hashlib.sha256(text).hexdigest() != \
+            entry.get('manifest_sha256'):
+        log.error('offsite: %s: its manifest there is missing or not the '
+                  'one copied; left out of the index', off.path(client, rel))
+        return None
+    source, name = rel.split('/')[1:]
+    backup = StoredBackup(source, '/' + name, json.loads(text))
+    return backup if backup.good else None
+
+
+def source_index(off, client, source, state, local):
+    """The index of one source: every snapshot verified on the remote,
+    from the local manifest (local: local_snapshots), else (kept there,
+    gone here) from the index written before."""
+    there = {rel: e for rel, e in state.items() if e.get('event') ==
+             'copied' and SNAPSHOT_REL_RE.match(rel) and
+             rel.split('/')[1] == source}
+    backups = [local[rel] for rel in there if rel in local]
+    gone = [rel for rel in there if rel not in local]
+    if gone:
+        old = {b.name: b for b in index_backups(off.read_json(
+            client, f'files/{source}/{OFFSITE_INDEX}'), '/', source)}
+        for rel in gone:
+            backup = old.get(rel.rsplit('/', 1)[1]) or \
+                remote_manifest(off, client, rel, there[rel])
+            if backup:
+                backups.append(backup)
+    backups.sort(key=StoredBackup.sort_key)
+    chains = snapshot_chains(backups)
+    return {'format': 1, 'client': client, 'source': source,
+            'kind': 'files',
+            'snapshots': [index_entry(chains, b, there[snapshot_rel(b)].get(
+                'manifest_sha256')) for b in backups]}
+
+
+def offsite_indexes(off, node, client, state, staging):
+    """Write the index of every source whose snapshots there changed since
+    its index was written (and the client's results journal); returns the
+    errors."""
+    journal = offsite_journal(node, client)
+    errors = []
+    sources = {m.group(1) for m in map(SNAPSHOT_REL_RE.match, state) if m}
+    local = local_snapshots(node, client)
+    texts = {f'files/{s}/{OFFSITE_INDEX}': json.dumps(
+        source_index(off, client, s, state, local), indent=1,
+        sort_keys=True) + '\n' for s in sorted(sources)}
+    results = os.path.join(node.settings['data_dir'], client,
+                           OFFSITE_RESULTS)
+    if os.path.isfile(results):
+        with open(results, encoding='utf-8', errors='replace') as f:
+            texts[OFFSITE_RESULTS] = f.read()
+    errors += offsite_mirror_indexes(off, journal, client, state, staging)
+    for rel, text in texts.items():
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if state.get(rel, {}).get('sha256') == digest:
+            continue
+        try:
+            off.put_text(client, rel, text, staging)
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{rel}: {e}')
+            continue
+        journal.append([off.entry('copied', rel, sha256=digest)])
+    return errors
+
+
+def newest_bundles(state):
+    """{'git/<path>.git': journal entry of its newest verified bundle}."""
+    newest = {}
+    for rel, entry in state.items():
+        if rel.startswith('git/') and rel.endswith('.bundle') and \
+                entry.get('event') == 'copied':
+            mirror = rel.rsplit('/', 1)[0]
+            if rel > newest.get(mirror, {}).get('path', ''):
+                newest[mirror] = entry
+    return newest
+
+
+def offsite_mirror_indexes(off, journal, client, state, staging):
+    """Write the index of every mirror there whose index does not name its
+    newest bundle (one copied before indexes existed, or whose mirror is
+    gone here); returns the errors."""
+    errors = []
+    for mirror, entry in sorted(newest_bundles(state).items()):
+        if state.get(f'{mirror}/{OFFSITE_INDEX}', {}).get('bundle') == \
+                entry['path'].rsplit('/', 1)[1]:
+            continue
+        try:
+            offsite_mirror_index(off, journal, client, entry, staging)
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{mirror}: {e}')
+    return errors
 
 
 def mirror_refs_digest(repo):
@@ -2635,7 +2947,8 @@ def mirror_refs_digest(repo):
 
 def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
     """Bundle one mirror into staging/, prove the bundle, copy and check
-    it; return its remote path."""
+    it, then write the mirror's index beside it; return its remote
+    path."""
     os.makedirs(staging)
     # Node time to the microsecond: two runs in one second must not name
     # the new bundle as the old one they then remove.
@@ -2649,15 +2962,32 @@ def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
     off.rclone('copy', *off.options, staging, target)
     off.verify(staging, target)
     sha256, size = core.sha256_file(bundle)
-    journal.append([off.entry('copied', bundle_rel, refs=digest,
-                              sha256=sha256, bytes=size)])
+    entry = off.entry('copied', bundle_rel, refs=digest, sha256=sha256,
+                      bytes=size)
+    journal.append([entry])
+    os.unlink(bundle)
+    offsite_mirror_index(off, journal, client, entry, staging)
     return bundle_rel
+
+
+def offsite_mirror_index(off, journal, client, entry, staging):
+    """Write the index of a mirror: its newest bundle (a journal entry)."""
+    mirror, name = entry['path'].rsplit('/', 1)
+    index = {'format': 1, 'client': client,
+             'source': mirror[:-len('.git')], 'kind': 'git', 'bundle': name,
+             'sha256': entry.get('sha256'), 'size': entry.get('bytes'),
+             'refs': entry.get('refs'), 'time': entry.get('time')}
+    index_rel = f'{mirror}/{OFFSITE_INDEX}'
+    text = json.dumps(index, indent=1, sort_keys=True) + '\n'
+    journal.append([off.entry('copied', index_rel, bundle=name,
+                              sha256=off.put_text(client, index_rel, text,
+                                                  staging))])
 
 
 def offsite_mirrors(off, node, client, state, out):
     """A new bundle of each mirror whose refs changed since its last
-    verified bundle; older bundles of it removed after.  Returns
-    (copied, removed, errors)."""
+    verified bundle; older bundles of it removed after.  A mirror gone
+    here keeps its bundles there.  Returns (copied, removed, errors)."""
     journal = offsite_journal(node, client)
     staging_top = os.path.join(node.settings['data_dir'], client,
                                '.offsite-staging')
@@ -2665,7 +2995,8 @@ def offsite_mirrors(off, node, client, state, out):
     for source, repo in sorted(client_mirrors(node, client).items()):
         rel = source[len('git/'):]
         prefix = f'git/{rel}.git/'
-        mine = {p: e for p, e in state.items() if p.startswith(prefix)}
+        mine = {p: e for p, e in state.items()
+                if p.startswith(prefix) and p.endswith('.bundle')}
         last = max((e for e in mine.values() if e['event'] == 'copied'),
                    key=lambda e: e['path'], default={})
         staging = os.path.join(staging_top, core.new_request_id())
@@ -2682,6 +3013,8 @@ def offsite_mirrors(off, node, client, state, out):
                 journal.append([off.entry('removed', old)])
                 removed += 1
                 out.write(f'removed {client}/{old} (superseded)\n')
+        except OffsiteUnreachable:
+            raise
         except (GitBackupError, OSError) as e:
             errors.append(f'{client}/{source}: {e}')
         finally:
@@ -2689,20 +3022,96 @@ def offsite_mirrors(off, node, client, state, out):
     return copied, removed, errors
 
 
+def offsite_client(off, node, client, out):
+    """One client's offsite run: copies, removals by prune's journal,
+    indexes, and the snapshots lost here.  Returns (copied, removed,
+    errors); OffsiteUnreachable stops the whole run."""
+    state = offsite_state(node, client, off.remote)
+    copied, removed, errors = offsite_snapshots(off, node, client, state,
+                                                out)
+    more = offsite_mirrors(off, node, client, state, out)
+    copied, removed, errors = copied + more[0], removed + more[1], \
+        errors + more[2]
+    state = offsite_state(node, client, off.remote)
+    staging = os.path.join(node.settings['data_dir'], client,
+                           '.offsite-staging', core.new_request_id())
+    os.makedirs(staging)
+    try:
+        errors += offsite_indexes(off, node, client, state, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    offsite_missing_alert(node, client, offsite_missing(node, client,
+                                                        state))
+    return copied, removed, errors
+
+
+def offsite_missing_text(client, missing):
+    return (f'{len(missing)} snapshot(s) or mirror(s) are on the offsite '
+            f'remote but missing on this node, not removed by prune: '
+            f'{", ".join(missing[:10])}{" ..." if len(missing) > 10 else ""}'
+            f'; kept on the remote: restore it with `server.py restore '
+            f'{client} SOURCE --from offsite --at SNAPSHOT`, or put the '
+            f'client back whole with `server.py offsite --rebuild {client}` '
+            f'(if it is to go: `server.py prune --snapshot {client} SOURCE '
+            'SNAPSHOT`)')
+
+
+def offsite_missing_alert(node, client, missing):
+    """One mail when snapshots go missing here (again when more do), one
+    when that is over (the Health record an outage uses, alerting at
+    once)."""
+    health = core.Health(os.path.join(node.state_dir,
+                                      f'offsite-missing-{client}.json'),
+                         node.config, 'server',
+                         f'the node\'s own copy of {client}\'s snapshots')
+    if missing:
+        # Told once by mail and every time by `report`: not a cron mail a
+        # night (the log has it at info level).
+        core.problem(f'offsite: {offsite_missing_text(client, missing)}',
+                     mail=False)
+        if not set(missing) <= set(health.state.get('missing') or []):
+            health.state['alerted'] = False     # more is lost: tell again
+        health.state['missing'] = missing
+        health.failed(offsite_missing_text(client, missing), 0)
+    elif health.state.get('first_failure'):
+        health.ok()
+
+
+def offsite_health(node, off):
+    return core.Health(os.path.join(node.state_dir, 'offsite-remote.json'),
+                       node.config, 'server', f'offsite remote {off.remote}')
+
+
 def offsite_command(node, out=sys.stdout):
     """Copy every client's new snapshots and changed mirrors to the
     remote, remove what prune removed here; return the errors (each item
-    is tried, a failure does not stop the others)."""
+    is tried, a failure does not stop the others; a remote that cannot be
+    reached stops the run at once and is alerted after alert_after, like
+    any outage)."""
     off = Offsite(node)
+    core.make_dirs(node.state_dir)
+    health = offsite_health(node, off)
     totals, errors = [0, 0], []
-    for client in known_clients(node):
-        state = offsite_state(node, client, off.remote)
-        with client_data_lock(node, client, 'offsite'):
-            for step in (offsite_snapshots, offsite_mirrors):
-                copied, removed, failed = step(off, node, client, state, out)
-                totals[0] += copied
-                totals[1] += removed
-                errors += failed
+    try:
+        off.reachable()
+        for client in known_clients(node):
+            if not os.path.isdir(os.path.join(node.settings['data_dir'],
+                                              client)):
+                continue    # configured, nothing stored yet
+            with client_data_lock(node, client, 'offsite'):
+                copied, removed, failed = offsite_client(off, node, client,
+                                                         out)
+            totals[0] += copied
+            totals[1] += removed
+            errors += failed
+    except OffsiteUnreachable as e:
+        health.failed(str(e), node.config.get_duration('server',
+                                                       'alert_after'))
+        # An outage: one mail after alert_after (the Health record), not
+        # a cron mail a night; under -q it prints nothing.
+        return [core.problem(f'offsite: {e}; nothing more tried this run '
+                             '(the next run carries on)', mail=False)]
+    health.ok()
     for error in errors:
         log.error('offsite: %s', error)
     log.info('offsite to %s: %d copied and verified, %d removed, %d '
@@ -2710,13 +3119,109 @@ def offsite_command(node, out=sys.stdout):
     return errors
 
 
+# -- reading the remote on its own ------------------------------------------
+
+def offsite_clients(off):
+    """The clients the remote holds (directories with a client's name)."""
+    result = off.rclone('lsf', '--dirs-only', '--max-depth', '1',
+                        off.remote, check=False)
+    if result.returncode in RCLONE_NOT_FOUND:
+        return []
+    if result.returncode:
+        raise core.CommandFailed(result.args, result.returncode,
+                                 result.stderr)
+    names = []
+    for line in result.stdout.splitlines():
+        try:
+            names.append(check_client_name(line.rstrip('/')))
+        except UsageError:
+            continue
+    return sorted(names)
+
+
+def index_source(rel):
+    """The source an index path belongs to (files/<source>/index.json,
+    git/<path>.git/index.json), or None for any other path."""
+    parts = rel.split('/')
+    if len(parts) == 3 and parts[0] == 'files' and \
+            SOURCE_NAME_RE.match(parts[1]) and parts[2] == OFFSITE_INDEX:
+        return parts[1]
+    if len(parts) >= 3 and parts[0] == 'git' and parts[-1] == OFFSITE_INDEX \
+            and parts[-2].endswith('.git') and \
+            all(core.NAME_RE.match(p) for p in parts[1:-1]):
+        return 'git/' + '/'.join(parts[1:-1])[:-len('.git')]
+    return None
+
+
+def source_index_rel(source):
+    if source.startswith('git/'):
+        return f'{source}.git/{OFFSITE_INDEX}'
+    return f'files/{source}/{OFFSITE_INDEX}'
+
+
+def offsite_catalogue(off, client, source=None):
+    """{source: index} of one client as the remote holds it (only that
+    source if given).  An index that names another source than its path
+    is skipped, loudly."""
+    if source:
+        if index_source(source_index_rel(source)) != source:
+            raise UsageError(f'{clean_text(source)!r}: not a source name '
+                             '(app, postgresdb, git/<path>)')
+        rels = [source_index_rel(source)]
+    else:
+        result = off.rclone('lsf', '-R', '--files-only', '--include',
+                            OFFSITE_INDEX, off.path(client), check=False)
+        if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
+            raise core.CommandFailed(result.args, result.returncode,
+                                     result.stderr)
+        rels = [line for line in result.stdout.splitlines()
+                if index_source(line)]
+    catalogue = {}
+    for rel in rels:
+        index = off.read_json(client, rel)
+        if index is None:
+            continue
+        if not isinstance(index, dict) or \
+                index.get('source') != index_source(rel):
+            log.warning('offsite: %s: not an index of %s; skipped',
+                        off.path(client, rel), index_source(rel))
+            continue
+        catalogue[index['source']] = index
+    return catalogue
+
+
+def index_snapshot(index, name):
+    for entry in index.get('snapshots') or []:
+        if isinstance(entry, dict) and entry.get('snapshot') == name:
+            return entry
+    raise RestoreError(f'{index.get("source")} {name}: not in the offsite '
+                       'index')
+
+
+def offsite_fetch_into(off, client, source, entry, target_dir):
+    """Download one snapshot into target_dir and prove every file against
+    its manifest, and the manifest against the sha256 the index (or this
+    node's journal) recorded.  Returns the manifest; raises OffsiteFailed
+    naming what is damaged."""
+    rel = f'files/{source}/{entry["snapshot"]}'
+    os.makedirs(target_dir, exist_ok=True)
+    off.rclone('copy', *off.options, off.path(client, rel), target_dir)
+    problems = offsite_fetch_problems(target_dir, entry)
+    if problems:
+        raise OffsiteFailed(
+            f'{off.path(client, rel)} is DAMAGED on the offsite remote '
+            f'(fetched into {target_dir}): ' + '; '.join(problems) +
+            '. Refusing to use it; `server.py verify --offsite` copies it '
+            'again while this node still holds the snapshot')
+    return read_json(os.path.join(target_dir, 'manifest.json'))
+
+
 def offsite_fetch(node, client, source, snapshot, target_dir):
-    """Download one snapshot from the offsite remote into target_dir
-    (absent or empty) and prove every file against its manifest (sha256
-    and size; nothing missing, nothing extra).  When this node's journal
-    recorded the manifest's own sha256 at copy time, the manifest must
-    match it too, so a plain remote cannot swap manifest and files
-    together.  Returns the manifest; raises OffsiteFailed."""
+    """`offsite --fetch`: one snapshot from the remote into target_dir
+    (absent or empty), proven as offsite_fetch_into does, with the
+    manifest's sha256 this node journaled when it copied it, else the
+    index's (a plain remote cannot swap manifest and files together
+    unnoticed)."""
     check_client_name(client)
     if not SOURCE_NAME_RE.match(source or '') or \
             not STORED_NAME_RE.match(snapshot or ''):
@@ -2728,17 +3233,15 @@ def offsite_fetch(node, client, source, snapshot, target_dir):
                          'directory')
     off = Offsite(node)
     rel = f'files/{source}/{snapshot}'
-    os.makedirs(target_dir, exist_ok=True)
-    off.rclone('copy', *off.options, off.path(client, rel), target_dir)
-    problems = offsite_fetch_problems(
-        target_dir, offsite_state(node, client, off.remote).get(rel, {}))
-    if problems:
-        raise OffsiteFailed(f'{off.path(client, rel)} fetched into '
-                            f'{target_dir} is not what was stored:\n  ' +
-                            '\n  '.join(problems))
+    entry = offsite_state(node, client, off.remote).get(rel)
+    if not (entry or {}).get('manifest_sha256'):
+        index = offsite_catalogue(off, client, source).get(source)
+        entry = index_snapshot(index, snapshot) if index else {}
+    manifest = offsite_fetch_into(off, client, source,
+                                  {**entry, 'snapshot': snapshot}, target_dir)
     log.info('offsite: fetched %s/%s into %s; every sha256 matches its '
              'manifest', client, rel, target_dir)
-    return read_json(os.path.join(target_dir, 'manifest.json'))
+    return manifest
 
 
 def offsite_fetch_problems(target_dir, journal_entry):
@@ -2774,10 +3277,375 @@ def offsite_fetch_problems(target_dir, journal_entry):
     return problems
 
 
+BUNDLE_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.bundle$')
+
+
+def offsite_fetch_bundle(off, client, index, name, scratch):
+    """Download a mirror's bundle into scratch and check its sha256 and
+    size against the index; returns its path, raises OffsiteFailed."""
+    rel = f'{index["source"]}.git/{name}'
+    bundle = os.path.join(scratch, name)
+    off.rclone('copyto', off.path(client, rel), bundle)
+    digest, size = core.sha256_file(bundle) if os.path.isfile(bundle) \
+        else ('nothing', 0)
+    if digest != index.get('sha256') or size != index.get('size'):
+        raise OffsiteFailed(
+            f'{off.path(client, rel)} is DAMAGED on the offsite remote: '
+            f'sha256 {digest} ({size} bytes), its index says '
+            f'{index.get("sha256")} ({index.get("size")} bytes). Refusing '
+            'to use it; `server.py verify --offsite` copies it again while '
+            'this node still holds the mirror')
+    return bundle
+
+
+def offsite_fetch_mirror(off, client, index, mirror, scratch):
+    """A git mirror back from its newest bundle: the bundle's sha256
+    checked against the index, then cloned into mirror (a bare repository
+    with every ref, refs/preserved/* included).  Raises OffsiteFailed."""
+    name = str(index.get('bundle'))
+    if not BUNDLE_NAME_RE.match(name):
+        raise OffsiteFailed(f'{index.get("source")}: the offsite index '
+                            f'names no bundle ({clean_text(name)!r})')
+    bundle = offsite_fetch_bundle(off, client, index, name, scratch)
+    core.run([*core.git_program(), 'clone', '--quiet', '--mirror', '--',
+              bundle, mirror])
+    git(mirror, 'remote', 'remove', 'origin', check=False)
+    os.unlink(bundle)
+    return mirror
+
+
+# -- rebuilding a node --------------------------------------------------------
+
+def offsite_rebuild(node, only_client=None, out=sys.stdout):
+    """`offsite --rebuild [CLIENT]`: every snapshot and mirror the remote
+    holds of a client (or of every client) put back into data_dir,
+    proven as a restore proves it, with the results journal when this
+    node has none, and journaled as already offsite.  What is here
+    already is left alone.  Returns the errors."""
+    off = Offsite(node)
+    off.reachable()
+    clients = [check_client_name(only_client)] if only_client else \
+        offsite_clients(off)
+    errors = []
+    for client in clients:
+        catalogue = offsite_catalogue(off, client)
+        if not catalogue:
+            errors.append(f'{client}: nothing on {off.path(client)}')
+            continue
+        core.make_dirs(os.path.join(node.settings['data_dir'], client))
+        with client_data_lock(node, client, 'offsite --rebuild'):
+            errors += rebuild_client(off, node, client, catalogue, out)
+        results = os.path.join(node.settings['data_dir'], client,
+                               OFFSITE_RESULTS)
+        if not os.path.exists(results):
+            off.rclone('copyto', off.path(client, OFFSITE_RESULTS), results,
+                       check=False)
+    for error in errors:
+        log.error('offsite --rebuild: %s', error)
+    return errors
+
+
+def rebuild_client(off, node, client, catalogue, out):
+    """Every source of one client's catalogue put back; the errors."""
+    errors = []
+    for source, index in sorted(catalogue.items()):
+        try:
+            if index.get('kind') == 'git':
+                rebuild_mirror(off, node, client, index, out)
+            else:
+                rebuild_source(off, node, client, source, index, out)
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{source}: {e}')
+    return errors
+
+
+def rebuild_source(off, node, client, source, index, out):
+    """Fetch every snapshot of one source not here into files/<source>/,
+    each proven before it is renamed into place (oldest first)."""
+    data = os.path.join(node.settings['data_dir'], client)
+    top = os.path.join(data, 'files', source)
+    journal = offsite_journal(node, client)
+    for backup in index_backups(index, top, source, node.formats):
+        if os.path.isdir(backup.path):
+            continue
+        entry = index_snapshot(index, backup.name)
+        staging = os.path.join(data, 'files', '.incoming',
+                               f'offsite-{core.new_request_id()}')
+        try:
+            offsite_fetch_into(off, client, source, entry, staging)
+            core.make_dirs(top)
+            os.rename(staging, backup.path)
+            fsync_dir(top)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        journal.append([off.entry('copied', snapshot_rel(backup),
+                                  bytes=backup.size, rebuilt=True,
+                                  manifest_sha256=entry['manifest_sha256'])])
+        out.write(f'rebuilt {client}/{snapshot_rel(backup)}\n')
+
+
+def rebuild_mirror(off, node, client, index, out):
+    """Clone a mirror back from its bundle, under a hidden name renamed
+    into place, with the settings the git module gives its mirrors."""
+    data = os.path.join(node.settings['data_dir'], client)
+    rel = f'{index["source"]}.git'
+    mirror = os.path.join(data, rel)
+    if os.path.isdir(mirror):
+        return
+    parent = os.path.dirname(mirror)
+    core.make_dirs(parent)
+    tmp = os.path.join(parent, '.' + os.path.basename(mirror) + '.incoming')
+    shutil.rmtree(tmp, ignore_errors=True)
+    scratch = tempfile.mkdtemp(prefix='.offsite-rebuild-', dir=data)
+    try:
+        offsite_fetch_mirror(off, client, index, tmp, scratch)
+        module = core.load_module(node.config.modules_dir('server'), 'git')
+        for key, value in getattr(module.python, 'MIRROR_CONFIG', ()):
+            git(tmp, 'config', key, value)
+        os.rename(tmp, mirror)
+        fsync_dir(parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    offsite_journal(node, client).append([off.entry(
+        'copied', f'{rel}/{index["bundle"]}', refs=index.get('refs'),
+        sha256=index.get('sha256'), bytes=index.get('size'), rebuilt=True)])
+    out.write(f'rebuilt {client}/{rel}\n')
+
+
+# -- checking the remote ------------------------------------------------------
+
+def offsite_verify_command(node, only_client=None, out=sys.stdout):
+    """`verify --offsite`: rclone check (cryptcheck) of every snapshot
+    against the node's copy, every index read back and, within
+    command_timeout, a download and re-hash of mirror bundles and of the
+    snapshots only the remote still holds.  What is damaged or missing there is copied again while
+    the node still holds it.  Mails problems; returns 0/1/2 like
+    verify."""
+    off = Offsite(node)
+    off.reachable()
+    clients = [check_client_name(only_client)] if only_client else \
+        known_clients(node)
+    deadline = time.monotonic() + off.timeout
+    problems = []
+    for client in clients:
+        top = os.path.join(node.settings['data_dir'], client)
+        if not os.path.isdir(top):
+            continue    # nothing stored, nothing copied
+        scratch = tempfile.mkdtemp(prefix='.offsite-verify-', dir=top)
+        try:
+            with client_data_lock(node, client, 'verify --offsite'):
+                problems += verify_offsite_client(off, node, client, scratch,
+                                                  deadline)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    status = max([level for level, _ in problems] or [OK])
+    for level, message in problems:
+        out.write(f'{STATUS_NAMES[level]}: {message}\n')
+    summary = (f'verify --offsite of {off.remote}: {len(problems)} '
+               f'problem(s): {STATUS_NAMES[status].upper()}')
+    out.write(summary + '\n')
+    log.info('%s', summary)
+    if problems:
+        core.mail_admins(node.config, 'server', f'gitbackup: {summary}',
+                         '\n'.join(f'{STATUS_NAMES[level]}: {message}'
+                                   for level, message in problems) +
+                         '\n\n' + summary + '\n')
+    return status
+
+
+def verify_offsite_client(off, node, client, scratch, deadline):
+    """verify --offsite of one client: [(level, message)]."""
+    return (verify_offsite_snapshots(off, node, client) +
+            verify_offsite_indexes(off, node, client, scratch) +
+            verify_offsite_mirrors(off, node, client, scratch, deadline) +
+            verify_offsite_kept(off, node, client, scratch, deadline))
+
+
+def offsite_check_differences(off, local, remote):
+    """{relative path: '*' differs, '+' missing there, '!' unreadable}
+    from one one-way rclone check (cryptcheck) of local against remote."""
+    result = off.rclone(*off.check_args(), '--one-way', '--combined', '-',
+                        '--exclude', '.*/**', '--exclude', '.*', local,
+                        remote, check=False)
+    found = {}
+    for line in result.stdout.splitlines():
+        if len(line) > 2 and line[0] in '*+!' and line[1] == ' ':
+            found[line[2:]] = line[0]
+    if result.returncode and not found and \
+            result.returncode not in RCLONE_NOT_FOUND:
+        raise OffsiteFailed(f'rclone {off.check_args()[0]} {remote} '
+                            f'failed: {clean_text(result.stderr, 500)}')
+    return found
+
+
+def verify_offsite_snapshots(off, node, client):
+    """Check the snapshots journaled as offsite against the node's copy;
+    copy again those damaged or missing there.  [(level, message)]:
+    critical when the copy could not be repaired, warning when it was."""
+    state = offsite_state(node, client, off.remote)
+    local = local_snapshots(node, client)
+    files = os.path.join(node.settings['data_dir'], client, 'files')
+    if not os.path.isdir(files):
+        return []
+    found = offsite_check_differences(off, files, off.path(client, 'files'))
+    damaged = {}
+    for path, sign in found.items():
+        rel = 'files/' + '/'.join(path.split('/')[:2])
+        if rel in local and state.get(rel, {}).get('event') == 'copied':
+            damaged.setdefault(rel, []).append(
+                f'{path.split("/")[-1]} '
+                f'{ {"*": "differs", "+": "missing", "!": "unreadable"}[sign]}')
+    problems = []
+    journal = offsite_journal(node, client)
+    for rel, what in sorted(damaged.items()):
+        text = f'{off.path(client, rel)}: {", ".join(what)} on the remote'
+        try:
+            off.remove(off.path(client, rel), directory=True)
+            offsite_copy_snapshot(off, journal, client, local[rel])
+        except (GitBackupError, OSError) as e:
+            problems.append((CRITICAL, f'{text}; copying it again failed: '
+                             f'{e}'))
+            continue
+        problems.append((WARNING, f'{text}; copied again from the node and '
+                         'verified'))
+    return problems
+
+
+def verify_offsite_indexes(off, node, client, scratch):
+    """Read back every index (and the results journal) there against the
+    sha256 journaled when it was written; write again what differs."""
+    state = offsite_state(node, client, off.remote)
+    damaged = []
+    for rel, entry in sorted(state.items()):
+        if not (rel.endswith('/' + OFFSITE_INDEX) or
+                rel == OFFSITE_RESULTS) or not entry.get('sha256'):
+            continue
+        result = off.rclone('cat', off.path(client, rel), check=False)
+        if result.returncode or hashlib.sha256(result.stdout.encode(
+                'utf-8', 'surrogateescape')).hexdigest() != entry['sha256']:
+            damaged.append(rel)
+    if not damaged:
+        return []
+    kept = {k: v for k, v in state.items() if k not in damaged}
+    errors = offsite_indexes(off, node, client, kept, scratch)
+    return [(CRITICAL if any(rel in e for e in errors) else WARNING,
+             f'{off.path(client, rel)}: differs on the remote; ' +
+             ('writing it again failed' if any(rel in e for e in errors)
+              else 'written again and read back')) for rel in damaged]
+
+
+def verify_offsite_mirrors(off, node, client, scratch, deadline):
+    """Download each mirror's newest bundle there and re-hash it, in a
+    random order while time is left (a sample when there is not time
+    for all); a damaged or missing one is replaced by a new bundle while
+    the mirror is here."""
+    state = offsite_state(node, client, off.remote)
+    mirrors = client_mirrors(node, client)
+    journal = offsite_journal(node, client)
+    problems = []
+    order = sorted((mirror[:-len('.git')], entry) for mirror, entry in
+                   newest_bundles(state).items())
+    random.shuffle(order)
+    for source, entry in order:
+        if time.monotonic() > deadline:
+            log.info('verify --offsite: out of time before %s/%s', client,
+                     source)
+            break
+        index = {'source': source, 'bundle': entry['path'].rsplit('/', 1)[1],
+                 'sha256': entry.get('sha256'), 'size': entry.get('bytes')}
+        try:
+            os.unlink(offsite_fetch_bundle(off, client, index,
+                                           index['bundle'], scratch))
+            continue
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            text = str(e)
+        if source not in mirrors:
+            problems.append((CRITICAL, f'{text}; the node no longer holds '
+                             'the mirror to copy it again'))
+            continue
+        try:
+            staging = os.path.join(scratch, core.new_request_id())
+            offsite_copy_bundle(off, journal, client, source[len('git/'):],
+                                mirrors[source], mirror_refs_digest(
+                                    mirrors[source]), staging)
+            off.remove(off.path(client, entry['path']), directory=False)
+            journal.append([off.entry('removed', entry['path'])])
+        except (GitBackupError, OSError) as e:
+            problems.append((CRITICAL, f'{text}; a new bundle failed: {e}'))
+            continue
+        problems.append((WARNING, f'{text}; replaced by a new bundle'))
+    return problems
+
+
+def verify_offsite_kept(off, node, client, scratch, deadline):
+    """The snapshots only the remote holds (lost here): downloaded and
+    re-hashed in a random order while time is left.  Nothing can repair
+    them: critical."""
+    state = offsite_state(node, client, off.remote)
+    problems = []
+    missing = offsite_missing(node, client, state)
+    random.shuffle(missing)
+    for rel in missing:
+        match = SNAPSHOT_REL_RE.match(rel)
+        if not match:
+            continue
+        if time.monotonic() > deadline:
+            log.info('verify --offsite: out of time before %s/%s', client,
+                     rel)
+            break
+        target = os.path.join(scratch, 'kept')
+        try:
+            offsite_fetch_into(off, client, match.group(1),
+                               {**state[rel], 'snapshot': match.group(2)},
+                               target)
+        except OffsiteUnreachable:
+            raise
+        except (GitBackupError, OSError) as e:
+            problems.append((CRITICAL, f'{e} (the node no longer holds it)'))
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+    return problems
+
+
+def offsite_check_connection(node, out):
+    """`check --connect`: list the remote, then write, read back and
+    delete a small file in a scratch path there.  [] or the problem."""
+    if not node.config.has('offsite'):
+        return []
+    fix = (f'test it with `rclone --config <rclone_config> lsd <remote>` '
+           f'and correct [offsite] remote / rclone_config in '
+           f'{node.config.path} or the remote in rclone.conf')
+    what = 'offsite remote'
+    try:
+        off = Offsite(node)
+        what = f'offsite remote {off.remote}'
+        off.reachable()
+        with tempfile.TemporaryDirectory() as staging:
+            rel = f'check-{core.new_request_id()}'
+            off.put_text('.gitbackup-check', rel,
+                         f'gitbackup check --connect {core.isotime()}\n',
+                         staging)
+            off.remove(off.path('.gitbackup-check', rel), directory=False)
+            off.rclone('rmdir', off.path('.gitbackup-check'), check=False)
+    except GitBackupError as e:
+        return core.connection_line(out, what, f'{clean_text(e, 500)}; '
+                                    f'{fix}')
+    return core.connection_line(out, what + ' (list, write, read, delete)',
+                                None)
+
+
+# -- what `report` says of the offsite copy -----------------------------------
+
 def offsite_lag(node, client, now):
     """For `report`: the client's snapshots not yet verified offsite, the
-    newest of them and its age, and the age of the oldest (how far the
-    offsite copy is behind).  None when no [offsite] is configured."""
+    newest of them and its age, the age of the oldest (how far the
+    offsite copy is behind), and what the remote holds that this node
+    lost (`missing`).  None when no [offsite] is configured."""
     if not node.config.has('offsite'):
         return None
     remote = node.config.section('offsite')['remote'].strip()
@@ -2795,16 +3663,34 @@ def offsite_lag(node, client, now):
             'newest_pending_age_seconds': age(pending[-1]) if pending
             else None,
             'lag_seconds': age(pending[0]) if pending else 0,
-            'last_copy': max((e.get('time') for e in copied), default=None)}
+            'last_copy': max((e.get('time') for e in copied), default=None),
+            'missing': offsite_missing(node, client, state)}
 
 
-def offsite_cli(node, fetch):
-    """`server.py offsite [--fetch CLIENT SOURCE SNAPSHOT DIR]`."""
-    if fetch:
-        offsite_fetch(node, *fetch)
+def offsite_lost_sources(lag):
+    """The sources (git/<path> for a mirror) with something the remote
+    keeps that this node lost (lag: offsite_lag's answer or None)."""
+    lost = set()
+    for rel in (lag or {}).get('missing') or []:
+        match = SNAPSHOT_REL_RE.match(rel)
+        lost.add(match.group(1) if match else rel[:-len('.git')])
+    return lost
+
+
+def offsite_cli(node, args, out=sys.stdout):
+    """`server.py offsite [--fetch ... | --rebuild [CLIENT]]`; -q prints
+    nothing but problems (they go to the log and stderr)."""
+    if args.fetch:
+        offsite_fetch(node, *args.fetch)
         return 0
+    if args.quiet:
+        out = open(os.devnull, 'w')
+    if args.rebuild is not None:
+        work = lambda: offsite_rebuild(node, args.rebuild or None, out)  # noqa: E731
+    else:
+        work = lambda: offsite_command(node, out)  # noqa: E731
     return core.exclusive(node.settings['log_dir'], 'offsite',
-                          lambda: 1 if offsite_command(node) else 0)
+                          lambda: 1 if work() else 0)
 
 
 # ==========================================================================
@@ -2864,6 +3750,51 @@ def list_snapshots(node, client, source=None):
     return entries
 
 
+def offsite_list_entries(node, client=None, source=None):
+    """`list --from offsite`: the remote's snapshots and mirrors under
+    the names `list` and `restore` use, read from its indexes alone (this
+    node may hold nothing)."""
+    off = Offsite(node)
+    clients = [check_client_name(client)] if client else offsite_clients(off)
+    entries = []
+    for name in clients:
+        for src, index in sorted(offsite_catalogue(off, name, source).items()):
+            if index.get('kind') == 'git':
+                entries.append(offsite_list_entry(name, src, {
+                    'snapshot': GIT_SNAPSHOT, 'time': index.get('time'),
+                    'kind': 'git', 'size': index.get('size'),
+                    'files': [{k: index.get(v) for k, v in (
+                        ('name', 'bundle'), ('size', 'size'),
+                        ('sha256', 'sha256'))}]}))
+                continue
+            entries += [offsite_list_entry(name, src, e)
+                        for e in index.get('snapshots') or []
+                        if isinstance(e, dict) and
+                        STORED_NAME_RE.match(str(e.get('snapshot')))]
+    return entries
+
+
+def offsite_list_entry(client, source, e):
+    """One `list` entry from an index entry: read from the remote, so
+    every field is checked or cleaned before it is printed."""
+    manifest = e.get('manifest') if isinstance(e.get('manifest'), dict) \
+        else {}
+    level = manifest_level(manifest)
+    base = e.get('base') if STORED_NAME_RE.match(str(e.get('base'))) \
+        else None
+    kind = e.get('kind') if e.get('kind') in ('full', 'incremental',
+                                                'file', 'git') else '?'
+    return {'client': client, 'source': source, 'snapshot': e['snapshot'],
+            'time': clean_text(e.get('time') or '', 40) or None,
+            'kind': kind, 'level': level, 'base': base,
+            'base_request': manifest.get('base'),
+            'chain_broken': bool(level) and not base,
+            'request_id': manifest.get('request_id'),
+            'size': e.get('size') if isinstance(e.get('size'), int) else 0,
+            'files': [f for f in e.get('files') or [] if isinstance(f, dict)],
+            'verify': None, 'drill': None}
+
+
 def list_text(entries):
     """The `list` table, each column as wide as its widest cell: a long
     kind (an increment and its base) or a snapshot name with a .N suffix
@@ -2887,11 +3818,15 @@ def list_text(entries):
 
 
 def list_command(node, client=None, source=None, fmt='text',
-                 out=sys.stdout):
-    clients = [check_client_name(client)] if client else known_clients(node)
-    entries = []
-    for name in clients:
-        entries += list_snapshots(node, name, source)
+                 out=sys.stdout, origin='local'):
+    if origin == 'offsite':
+        entries = offsite_list_entries(node, client, source)
+    else:
+        clients = [check_client_name(client)] if client else \
+            known_clients(node)
+        entries = []
+        for name in clients:
+            entries += list_snapshots(node, name, source)
     if fmt == 'json':
         out.write(json.dumps(entries, indent=1, sort_keys=True) + '\n')
     else:
@@ -3437,6 +4372,8 @@ def restore_command(node, args, out=None):
     client = check_client_name(args.client)
     if args.stdout == bool(args.to):
         raise UsageError('restore: give exactly one of --to DIR, --stdout')
+    if getattr(args, 'origin', 'local') == 'offsite':
+        return restore_from_offsite(node, client, args, out)
     mirrors = client_mirrors(node, client)
     if args.source in mirrors or args.source.startswith('git/'):
         if args.source not in mirrors:
@@ -3444,13 +4381,6 @@ def restore_command(node, args, out=None):
         restore_git(node, client, mirrors[args.source], args, out)
         log.info('restored %s %s', client, args.source)
         return 0
-    if getattr(args, 'origin', 'local') == 'offsite':
-        with tempfile.TemporaryDirectory(
-                prefix='.offsite-restore-', dir=node.settings['data_dir']) \
-                as scratch:
-            backup = fetch_offsite_snapshot(node, client, args, scratch)
-            return restore_snapshot(node, client, [backup], backup, args,
-                                    out)
     with client_data_lock(node, client, 'restore'):
         backups = stored_backups(node, client).get(args.source)
         if not backups:
@@ -3461,23 +4391,47 @@ def restore_command(node, args, out=None):
         return restore_snapshot(node, client, backups, backup, args, out)
 
 
-def fetch_offsite_snapshot(node, client, args, scratch):
-    """restore --from offsite: the snapshot --at names, fetched from the
-    remote into scratch and proven against its manifest (offsite_fetch).
-    An increment's chain lies on the remote as separate snapshots: fetch
-    each with `offsite --fetch` and restore by hand (see README)."""
-    if not args.at or not core.NAME_RE.match(args.at):
-        raise UsageError('restore --from offsite: give the snapshot name '
-                         'with --at (as `server.py list` printed it before '
-                         'it was pruned, or from the offsite journal)')
-    target = os.path.join(scratch, args.source.replace('/', '_'), args.at)
-    manifest = offsite_fetch(node, client, args.source, args.at, target)
-    backup = StoredBackup(args.source, target, manifest, node.formats)
-    if manifest_level(manifest) > 0:
-        raise RestoreError(f'{args.source} {args.at} is an increment: fetch '
-                           'its chain with `server.py offsite --fetch` and '
-                           'extract it in order (README, "Restoring")')
-    return backup
+def restore_from_offsite(node, client, args, out):
+    """restore --from offsite, whatever the kind, on any node (one that
+    holds nothing too): the source's index read from the remote, the
+    snapshot --at names chosen as locally, its whole chain fetched into
+    scratch with every sha256 proven, then restored by the same code as
+    a local restore.  A mirror comes back from its bundle, every ref."""
+    off = Offsite(node)
+    index = offsite_catalogue(off, client, args.source).get(args.source)
+    if not index:
+        raise RestoreError(f'no {args.source} of {client} on '
+                           f'{off.path(client)} (see `server.py list '
+                           f'{client} --from offsite`)')
+    core.make_dirs(node.settings['data_dir'])
+    scratch = tempfile.mkdtemp(prefix='.offsite-restore-',
+                               dir=node.settings['data_dir'])
+    try:
+        if index.get('kind') == 'git':
+            if args.at and args.at != GIT_SNAPSHOT:
+                raise UsageError('restore --from offsite of a mirror: the '
+                                 'remote holds its newest bundle only (no '
+                                 'reflogs); leave out --at (every ref, '
+                                 'preserved old tips included)')
+            args.at = None
+            mirror = offsite_fetch_mirror(off, client, index, os.path.join(
+                scratch, 'mirror.git'), scratch)
+            restore_git(node, client, mirror, args, out)
+            return 0
+        backups = index_backups(index, scratch, args.source, node.formats)
+        file = args.file or ((args.database or args.globals) and
+                             database_file(args))
+        backup = choose_snapshot(backups, args.source, args.at, file)
+        chain = chain_to_extract(backups, backup) \
+            if archive_entry(backup) and not file else [backup]
+        for link in chain:
+            offsite_fetch_into(off, client, args.source,
+                               index_snapshot(index, link.name), link.path)
+        log.info('offsite: fetched %d snapshot(s) of %s %s, every sha256 '
+                 'checked', len(chain), client, args.source)
+        return restore_snapshot(node, client, chain, backup, args, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def earlier_snapshots(backups, backup):
@@ -3829,6 +4783,9 @@ PROM_HELP = {
     'gitbackup_offsite_lag_seconds':
         'Age of the oldest snapshot of a client not yet offsite (0: the '
         'offsite copy is up to date).',
+    'gitbackup_offsite_missing':
+        'Snapshots and mirrors the offsite remote holds that this node '
+        'lost other than by prune (critical: restore --from offsite).',
     'gitbackup_report_timestamp_seconds':
         'When this report was made (node time).',
 }
@@ -4037,9 +4994,16 @@ def report_status(c, drills, waiting, now, alert_after):
             f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
         level = max(level, WARNING)
     client_level = level
+    lost = offsite_lost_sources(lag)
+    if lost:
+        c['problems'].append(offsite_missing_text(c['client'],
+                                                  lag['missing']))
+        level = CRITICAL
     for r in c['sources']:
         row = max(row_level(r, drills.get(r['source']), now,
                             c['stale_after_seconds']), client_level)
+        if r['source'] in lost:
+            row = CRITICAL     # its last copy is offsite only
         r['status'] = STATUS_NAMES[row]
         level = max(level, row)
     if not c['sources'] and not c['expect']:
@@ -4268,6 +5232,9 @@ def offsite_report_lines(report):
         else:
             lines.append(f'  {c["client"]}: up to date (last copy '
                          f'{lag["last_copy"] or "never"})')
+        if lag.get('missing'):
+            lines.append(f'  {c["client"]}: {len(lag["missing"])} kept '
+                         'there, lost here (critical, see Problems)')
     if lines:
         remote = clean_text(report['clients'][0]['offsite']['remote'])
         lines = ['', f'Offsite ({remote}):'] + [clean_text(l, 1000)
@@ -4360,6 +5327,8 @@ def report_prometheus(report):
                 (f'{{client="{client}"}}', c['offsite']['pending']))
             samples['gitbackup_offsite_lag_seconds'].append(
                 (f'{{client="{client}"}}', c['offsite']['lag_seconds']))
+            samples['gitbackup_offsite_missing'].append(
+                (f'{{client="{client}"}}', len(c['offsite']['missing'])))
         for r in c['sources']:
             labels = (f'{{client="{client}",source="'
                       f'{prometheus_label(r["source"])}"}}')
@@ -4669,6 +5638,8 @@ def offsite_caption(lag):
     [offsite])."""
     if not lag:
         return ''
+    if lag.get('missing'):
+        return f'offsite: {len(lag["missing"])} kept there, lost here'
     if not lag['pending']:
         return 'offsite up to date'
     return (f'offsite: {lag["pending"]} behind, oldest '
@@ -4843,6 +5814,30 @@ def report_command(node, fmt='text', mail=False, output=None,
                     report_text(dict(report, clients=[c],
                                      status=c['status'])))
     return status
+
+
+def mail_test(node, out):
+    """`check --connect --mail-test`: one message to the admins through
+    the configured [mail] transport, said OK or FAILED with the fix (a
+    failed one waits in the mail queue like any other)."""
+    import sendmail  # here, as core.mail_admins does (it imports core)
+    admins = node.config.admins('server')
+    what = f'mail to {" ".join(admins) or "the admins"} ' \
+        f'({node.config.section("mail").get("method") or "sendmail"})'
+    if not admins:
+        return core.connection_line(out, what, 'no admin in [server]: '
+                                    'set admin = you@example.org')
+    try:
+        how = sendmail.send(f'gitbackup: mail test from node {node.name}',
+                            f'check --connect --mail-test on {node.name} at '
+                            f'{core.isotime()}: mail from this node reaches '
+                            'you.\n', admins, node.config.section('mail'),
+                            node.settings['log_dir'])
+    except sendmail.MailError as e:
+        return core.connection_line(out, what, f'{clean_text(e, 500)}; fix '
+                                    f'[mail] in {node.config.path} (method, '
+                                    'sendmail, smtp, from)')
+    return core.connection_line(out, f'{what}: {how}', None)
 
 
 # ==========================================================================
@@ -5089,10 +6084,13 @@ def add_client(node, client, key_file, authorized_keys=None):
 # `run` would make.
 
 
-def check_node(node, out=sys.stdout, connect=False):
+def check_node(node, out=sys.stdout, connect=False, mail=False):
     """server.py check: the configuration, tools, directories, every
     [client NAME], the clock and the repositories; with connect, every
-    connection `run` makes.  Returns the problems (each printed)."""
+    connection `run` makes and the offsite remote, and with mail one
+    test message to the admins.  Returns the problems (each printed)."""
+    if mail and not connect:
+        raise UsageError('check: --mail-test goes with --connect')
     out.write(f'{node.config.path}: node {node.name}\n')
     problems = []
     try:
@@ -5160,6 +6158,9 @@ def check_node(node, out=sys.stdout, connect=False):
         out.write(f'warning: {warning}\n')
     if connect:
         problems += check_connections(node, out)
+        problems += offsite_check_connection(node, out)
+    if mail:
+        problems += mail_test(node, out)
     if not problems:
         out.write(f'looks ready ({len(known_clients(node))} client(s): '
                   f'{len(node.config.client_sections())} configured, '
@@ -5268,6 +6269,7 @@ Typical crontab of the backup user on the node:
   0 5 * * 0    server.py drill -q >/dev/null
   0 7 * * *    server.py report -q --mail >/dev/null
   30 4 * * *   server.py offsite -q         (after prune; if [offsite])
+  0 6 * * 0    server.py verify --offsite -q >/dev/null   (if [offsite])
 and the post-update hook of every client repository <client>.git:
   exec python3 /path/to/server.py --config /path/backup.ini ingest <client>
 
@@ -5326,7 +6328,11 @@ def pipeline_parsers(command):
                    '[client NAME]: the sftp\nlogin into sftp_root (key '
                    'authorized, host key known), and the git server\nat '
                    '[client NAME] git when set; one line each, OK or FAILED '
-                   'with the fix')
+                   'with the fix;\nand the [offsite] remote (a listing, a '
+                   'small write, read and delete)')
+    p.add_argument('--mail-test', action='store_true',
+                   help='with --connect: also send one test message to the '
+                   'admins through [mail]')
 
 
 def access_parsers(command):
@@ -5396,6 +6402,11 @@ def operations_parsers(command):
                 '(and said so).')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
+    p.add_argument('--snapshot', nargs=3, metavar=('CLIENT', 'SOURCE',
+                                                   'SNAPSHOT'),
+                   help='remove this one snapshot on purpose, here and (at '
+                   'the next offsite run) on the offsite remote; refused '
+                   'while an increment builds on it')
     p = command('verify', 're-hash stored files, git fsck, sample restore '
                 'check (cron, weekly)',
                 'Re-hash every stored file against its manifest (sha256 and '
@@ -5407,6 +6418,13 @@ def operations_parsers(command):
                 'printed and mailed.  Exit status like report:\n0 ok, 1 '
                 'warning (a check could not run), 2 critical (corruption).')
     p.add_argument('--client', help='only this client')
+    p.add_argument('--offsite', action='store_true',
+                   help='check the [offsite] remote instead (cron, weekly): '
+                   'rclone check\n(cryptcheck) of every snapshot against '
+                   'this node\'s copy, every index read back,\nbundles '
+                   're-hashed within command_timeout; what is damaged or '
+                   'missing\nthere is copied again while this node holds '
+                   'it')
     p.add_argument('--no-restore-check', dest='restore',
                    action='store_false',
                    help='skip the tar/pg_restore read-back')
@@ -5463,14 +6481,23 @@ def offsite_and_retry_parsers(command):
                 'crypt remote); a git mirror whose refs changed goes\nas one '
                 'verified `git bundle --all` to <remote>/<client>/git/<path>'
                 '.git/, its\nolder bundles removed after.  A snapshot prune '
-                'removed here is removed there;\nnothing else is ever '
-                'deleted.  Journal: data_dir/<client>/offsite.jsonl.\n\n'
+                'removed here (by its journal,\ndata_dir/<client>/pruned.jsonl) is '
+                'removed there; nothing else is ever deleted:\na snapshot '
+                'or mirror lost here otherwise is kept there and reported '
+                'critical.\nEach source gets an index there (index.json) '
+                'that list, restore and\n--rebuild read.  Journal: '
+                'data_dir/<client>/offsite.jsonl.  -q prints only problems.'
+                '\n\n'
                 '--fetch CLIENT SOURCE SNAPSHOT DIR downloads one snapshot '
                 'into DIR (absent or\nempty) and checks every file against '
                 'its manifest\'s sha256.')
     p.add_argument('--fetch', nargs=4, metavar=('CLIENT', 'SOURCE',
                                                 'SNAPSHOT', 'DIR'),
                    help='get one snapshot back from the remote into DIR')
+    p.add_argument('--rebuild', nargs='?', const='', metavar='CLIENT',
+                   help='put every snapshot and mirror the remote holds of '
+                   'CLIENT (default: of every client) back into data_dir: '
+                   'a lost node rebuilt (README, "When the node is lost")')
     p = command('retry', 'put given-up (X*) requests of a client back',
                 'Put a request given up after max_attempts (X* in '
                 'todo_dir/<client>/, counted under\nFAILED in `report`) back '
@@ -5495,6 +6522,10 @@ def restore_parsers(command):
     p.add_argument('source', nargs='?', help='only this source (e.g. app, '
                    'postgresdb, git/proj)')
     p.add_argument('--format', choices=('text', 'json'), default='text')
+    p.add_argument('--from', dest='origin', choices=('local', 'offsite'),
+                   default='local', help='offsite: what the [offsite] '
+                   'remote holds, read from its indexes (also on a node '
+                   'that holds nothing)')
     p = command('restore', 'get a backup back',
                 'Restore a snapshot of <client> <source> (default: the '
                 'newest).\n'
@@ -5546,8 +6577,10 @@ def restore_parsers(command):
                    help='restore a snapshot whose sha256 does not match')
     p.add_argument('--from', dest='origin', choices=('local', 'offsite'),
                    default='local', help='offsite: fetch the snapshot --at '
-                   'names from the [offsite] remote first (its sha256s '
-                   'checked), then restore it as above')
+                   'chooses, with its whole chain, from the [offsite] '
+                   'remote (every sha256 checked, damaged data refused), '
+                   'then restore it as above; works on a node that holds '
+                   'nothing')
 
 
 def browse_parsers(command):
@@ -5666,7 +6699,8 @@ def run_cron(node):
 
 COMMANDS = {
     'ingest': lambda n, a: n.ingest(a.client, a.repository) and 0,
-    'check': lambda n, a: 1 if check_node(n, connect=a.connect) else 0,
+    'check': lambda n, a: 1 if check_node(n, connect=a.connect,
+                                          mail=a.mail_test) else 0,
     # -- access control
     'provision': lambda n, a: 1 if provision(n, a.gitosis_conf) else 0,
     'add-client': lambda n, a: add_client(
@@ -5678,14 +6712,17 @@ COMMANDS = {
     'report': lambda n, a: report_command(n, a.format, a.mail, a.output),
     'prune': lambda n, a: core.exclusive(
         n.settings['log_dir'], 'prune',
-        lambda: 1 if prune_command(n, a.dry_run) else 0),
-    'verify': lambda n, a: verify_command(n, a.client, a.restore),
+        lambda: prune_snapshot(n, *a.snapshot) if a.snapshot else
+        1 if prune_command(n, a.dry_run) else 0),
+    'verify': lambda n, a: offsite_verify_command(n, a.client)
+    if a.offsite else verify_command(n, a.client, a.restore),
     # -- offsite
-    'offsite': lambda n, a: offsite_cli(n, a.fetch),
+    'offsite': lambda n, a: offsite_cli(n, a),
     'retry': lambda n, a: retry_command(n, a.client, a.key,
                                         a.all_failed) and 0,
     # -- list, restore, drill
-    'list': lambda n, a: list_command(n, a.client, a.source, a.format),
+    'list': lambda n, a: list_command(n, a.client, a.source, a.format,
+                                      origin=a.origin),
     'restore': lambda n, a: restore_command(n, a),
     'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
     'find': lambda n, a: find_command(n, a.client, a.words, a.format),

@@ -703,6 +703,19 @@ def reachable_olds(walk, olds):
     return bits, reach
 
 
+# The settings of every mirror the node keeps (also given to one the node
+# rebuilds from its offsite bundle): reflogs, objects checked on the way
+# in, no automatic gc during a backup.
+# 'always': tags get a reflog too, so that `restore --at` knows when
+# each ref came (refs_at); kept for as long as the mirror.
+MIRROR_CONFIG = (('core.logAllRefUpdates', 'always'),
+                 ('gc.reflogExpire', 'never'),
+                 ('gc.reflogExpireUnreachable', 'never'),
+                 ('transfer.fsckObjects', 'true'),
+                 ('fetch.fsckObjects', 'true'),
+                 ('gc.auto', '0'))
+
+
 def create_mirror(ctx, mirror, url, protocols, allowance=None):
     """First backup: an empty bare repository under a temporary name,
     filled by the same hardened fetch, then renamed into place."""
@@ -714,14 +727,7 @@ def create_mirror(ctx, mirror, url, protocols, allowance=None):
     shutil.rmtree(tmp, ignore_errors=True)
     ctx.run([*ctx.git_program(), 'init', '--quiet', '--bare', tmp],
             timeout=ctx.timeout)
-    # 'always': tags get a reflog too, so that `restore --at` knows when
-    # each ref came (refs_at); kept for as long as the mirror.
-    for key, value in (('core.logAllRefUpdates', 'always'),
-                       ('gc.reflogExpire', 'never'),
-                       ('gc.reflogExpireUnreachable', 'never'),
-                       ('transfer.fsckObjects', 'true'),
-                       ('fetch.fsckObjects', 'true'),
-                       ('gc.auto', '0')):
+    for key, value in MIRROR_CONFIG:
         git(ctx, tmp, 'config', key, value)
     fetch(ctx, tmp, url, protocols, allowance)
     refs = list_refs(ctx, tmp)

@@ -7,14 +7,18 @@ sftp` on 127.0.0.1 (user and password) serving an empty directory, and
 writes an rclone.conf with that remote (`offsite`) and a crypt remote on
 top of it (`secret`); server.py runs as a subprocess, as cron runs it."""
 
+import email
+import email.policy
 import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import textwrap
+import time
 import unittest
 
 from tests import support
@@ -142,13 +146,15 @@ class OffsiteTest(unittest.TestCase):
         self.rclone.rclone_conf(self.rclone_conf, self.env)
         self.write_config('offsite:gitbackup')
 
-    def write_config(self, remote):
+    def write_config(self, remote, server_extra=''):
         n = self.node
         self.config = os.path.join(self.root, 'backup.ini')
         with open(self.config, 'w') as f:
             f.write(textwrap.dedent(f'''\
                 [server]
                 name = n1
+                admin = node-admin@example.invalid
+                alert_after = 0
                 todo_dir = {n}/TODO
                 data_dir = {n}/data
                 log_dir = {n}/log
@@ -163,7 +169,7 @@ class OffsiteTest(unittest.TestCase):
                 [mail]
                 method = spool
                 spool_dir = {self.root}/mail
-                '''))
+                ''').replace('[offsite]', server_extra + '[offsite]'))
 
     def server(self, *args, status=0):
         proc = subprocess.run(
@@ -234,9 +240,12 @@ class OffsiteTest(unittest.TestCase):
         out = self.server('offsite').stdout
         self.assertEqual(self.remote_files(),
                          [f for f in before if f not in gone])
-        self.assertEqual(out.strip(), f'removed {CLIENT}/files/{SOURCE}/'
-                         f'{os.path.basename(old)}')
-        self.assertEqual(self.journal()[-1]['event'], 'removed')
+        self.assertRegex(out.strip(), f'^removed {CLIENT}/files/{SOURCE}/'
+                         f'{os.path.basename(old)} \\(pruned: [0-9TZ:-]+\\)$')
+        removed = [e for e in self.journal() if e['event'] == 'removed']
+        self.assertEqual([e['path'] for e in removed],
+                         [f'files/{SOURCE}/{os.path.basename(old)}'])
+        self.assertEqual(removed[0]['pruned']['event'], 'pruned')
 
     def test_changed_mirror_gets_a_new_bundle_replacing_the_old(self):
         self.server('offsite')
@@ -300,10 +309,25 @@ class OffsiteTest(unittest.TestCase):
                     '--at', name, '--to', target)
         with open(os.path.join(target, 'data.txt')) as f:
             self.assertEqual(f.read(), f'{MARKER} 1\n' * 50)
-        # Without a snapshot name there is nothing to choose from.
-        proc = self.server('restore', CLIENT, SOURCE, '--from', 'offsite',
-                           '--to', os.path.join(self.root, 'x'), status=2)
-        self.assertIn('--at', proc.stderr)
+        # Without --at: the newest snapshot the remote holds.
+        newest = os.path.join(self.root, 'newest')
+        self.server('restore', CLIENT, SOURCE, '--from', 'offsite',
+                    '--to', newest)
+        with open(os.path.join(newest, 'data.txt')) as f:
+            self.assertEqual(f.read(), f'{MARKER} 2\n' * 50)
+        # One stored file, byte for byte (a dump is restored this way).
+        last = self.snapshots()[-1]
+        with open(os.path.join(last, 'manifest.json')) as f:
+            name = json.load(f)['files'][0]['name']
+        proc = subprocess.run(
+            [support.PYTHON, os.path.join(support.ROOT, 'server.py'),
+             '--config', self.config, 'restore', CLIENT, SOURCE, '--from',
+             'offsite', '--file', name, '--stdout'], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=300)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with open(os.path.join(last, name), 'rb') as f:
+            self.assertEqual(proc.stdout, f.read())
 
     def test_fetch_refuses_a_file_changed_on_the_remote(self):
         self.server('offsite')
@@ -348,6 +372,232 @@ class OffsiteTest(unittest.TestCase):
         self.assertIn(f'{CLIENT}: up to date', text)
         report = json.loads(self.server('report', '--format', 'json').stdout)
         self.assertEqual(report['clients'][0]['offsite']['pending'], 0)
+
+
+    # -- deletion only by prune, integrity, outages (issue 18) --------------
+
+    def mails(self):
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.root, 'mail', '*'))):
+            with open(path, 'rb') as f:
+                out.append(email.message_from_binary_file(
+                    f, policy=email.policy.default))
+        return out
+
+    def flip_a_byte(self, remote):
+        """Same size, one byte changed: what rclone's size check cannot
+        see, and the remote's hash follows the changed bytes."""
+        with open(remote, 'r+b') as f:
+            f.seek(os.path.getsize(remote) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xff]))
+
+    def test_snapshot_deleted_by_hand_is_kept_remotely_and_reported(self):
+        self.server('offsite')
+        old, new = self.snapshots()
+        before = self.remote_files()
+        shutil.rmtree(old)          # a bad sector, an fsck, a mistaken rm
+        out = self.server('offsite').stdout
+        self.assertNotIn('removed', out)
+        self.assertEqual(self.remote_files(), before)
+        name = f'files/{SOURCE}/{os.path.basename(old)}'
+        text = self.server('report', status=2).stdout
+        self.assertIn(name, text)
+        self.assertIn('restore it with `server.py restore', text)
+        self.assertIn(f'{CLIENT}: 1 kept there, lost here', text)
+        self.assertIn('--from offsite', text)
+        report = json.loads(self.server('report', '--format', 'json',
+                                        status=2).stdout)
+        self.assertEqual(report['status'], 'critical')
+        self.assertEqual(report['clients'][0]['offsite']['missing'], [name])
+        nagios = self.server('report', '--format', 'nagios', status=2).stdout
+        self.assertTrue(nagios.startswith('GITBACKUP CRITICAL'), nagios)
+        self.assertIn(name, nagios)
+        prom = self.server('report', '--format', 'prometheus',
+                           status=2).stdout
+        self.assertIn(f'gitbackup_client_status{{client="{CLIENT}"}} 2', prom)
+        self.assertIn(f'gitbackup_offsite_missing{{client="{CLIENT}"}} 1',
+                      prom)
+        page = self.server('report', '--format', 'html', status=2).stdout
+        self.assertIn(name, page)
+        self.assertIn('offsite: 1 kept there, lost here', page)
+        # Mailed once, not on every run.
+        self.server('offsite')
+        mails = [m for m in self.mails() if 'copy of' in m['Subject']]
+        self.assertEqual(len(mails), 1, [m['Subject'] for m in mails])
+        self.assertIn(name, mails[0].get_content())
+        # A second loss is news: one more mail.
+        shutil.rmtree(new)
+        self.server('offsite')
+        self.server('offsite')
+        mails = [m for m in self.mails() if 'copy of' in m['Subject']]
+        self.assertEqual(len(mails), 2, [m['Subject'] for m in mails])
+        self.assertIn(os.path.basename(new), mails[1].get_content())
+        # Its index lost too: verify --offsite writes it again from the
+        # manifest there, and it is still listed and restorable.
+        os.unlink(os.path.join(self.served, 'gitbackup', CLIENT, 'files',
+                               SOURCE, 'index.json'))
+        self.assertIn('index.json: differs on the remote; written again',
+                      self.server('verify', '--offsite', status=1).stdout)
+        listed = json.loads(self.server('list', '--from', 'offsite',
+                                        '--format', 'json').stdout)
+        self.assertIn(os.path.basename(old), [e['snapshot'] for e in listed])
+        target = os.path.join(self.root, 'back')
+        self.server('restore', CLIENT, SOURCE, '--from', 'offsite', '--at',
+                    os.path.basename(old), '--to', target)
+        with open(os.path.join(target, 'data.txt')) as f:
+            self.assertEqual(f.read(), f'{MARKER} 1\n' * 50)
+
+    def test_a_snapshot_removed_on_purpose_goes_there_too(self):
+        """prune --snapshot: data that must go is removed here, journaled
+        as prune's decision, and removed on the remote by the next run."""
+        self.server('offsite')
+        old, new = self.snapshots()
+        gone = self.expected_files(new)
+        self.server('prune', '--snapshot', CLIENT, SOURCE,
+                    os.path.basename(new))
+        self.assertEqual(self.snapshots(), [old])
+        out = self.server('offsite').stdout
+        self.assertIn(f'removed {CLIENT}/files/{SOURCE}/'
+                      f'{os.path.basename(new)}', out)
+        files = self.remote_files()
+        self.assertFalse(set(gone) & set(files), files)
+        self.assertEqual(json.loads(self.server(
+            'report', '--format', 'json').stdout)['clients'][0]['offsite']
+            ['missing'], [])
+
+    def test_mirror_deleted_by_hand_keeps_its_bundle(self):
+        self.server('offsite')
+        bundles = [f for f in self.remote_files() if f.endswith('.bundle')]
+        mirror = os.path.join(self.node, 'data', CLIENT, 'git', 'proj.git')
+        head = self.git(mirror, 'rev-parse', 'HEAD')
+        shutil.rmtree(mirror)
+        self.server('offsite')
+        self.assertEqual([f for f in self.remote_files()
+                          if f.endswith('.bundle')], bundles)
+        report = json.loads(self.server('report', '--format', 'json',
+                                        status=2).stdout)
+        self.assertEqual(report['clients'][0]['offsite']['missing'],
+                         ['git/proj.git'])
+        clone = os.path.join(self.root, 'proj.git')
+        self.server('restore', CLIENT, 'git/proj', '--from', 'offsite',
+                    '--to', clone)
+        self.assertEqual(self.git(clone, 'rev-parse', 'HEAD'), head)
+
+    def test_flipped_byte_refused_by_restore_found_and_repaired(self):
+        self.server('offsite')
+        new = self.snapshots()[-1]
+        with open(os.path.join(new, 'manifest.json')) as f:
+            name = json.load(f)['files'][0]['name']
+        rel = os.path.relpath(new, os.path.join(self.node, 'data'))
+        remote = os.path.join(self.served, 'gitbackup', rel, name)
+        self.flip_a_byte(remote)
+        bundle = [f for f in self.remote_files() if f.endswith('.bundle')][0]
+        self.flip_a_byte(os.path.join(self.served, 'gitbackup', bundle))
+        proc = self.server('restore', CLIENT, SOURCE, '--from', 'offsite',
+                           '--to', os.path.join(self.root, 'x'), status=1)
+        self.assertIn('DAMAGED', proc.stderr)
+        self.assertIn(name, proc.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.root, 'x')))
+        proc = self.server('restore', CLIENT, 'git/proj', '--from',
+                           'offsite', '--to', os.path.join(self.root, 'y'),
+                           status=1)
+        self.assertIn('DAMAGED', proc.stderr)
+        os.unlink(os.path.join(self.served, 'gitbackup', CLIENT, 'git',
+                               'proj.git', 'index.json'))
+        out = self.server('verify', '--offsite', status=1).stdout
+        self.assertIn(f'{rel}: {name} differs on the remote; copied again',
+                      out)
+        self.assertIn('proj.git/index.json: differs on the remote; written '
+                      'again', out)
+        self.assertIn('replaced by a new bundle', out)
+        self.assertEqual(sha256(remote), sha256(os.path.join(new, name)))
+        self.assertIn('0 problem(s)', self.server('verify',
+                                                  '--offsite').stdout)
+        clone = os.path.join(self.root, 'proj.git')
+        self.server('restore', CLIENT, 'git/proj', '--from', 'offsite',
+                    '--to', clone)
+
+    def test_crypt_remote_damage_is_found_by_cryptcheck(self):
+        self.write_config('secret:gitbackup')
+        self.server('offsite')
+        stored = os.path.join(self.served, 'encrypted')
+        # Below encrypted/: gitbackup/c1/files/app/index.json and
+        # gitbackup/c1/files/app/<snapshot>/<file>.
+        depth = {}
+        for d, _, names in os.walk(stored):
+            for n in names:
+                level = os.path.relpath(d, stored).count('/') + 1
+                depth.setdefault(level, []).append(os.path.join(d, n))
+        for level in (4, 5):
+            self.flip_a_byte(max(depth[level], key=os.path.getsize))
+        out = self.server('verify', '--offsite', status=1).stdout
+        self.assertIn('differs on the remote; copied again', out)
+        self.assertIn('differs on the remote; written again', out)
+        self.assertIn('0 problem(s)', self.server('verify',
+                                                  '--offsite').stdout)
+
+    def test_a_remote_that_is_down_costs_one_try_and_one_mail(self):
+        self.rclone.stop()
+        for _ in range(2):
+            proc = self.server('offsite', status=1)
+            self.assertEqual(proc.stderr.count('cannot be reached'), 1,
+                             proc.stderr)
+        # Nothing was started (no attempt per snapshot), one alert mail.
+        self.assertFalse(os.path.exists(os.path.join(
+            self.node, 'data', CLIENT, 'offsite.jsonl')))
+        failing = [m for m in self.mails() if 'failing' in m['Subject']]
+        self.assertEqual(len(failing), 1)
+        self.assertIn('offsite remote offsite:gitbackup', failing[0]['Subject'])
+        # Under cron (-q) an outage prints nothing: the mail tells.
+        proc = self.server('-q', 'offsite', status=1)
+        self.assertEqual((proc.stdout, proc.stderr), ('', ''))
+        self.rclone.start()
+        self.server('offsite')
+        self.assertEqual(len([m for m in self.mails()
+                              if 'recovered' in m['Subject']]), 1)
+
+    def test_a_remote_that_never_answers_costs_one_probe(self):
+        """A tarpit (connections accepted, nothing said): one bounded
+        probe, not command_timeout per pending snapshot."""
+        tarpit = socket.socket()
+        self.addCleanup(tarpit.close)
+        tarpit.bind((support.HOST, 0))
+        tarpit.listen(16)
+        with open(self.rclone_conf) as f:
+            conf = f.read()
+        with open(self.rclone_conf, 'w') as f:
+            f.write(conf.replace(f'port = {self.rclone.port}\n',
+                                 f'port = {tarpit.getsockname()[1]}\n'))
+        self.write_config('offsite:gitbackup', 'command_timeout = 4s\n')
+        start = time.monotonic()
+        proc = self.server('offsite', status=1)
+        self.assertLess(time.monotonic() - start, 3 * 4)
+        self.assertEqual(proc.stderr.count('cannot be reached'), 1,
+                         proc.stderr)
+        self.assertFalse(os.path.exists(os.path.join(
+            self.node, 'data', CLIENT, 'offsite.jsonl')))
+
+    def test_check_connect_tests_the_remote_and_mail(self):
+        out = self.server('check', '--connect', '--mail-test').stdout
+        self.assertIn('OK      offsite remote offsite:gitbackup (list, '
+                      'write, read, delete)', out)
+        self.assertRegex(out, r'OK      mail to node-admin@example.invalid')
+        self.assertTrue(out.rstrip().splitlines()[-1].startswith(
+            'looks ready'), out)
+        self.assertEqual(len(self.mails()), 1)
+        self.assertEqual(self.remote_files(), [])   # scratch removed
+        self.rclone.stop()
+        proc = self.server('check', '--connect', status=1)
+        self.assertIn('FAILED  offsite remote offsite:gitbackup', proc.stdout)
+        self.assertIn('rclone --config', proc.stdout)
+
+    def test_quiet_offsite_prints_nothing_but_problems(self):
+        proc = self.server('-q', 'offsite')
+        self.assertEqual(proc.stdout, '')
+        self.assertEqual(proc.stderr, '')
+        self.assertTrue(self.remote_files())
 
 
 if __name__ == '__main__':

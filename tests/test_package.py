@@ -29,9 +29,11 @@ UNIT_JOBS = {('client', 'send'), ('client', 'backup-all'),
              ('client', 'prune'), ('client', 'gc'),
              ('server', 'run'), ('server', 'prune'), ('server', 'verify'),
              ('server', 'drill'), ('server', 'gc'), ('server', 'report'),
-             ('server', 'offsite'), ('server', 'metrics'), ('server', 'page')}
-# Units whose command is not their name: the report's two files.
-UNIT_COMMANDS = {'metrics': 'report', 'page': 'report'}
+             ('server', 'offsite'), ('server', 'offsite-verify'),
+             ('server', 'metrics'), ('server', 'page')}
+# The command line of a unit whose name is not its command.
+UNIT_COMMANDS = {'metrics': 'report', 'page': 'report',
+                 'offsite-verify': 'verify --offsite'}
 # What a maintainer script of this package must never do.
 FORBIDDEN_IN_MAINTAINER_SCRIPTS = ('adduser', 'useradd', 'ssh-keygen',
                                    'systemctl', 'deb-systemd', 'chown')

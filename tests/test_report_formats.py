@@ -34,6 +34,7 @@ STATES = {
     'misconf': ('critical', 'the node configuration for it is wrong'),
     'broken': ('critical', 'its newest increment lost its full'),
     'behind': ('warning', 'a snapshot 3 days old not yet offsite'),
+    'lost': ('critical', 'a snapshot gone here, not pruned, kept offsite'),
 }
 OUTAGE_ERROR = 'ssh: connect to host 127.0.0.1 port 9: Connection refused'
 
@@ -110,6 +111,11 @@ class ReportFormatsAgreeTest(unittest.TestCase):
                             'remote': 'offsite:gitbackup', 'event': 'copied',
                             'path': f'files/app/{snapshot}',
                             'time': iso(NOW)}) + '\n')
+        with open(os.path.join(data, 'lost', 'offsite.jsonl'), 'a') as f:
+            f.write(json.dumps({
+                'remote': 'offsite:gitbackup', 'event': 'copied',
+                'path': 'files/app/20261101T000000Z', 'time': iso(NOW)}) +
+                '\n')
         cls.outputs = {fmt: cls.report(fmt) for fmt in
                        ('text', 'json', 'nagios', 'prometheus', 'html')}
 
@@ -162,7 +168,7 @@ class ReportFormatsAgreeTest(unittest.TestCase):
                                 out)
             return self.worst_per_client(series), series, overall[1]
         line = out.splitlines()[0]     # nagios
-        counts = re.search(r'^GITBACKUP (\w+) - 2 critical, 3 warning of 7 '
+        counts = re.search(r'^GITBACKUP (\w+) - 3 critical, 3 warning of 8 '
                            r'sources on node n1', line)
         self.assertTrue(counts, line)
         # Its problem lines name a client, or a client's series; the
