@@ -1,14 +1,37 @@
 #!/usr/bin/env python3
-"""gitbackup node: take in backup requests, pull the data, keep it.
+"""gitbackup node: take in backup requests, pull the data, keep it, give it back.
 
-Each client pushes its backup requests to its own repository on the node
-(``<client>.git``, guarded by gitosis, gitolite or ``server.py gate``).
-That repository's ``post-update`` hook runs ``server.py ingest <client>``,
-which turns every newly pushed commit into request files in the client's
-pool.  Every five minutes cron runs ``server.py run``: each request is
-validated and handled by a node module that *pulls* the data itself (sftp
-download of a prepared file, git fetch of an exported repository), with the
-node's own key, from the host and port the node's configuration names.
+The life of a request, as this file tells it (each step is a chapter
+below, in this order; search for its banner, e.g. "# 3. Run"):
+
+ 0. Names, states and the node's clock -- what every chapter speaks of.
+ 1. Ingest   A client pushes commits to its own ``<client>.git`` (guarded
+             by gitosis, gitolite or ``server.py gate``).  The repository's
+             ``post-update`` hook runs ``ingest <client>``: every commit not
+             seen yet becomes ``RQ*`` request files in the client's pool.
+ 2. Store    What the node holds: how a pulled file becomes a snapshot
+             directory with its manifest, the read model (snapshots, their
+             chains, mirrors, the node's clients) and every journal reader.
+ 3. Run      Every five minutes cron runs ``run``: each request is validated
+             and handled by a node module that *pulls* the data itself
+             (sftp download of a prepared file, git fetch of an exported
+             repository), with the node's own key, from the host and port
+             this node's configuration names.  Results go back to the
+             client on its ``results`` branch.
+ 4. Keep     ``retry``, ``gc``, ``prune`` (retention per series) and
+             ``verify`` (re-hash and read back what is stored).
+ 5. Copy away  ``offsite``: snapshots and mirrors copied to an rclone remote.
+ 6. Give back  ``list``, ``restore`` and ``drill`` (restore into scratch and
+             prove it against what the client recorded).
+ 7. Tell     ``report``: one report, rendered as text, JSON, Nagios,
+             Prometheus or an HTML page.
+ 8. Access   ``gate``, ``provision``, ``add-client``: who may push where.
+ 9. Check    ``check [--connect]``: configuration and every connection.
+10. Command line: the parser in the same order, ``main()``.
+
+The store comes before the run that fills it, and the offsite copy before
+the chapters that restore from it and report on it, so that no chapter uses
+a name defined in a later one; only the command line calls into all.
 
 Guarantees:
 
@@ -25,10 +48,14 @@ Guarantees:
   ``max_attempts`` times.  ``run`` handles ``P*`` left by a crash first.
 * A backup counts as stored only when its directory, with a manifest of
   sha256 and size, has been renamed into place; partial downloads never do.
+* What a client made stays hostile data when it comes back: restore, drill,
+  verify, report and offsite read archives, listings, statistics and dumps
+  as carefully as ingest reads a push (see SECURITY.md).
 * A second concurrent ``run`` exits 0 at once (cron-safe).
 
-Shares configuration, ``run()``, locks and logging with client.py, which
-must be installed beside this script (with sendmail.py and modules/).
+Needs, beside this script: modules/ (the shared core and the node modules)
+and sendmail.py (mail to the admins).  client.py is never imported: the two
+scripts share only modules/_core.py.
 """
 
 import argparse
@@ -61,6 +88,14 @@ from modules._core import (  # noqa: E402
     TransientError, Unreachable, UsageError, Waiting, atomic_write,
     clean_text, fsync_dir, git, log, read_json, write_json)
 
+
+# ==========================================================================
+# 0. Names, states and the node's clock
+#
+# What every chapter below speaks of: client and request names (strict,
+# because they become paths), the request states of a pool, the report's
+# three levels, and how the node reads its own times.
+
 # Client names become repository and directory names.  gitosis-admin is the
 # ACL repository itself and must never be treated as a client.
 CLIENT_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
@@ -73,19 +108,6 @@ RESULTS_REF = 'refs/heads/results'
 # Commands the git account runs (hooks, forced command, key management):
 # group-writable files and a log file of their own.
 GIT_SIDE_COMMANDS = ('ingest', 'gate', 'provision', 'add-client')
-# A client may only ever move master forward; results is written by the
-# node alone (update-ref does not run hooks), so no push may touch it.
-UPDATE_HOOK = """#!/bin/sh
-# gitbackup: clients may push refs/heads/master only; the node writes
-# refs/heads/results itself.  Deletes and rewinds are refused by
-# receive.denyDeletes and receive.denyNonFastForwards.
-case "$1" in
-refs/heads/master) exit 0 ;;
-*) echo "gitbackup: refusing to update $1: only refs/heads/master may be pushed" >&2
-   exit 1 ;;
-esac
-"""
-
 # Node pool states.
 NEW, PROCESSING, FINISHED, FAILED = 'RQ', 'P', 'F', 'X'
 NODE_STATES = (NEW, PROCESSING, FINISHED, FAILED)
@@ -109,6 +131,422 @@ def check_client_name(name):
     return name
 
 
+class RestoreError(GitBackupError):
+    """A restore (or drill) that cannot be done as asked."""
+    exit_code = 1
+
+
+OK, WARNING, CRITICAL = 0, 1, 2
+STATUS_NAMES = ('ok', 'warning', 'critical')
+UTC = datetime.timezone.utc
+# Directory names of stored backups: node time, '.n' when two landed in
+# the same second.
+STORED_NAME_RE = re.compile(r'^([0-9]{8}T[0-9]{6}Z)(?:\.([0-9]+))?$')
+CLOCK_SLACK = 300   # seconds a stored time may be ahead before it is news
+
+
+def parse_node_time(text):
+    """'2026-11-26T03:57:50Z' (manifest, journal) or '20261126T035750Z[.n]'
+    (directory name) -> aware datetime; None when it is neither."""
+    if not isinstance(text, str):
+        return None
+    m = STORED_NAME_RE.match(text)
+    try:
+        if m:
+            return datetime.datetime.strptime(
+                m.group(1), core.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+        return datetime.datetime.strptime(
+            text, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def human_age(seconds):
+    if seconds is None:
+        return '-'
+    seconds = int(max(seconds, 0))
+    for unit, size in (('d', 86400), ('h', 3600), ('m', 60)):
+        if seconds >= size:
+            major, rest = divmod(seconds, size)
+            minor = {'d': ('h', 3600), 'h': ('m', 60), 'm': ('s', 1)}[unit]
+            extra = rest // minor[1]
+            return f'{major}{unit}{extra}{minor[0]}' if extra else \
+                f'{major}{unit}'
+    return f'{seconds}s'
+
+
+# ==========================================================================
+# 1. Ingest: a push becomes request files
+#
+# A client pushes commits to <client>.git; that repository's post-update
+# hook runs `ingest`, which reads only regular blobs named RQ* from every
+# commit it has not seen (never a checkout) and writes them, under the
+# pool's lock, as RQ<commit>-<name> into the client's pool.  Anything else
+# in a pushed tree is ignored and noted, never trusted.
+
+# A client may only ever move master forward; results is written by the
+# node alone (update-ref does not run hooks), so no push may touch it.
+UPDATE_HOOK = """#!/bin/sh
+# gitbackup: clients may push refs/heads/master only; the node writes
+# refs/heads/results itself.  Deletes and rewinds are refused by
+# receive.denyDeletes and receive.denyNonFastForwards.
+case "$1" in
+refs/heads/master) exit 0 ;;
+*) echo "gitbackup: refusing to update $1: only refs/heads/master may be pushed" >&2
+   exit 1 ;;
+esac
+"""
+
+
+class ClientRepositories:
+    """The bare <client>.git repositories that clients push their requests
+    to: created, repaired and hooked by the node."""
+
+    def __init__(self, node):
+        self.node = node
+        self.config = node.config
+
+    def hook_text(self, client):
+        """The post-update hook of <client>.git: absolute interpreter, script
+        and configuration, since hooks run with a minimal environment."""
+        return ('#!/bin/sh\n'
+                '# gitbackup: take in the pushed backup requests '
+                '(server.py ingest).\n'
+                f'exec {shlex.quote(sys.executable)} '
+                f'{shlex.quote(os.path.abspath(__file__))} '
+                f'--config {shlex.quote(self.config.path)} -q '
+                f'ingest {shlex.quote(client)} "$@"\n')
+
+    def ensure_repository(self, client, repo=None):
+        """Create or repair <client>.git: bare, the ingest hook, and settings
+        that make the request history an append-only ledger.  Idempotent."""
+        check_client_name(client)
+        repo = repo or self.node.repository(client)
+        if not os.path.isdir(os.path.join(repo, 'objects')):
+            core.make_dirs(repo)
+            git(repo, *core.git_init_sha1(), '--quiet', '--bare',
+                '--shared=group')
+            fsync_dir(repo)
+            log.info('created repository %s', repo)
+        max_push = self.config.get_size('server', 'max_push_size')
+        for key, value in (('receive.denyDeletes', 'true'),
+                           ('receive.denyNonFastForwards', 'true'),
+                           ('receive.fsckObjects', 'true'),
+                           ('receive.maxInputSize', str(max_push)),
+                           ('core.sharedRepository', 'group'),
+                           # receive-pack writes the pushes: fsync them.
+                           *core.git_fsync_settings()):
+            git(repo, 'config', key, value)
+        self.install_hook(repo, 'post-update', self.hook_text(client))
+        self.install_hook(repo, 'update', UPDATE_HOOK, foreign_ok=True)
+        self.node.pool(client).create(mode=0o2775)
+        return repo
+
+    @staticmethod
+    def install_hook(repo, name, text, foreign_ok=False):
+        """Write a hook atomically unless it is already right.  With
+        foreign_ok, a hook we did not write (gitolite's update hook) is
+        left alone."""
+        hook = os.path.join(repo, 'hooks', name)
+        os.makedirs(os.path.dirname(hook), exist_ok=True)
+        try:
+            with open(hook) as f:
+                current = f.read()
+        except (FileNotFoundError, UnicodeDecodeError):
+            current = None
+        if current == text:
+            return
+        if foreign_ok and current is not None and 'gitbackup' not in current:
+            log.info('%s: keeping the existing %s hook', repo, name)
+            return
+        atomic_write(hook, text, mode=0o755)
+        log.info('installed the %s hook of %s', name, repo)
+
+
+IGNORED_NOTES = '.ignored'
+
+
+def parse_tree(data):
+    """[(mode, kind, sha, raw name)] of a raw tree object (what `git
+    ls-tree` prints, modes zero-padded as it does)."""
+    entries, pos = [], 0
+    while pos < len(data):
+        space = data.index(b' ', pos)
+        nul = data.index(b'\0', space)
+        mode = data[pos:space].decode().zfill(6)
+        kind = {'040000': 'tree', '160000': 'commit'}.get(mode, 'blob')
+        entries.append((mode, kind, data[nul + 1:nul + 21].hex(),
+                        data[space + 1:nul]))
+        pos = nul + 21
+    return entries
+
+
+def note_ignored(pool, text):
+    """Remember what ingest ignored in a pushed tree (symlinks, bad names,
+    oversized or surplus request files), so that the next run's summary
+    mail tells the admins once per push instead of once per entry."""
+    with open(os.path.join(pool, IGNORED_NOTES), 'a', encoding='utf-8') as f:
+        f.write(clean_text(text, 1000) + '\n')
+
+
+def take_ignored_notes(node, client):
+    """The ingest notes of a client's pool since the last run (removed)."""
+    pool = node.pool(client)
+    path = os.path.join(pool.path, IGNORED_NOTES)
+    if not os.path.exists(path):
+        return []
+    lock = pool.lock()
+    if not lock.acquire(wait=20):
+        return []
+    with lock:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            notes = [line.rstrip('\n') for line in f if line.strip()]
+        os.unlink(path)
+    return [f'{note} (a client pushed what it should not; nothing of it '
+            'was taken in)' for note in notes[:50]] + (
+        [f'{client}: ... and {len(notes) - 50} more ignore notes in the log']
+        if len(notes) > 50 else [])
+
+
+class Ingest:
+    """Pushed request commits of one client -> RQ files in its pool, under
+    the pool lock, within the per-push and per-request caps.  Run by the
+    post-update hook and caught up by `run` (a hook that did not run)."""
+
+    def __init__(self, node):
+        self.node = node
+        self.config = node.config
+
+    def ingest(self, client, repo=None, tip=None):
+        """Turn new pushed commits into RQ files; return how many.  tip:
+        master's commit when the caller has just read it ('' for none)."""
+        check_client_name(client)
+        repo = os.path.abspath(repo or os.environ.get('GIT_DIR') or '.')
+        pool = self.node.pool(client)
+        pool.create(mode=0o2775)
+        if tip is not None and tip == self.ingested(pool):
+            # Nothing new (the hook ingested the last push): no lock, no
+            # git.  The marker only ever moves to a tip, under the lock.
+            return 0
+        lock = pool.lock()
+        if not lock.acquire(wait=5):
+            raise GitBackupError(f'pool {pool.path} is locked by pid '
+                                 f'{lock.holder()}; the next push or run '
+                                 'ingests these requests')
+        with lock:
+            return self._ingest_locked(client, repo, pool)
+
+    @staticmethod
+    def ingested(pool):
+        """The last commit ingested into the pool ('' for none)."""
+        try:
+            with open(os.path.join(pool.path, '.ingested')) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ''
+
+    def _ingest_locked(self, client, repo, pool):
+        ledger = Ledger(repo, 'refs/heads/master', self.node.name)
+        tip = ledger.tip()
+        marker = os.path.join(pool.path, '.ingested')
+        last = self.ingested(pool)
+        if not tip or tip == last:
+            return 0
+        commits = ledger.since(last, tip)
+        existing = pool.keys()
+        if not ledger.knows(last):
+            # The marker is gone (a restored or recreated todo_dir): what
+            # was ingested is known from the pool and, for the F*/X* that
+            # prune removed, from the results journal.
+            existing |= self.journaled_keys(client)
+            commits = self.skip_seen(client, repo, commits, existing)
+        wanted, done = self.new_requests(client, repo, pool, commits,
+                                         existing)
+        accepted = self.within_size(client, repo, pool, wanted)
+        if accepted:
+            self.write_requests(repo, pool, accepted)
+        atomic_write(marker, (done[-1] if done else tip) + '\n', mode=0o664)
+        log.info('ingested %d request(s) of %d commit(s) from %s',
+                 len(accepted), len(done), client)
+        return len(accepted)
+
+    def journaled_keys(self, client):
+        """The keys of every request with an outcome in the results
+        journal (never pruned)."""
+        entries = self.node.client_results.journal(client).read()[0]
+        return {str(e.get('request')) for e in entries}
+
+    def skip_seen(self, client, repo, commits, existing):
+        """commits without the oldest ones whose requests are all in
+        existing: already ingested, they neither run again nor count
+        against max_commits_per_push."""
+        seen = 0
+        for commit, entries in self.commit_trees(repo, commits):
+            names = [raw.decode('utf-8', 'replace')
+                     for _, _, _, raw in entries]
+            if any(RQ_NAME_RE.match(n) and not n.endswith('.reason') and
+                   f'{commit}-{n}' not in existing for n in names):
+                break
+            seen += 1
+        if seen:
+            log.warning('%s: ingest marker missing: %d commit(s) found '
+                        'already ingested (pool and results journal); '
+                        'not ingested again', client, seen)
+        return commits[seen:]
+
+    def new_requests(self, client, repo, pool, commits, existing):
+        """([(key, blob)] not in existing, the commits they come from).
+        max_requests_per_push caps a whole push, not each commit: the
+        commits beyond it wait for the next ingest (run catches up)."""
+        limit = self.config.get_int('server', 'max_requests_per_push')
+        commits = self.within_commit_cap(client, pool, commits)
+        wanted, done = [], []
+        for commit, entries in self.commit_trees(repo, commits):
+            found = self.request_blobs(client, commit, entries, existing,
+                                       limit)
+            if wanted and len(wanted) + len(found) > limit:
+                log.warning('%s: %d commit(s) left for the next run '
+                            '(max_requests_per_push %d reached)', client,
+                            len(commits) - len(done), limit)
+                break
+            wanted += found
+            done.append(commit)
+        return wanted, done
+
+    def within_commit_cap(self, client, pool, commits):
+        """The first max_commits_per_push commits; the others wait for the
+        next ingest (nothing is lost), and the admins hear of it."""
+        cap = self.config.get_int('server', 'max_commits_per_push')
+        if len(commits) <= cap:
+            return commits
+        text = (f'{client}: {len(commits)} new commits, more than '
+                f'max_commits_per_push {cap}: {len(commits) - cap} left for '
+                'the next ingest')
+        log.warning('%s', text)
+        note_ignored(pool.path, text)
+        return commits[:cap]
+
+    def commit_trees(self, repo, commits):
+        """(commit, [(mode, kind, blob, raw name)]) of each commit's root
+        tree, oldest first, read by a few `git cat-file` processes however
+        many commits there are (one `ls-tree` per commit cost ~3 ms each:
+        13 s for 4000 empty commits, under the pool lock)."""
+        if not commits:
+            return
+        out = git(repo, 'cat-file', '--batch-check', input=''.join(
+            f'{c}^{{tree}}\n' for c in commits)).stdout.splitlines()
+        trees = [(c, *line.split()) for c, line in zip(commits, out)]
+        start = 0
+        while start < len(trees):
+            # Chunks of at most 16 MiB of tree data held at once.
+            end, size = start, 0
+            while end < len(trees) and (end == start or size < 16 << 20):
+                size += int(trees[end][3])
+                end += 1
+            chunk = trees[start:end]
+            raw = self.blob_contents(repo, sorted({t[1] for t in chunk}))
+            for commit, tree, _, _ in chunk:
+                yield commit, parse_tree(raw[tree])
+            start = end
+
+    def within_size(self, client, repo, pool, wanted):
+        """The requests no larger than max_request_size; the others are
+        noted (the run's mail tells the admins) and left out."""
+        max_size = self.config.get_int('server', 'max_request_size')
+        sizes = self.blob_sizes(repo, [blob for _, blob in wanted])
+        accepted = []
+        for key, blob in wanted:
+            if sizes.get(blob, max_size + 1) > max_size:
+                text = (f'{client}: ignored {key}: {sizes.get(blob, "?")} '
+                        f'bytes, more than max_request_size {max_size}')
+                log.warning('%s', text)
+                note_ignored(pool.path, text)
+            else:
+                accepted.append((key, blob))
+        return accepted
+
+    def write_requests(self, repo, pool, accepted):
+        """Export into .incomplete/, fsync, then move into the pool."""
+        incomplete = os.path.join(pool.path, '.incomplete')
+        shutil.rmtree(incomplete, ignore_errors=True)
+        os.mkdir(incomplete)
+        contents = self.blob_contents(repo, [b for _, b in accepted])
+        files = []
+        for key, blob in accepted:
+            path = os.path.join(incomplete, NEW + key)
+            with open(path, 'wb') as f:
+                f.write(contents[blob])
+                f.flush()
+                os.fsync(f.fileno())
+            files.append((path, key))
+        fsync_dir(incomplete)
+        core.pause_point('ingest:written')
+        pool.adopt(files, NEW)
+        os.rmdir(incomplete)
+
+    def request_blobs(self, client, commit, entries, existing, limit):
+        """[(key, blob)] of the RQ files in one commit's root tree."""
+        found, ignored = [], []
+        for mode, kind, blob, raw_name in entries:
+            name = raw_name.decode('utf-8', 'replace')
+            if name == 'timestamp' and kind == 'blob':
+                continue
+            if kind != 'blob' or mode not in ('100644', '100755') or \
+                    not RQ_NAME_RE.match(name) or name.endswith('.reason'):
+                ignored.append(f'{name} ({kind} {mode})')
+                continue
+            if len(found) >= limit:
+                ignored.append(f'{name} (over max_requests_per_push)')
+                continue
+            key = f'{commit}-{name}'
+            if key not in existing:
+                found.append((key, blob))
+        if ignored:
+            text = '%s: commit %s: ignored %d entr%s: %s' % (
+                client, commit[:12], len(ignored),
+                'y' if len(ignored) == 1 else 'ies',
+                clean_text(', '.join(ignored[:5])))
+            log.warning('%s', text)
+            note_ignored(self.node.pool(client).path, text)
+        return found
+
+    @staticmethod
+    def blob_sizes(repo, blobs):
+        if not blobs:
+            return {}
+        out = git(repo, 'cat-file', '--batch-check',
+                  input='\n'.join(blobs) + '\n').stdout
+        sizes = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == 'blob':
+                sizes[parts[0]] = int(parts[2])
+        return sizes
+
+    @staticmethod
+    def blob_contents(repo, blobs):
+        out = git(repo, 'cat-file', '--batch', text=False,
+                  input=('\n'.join(blobs) + '\n').encode()).stdout
+        contents, pos = {}, 0
+        while pos < len(out):
+            header_end = out.index(b'\n', pos)
+            sha, _, size = out[pos:header_end].decode().split()
+            start = header_end + 1
+            contents[sha] = out[start:start + int(size)]
+            pos = start + int(size) + 1
+        return contents
+
+
+# ==========================================================================
+# 2. Store: what the node holds, and every journal it keeps
+#
+# The write side first: how a pulled file becomes a snapshot directory with
+# its manifest, atomically.  Then the read model that every later chapter
+# asks: stored snapshots, their chains, mirrors, the node's clients, the
+# request files of a pool, and the readers of each journal (results,
+# drills, offsite).  It comes before `run`, which fills it, so that no
+# chapter uses a later one.
+
 def manifest_request_id(manifest):
     """The client request id a snapshot's manifest records."""
     if not isinstance(manifest, dict):
@@ -131,6 +569,593 @@ def stored_request(client_dir, source, request_id):
             return path
     return None
 
+
+def manifest_requests(manifest):
+    """The node request keys a manifest says it holds (old manifests
+    name one, `request`)."""
+    keys = manifest.get('requests')
+    if isinstance(keys, list):
+        return [k for k in keys if isinstance(k, str)]
+    return [manifest['request']] if isinstance(manifest.get('request'),
+                                               str) else []
+
+
+def snapshots_of(client_dir, source):
+    """(path, manifest) of every snapshot of a source, newest name first;
+    directories without a readable manifest are skipped."""
+    base = os.path.join(client_dir, 'files', source)
+    try:
+        names = sorted(os.listdir(base), reverse=True)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith('.'):
+            continue
+        manifest = read_json(os.path.join(base, name, 'manifest.json'))
+        if isinstance(manifest, dict):
+            yield os.path.join(base, name), manifest
+
+
+def join_snapshot(snapshot, existing, incoming, manifest):
+    """Add the staged files of a further node request of the same client
+    request to its snapshot: each file is renamed into the snapshot, then
+    the manifest is rewritten atomically with them.  A crash in between
+    leaves a file the manifest does not list: not stored, so the request
+    is handled again and the new download replaces it.  Returns the
+    snapshot, or None when it already holds a different file of that name
+    (then the caller makes a snapshot of its own: nothing is overwritten)."""
+    have = {f.get('name'): f for f in existing.get('files') or []
+            if isinstance(f, dict)}
+    new_files = []
+    for entry in manifest['files']:
+        old = have.get(entry['name'])
+        if old and old.get('sha256') != entry['sha256']:
+            return None
+        if not old:
+            new_files.append(dict(entry, request=manifest['request']))
+    for entry in new_files:
+        path = os.path.join(incoming, entry['name'])
+        with open(path, 'rb') as f:
+            os.fsync(f.fileno())
+        os.rename(path, os.path.join(snapshot, entry['name']))
+    fsync_dir(snapshot)
+    core.pause_point('run:joined')
+    requests = manifest_requests(existing)
+    updated = {**existing, 'files': list(existing.get('files') or []) +
+               new_files, 'requests': requests + [manifest['request']],
+               'updated': core.isotime()}
+    core.write_json(os.path.join(snapshot, 'manifest.json'), updated)
+    shutil.rmtree(incoming, ignore_errors=True)
+    core.pause_point('run:stored')
+    return snapshot
+
+
+def store_staged(ctx, name, staging, allowance, stdout):
+    """Store what an executable module left in staging as one snapshot."""
+    source = name
+    for line in stdout.splitlines():
+        key, eq, value = line.strip().partition('=')
+        if key == 'source' and eq and SOURCE_NAME_RE.match(value):
+            source = value
+    files = []
+    for entry in sorted(os.listdir(staging)):
+        path = os.path.join(staging, entry)
+        if not os.path.isfile(path) or os.path.islink(path) or \
+                entry == 'manifest.json' or not core.NAME_RE.match(entry):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TransientError(f'module {name} left {clean_text(entry)!r} '
+                                 'in staging: plain files with plain names '
+                                 'only')
+        digest, size = core.sha256_file(path)
+        files.append({'name': entry, 'sha256': digest, 'size': size})
+    if not files:
+        shutil.rmtree(staging, ignore_errors=True)
+        return {'stored': None, 'fetched': False}
+    if sum(f['size'] for f in files) > allowance:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TransientError(f'module {name} fetched more than the '
+                             f'{allowance} bytes the quota and free-space '
+                             'floor allow')
+    stored = ctx.store(staging, source, {
+        'module': name, 'received': core.isotime(), 'files': files})
+    return {'stored': stored, 'size': sum(f['size'] for f in files)}
+
+
+SOURCE_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._/+-]{0,200}$')
+URL_PATH_RE = re.compile(r'^[a-z][a-z0-9+.-]{0,15}://[^/\s]*(/\S*)?$')
+# What the sample restore check can read, by file name ending.
+TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
+                '.tar.bz2', '.tbz2')
+DUMP_SUFFIXES = ('.dump',)
+# Files a client sends beside its data, describing it (an archive's
+# listing, a dump's row statistics): what `drill` proves a restore against.
+LISTING_SUFFIX = '.listing'
+STATS_SUFFIX = '.stats.json'
+COMPANION_SUFFIXES = (LISTING_SUFFIX, STATS_SUFFIX)
+TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
+             (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
+
+
+class StoredBackup:
+    """One directory files/<source>/<node time>/ and its manifest."""
+
+    def __init__(self, source, path, manifest):
+        self.source = source
+        self.path = path
+        self.name = os.path.basename(path)
+        self.manifest = manifest if isinstance(manifest, dict) else None
+        self.time = parse_node_time((self.manifest or {}).get('stored')) \
+            or parse_node_time(self.name)
+
+    @property
+    def good(self):
+        """A manifest listing files: what `store()` writes last."""
+        return self.manifest is not None and \
+            isinstance(self.manifest.get('files'), list)
+
+    @property
+    def size(self):
+        return sum(int(f.get('size') or 0) for f in
+                   (self.manifest or {}).get('files') or []
+                   if isinstance(f, dict))
+
+    @property
+    def series(self):
+        """The names of the data files it holds: snapshots of one source
+        with the same names (one directory's archive, one database's dump,
+        the dumps and globals of `postgresdb all`) form a series; retention,
+        the restore check and drills work per series.  Not the source
+        alone: `postgresdb all` and `postgresdb shop` share a source but
+        neither may push the other out of retention.  Companion files (an
+        archive's listing, row statistics) do not count, so that adding
+        them did not start new series."""
+        return tuple(sorted(str(f.get('name')) for f in
+                            (self.manifest or {}).get('files') or []
+                            if isinstance(f, dict) and
+                            not str(f.get('name')).endswith(
+                                COMPANION_SUFFIXES)))
+
+    @property
+    def seq(self):
+        """Arrival number (0: a manifest older than sequences)."""
+        seq = (self.manifest or {}).get('seq')
+        return seq if isinstance(seq, int) and seq > 0 else 0
+
+    def sort_key(self):
+        # Arrival first: a node clock that went back must not make an older
+        # backup look newer (prune would keep the wrong one).
+        return (self.seq,
+                self.time or datetime.datetime.min.replace(tzinfo=UTC),
+                self.name)
+
+
+def stored_backups(node, client):
+    """{source: [StoredBackup, ...] oldest first} of one client.  Hidden
+    entries (.incoming, .trash-* of an interrupted prune) are skipped."""
+    base = os.path.join(node.settings['data_dir'], client, 'files')
+    result = {}
+    try:
+        sources = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return result
+    for source in sources:
+        directory = os.path.join(base, source)
+        if source.startswith('.') or not os.path.isdir(directory):
+            continue
+        backups = []
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if name.startswith('.') or not os.path.isdir(path) or \
+                    os.path.islink(path):
+                continue
+            manifest = read_json(os.path.join(path, 'manifest.json'))
+            backups.append(StoredBackup(source, path, manifest))
+        backups.sort(key=StoredBackup.sort_key)
+        result[source] = backups
+    return result
+
+
+def backups_by_request(backups):
+    """{client request id: StoredBackup} of the good backups of a source:
+    how an increment's base= is found."""
+    return {manifest_request_id(b.manifest): b for b in backups
+            if b.good and manifest_request_id(b.manifest)}
+
+
+def missing_link(backup, by_request):
+    """The request id of the first base missing from backup's chain (down
+    to its level 0 full), or None when the chain is whole."""
+    seen = set()
+    while isinstance(backup.manifest.get('level'), int) and \
+            backup.manifest['level'] > 0:
+        base = backup.manifest.get('base')
+        if not isinstance(base, str) or base in seen or \
+                base not in by_request:
+            return str(base)
+        seen.add(base)
+        backup = by_request[base]
+    return None
+
+
+def keep_bases(keep, backups):
+    """Add to keep ({path: reason}) every snapshot a kept increment builds
+    on, down to its full: a chain is never cut below a kept link."""
+    by_request = backups_by_request(backups)
+    by_path = {b.path: b for b in backups}
+    todo = [by_path[path] for path in keep if path in by_path]
+    while todo:
+        backup = todo.pop()
+        base = by_request.get((backup.manifest or {}).get('base'))
+        if base and base.path not in keep and \
+                (backup.manifest or {}).get('level'):
+            keep[base.path] = f'base of {backup.name}'
+            todo.append(base)
+    return keep
+
+
+def manifest_level(manifest):
+    """0 for a full archive or a plain file, n for an increment."""
+    try:
+        return max(int((manifest or {}).get('level') or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def archive_entry(backup):
+    """The manifest entry of a snapshot's tar archive, or None."""
+    for entry in (backup.manifest or {}).get('files') or []:
+        if isinstance(entry, dict) and \
+                str(entry.get('name')).endswith(TAR_SUFFIXES):
+            return entry
+    return None
+
+
+def snapshot_kind(backup):
+    if manifest_level(backup.manifest) > 0:
+        return 'incremental'
+    return 'full' if archive_entry(backup) else 'file'
+
+
+def base_snapshot(backups, backup):
+    """The stored snapshot an increment builds on: the one whose client
+    request id its manifest's `base` names; None if not stored."""
+    wanted = (backup.manifest or {}).get('base')
+    for other in reversed(backups):
+        if wanted and (other.manifest or {}).get('request_id') == wanted:
+            return other
+    return None
+
+
+def restore_chain(backups, backup):
+    """[full, increment, ...] ending at backup: `base` links walked back to
+    level 0.  A missing link is an error naming it."""
+    chain = [backup]
+    while manifest_level(chain[0].manifest) > 0:
+        base = base_snapshot(backups, chain[0])
+        if base is None or base in chain:
+            raise RestoreError(
+                f'{backup.source} {backup.name}: chain broken: '
+                f'{chain[0].name} (level '
+                f'{manifest_level(chain[0].manifest)}) builds on request '
+                f'{clean_text(chain[0].manifest.get("base"))}, which is not '
+                'stored on this node')
+        chain.insert(0, base)
+    return chain
+
+
+def chain_problems(good):
+    """[(CRITICAL, message)] for every increment whose base is gone."""
+    by_request = backups_by_request(good)
+    problems = []
+    for backup in good:
+        level = backup.manifest.get('level')
+        if isinstance(level, int) and level > 0 and \
+                backup.manifest.get('base') not in by_request:
+            problems.append((CRITICAL, f'{backup.path}: incremental chain '
+                             f'has a missing link: base '
+                             f'{backup.manifest.get("base")} (level '
+                             f'{level - 1}) is not stored'))
+    return problems
+
+
+def find_repositories(top):
+    """Bare repositories (objects/ and HEAD) at any depth below top."""
+    found = []
+    for root, dirs, files in os.walk(top):
+        # Hidden: a mirror being created (.<name>.git.incoming) and the like.
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        if 'objects' in dirs and 'HEAD' in files and 'refs' in dirs:
+            found.append(root)
+            dirs[:] = []
+    return found
+
+
+def client_mirrors(node, client):
+    """{source name 'git/<path>': mirror path} of one client."""
+    top = os.path.join(node.settings['data_dir'], client, 'git')
+    mirrors = {}
+    for repo in find_repositories(top):
+        rel = os.path.relpath(repo, top)
+        if rel.endswith('.git'):
+            rel = rel[:-4]
+        mirrors['git/' + rel] = repo
+    return mirrors
+
+
+def walk_dirs(top):
+    """top and every directory below it (none when top is missing); one
+    this user cannot list is still named (os.walk would skip it)."""
+    found = [top] if os.path.isdir(top) else []
+    for parent, dirs, _ in os.walk(top):
+        found += [os.path.join(parent, d) for d in dirs]
+    return found
+
+
+def mirror_last_change(repo):
+    """When a git mirror last changed, as source_report counts it (for a
+    mirror without a journaled fetch, made by hand), or None."""
+    stamps = [os.stat(os.path.join(repo, name)).st_mtime
+              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
+              if os.path.exists(os.path.join(repo, name))]
+    if stamps:
+        return datetime.datetime.fromtimestamp(max(stamps), UTC)
+    return None
+
+
+def mirror_time(repo):
+    """A mirror's last change on the node's clock (its last fetch)."""
+    stamps = [os.stat(os.path.join(repo, name)).st_mtime
+              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
+              if os.path.exists(os.path.join(repo, name))]
+    return datetime.datetime.fromtimestamp(max(stamps), UTC) \
+        if stamps else None
+
+
+def known_clients(node):
+    """Clients with a pool, a repository, stored data or a [client NAME]."""
+    names = set(node.clients())
+    try:
+        entries = os.listdir(node.settings['data_dir'])
+    except FileNotFoundError:
+        entries = []
+    for name in entries + node.config.client_sections():
+        if os.path.isdir(os.path.join(node.settings['data_dir'], name)) or \
+                name in node.config.client_sections():
+            try:
+                names.add(check_client_name(name))
+            except UsageError:
+                log.debug('ignoring %s (not a client name)', name)
+    return sorted(names)
+
+
+def read_results(node, client):
+    """The entries of data_dir/<client>/results.jsonl (bad lines skipped)."""
+    return node.client_results.journal(client).read()[0]
+
+
+def read_request_line(path):
+    try:
+        with open(path, 'rb') as f:
+            data = f.read(4096)
+    except OSError:
+        return ''
+    return data.decode('utf-8', 'replace').split('\n', 1)[0]
+
+
+def request_source(node, client, line):
+    """The source a request line belongs to: sftp -> its source= (default
+    'files'), git -> 'git/<path>' of the mirror it feeds, others -> the
+    module name.  None if the line says nothing usable."""
+    module, _, rest = line.partition(' ')
+    words = rest.split()
+    if module == 'sftp':
+        for word in words[2:]:
+            if word.startswith('source='):
+                source = word[len('source='):]
+                return source if SOURCE_RE.match(source) and \
+                    '..' not in source else None
+        return 'files'
+    if module == 'git' and words:
+        # As modules/git.py does: only the URL's path counts, below the
+        # path of the node's own base URL for the client.
+        try:
+            base = node.client_settings(client)['git']
+        except GitBackupError:
+            base = ''
+        base_path = (URL_PATH_RE.match(base) or [None, ''])[1] or ''
+        url_path = (URL_PATH_RE.match(words[0]) or [None, ''])[1] or ''
+        prefix = base_path.rstrip('/') + '/'
+        if url_path.startswith(prefix):
+            rel = url_path[len(prefix):].strip('/')
+            rel = rel[:-4] if rel.endswith('.git') else rel
+            if SOURCE_RE.match(rel) and '..' not in rel.split('/'):
+                return 'git/' + rel
+        return 'git'
+    return module if core.MODULE_RE.match(module) else None
+
+
+def stored_source(node, client, stored):
+    """The source of a journal entry's 'stored' path, or None."""
+    if not isinstance(stored, str) or not stored:
+        return None
+    client_dir = os.path.join(node.settings['data_dir'], client)
+    rel = os.path.relpath(os.path.join(client_dir, stored), client_dir)
+    parts = rel.split(os.sep)
+    if parts[0] == 'files' and len(parts) >= 3:
+        return parts[1]
+    if parts[0] == 'git' and len(parts) >= 2:
+        rel = '/'.join(parts[1:])
+        return 'git/' + (rel[:-4] if rel.endswith('.git') else rel)
+    return None
+
+
+def pool_requests(node, client):
+    """{'pending': {source: n}, 'failed': {source: n}, totals} of a pool."""
+    pool = node.pool(client)
+    counts = {'pending': {}, 'failed': {}, 'pending_total': 0,
+              'failed_total': 0, 'failed_keys': {}}
+    for state, keys in pool.list().items():
+        kind = 'failed' if state == FAILED else \
+            'pending' if state in (NEW, PROCESSING) else None
+        if kind is None:
+            continue
+        for key in keys:
+            source = request_source(node, client, read_request_line(
+                pool.file(state, key))) or '?'
+            counts[kind][source] = counts[kind].get(source, 0) + 1
+            counts[kind + '_total'] += 1
+            if kind == 'failed':
+                counts['failed_keys'][key] = source
+    return counts
+
+
+def client_limits(node, client):
+    """stale_after (seconds) and expected sources of a client."""
+    section = node.config.section(f'client {client}')
+    value = section.get('stale_after') or node.settings['stale_after']
+    try:
+        stale = core.parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f'[client {client}] stale_after: {e}') from None
+    return stale, section.get('expect', '').split()
+
+
+def journal_tail(path, end, size=4096):
+    """A digest of the bytes of a journal just before end ('' for none,
+    None when the file is shorter): what publishing checks it left off
+    after."""
+    if end <= 0:
+        return ''
+    try:
+        with open(path, 'rb') as f:
+            f.seek(max(0, end - size))
+            data = f.read(min(end, size))
+    except FileNotFoundError:
+        return None
+    if len(data) < min(end, size):
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+# Where `drill` is expected to journal its outcomes, one JSON object per
+# line like results.jsonl: source, finished (node time), ok / outcome /
+# status.  Read only if present.
+DRILL_JOURNAL = 'drills.jsonl'
+
+
+def read_drills(node, client):
+    """Drill outcomes of one client: [{'source', 'time', 'ok'}] (bad
+    lines skipped; nothing when no drill has run)."""
+    drills = []
+    for entry in Journal(os.path.join(node.settings['data_dir'], client,
+                                      DRILL_JOURNAL)).read()[0]:
+        if not isinstance(entry, dict) or \
+                not isinstance(entry.get('source'), str):
+            continue
+        when = parse_node_time(entry.get('finished') or entry.get('time'))
+        if not when:
+            continue
+        ok = entry.get('ok') is True or \
+            entry.get('outcome') in ('ok', 'passed', 'restored') or \
+            entry.get('status') == 'ok'
+        drills.append({'source': entry['source'], 'time': when, 'ok': ok})
+    return drills
+
+
+OFFSITE_JOURNAL = 'offsite.jsonl'
+
+
+def offsite_journal(node, client):
+    return Journal(os.path.join(node.settings['data_dir'], client,
+                                OFFSITE_JOURNAL))
+
+
+def failed_requests(node, client, journal):
+    """{request: (when, reason)} of the client's failed requests: from the
+    journal, else from the note of a request given up before the journal
+    existed."""
+    failed = {}
+    for entry in journal:
+        when = parse_node_time(entry.get('finished'))
+        if entry.get('outcome') == 'failed' and when and \
+                isinstance(entry.get('request'), str):
+            failed[entry['request']] = (when, entry.get('reason'))
+    pool = node.pool(client)
+    for key in pool.list()[FAILED]:
+        if key not in failed:
+            # Given up before the journal existed: the note says when.
+            note = Attempts(pool, 0).reason(key)
+            when = parse_node_time(note.split(' ', 1)[0])
+            if when:
+                failed[key] = (when, note.partition(' ')[2])
+    return failed
+
+
+def arrival_last_success(good, now):
+    """(time to measure staleness from, clock notes) of good backups in
+    arrival order.  A backup stamped in the future was stored while the
+    node's clock was ahead: when it really arrived is unknown, so age is
+    measured from the newest arrival stamped before now (too old rather
+    than falsely fresh), and the report says so."""
+    notes = []
+    ahead = datetime.timedelta(seconds=CLOCK_SLACK)
+    future = [b for b in good if b.time > now + ahead]
+    if future:
+        latest = core.isotime(max(b.time for b in future))
+        notes.append(f'clock problem: {len(future)} backup(s) stamped in the '
+                     f'future (up to {latest}): the node clock was ahead when they were stored; age '
+                     'counts from the newest arrival stamped before now')
+    times = [b.time for b in good]
+    if any(later < earlier for earlier, later in zip(times, times[1:])):
+        notes.append('stored times are out of arrival order (the node clock '
+                     'went back): prune and report follow arrival order')
+    trusted = [b for b in good if b.time <= now + ahead]
+    return (trusted[-1].time if trusted else None), notes
+
+
+def newest_of_series(backups):
+    """The newest good backup of each series (see StoredBackup.series)."""
+    newest = {}
+    for backup in sorted(backups, key=StoredBackup.sort_key):
+        newest[backup.series] = backup
+    return list(newest.values())
+
+
+def last_outcomes(node, client):
+    """({path: verify outcome}, {(source, snapshot): drill outcome}) from
+    the last verify and the drill journal."""
+    state = read_json(os.path.join(node.state_dir, 'verify.json'), {}) or {}
+    verify = {}
+    if isinstance(state, dict) and state.get('finished'):
+        problems = [str(p) for p in state.get('problems') or []]
+        verify = {'time': state['finished'], 'problems': problems}
+    drills = {}
+    for entry in Journal(os.path.join(node.settings['data_dir'], client,
+                                      DRILL_JOURNAL)).read()[0]:
+        key = (entry.get('source'), entry.get('snapshot'))
+        drills[key] = {'outcome': 'ok' if entry.get('ok') is True
+                       else 'failed', 'time': entry.get('finished'),
+                       'detail': clean_text(entry.get('detail') or '', 500)}
+    return verify, drills
+
+
+def verify_outcome(verify, path):
+    """The last verify's word on one snapshot or mirror path, or None."""
+    if not verify:
+        return None
+    bad = [p for p in verify['problems'] if p.startswith(path + '/') or
+           p.startswith(path + ':')]
+    return {'outcome': 'failed' if bad else 'ok', 'time': verify['time']}
+
+
+# ==========================================================================
+# 3. Run: pull what the requests name
+#
+# `run` (cron, every five minutes) takes each client's pool in turn, in
+# parallel up to [server] jobs: P* left by a crash first, then RQ* -> P* ->
+# handled by a node module (sftp download, git fetch) -> F*, or X* with the
+# reason.  The module works through a NodeContext that holds the client's
+# limits; results go back to the client on its results branch.
 
 class NodeContext(ModuleContext):
     """What a node module's ``handle`` sees for one request: the client's
@@ -367,66 +1392,6 @@ class NodeContext(ModuleContext):
         return final
 
 
-def manifest_requests(manifest):
-    """The node request keys a manifest says it holds (old manifests
-    name one, `request`)."""
-    keys = manifest.get('requests')
-    if isinstance(keys, list):
-        return [k for k in keys if isinstance(k, str)]
-    return [manifest['request']] if isinstance(manifest.get('request'),
-                                               str) else []
-
-
-def snapshots_of(client_dir, source):
-    """(path, manifest) of every snapshot of a source, newest name first;
-    directories without a readable manifest are skipped."""
-    base = os.path.join(client_dir, 'files', source)
-    try:
-        names = sorted(os.listdir(base), reverse=True)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.startswith('.'):
-            continue
-        manifest = read_json(os.path.join(base, name, 'manifest.json'))
-        if isinstance(manifest, dict):
-            yield os.path.join(base, name), manifest
-
-
-def join_snapshot(snapshot, existing, incoming, manifest):
-    """Add the staged files of a further node request of the same client
-    request to its snapshot: each file is renamed into the snapshot, then
-    the manifest is rewritten atomically with them.  A crash in between
-    leaves a file the manifest does not list: not stored, so the request
-    is handled again and the new download replaces it.  Returns the
-    snapshot, or None when it already holds a different file of that name
-    (then the caller makes a snapshot of its own: nothing is overwritten)."""
-    have = {f.get('name'): f for f in existing.get('files') or []
-            if isinstance(f, dict)}
-    new_files = []
-    for entry in manifest['files']:
-        old = have.get(entry['name'])
-        if old and old.get('sha256') != entry['sha256']:
-            return None
-        if not old:
-            new_files.append(dict(entry, request=manifest['request']))
-    for entry in new_files:
-        path = os.path.join(incoming, entry['name'])
-        with open(path, 'rb') as f:
-            os.fsync(f.fileno())
-        os.rename(path, os.path.join(snapshot, entry['name']))
-    fsync_dir(snapshot)
-    core.pause_point('run:joined')
-    requests = manifest_requests(existing)
-    updated = {**existing, 'files': list(existing.get('files') or []) +
-               new_files, 'requests': requests + [manifest['request']],
-               'updated': core.isotime()}
-    core.write_json(os.path.join(snapshot, 'manifest.json'), updated)
-    shutil.rmtree(incoming, ignore_errors=True)
-    core.pause_point('run:stored')
-    return snapshot
-
-
 # Exit statuses of an executable node module (sysexits.h): the request is
 # refused (X* at once), or waits without costing an attempt (the client is
 # down).  Any other failure is retried and costs an attempt.
@@ -471,348 +1436,6 @@ def run_executable_handler(ctx, module, name, rest):
         raise TransientError(f'module {name} failed (exit '
                              f'{proc.returncode}): {reason}')
     return store_staged(ctx, name, staging, allowance, proc.stdout)
-
-
-def store_staged(ctx, name, staging, allowance, stdout):
-    """Store what an executable module left in staging as one snapshot."""
-    source = name
-    for line in stdout.splitlines():
-        key, eq, value = line.strip().partition('=')
-        if key == 'source' and eq and SOURCE_NAME_RE.match(value):
-            source = value
-    files = []
-    for entry in sorted(os.listdir(staging)):
-        path = os.path.join(staging, entry)
-        if not os.path.isfile(path) or os.path.islink(path) or \
-                entry == 'manifest.json' or not core.NAME_RE.match(entry):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise TransientError(f'module {name} left {clean_text(entry)!r} '
-                                 'in staging: plain files with plain names '
-                                 'only')
-        digest, size = core.sha256_file(path)
-        files.append({'name': entry, 'sha256': digest, 'size': size})
-    if not files:
-        shutil.rmtree(staging, ignore_errors=True)
-        return {'stored': None, 'fetched': False}
-    if sum(f['size'] for f in files) > allowance:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise TransientError(f'module {name} fetched more than the '
-                             f'{allowance} bytes the quota and free-space '
-                             'floor allow')
-    stored = ctx.store(staging, source, {
-        'module': name, 'received': core.isotime(), 'files': files})
-    return {'stored': stored, 'size': sum(f['size'] for f in files)}
-
-
-class ClientRepositories:
-    """The bare <client>.git repositories that clients push their requests
-    to: created, repaired and hooked by the node."""
-
-    def __init__(self, node):
-        self.node = node
-        self.config = node.config
-
-    def hook_text(self, client):
-        """The post-update hook of <client>.git: absolute interpreter, script
-        and configuration, since hooks run with a minimal environment."""
-        return ('#!/bin/sh\n'
-                '# gitbackup: take in the pushed backup requests '
-                '(server.py ingest).\n'
-                f'exec {shlex.quote(sys.executable)} '
-                f'{shlex.quote(os.path.abspath(__file__))} '
-                f'--config {shlex.quote(self.config.path)} -q '
-                f'ingest {shlex.quote(client)} "$@"\n')
-
-    def ensure_repository(self, client, repo=None):
-        """Create or repair <client>.git: bare, the ingest hook, and settings
-        that make the request history an append-only ledger.  Idempotent."""
-        check_client_name(client)
-        repo = repo or self.node.repository(client)
-        if not os.path.isdir(os.path.join(repo, 'objects')):
-            core.make_dirs(repo)
-            git(repo, *core.git_init_sha1(), '--quiet', '--bare',
-                '--shared=group')
-            fsync_dir(repo)
-            log.info('created repository %s', repo)
-        max_push = self.config.get_size('server', 'max_push_size')
-        for key, value in (('receive.denyDeletes', 'true'),
-                           ('receive.denyNonFastForwards', 'true'),
-                           ('receive.fsckObjects', 'true'),
-                           ('receive.maxInputSize', str(max_push)),
-                           ('core.sharedRepository', 'group'),
-                           # receive-pack writes the pushes: fsync them.
-                           *core.git_fsync_settings()):
-            git(repo, 'config', key, value)
-        self.install_hook(repo, 'post-update', self.hook_text(client))
-        self.install_hook(repo, 'update', UPDATE_HOOK, foreign_ok=True)
-        self.node.pool(client).create(mode=0o2775)
-        return repo
-
-    @staticmethod
-    def install_hook(repo, name, text, foreign_ok=False):
-        """Write a hook atomically unless it is already right.  With
-        foreign_ok, a hook we did not write (gitolite's update hook) is
-        left alone."""
-        hook = os.path.join(repo, 'hooks', name)
-        os.makedirs(os.path.dirname(hook), exist_ok=True)
-        try:
-            with open(hook) as f:
-                current = f.read()
-        except (FileNotFoundError, UnicodeDecodeError):
-            current = None
-        if current == text:
-            return
-        if foreign_ok and current is not None and 'gitbackup' not in current:
-            log.info('%s: keeping the existing %s hook', repo, name)
-            return
-        atomic_write(hook, text, mode=0o755)
-        log.info('installed the %s hook of %s', name, repo)
-
-
-class Ingest:
-    """Pushed request commits of one client -> RQ files in its pool, under
-    the pool lock, within the per-push and per-request caps.  Run by the
-    post-update hook and caught up by `run` (a hook that did not run)."""
-
-    def __init__(self, node):
-        self.node = node
-        self.config = node.config
-
-    def ingest(self, client, repo=None, tip=None):
-        """Turn new pushed commits into RQ files; return how many.  tip:
-        master's commit when the caller has just read it ('' for none)."""
-        check_client_name(client)
-        repo = os.path.abspath(repo or os.environ.get('GIT_DIR') or '.')
-        pool = self.node.pool(client)
-        pool.create(mode=0o2775)
-        if tip is not None and tip == self.ingested(pool):
-            # Nothing new (the hook ingested the last push): no lock, no
-            # git.  The marker only ever moves to a tip, under the lock.
-            return 0
-        lock = pool.lock()
-        if not lock.acquire(wait=5):
-            raise GitBackupError(f'pool {pool.path} is locked by pid '
-                                 f'{lock.holder()}; the next push or run '
-                                 'ingests these requests')
-        with lock:
-            return self._ingest_locked(client, repo, pool)
-
-    @staticmethod
-    def ingested(pool):
-        """The last commit ingested into the pool ('' for none)."""
-        try:
-            with open(os.path.join(pool.path, '.ingested')) as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            return ''
-
-    def _ingest_locked(self, client, repo, pool):
-        ledger = Ledger(repo, 'refs/heads/master', self.node.name)
-        tip = ledger.tip()
-        marker = os.path.join(pool.path, '.ingested')
-        last = self.ingested(pool)
-        if not tip or tip == last:
-            return 0
-        commits = ledger.since(last, tip)
-        existing = pool.keys()
-        if not ledger.knows(last):
-            # The marker is gone (a restored or recreated todo_dir): what
-            # was ingested is known from the pool and, for the F*/X* that
-            # prune removed, from the results journal.
-            existing |= self.journaled_keys(client)
-            commits = self.skip_seen(client, repo, commits, existing)
-        wanted, done = self.new_requests(client, repo, pool, commits,
-                                         existing)
-        accepted = self.within_size(client, repo, pool, wanted)
-        if accepted:
-            self.write_requests(repo, pool, accepted)
-        atomic_write(marker, (done[-1] if done else tip) + '\n', mode=0o664)
-        log.info('ingested %d request(s) of %d commit(s) from %s',
-                 len(accepted), len(done), client)
-        return len(accepted)
-
-    def journaled_keys(self, client):
-        """The keys of every request with an outcome in the results
-        journal (never pruned)."""
-        entries = self.node.client_results.journal(client).read()[0]
-        return {str(e.get('request')) for e in entries}
-
-    def skip_seen(self, client, repo, commits, existing):
-        """commits without the oldest ones whose requests are all in
-        existing: already ingested, they neither run again nor count
-        against max_commits_per_push."""
-        seen = 0
-        for commit, entries in self.commit_trees(repo, commits):
-            names = [raw.decode('utf-8', 'replace')
-                     for _, _, _, raw in entries]
-            if any(RQ_NAME_RE.match(n) and not n.endswith('.reason') and
-                   f'{commit}-{n}' not in existing for n in names):
-                break
-            seen += 1
-        if seen:
-            log.warning('%s: ingest marker missing: %d commit(s) found '
-                        'already ingested (pool and results journal); '
-                        'not ingested again', client, seen)
-        return commits[seen:]
-
-    def new_requests(self, client, repo, pool, commits, existing):
-        """([(key, blob)] not in existing, the commits they come from).
-        max_requests_per_push caps a whole push, not each commit: the
-        commits beyond it wait for the next ingest (run catches up)."""
-        limit = self.config.get_int('server', 'max_requests_per_push')
-        commits = self.within_commit_cap(client, pool, commits)
-        wanted, done = [], []
-        for commit, entries in self.commit_trees(repo, commits):
-            found = self.request_blobs(client, commit, entries, existing,
-                                       limit)
-            if wanted and len(wanted) + len(found) > limit:
-                log.warning('%s: %d commit(s) left for the next run '
-                            '(max_requests_per_push %d reached)', client,
-                            len(commits) - len(done), limit)
-                break
-            wanted += found
-            done.append(commit)
-        return wanted, done
-
-    def within_commit_cap(self, client, pool, commits):
-        """The first max_commits_per_push commits; the others wait for the
-        next ingest (nothing is lost), and the admins hear of it."""
-        cap = self.config.get_int('server', 'max_commits_per_push')
-        if len(commits) <= cap:
-            return commits
-        text = (f'{client}: {len(commits)} new commits, more than '
-                f'max_commits_per_push {cap}: {len(commits) - cap} left for '
-                'the next ingest')
-        log.warning('%s', text)
-        note_ignored(pool.path, text)
-        return commits[:cap]
-
-    def commit_trees(self, repo, commits):
-        """(commit, [(mode, kind, blob, raw name)]) of each commit's root
-        tree, oldest first, read by a few `git cat-file` processes however
-        many commits there are (one `ls-tree` per commit cost ~3 ms each:
-        13 s for 4000 empty commits, under the pool lock)."""
-        if not commits:
-            return
-        out = git(repo, 'cat-file', '--batch-check', input=''.join(
-            f'{c}^{{tree}}\n' for c in commits)).stdout.splitlines()
-        trees = [(c, *line.split()) for c, line in zip(commits, out)]
-        start = 0
-        while start < len(trees):
-            # Chunks of at most 16 MiB of tree data held at once.
-            end, size = start, 0
-            while end < len(trees) and (end == start or size < 16 << 20):
-                size += int(trees[end][3])
-                end += 1
-            chunk = trees[start:end]
-            raw = self.blob_contents(repo, sorted({t[1] for t in chunk}))
-            for commit, tree, _, _ in chunk:
-                yield commit, parse_tree(raw[tree])
-            start = end
-
-    def within_size(self, client, repo, pool, wanted):
-        """The requests no larger than max_request_size; the others are
-        noted (the run's mail tells the admins) and left out."""
-        max_size = self.config.get_int('server', 'max_request_size')
-        sizes = self.blob_sizes(repo, [blob for _, blob in wanted])
-        accepted = []
-        for key, blob in wanted:
-            if sizes.get(blob, max_size + 1) > max_size:
-                text = (f'{client}: ignored {key}: {sizes.get(blob, "?")} '
-                        f'bytes, more than max_request_size {max_size}')
-                log.warning('%s', text)
-                note_ignored(pool.path, text)
-            else:
-                accepted.append((key, blob))
-        return accepted
-
-    def write_requests(self, repo, pool, accepted):
-        """Export into .incomplete/, fsync, then move into the pool."""
-        incomplete = os.path.join(pool.path, '.incomplete')
-        shutil.rmtree(incomplete, ignore_errors=True)
-        os.mkdir(incomplete)
-        contents = self.blob_contents(repo, [b for _, b in accepted])
-        files = []
-        for key, blob in accepted:
-            path = os.path.join(incomplete, NEW + key)
-            with open(path, 'wb') as f:
-                f.write(contents[blob])
-                f.flush()
-                os.fsync(f.fileno())
-            files.append((path, key))
-        fsync_dir(incomplete)
-        core.pause_point('ingest:written')
-        pool.adopt(files, NEW)
-        os.rmdir(incomplete)
-
-    def request_blobs(self, client, commit, entries, existing, limit):
-        """[(key, blob)] of the RQ files in one commit's root tree."""
-        found, ignored = [], []
-        for mode, kind, blob, raw_name in entries:
-            name = raw_name.decode('utf-8', 'replace')
-            if name == 'timestamp' and kind == 'blob':
-                continue
-            if kind != 'blob' or mode not in ('100644', '100755') or \
-                    not RQ_NAME_RE.match(name) or name.endswith('.reason'):
-                ignored.append(f'{name} ({kind} {mode})')
-                continue
-            if len(found) >= limit:
-                ignored.append(f'{name} (over max_requests_per_push)')
-                continue
-            key = f'{commit}-{name}'
-            if key not in existing:
-                found.append((key, blob))
-        if ignored:
-            text = '%s: commit %s: ignored %d entr%s: %s' % (
-                client, commit[:12], len(ignored),
-                'y' if len(ignored) == 1 else 'ies',
-                clean_text(', '.join(ignored[:5])))
-            log.warning('%s', text)
-            note_ignored(self.node.pool(client).path, text)
-        return found
-
-    @staticmethod
-    def blob_sizes(repo, blobs):
-        if not blobs:
-            return {}
-        out = git(repo, 'cat-file', '--batch-check',
-                  input='\n'.join(blobs) + '\n').stdout
-        sizes = {}
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == 'blob':
-                sizes[parts[0]] = int(parts[2])
-        return sizes
-
-    @staticmethod
-    def blob_contents(repo, blobs):
-        out = git(repo, 'cat-file', '--batch', text=False,
-                  input=('\n'.join(blobs) + '\n').encode()).stdout
-        contents, pos = {}, 0
-        while pos < len(out):
-            header_end = out.index(b'\n', pos)
-            sha, _, size = out[pos:header_end].decode().split()
-            start = header_end + 1
-            contents[sha] = out[start:start + int(size)]
-            pos = start + int(size) + 1
-        return contents
-
-
-def journal_tail(path, end, size=4096):
-    """A digest of the bytes of a journal just before end ('' for none,
-    None when the file is shorter): what publishing checks it left off
-    after."""
-    if end <= 0:
-        return ''
-    try:
-        with open(path, 'rb') as f:
-            f.seek(max(0, end - size))
-            data = f.read(min(end, size))
-    except FileNotFoundError:
-        return None
-    if len(data) < min(end, size):
-        return None
-    return hashlib.sha256(data).hexdigest()
 
 
 class ClientResults:
@@ -1356,314 +1979,1491 @@ class Node:
         return problems
 
 
-# --------------------------------------------------------------------------
-# -- access control
+# ==========================================================================
+# 4. Keep: retry, gc, prune, verify
 #
-# Who may push to which <client>.git.  Three ways, one guarantee (a client's
-# key may only push to, and fetch from, its own repository):
-#
-# * gitosis: its gitosis.conf names the repositories; ``provision`` (run by
-#   the gitosis-admin post-update hook) gives each one the ingest hook and
-#   the ledger settings.
-# * gitolite3: ``RW`` (never ``RW+``) per client; a repo-specific
-#   post-update hook runs ``ingest "$GL_REPO"`` (see docs/access-control.md).
-# * neither: ``gate <client>`` is the ssh forced command of the client's
-#   key (``add-client`` writes that authorized_keys line).  Its structure
-#   follows gitosis' serve.py: a side-effect-free gate_command() that checks
-#   SSH_ORIGINAL_COMMAND against an allowlist and a strict pattern and
-#   returns what to exec; main() creates the repository and execs.
+# What keeps a node healthy for years: given-up requests put back, git
+# repositories kept small, retention applied per series, and stored files
+# re-hashed and read back.  Every age is measured on the node's own clock
+# (the manifest's `stored` time, the directory name, the result journal),
+# never on a timestamp a client supplied.
 
-IGNORED_NOTES = '.ignored'
+def mail_client_admins(node, client, subject, body):
+    """Mail [client NAME] admin, the extra admins of one client's
+    problems (the [server] admins are mailed separately)."""
+    admins = node.config.admins(f'client {client}')
+    return bool(admins) and core.mail_admins(node.config, 'server', subject,
+                                             body, admins)
 
 
-def parse_tree(data):
-    """[(mode, kind, sha, raw name)] of a raw tree object (what `git
-    ls-tree` prints, modes zero-padded as it does)."""
-    entries, pos = [], 0
-    while pos < len(data):
-        space = data.index(b' ', pos)
-        nul = data.index(b'\0', space)
-        mode = data[pos:space].decode().zfill(6)
-        kind = {'040000': 'tree', '160000': 'commit'}.get(mode, 'blob')
-        entries.append((mode, kind, data[nul + 1:nul + 21].hex(),
-                        data[space + 1:nul]))
-        pos = nul + 21
-    return entries
-
-
-def note_ignored(pool, text):
-    """Remember what ingest ignored in a pushed tree (symlinks, bad names,
-    oversized or surplus request files), so that the next run's summary
-    mail tells the admins once per push instead of once per entry."""
-    with open(os.path.join(pool, IGNORED_NOTES), 'a', encoding='utf-8') as f:
-        f.write(clean_text(text, 1000) + '\n')
-
-
-def take_ignored_notes(node, client):
-    """The ingest notes of a client's pool since the last run (removed)."""
-    pool = node.pool(client)
-    path = os.path.join(pool.path, IGNORED_NOTES)
-    if not os.path.exists(path):
-        return []
-    lock = pool.lock()
-    if not lock.acquire(wait=20):
-        return []
-    with lock:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            notes = [line.rstrip('\n') for line in f if line.strip()]
-        os.unlink(path)
-    return [f'{note} (a client pushed what it should not; nothing of it '
-            'was taken in)' for note in notes[:50]] + (
-        [f'{client}: ... and {len(notes) - 50} more ignore notes in the log']
-        if len(notes) > 50 else [])
-
-
-class AccessDenied(GitBackupError):
-    """An ssh command the gate does not allow (told to the client on
-    stderr, logged, exit 1)."""
-
-
-# Verbs as git's ssh transport sends them (old and new spelling), as in
-# gitosis' COMMANDS_READONLY / COMMANDS_WRITE.
-GATE_VERBS = {'git-upload-pack': 'upload-pack',
-              'git upload-pack': 'upload-pack',
-              'git-receive-pack': 'receive-pack',
-              'git receive-pack': 'receive-pack'}
-# The argument: gitosis' ALLOW_RE ("'/*path'"), one path component only,
-# quotes optional (the command is exec'd, never given to a shell).
-GATE_PATH_RE = re.compile(
-    r"^(?P<q>'?)/*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,131})(?P=q)$")
-# gitosis.conf: sections "[group NAME]"; repositories under these keys.
-GITOSIS_WRITE_KEYS = ('writable', 'writeable')
-GITOSIS_ADMIN_REPO = 'gitosis-admin'
-# What add-client accepts as a public key (type, base64 blob, comment).
-PUBLIC_KEY_RE = re.compile(
-    r'^(?P<type>ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|'
-    r'sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com)'
-    r' +(?P<blob>[A-Za-z0-9+/]{16,16384}={0,2})(?: +(?P<comment>.*))?$')
-
-
-def gate_command(node, client, original_command):
-    """Check an ssh command of <client>'s key; return the argv to exec.
-
-    Allowed: git-upload-pack / git-receive-pack (or ``git upload-pack``
-    ...) of ``'<client>.git'`` (leading slashes and the ``.git`` suffix
-    optional, as gitosis allows).  Anything else raises AccessDenied.
-    Creates nothing: main() does that.
-    """
+def retry_command(node, client, key=None, all_failed=False, out=sys.stdout):
+    """Put given-up requests (X*) of a client back as RQ* with a fresh
+    attempt count (SPEC 4); the next run handles them and reports the new
+    outcome to the client.  Returns how many."""
     check_client_name(client)
-    if original_command is None:
-        raise AccessDenied(f'no command: the key of {client} may only push '
-                           f'to or fetch from {client}.git (no shell)')
-    shown = clean_text(original_command, 200)
-    if '\n' in original_command or '\r' in original_command or \
-            '\0' in original_command:
-        raise AccessDenied(f'refused command {shown!r}: contains a newline')
-    words = original_command.split(None, 1)
-    if words and words[0] == 'git':
-        rest = original_command.split(None, 2)
-        if len(rest) == 3:
-            words = [f'{rest[0]} {rest[1]}', rest[2]]
-    if len(words) != 2 or words[0] not in GATE_VERBS:
-        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
-                           f'may only run git-upload-pack or '
-                           f'git-receive-pack of {client}.git')
-    match = GATE_PATH_RE.match(words[1].strip())
-    if not match:
-        raise AccessDenied(f'refused command {shown!r}: unsafe repository '
-                           'argument')
-    name = match.group('name')
-    if name.endswith('.git'):
-        name = name[:-len('.git')]
-    if name != client:
-        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
-                           f'may only use {client}.git')
-    return ['git', GATE_VERBS[words[0]], node.repository(client)]
+    if bool(key) == bool(all_failed):
+        raise UsageError('give a request key or --all-failed')
+    pool = node.pool(client)
+    attempts = Attempts(pool, 0)
+    failed = pool.list()[FAILED]
+    keys = failed if all_failed else [k for k in failed if k == key]
+    if key and not keys:
+        raise UsageError(f'{client}: no given-up request {key!r} (see '
+                         f'server.py report, or ls {pool.path})')
+    count = 0
+    for k in keys:
+        if attempts.retry(k, NEW):
+            out.write(f'{client}: {k} put back\n')
+            log.info('%s: %s put back by retry', client, k)
+            count += 1
+    return count
 
 
-def gate_needs_repository(node, client):
-    """True when <client>.git is missing or lacks its ingest hook (then
-    the gate creates or repairs it before git runs)."""
-    repo = node.repository(client)
-    try:
-        with open(os.path.join(repo, 'hooks', 'post-update')) as f:
-            hook = f.read()
-    except OSError:
-        return True
-    return not os.path.isdir(os.path.join(repo, 'objects')) or \
-        hook != node.hook_text(client)
+def gc_command(node, aggressive=False):
+    """git gc of every mirror and client repository; log mailed.  Returns
+    the repositories whose gc failed."""
+    repos = []
+    data_dir = node.settings['data_dir']
+    for client in known_clients(node):
+        repos += find_repositories(os.path.join(data_dir, client, 'git'))
+    repos += find_repositories(node.settings['repositories'])
+    return core.gc_repositories(node.config, 'server', repos, aggressive,
+                              f'node {node.name}')
+
+# -- prune ------------------------------------------------------------------
 
 
-def read_gitosis_conf(text, source='gitosis.conf'):
-    """The repository names gitosis.conf gives write access to, in file
-    order, each once (a trailing .git is dropped, as gitosis does)."""
-    parser = configparser.RawConfigParser(strict=False,
-                                          inline_comment_prefixes=None)
-    parser.optionxform = str
-    try:
-        parser.read_string(text, source)
-    except configparser.Error as e:
-        raise ConfigError(f'{source}: {clean_text(e)}') from None
-    names = []
-    for section in parser.sections():
-        if not section.startswith('group '):
-            continue
-        group = []
-        for key in GITOSIS_WRITE_KEYS:
-            for name in (parser[section].get(key) or '').split():
-                if name.endswith('.git'):
-                    name = name[:-len('.git')]
-                group.append(name)
-                if name not in names:
-                    names.append(name)
-        members = (parser[section].get('members') or '').split()
-        clients = [n for n in group if n != GITOSIS_ADMIN_REPO]
-        if len(members) > 1 and clients:
-            log.warning('%s: [%s] lets %d keys write %s: every member may '
-                        'push to each of these; give every client a group '
-                        'of its own', source, clean_text(section),
-                        len(members), clean_text(' '.join(clients)))
-    return names
-
-
-def gitosis_conf_text(node, path=None):
-    """gitosis.conf from a file, else HEAD of repositories/gitosis-admin.git
-    (which is what its post-update hook has just received)."""
-    if path:
+def retention(node, client):
+    """(keep_daily, keep_weekly, keep_monthly) for a client."""
+    section = node.config.section(f'client {client}')
+    values = []
+    for key in ('keep_daily', 'keep_weekly', 'keep_monthly'):
+        value = section.get(key) or node.settings[key]
         try:
-            with open(path, encoding='utf-8') as f:
-                return f.read(), path
-        except (OSError, UnicodeError) as e:
-            raise UsageError(f'cannot read {path}: {e}') from None
-    admin = os.path.join(node.settings['repositories'],
-                         GITOSIS_ADMIN_REPO + '.git')
-    proc = git(admin, 'show', 'HEAD:gitosis.conf', check=False)
-    if proc.returncode != 0:
-        raise ConfigError(f'cannot read HEAD:gitosis.conf of {admin} (give '
-                          'the path of gitosis.conf instead): '
-                          f'{clean_text(proc.stderr.strip())}')
-    return proc.stdout, f'{admin}:HEAD:gitosis.conf'
+            values.append(int(value))
+        except ValueError:
+            raise ConfigError(f'[client {client}] {key}: not a number: '
+                              f'{value!r}') from None
+        if values[-1] < 0:
+            raise ConfigError(f'{key} must not be negative')
+    return tuple(values)
 
 
-def provision(node, path=None):
-    """Ensure every client repository gitosis.conf names exists with its
-    hook, ledger settings and pool.  Returns the list of problems."""
-    text, source = gitosis_conf_text(node, path)
-    problems, done = [], 0
-    for name in read_gitosis_conf(text, source):
-        if name == GITOSIS_ADMIN_REPO:
+def backups_to_keep(backups, daily, weekly, monthly):
+    """{path: reason} of the good backups to keep (given oldest first):
+    the newest always; then the newest backup of each of the last `daily`
+    days that have one, of the last `weekly` ISO weeks, of the last
+    `monthly` months -- as borg and restic count."""
+    newest_first = sorted(backups, key=StoredBackup.sort_key, reverse=True)
+    keep = {}
+    if newest_first:
+        keep[newest_first[0].path] = 'newest'
+    for count, fmt, what in ((daily, '%Y-%m-%d', 'daily'),
+                             (weekly, '%G-W%V', 'weekly'),
+                             (monthly, '%Y-%m', 'monthly')):
+        seen = set()
+        for backup in newest_first:
+            if len(seen) >= count:
+                break
+            bucket = backup.time.strftime(fmt)
+            if bucket not in seen:
+                seen.add(bucket)
+                keep.setdefault(backup.path, f'{what} {bucket}')
+    return keep
+
+
+def remove_tree(path):
+    """Hide a directory by renaming it (atomic), then delete it."""
+    parent, name = os.path.split(path)
+    trash = os.path.join(parent, f'.trash-{name}')
+    os.rename(path, trash)
+    fsync_dir(parent)
+    shutil.rmtree(trash)
+
+
+def prune_command(node, dry_run=False, out=sys.stdout):
+    """Apply retention to stored backups and remove old F*/X* request
+    files; return the list of errors."""
+    errors = []
+    verb = 'would remove' if dry_run else 'removed'
+    now = time.time()
+    keep_requests = node.config.get_duration('server', 'keep_requests')
+    removed = kept = 0
+    for client in known_clients(node):
+        retain = retention(node, client)
+        for source, backups in stored_backups(node, client).items():
+            directory = os.path.join(node.settings['data_dir'], client,
+                                     'files', source)
+            source_errors, source_removed, source_kept = prune_source(
+                directory, backups, retain, dry_run, verb, out)
+            errors += source_errors
+            removed += source_removed
+            kept += source_kept
+        pool = node.pool(client)
+        states = pool.list()
+        errors += prune_incoming(node, client, states, dry_run, out)
+        errors += prune_request_files(pool, states, now, keep_requests,
+                                      dry_run, verb, out)
+        if not dry_run and os.path.isdir(pool.path):
+            fsync_dir(pool.path)
+    log.info('prune%s: %d backup(s) %s, %d kept', ' --dry-run' if dry_run
+             else '', removed, verb, kept)
+    return errors
+
+
+def prune_source(directory, backups, retain, dry_run, verb, out):
+    """Apply retention (daily, weekly, monthly) to the backups of one
+    source; return (errors, how many removed, how many kept)."""
+    daily, weekly, monthly = retain
+    errors = []
+    removed = kept = 0
+    if not dry_run:
+        for name in os.listdir(directory):
+            if name.startswith('.trash-'):   # an interrupted prune
+                shutil.rmtree(os.path.join(directory, name),
+                              ignore_errors=True)
+    good = [b for b in backups if b.good and b.time]
+    keep = {}
+    for series in {b.series for b in good}:
+        keep.update(backups_to_keep(
+            [b for b in good if b.series == series], daily, weekly,
+            monthly))
+    keep_bases(keep, good)
+    for backup in good:
+        if backup.path in keep:
+            kept += 1
+            log.debug('keeping %s (%s)', backup.path,
+                      keep[backup.path])
             continue
         try:
-            check_client_name(name)
-            node.ensure_repository(name)
-            done += 1
-        except GitBackupError as e:
-            problems.append(f'{source}: not provisioning {clean_text(name)!r}:'
-                            f' {e}')
-            log.error('%s', problems[-1])
-    log.info('provisioned %d client repositor%s from %s', done,
-             'y' if done == 1 else 'ies', source)
+            if not dry_run:
+                remove_tree(backup.path)
+        except OSError as e:
+            errors.append(f'{backup.path}: {e}')
+            log.error('cannot remove %s: %s', backup.path, e)
+            continue
+        removed += 1
+        out.write(f'{verb} {backup.path}\n')
+    for backup in backups:
+        if not backup.good or not backup.time:
+            log.warning('%s: no readable manifest; not pruned (see '
+                        '`server.py verify`)', backup.path)
+    return errors, removed, kept
+
+
+def prune_request_files(pool, states, now, keep_requests, dry_run, verb,
+                        out):
+    """Remove F*/X* request files (and their .reason and attempt count)
+    last changed more than keep_requests seconds before now; return the
+    list of errors."""
+    errors = []
+    for state in (FINISHED, FAILED):
+        for key in states[state]:
+            path = pool.file(state, key)
+            extras = [p for p in (path + '.reason',
+                                  Attempts(pool, 0).path(key))
+                      if os.path.exists(p)]
+            try:
+                mtime = max(os.lstat(p).st_mtime
+                            for p in [path] + extras)
+            except OSError:
+                continue
+            if now - mtime <= keep_requests:
+                continue
+            for p in [path] + extras:
+                try:
+                    if not dry_run:
+                        os.unlink(p)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    errors.append(f'{p}: {e}')
+                    continue
+                out.write(f'{verb} {p}\n')
+    return errors
+
+
+def prune_incoming(node, client, states, dry_run, out):
+    """Staging directories files/.incoming/<key> whose request is neither
+    pending nor being handled, and older than command_timeout (no download
+    runs longer), are what a crash left behind: remove them."""
+    incoming = os.path.join(node.settings['data_dir'], client, 'files',
+                            '.incoming')
+    live = set(states[NEW]) | set(states[PROCESSING])
+    limit = node.config.get_duration('server', 'command_timeout')
+    try:
+        paths = [os.path.join(incoming, name)
+                 for name in sorted(os.listdir(incoming)) if name not in live]
+    except FileNotFoundError:
+        paths = []
+    # The git module's first backup stages in .<name>.git.incoming beside
+    # the mirror; one is left when that request was given up.
+    git_root = os.path.join(node.settings['data_dir'], client, 'git')
+    for root, dirs, _ in os.walk(git_root):
+        paths += [os.path.join(root, d) for d in sorted(dirs)
+                  if d.startswith('.') and d.endswith('.git.incoming')]
+        dirs[:] = [d for d in dirs if not d.endswith(('.git', '.incoming'))]
+    return core.remove_listed(core.older_than(paths, limit), dry_run, out)
+
+# -- verify -----------------------------------------------------------------
+
+
+def restore_check(path, timeout):
+    """Read a stored file the way a restore would (tar lists the archive,
+    pg_restore lists the dump).  None when fine or not checkable, else
+    (level, message)."""
+    name = os.path.basename(path)
+    if name.endswith(TAR_SUFFIXES):
+        args = ['tar', '--list', '--file', path]
+        # tar runs the decompressor: missing, it is a check that could not
+        # run, not a corrupt archive.
+        for suffixes, tool in TAR_TOOLS:
+            if name.endswith(suffixes) and not shutil.which(tool):
+                return WARNING, (f'{path}: cannot check: {tool}: not '
+                                 'installed or not in PATH')
+    elif name.endswith(DUMP_SUFFIXES):
+        args = ['pg_restore', '--list', '--', path]
+    else:
+        return None
+    try:
+        core.run(args, stdout=subprocess.DEVNULL, timeout=timeout)
+    except core.ToolMissing as e:
+        return WARNING, f'{path}: cannot check: {e}'
+    except core.CommandFailed as e:
+        return CRITICAL, f'{path}: restore check failed: {e}'
+    log.debug('restore check of %s passed', path)
+    return None
+
+
+def verify_backup(backup):
+    """Re-hash the files of one stored backup; [(level, message)]."""
+    if not backup.good:
+        return [(CRITICAL, f'{backup.path}: manifest.json missing or '
+                 'unreadable')]
+    problems = []
+    for entry in backup.manifest['files']:
+        name = entry.get('name') if isinstance(entry, dict) else None
+        if not isinstance(name, str) or '/' in name or name in ('', '.',
+                                                                '..'):
+            problems.append((CRITICAL, f'{backup.path}: bad file entry '
+                             f'{clean_text(entry)!r} in manifest.json'))
+            continue
+        path = os.path.join(backup.path, name)
+        try:
+            digest, size = core.sha256_file(path)
+        except FileNotFoundError:
+            problems.append((CRITICAL, f'{path}: missing'))
+            continue
+        except OSError as e:
+            problems.append((CRITICAL, f'{path}: unreadable: {e}'))
+            continue
+        if size != entry.get('size'):
+            problems.append((CRITICAL, f'{path}: size {size}, manifest says '
+                             f'{entry.get("size")}'))
+        if digest != entry.get('sha256'):
+            problems.append((CRITICAL, f'{path}: sha256 {digest} does not '
+                             f'match the manifest\'s {entry.get("sha256")}'))
     return problems
 
 
-def read_public_key(path):
-    """(type, blob, comment) of the one public key in a file."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read(65536)
-    except (OSError, UnicodeError) as e:
-        raise UsageError(f'cannot read public key {path}: {e}') from None
-    lines = [line.strip() for line in text.splitlines()
-             if line.strip() and not line.strip().startswith('#')]
-    if len(lines) != 1:
-        raise UsageError(f'{path}: want exactly one public key line, found '
-                         f'{len(lines)}')
-    match = PUBLIC_KEY_RE.match(lines[0])
-    if not match:
-        raise UsageError(f'{path}: not a public key line (no options '
-                         'allowed): ' + clean_text(lines[0], 80))
-    try:
-        blob = base64.b64decode(match.group('blob'), validate=True)
-    except ValueError:
-        raise UsageError(f'{path}: the key is not valid base64') from None
-    kind = match.group('type').encode()
-    if blob[:4] != len(kind).to_bytes(4, 'big') or \
-            blob[4:4 + len(kind)] != kind:
-        raise UsageError(f'{path}: the key data does not match its type '
-                         f'{match.group("type")}')
-    comment = re.sub(r'[^A-Za-z0-9@._+:=-]', '_', match.group('comment') or '')
-    return match.group('type'), match.group('blob'), comment
+def verify_command(node, only_client=None, restore=True, out=sys.stdout):
+    """Re-hash every stored file, git fsck every mirror and client
+    repository, and check that the newest backup of each source can be
+    read back.  Mails problems; returns 0 ok, 1 warning, 2 critical."""
+    timeout = node.config.get_duration('server', 'command_timeout')
+    problems = []
+    files = repos = 0
+    clients = [check_client_name(only_client)] if only_client else \
+        known_clients(node)
+    for client in clients:
+        for backups in stored_backups(node, client).values():
+            source_problems, source_files = verify_source(backups, restore,
+                                                          timeout)
+            problems += source_problems
+            files += source_files
+        repo_problems, repo_count = fsck_client_repositories(node, client,
+                                                             timeout)
+        problems += repo_problems
+        repos += repo_count
+    status = max([level for level, _ in problems] or [OK])
+    for level, message in problems:
+        out.write(f'{STATUS_NAMES[level]}: {message}\n')
+    summary = (f'verify on {node.name}: {files} file(s) re-hashed, {repos} '
+               f'repositories checked, {len(problems)} problem(s): '
+               f'{STATUS_NAMES[status].upper()}')
+    out.write(summary + '\n')
+    log.info('%s', summary)
+    write_json(os.path.join(node.state_dir, 'verify.json'),
+               {'finished': core.isotime(), 'status': STATUS_NAMES[status],
+                'problems': [m for _, m in problems][:100]})
+    if problems:
+        core.mail_admins(node.config, 'server',
+                       f'gitbackup: verify on {node.name}: '
+                       f'{STATUS_NAMES[status].upper()}',
+                       '\n'.join(f'{STATUS_NAMES[level]}: {message}'
+                                 for level, message in problems) +
+                       '\n\n' + summary + '\n')
+    return status
 
 
-def authorized_keys_line(node, client, key):
-    kind, blob, comment = key
-    words = [sys.executable, os.path.abspath(__file__), '--config',
-             node.config.path, 'gate', client]
-    if any('"' in w or '\\' in w or not w.isprintable() for w in words):
-        raise UsageError('a path in the forced command contains a quote, '
-                         'backslash or control character: ' +
-                         clean_text(' '.join(words)))
-    command = ' '.join(shlex.quote(w) for w in words)
-    return f'command="{command}",restrict {kind} {blob} {comment}'.rstrip()
+def verify_source(backups, restore, timeout):
+    """Re-hash the backups of one source, check its incremental chains and,
+    with restore, read its newest backups back; return ([(level, message)],
+    how many files were re-hashed)."""
+    problems = []
+    files = 0
+    for backup in backups:
+        found = verify_backup(backup)
+        if found and not os.path.isdir(backup.path):
+            continue  # pruned meanwhile
+        problems += found
+        files += len((backup.manifest or {}).get('files') or [])
+    good = [b for b in backups if b.good]
+    problems += chain_problems(good)
+    for backup in newest_of_series(good) if restore else []:
+        for entry in backup.manifest['files']:
+            if isinstance(entry, dict) and \
+                    isinstance(entry.get('name'), str) and \
+                    '/' not in entry['name']:
+                found = restore_check(os.path.join(
+                    backup.path, entry['name']), timeout)
+                if found:
+                    problems.append(found)
+    return problems, files
 
 
-def add_client(node, client, key_file, authorized_keys=None):
-    """Append the gate line of <client>'s key to authorized_keys (temp name,
-    fsync, rename; other lines kept).  Returns the path written."""
-    check_client_name(client)
-    key = read_public_key(key_file)
-    path = os.path.realpath(authorized_keys or
-                            os.path.expanduser('~/.ssh/authorized_keys'))
-    try:
-        with open(path, encoding='utf-8', errors='surrogateescape') as f:
-            current = f.read()
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        current, mode = '', 0o600
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    for number, line in enumerate(current.splitlines(), 1):
-        if key[1] in line.split():
-            raise UsageError(f'{path}:{number}: this key is already there; '
-                             'a key may serve one client only (edit the '
-                             'file by hand to change it)')
-    if current and not current.endswith('\n'):
-        current += '\n'
-    atomic_write(path, (current + authorized_keys_line(node, client, key) +
-                        '\n').encode('utf-8', 'surrogateescape'), mode=mode)
-    log.info('%s: added the key of %s (gate %s)', path, client, client)
-    return path
+def fsck_client_repositories(node, client, timeout):
+    """git fsck the client's mirrors and its request repository; return
+    ([(level, message)], how many repositories were checked)."""
+    problems = []
+    targets = list(client_mirrors(node, client).values())
+    repository = node.repository(client)
+    if os.path.isdir(os.path.join(repository, 'objects')):
+        targets.append(repository)
+    for repo in targets:
+        proc = git(repo, 'fsck', '--no-progress', '--no-dangling',
+                   check=False, timeout=timeout)
+        if proc.returncode != 0:
+            detail = '\n'.join('    ' + line for line in
+                               (proc.stderr + proc.stdout).strip()
+                               .splitlines()[-20:])
+            problems.append((CRITICAL, f'{repo}: git fsck failed (exit '
+                             f'{proc.returncode}):\n{detail}'))
+    return problems, len(targets)
 
 
-# --------------------------------------------------------------------------
-# -- operations: gc, report, prune, verify
+# ==========================================================================
+# 5. Copy away: the offsite copy on an rclone remote
 #
-# What an admin runs from cron for years: `gc` keeps repositories small,
-# `report` tells when backups silently stopped (Nagios exit codes,
-# Prometheus textfile, a static HTML page), `prune` keeps disks from
-# filling, `verify` proves that what is stored is still intact and
-# restorable.  Every age here is measured on the node's own clock (the
-# manifest's `stored` time, the directory name, the result journal), never
-# on a timestamp a client supplied.
+# rclone is the engine: it speaks the remote's protocol (sftp, S3, WebDAV,
+# ...), encrypts when the remote is a `crypt` remote, and checks hashes.
+# This section only decides what to copy and what to remove there.  The
+# remote mirrors data_dir:
+#   <remote>/<client>/files/<source>/<snapshot>/   (manifest.json included)
+#   <remote>/<client>/git/<path>.git/<node time>.bundle
+# A git mirror travels as one `git bundle --all` whenever its refs changed:
+# one self-contained file that `git bundle verify` and a hash can prove,
+# where a file-by-file `rclone copy` of a bare repository (never `sync`)
+# would keep stale loose refs and packs beside the new ones after a gc.
+# The mirror never loses history (preserved refs), so its newest bundle
+# holds all that older ones did: those are removed once it is verified.
+# Snapshots are removed remotely only after prune removed them here, and
+# only while their source still has a snapshot here (prune always keeps
+# the newest: an empty source means a missing disk, not a prune).
+# Every step is recorded in data_dir/<client>/offsite.jsonl: 'start'
+# before a copy (so a copy cut short is still known to be there, partly),
+# 'copied' once verified, 'removed' once gone.  It comes before the
+# chapters that give data back and report, which read it.
 
-OK, WARNING, CRITICAL = 0, 1, 2
-STATUS_NAMES = ('ok', 'warning', 'critical')
-UTC = datetime.timezone.utc
-# Directory names of stored backups: node time, '.n' when two landed in
-# the same second.
-STORED_NAME_RE = re.compile(r'^([0-9]{8}T[0-9]{6}Z)(?:\.([0-9]+))?$')
-SOURCE_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._/+-]{0,200}$')
-URL_PATH_RE = re.compile(r'^[a-z][a-z0-9+.-]{0,15}://[^/\s]*(/\S*)?$')
-# What the sample restore check can read, by file name ending.
-TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
-                '.tar.bz2', '.tbz2')
-DUMP_SUFFIXES = ('.dump',)
-# Files a client sends beside its data, describing it (an archive's
-# listing, a dump's row statistics): what `drill` proves a restore against.
-LISTING_SUFFIX = '.listing'
-STATS_SUFFIX = '.stats.json'
-COMPANION_SUFFIXES = (LISTING_SUFFIX, STATS_SUFFIX)
-TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
-             (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
+OFFSITE_REMOTE_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_. -]*:[^\s]*$')
+# rclone's exit statuses for "directory not found" and "file not found":
+# what was to be removed is already gone.
+RCLONE_NOT_FOUND = (3, 4)
+
+
+class OffsiteFailed(GitBackupError):
+    """A copy, a check or a fetch from the offsite remote failed."""
+
+
+class Offsite:
+    """rclone with this node's [offsite] settings."""
+
+    def __init__(self, node):
+        if not node.config.has('offsite'):
+            raise ConfigError(f'{node.config.path}: no [offsite] section '
+                              '(remote = name:path, rclone_config = PATH)')
+        settings = node.config.section('offsite')
+        self.remote = settings['remote'].strip()
+        if not OFFSITE_REMOTE_RE.match(self.remote):
+            raise ConfigError(f'[offsite] remote = {self.remote}: not an '
+                              'rclone remote (name:path)')
+        self.rclone_config = settings['rclone_config']
+        if not os.path.isfile(self.rclone_config):
+            raise ConfigError(f'[offsite] rclone_config = '
+                              f'{self.rclone_config}: no such file')
+        self.program = shlex.split(settings['rclone'])
+        self.options = ['--transfers', settings['transfers'] or '4']
+        if settings['bwlimit']:
+            self.options += ['--bwlimit', settings['bwlimit']]
+        self.timeout = node.config.get_duration('server', 'command_timeout')
+        self.crypt = self.remote_type() == 'crypt'
+
+    def rclone(self, *args, check=True):
+        # --ask-password=false: cron has no terminal to type one into.
+        return core.run([*self.program, '--config', self.rclone_config,
+                         '--ask-password=false', *args],
+                        timeout=self.timeout, check=check)
+
+    def remote_type(self):
+        """The type of the named remote ('crypt', 's3', ...); a name the
+        rclone config lacks is a configuration error, said now."""
+        name = self.remote.split(':', 1)[0]
+        dump = self.rclone('config', 'dump').stdout
+        try:
+            remotes = json.loads(dump)
+        except ValueError:
+            remotes = {}
+        if name not in remotes:
+            raise ConfigError(f'[offsite] remote = {self.remote}: no remote '
+                              f'[{name}] in {self.rclone_config}')
+        return remotes[name].get('type')
+
+    def path(self, client, rel=''):
+        base = self.remote if self.remote.endswith((':', '/')) \
+            else self.remote + '/'
+        return f'{base}{client}/{rel}'.rstrip('/')
+
+    def verify(self, local_dir, remote_dir):
+        """Prove that every file of local_dir arrived whole.  A crypt
+        remote stores no plaintext hashes: cryptcheck encrypts ours and
+        compares.  A remote without a hash in common (WebDAV) would be
+        compared by size alone: download and compare bytes instead."""
+        if self.crypt:
+            self.rclone('cryptcheck', '--one-way', local_dir, remote_dir)
+            return
+        result = self.rclone('check', '--one-way', local_dir, remote_dir)
+        if 'No common hash' in result.stderr:
+            self.rclone('check', '--one-way', '--download', local_dir,
+                        remote_dir)
+
+    def remove(self, remote_path, directory):
+        """Remove a snapshot directory or a file; gone already is fine."""
+        result = self.rclone('purge' if directory else 'deletefile',
+                             remote_path, check=False)
+        if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
+            raise core.CommandFailed(result.args, result.returncode,
+                                     result.stderr)
+
+    def entry(self, event, rel, **extra):
+        return {'event': event, 'remote': self.remote, 'path': rel,
+                'time': core.isotime(), **extra}
+
+
+def offsite_state(node, client, remote):
+    """{remote path: last journal entry} on this remote: what is there
+    ('start': perhaps partly, 'copied': verified); removed ones dropped."""
+    state = {}
+    for entry in offsite_journal(node, client).read()[0]:
+        if entry.get('remote') == remote and isinstance(entry.get('path'),
+                                                        str):
+            state[entry['path']] = entry
+    return {path: e for path, e in state.items()
+            if e.get('event') in ('start', 'copied')}
+
+
+def snapshot_rel(backup):
+    return f'files/{backup.source}/{backup.name}'
+
+
+def offsite_copy_snapshot(off, journal, client, backup):
+    rel = snapshot_rel(backup)
+    manifest_sha256 = core.sha256_file(
+        os.path.join(backup.path, 'manifest.json'))[0]
+    journal.append([off.entry('start', rel)])
+    target = off.path(client, rel)
+    off.rclone('copy', *off.options, backup.path, target)
+    off.verify(backup.path, target)
+    journal.append([off.entry('copied', rel, bytes=backup.size,
+                              manifest_sha256=manifest_sha256)])
+    log.info('offsite: copied %s/%s', client, rel)
+
+
+def offsite_snapshots(off, node, client, state, out):
+    """Copy the snapshots not yet verified there (oldest first, so an
+    increment's base goes before it); remove those prune removed here.
+    Returns (copied, removed, errors)."""
+    journal = offsite_journal(node, client)
+    local = {}
+    for backups in stored_backups(node, client).values():
+        for backup in backups:
+            if backup.good and backup.time:
+                local[snapshot_rel(backup)] = backup
+    copied, removed, errors = 0, 0, []
+    for rel, backup in local.items():
+        if state.get(rel, {}).get('event') == 'copied':
+            continue
+        try:
+            offsite_copy_snapshot(off, journal, client, backup)
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{rel}: {e}')
+            continue
+        copied += 1
+        out.write(f'copied {client}/{rel}\n')
+    sources = {rel.rsplit('/', 1)[0] for rel in local}
+    for rel in sorted(state):
+        if not rel.startswith('files/') or rel in local or \
+                rel.rsplit('/', 1)[0] not in sources or \
+                os.path.exists(os.path.join(node.settings['data_dir'],
+                                            client, rel)):
+            continue
+        try:
+            off.remove(off.path(client, rel), directory=True)
+        except GitBackupError as e:
+            errors.append(f'{client}/{rel}: cannot remove: {e}')
+            continue
+        journal.append([off.entry('removed', rel)])
+        removed += 1
+        out.write(f'removed {client}/{rel}\n')
+    return copied, removed, errors
+
+
+def mirror_refs_digest(repo):
+    """A digest of every ref and its target: a changed mirror changes it.
+    None for a mirror without refs (git refuses an empty bundle)."""
+    refs = git(repo, 'for-each-ref', '--format=%(objectname) %(refname)',
+               env={**os.environ, 'LC_ALL': 'C'}).stdout
+    return hashlib.sha256(refs.encode()).hexdigest() if refs.strip() \
+        else None
+
+
+def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
+    """Bundle one mirror into staging/, prove the bundle, copy and check
+    it; return its remote path."""
+    os.makedirs(staging)
+    # Node time to the microsecond: two runs in one second must not name
+    # the new bundle as the old one they then remove.
+    name = f'{core.new_request_id()}.bundle'
+    bundle = os.path.join(staging, name)
+    git(repo, 'bundle', 'create', bundle, '--all')
+    git(repo, 'bundle', 'verify', bundle)
+    bundle_rel = f'git/{rel}.git/{name}'
+    journal.append([off.entry('start', bundle_rel)])
+    target = off.path(client, f'git/{rel}.git')
+    off.rclone('copy', *off.options, staging, target)
+    off.verify(staging, target)
+    sha256, size = core.sha256_file(bundle)
+    journal.append([off.entry('copied', bundle_rel, refs=digest,
+                              sha256=sha256, bytes=size)])
+    return bundle_rel
+
+
+def offsite_mirrors(off, node, client, state, out):
+    """A new bundle of each mirror whose refs changed since its last
+    verified bundle; older bundles of it removed after.  Returns
+    (copied, removed, errors)."""
+    journal = offsite_journal(node, client)
+    staging_top = os.path.join(node.settings['data_dir'], client,
+                               '.offsite-staging')
+    copied, removed, errors = 0, 0, []
+    for source, repo in sorted(client_mirrors(node, client).items()):
+        rel = source[len('git/'):]
+        prefix = f'git/{rel}.git/'
+        mine = {p: e for p, e in state.items() if p.startswith(prefix)}
+        last = max((e for e in mine.values() if e['event'] == 'copied'),
+                   key=lambda e: e['path'], default={})
+        staging = os.path.join(staging_top, core.new_request_id())
+        try:
+            digest = mirror_refs_digest(repo)
+            if digest is None or digest == last.get('refs'):
+                continue
+            new = offsite_copy_bundle(off, journal, client, rel, repo,
+                                      digest, staging)
+            copied += 1
+            out.write(f'copied {client}/{new}\n')
+            for old in sorted(mine):
+                off.remove(off.path(client, old), directory=False)
+                journal.append([off.entry('removed', old)])
+                removed += 1
+                out.write(f'removed {client}/{old} (superseded)\n')
+        except (GitBackupError, OSError) as e:
+            errors.append(f'{client}/{source}: {e}')
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return copied, removed, errors
+
+
+def offsite_command(node, out=sys.stdout):
+    """Copy every client's new snapshots and changed mirrors to the
+    remote, remove what prune removed here; return the errors (each item
+    is tried, a failure does not stop the others)."""
+    off = Offsite(node)
+    totals, errors = [0, 0], []
+    for client in known_clients(node):
+        state = offsite_state(node, client, off.remote)
+        for step in (offsite_snapshots, offsite_mirrors):
+            copied, removed, failed = step(off, node, client, state, out)
+            totals[0] += copied
+            totals[1] += removed
+            errors += failed
+    for error in errors:
+        log.error('offsite: %s', error)
+    log.info('offsite to %s: %d copied and verified, %d removed, %d '
+             'error(s)', off.remote, totals[0], totals[1], len(errors))
+    return errors
+
+
+def offsite_fetch(node, client, source, snapshot, target_dir):
+    """Download one snapshot from the offsite remote into target_dir
+    (absent or empty) and prove every file against its manifest (sha256
+    and size; nothing missing, nothing extra).  When this node's journal
+    recorded the manifest's own sha256 at copy time, the manifest must
+    match it too, so a plain remote cannot swap manifest and files
+    together.  Returns the manifest; raises OffsiteFailed."""
+    check_client_name(client)
+    if not SOURCE_NAME_RE.match(source or '') or \
+            not STORED_NAME_RE.match(snapshot or ''):
+        raise UsageError(f'not a source and snapshot name: {source!r} '
+                         f'{snapshot!r} (see `server.py list`)')
+    if os.path.exists(target_dir) and (not os.path.isdir(target_dir) or
+                                       os.listdir(target_dir)):
+        raise UsageError(f'{target_dir}: exists and is not an empty '
+                         'directory')
+    off = Offsite(node)
+    rel = f'files/{source}/{snapshot}'
+    os.makedirs(target_dir, exist_ok=True)
+    off.rclone('copy', *off.options, off.path(client, rel), target_dir)
+    problems = offsite_fetch_problems(
+        target_dir, offsite_state(node, client, off.remote).get(rel, {}))
+    if problems:
+        raise OffsiteFailed(f'{off.path(client, rel)} fetched into '
+                            f'{target_dir} is not what was stored:\n  ' +
+                            '\n  '.join(problems))
+    log.info('offsite: fetched %s/%s into %s; every sha256 matches its '
+             'manifest', client, rel, target_dir)
+    return read_json(os.path.join(target_dir, 'manifest.json'))
+
+
+def offsite_fetch_problems(target_dir, journal_entry):
+    """What is wrong with a fetched snapshot directory ([] when nothing)."""
+    manifest_path = os.path.join(target_dir, 'manifest.json')
+    if not os.path.isfile(manifest_path):
+        return ['no manifest.json (no such snapshot on the remote?)']
+    recorded = journal_entry.get('manifest_sha256')
+    if recorded and core.sha256_file(manifest_path)[0] != recorded:
+        return ['manifest.json differs from the one this node copied']
+    manifest = read_json(manifest_path)
+    files = manifest.get('files') if isinstance(manifest, dict) else None
+    if not isinstance(files, list):
+        return ['manifest.json lists no files']
+    problems, named = [], {'manifest.json'}
+    for entry in files:
+        name = entry.get('name') if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not core.NAME_RE.match(name):
+            problems.append(f'bad entry {clean_text(entry)!r} in manifest')
+            continue
+        named.add(name)
+        path = os.path.join(target_dir, name)
+        if not os.path.isfile(path):
+            problems.append(f'{name}: missing')
+            continue
+        digest, size = core.sha256_file(path)
+        if digest != entry.get('sha256') or size != entry.get('size'):
+            problems.append(f'{name}: sha256 {digest} size {size}, manifest '
+                            f'says {entry.get("sha256")} size '
+                            f'{entry.get("size")}')
+    problems += [f'{name}: not in the manifest'
+                 for name in sorted(set(os.listdir(target_dir)) - named)]
+    return problems
+
+
+def offsite_lag(node, client, now):
+    """For `report`: the client's snapshots not yet verified offsite, the
+    newest of them and its age, and the age of the oldest (how far the
+    offsite copy is behind).  None when no [offsite] is configured."""
+    if not node.config.has('offsite'):
+        return None
+    remote = node.config.section('offsite')['remote'].strip()
+    state = offsite_state(node, client, remote)
+    copied = [e for e in state.values() if e.get('event') == 'copied']
+    pending = sorted((b for backups in stored_backups(node, client).values()
+                      for b in backups if b.good and b.time and
+                      state.get(snapshot_rel(b), {}).get('event') !=
+                      'copied'), key=StoredBackup.sort_key)
+
+    def age(backup):
+        return int(max((now - backup.time).total_seconds(), 0))
+    return {'remote': remote, 'pending': len(pending),
+            'newest_pending': snapshot_rel(pending[-1]) if pending else None,
+            'newest_pending_age_seconds': age(pending[-1]) if pending
+            else None,
+            'lag_seconds': age(pending[0]) if pending else 0,
+            'last_copy': max((e.get('time') for e in copied), default=None)}
+
+
+def add_offsite_lag(node, client_report, now):
+    """report: the offsite lag of one client; a warning once the oldest
+    snapshot not yet offsite is older than stale_after."""
+    lag = offsite_lag(node, client_report['client'], now)
+    client_report['offsite'] = lag
+    if lag and lag['lag_seconds'] > client_report['stale_after_seconds']:
+        client_report['problems'].append(
+            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
+            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
+        client_report['status'] = STATUS_NAMES[max(
+            WARNING, STATUS_NAMES.index(client_report['status']))]
+
+
+def offsite_cli(node, fetch):
+    """`server.py offsite [--fetch CLIENT SOURCE SNAPSHOT DIR]`."""
+    if fetch:
+        offsite_fetch(node, *fetch)
+        return 0
+    return core.exclusive(node.settings['log_dir'], 'offsite',
+                          lambda: 1 if offsite_command(node) else 0)
+
+
+# ==========================================================================
+# 6. Give back: list, restore, drill
+#
+# A backup is only worth its restore.  `list` shows what a node holds under
+# the names `restore` and `drill` accept; `restore` gets any of it back
+# with one command (hashes checked before anything is written); `drill`
+# restores the newest snapshot of every series into a scratch directory
+# and proves it against what the client recorded when it made it.
+
+# `restore --at`: a snapshot name, or ISO 8601 (UTC unless an offset).
+AT_COMPACT_RE = re.compile(r'^[0-9]{8}T[0-9]{6}Z$')
+AT_DATE_RE = re.compile(r'^[0-9]{4}-[0-9]{2}-[0-9]{2}$')
+GIT_SNAPSHOT = 'mirror'       # the one "snapshot" of a git mirror
+
+
+def list_snapshots(node, client, source=None):
+    """The `list` entries of one client: every good snapshot, oldest
+    first per source, then its git mirrors."""
+    verify, drills = last_outcomes(node, client)
+    entries = []
+    for name, backups in stored_backups(node, client).items():
+        if source and name != source:
+            continue
+        good = [b for b in backups if b.good and b.time]
+        for b in good:
+            base = base_snapshot(good, b)
+            wanted = b.manifest.get('base')
+            entries.append({
+                'client': client, 'source': name, 'snapshot': b.name,
+                'time': core.isotime(b.time), 'kind': snapshot_kind(b),
+                'level': manifest_level(b.manifest),
+                'base': base.name if base else None,
+                # The client request id the increment builds on; with no
+                # `base` snapshot for it, the chain is broken.
+                'base_request': wanted,
+                'chain_broken': bool(wanted) and base is None,
+                'request_id': b.manifest.get('request_id'),
+                'size': b.size,
+                'files': [{'name': f.get('name'), 'size': f.get('size'),
+                           'sha256': f.get('sha256')}
+                          for f in b.manifest['files'] if isinstance(f, dict)],
+                'verify': verify_outcome(verify, b.path),
+                'drill': drills.get((name, b.name))})
+    for name, repo in client_mirrors(node, client).items():
+        if source and name != source:
+            continue
+        entries.append({
+            'client': client, 'source': name, 'snapshot': GIT_SNAPSHOT,
+            'time': core.isotime(mirror_time(repo)) if mirror_time(repo)
+            else None, 'kind': 'git', 'level': 0, 'base': None,
+            'base_request': None, 'chain_broken': False, 'request_id': None, 'size': core.tree_size(repo), 'files': [],
+            'verify': verify_outcome(verify, repo),
+            'drill': drills.get((name, GIT_SNAPSHOT))})
+    return entries
+
+
+def list_text(entries):
+    lines = [f'{"CLIENT":<12} {"SOURCE":<16} {"SNAPSHOT":<18} {"KIND":<11} '
+             f'{"SIZE":>10}  {"VERIFY":<7} {"DRILL":<7} FILES']
+    for e in entries:
+        kind = e['kind'] + (f' <{e["base"]}' if e['base'] else
+                            ' <MISSING BASE' if e['chain_broken'] else '')
+        lines.append(
+            f'{e["client"]:<12} {e["source"]:<16} {e["snapshot"]:<18} '
+            f'{kind:<11} {core.human_size(e["size"]):>10}  '
+            f'{(e["verify"] or {}).get("outcome", "-"):<7} '
+            f'{(e["drill"] or {}).get("outcome", "-"):<7} '
+            + ' '.join(clean_text(f['name']) for f in e['files']))
+    return '\n'.join(lines) + '\n'
+
+
+def list_command(node, client=None, source=None, fmt='text',
+                 out=sys.stdout):
+    clients = [check_client_name(client)] if client else known_clients(node)
+    entries = []
+    for name in clients:
+        entries += list_snapshots(node, name, source)
+    if fmt == 'json':
+        out.write(json.dumps(entries, indent=1, sort_keys=True) + '\n')
+    else:
+        out.write(list_text(entries))
+    return 0
+
+# -- restore ----------------------------------------------------------------
+
+
+def parse_at(text):
+    """TIME of `restore --at` -> aware datetime (a bare date: the end of
+    that day, UTC unless an offset is given)."""
+    try:
+        if AT_COMPACT_RE.match(text):
+            return datetime.datetime.strptime(
+                text, core.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+        if AT_DATE_RE.match(text):
+            day = datetime.date.fromisoformat(text)
+            return datetime.datetime.combine(
+                day, datetime.time.max).replace(tzinfo=UTC)
+        when = datetime.datetime.fromisoformat(
+            re.sub(r'[zZ]$', '+00:00', text))
+    except ValueError:
+        raise UsageError(f'--at {clean_text(text)!r}: not a snapshot name '
+                         'nor an ISO date/time (2026-11-20, '
+                         '2026-11-20T13:00Z, 20261120T130000Z)') from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def choose_snapshot(backups, source, at=None, file=None):
+    """The newest good snapshot at or before `at` (a snapshot name or a
+    time), holding `file` if given."""
+    good = [b for b in backups if b.good and b.time]
+    if file:
+        good = [b for b in good if any(
+            isinstance(f, dict) and f.get('name') == file
+            for f in b.manifest['files'])]
+    if at and any(b.name == at for b in backups):
+        chosen = [b for b in good if b.name == at]
+        if not chosen:
+            raise RestoreError(f'{source} {at}: no readable manifest'
+                               + (f' or no file {file}' if file else ''))
+        return chosen[0]
+    if at:
+        limit = parse_at(at)
+        good = [b for b in good if b.time <= limit]
+    if not good:
+        raise RestoreError(f'no snapshot of {source}' +
+                           (f' holding {file}' if file else '') +
+                           (f' at or before {at}' if at else '') +
+                           ' on this node (see `server.py list`)')
+    return good[-1]
+
+
+def check_hashes(backups, names, force):
+    """Re-hash (streaming) every file a restore will read, before it writes
+    anything; a mismatch is refused unless force."""
+    for backup in backups:
+        for entry in backup.manifest['files']:
+            if not isinstance(entry, dict) or (
+                    names is not None and entry.get('name') not in names):
+                continue
+            path = os.path.join(backup.path, str(entry.get('name')))
+            try:
+                digest, size = core.sha256_file(path)
+            except OSError as e:
+                raise RestoreError(f'{path}: cannot read: {e}') from None
+            if digest == entry.get('sha256') and size == entry.get('size'):
+                continue
+            message = (f'{path}: DAMAGED: sha256 {digest} ({size} bytes), '
+                       f'the manifest says {entry.get("sha256")} '
+                       f'({entry.get("size")} bytes)')
+            if not force:
+                raise RestoreError(message + '; refusing to restore it '
+                                   '(--force restores it anyway)')
+            log.error('%s; restoring it anyway (--force)', message)
+
+
+def prepare_target(directory):
+    """DIR may exist if empty, else it is created; never written into
+    when it holds anything."""
+    if os.path.lexists(directory):
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            raise RestoreError(f'{directory}: exists and is not a directory')
+        if os.listdir(directory):
+            raise RestoreError(f'{directory}: not empty; refusing to '
+                               'restore into it')
+    else:
+        os.makedirs(directory)
+    return os.path.abspath(directory)
+
+
+def member_path(path):
+    """--path SUBDIR -> the archive member './SUBDIR' (fs archives are made
+    with `-C DIR .`); no absolute paths, no '..'."""
+    rel = os.path.normpath(path.strip('/'))
+    if not path.strip('/') or rel in ('.', '..') or rel.startswith('../'):
+        raise UsageError(f'--path {clean_text(path)!r}: want a directory '
+                         'inside the backup, e.g. --path www/uploads')
+    return './' + rel
+
+
+def tar_extract_args(archive, directory, incremental, members):
+    """GNU tar extracting one archive of a chain; as root with numeric
+    owners and modes.  --listed-incremental=/dev/null applies an
+    increment's deletions (and needs no snapshot file)."""
+    args = ['tar', '--extract', f'--file={archive}', f'--directory={directory}']
+    if incremental:
+        args.append('--listed-incremental=/dev/null')
+    if os.geteuid() == 0:
+        args += ['--numeric-owner', '--same-owner', '--same-permissions']
+    else:
+        args.append('--same-permissions')
+    return args + ['--', *members]
+
+
+def extract_chain(chain, directory, members=()):
+    """Extract full, then each increment in order, into directory."""
+    incremental = len(chain) > 1 or manifest_level(chain[0].manifest) > 0 \
+        or 'level' in chain[0].manifest
+    for backup in chain:
+        entry = archive_entry(backup)
+        if entry is None:
+            raise RestoreError(f'{backup.path}: no archive in this snapshot')
+        core.run(tar_extract_args(os.path.join(backup.path, entry['name']),
+                                  directory, incremental, list(members)),
+                 stdout=subprocess.DEVNULL)
+        log.info('extracted %s/%s', backup.path, entry['name'])
+
+
+def scratch_dir(node, client, what):
+    """A private directory on the node's data disk for one restore."""
+    base = os.path.join(node.settings['data_dir'], client)
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f'.{what}-', dir=base)
+
+
+def stream_file(path, out):
+    """Copy a file to a binary stream in chunks (never whole in memory)."""
+    with open(path, 'rb') as f:
+        shutil.copyfileobj(f, out, core.CHUNK)
+    out.flush()
+
+
+def stream_archive(path, out):
+    """Write a stored archive to out as a plain tar stream: decompressed,
+    so that `| tar -x` needs no option and owners stay exactly as
+    archived, whoever runs the restore."""
+    name = os.path.basename(path)
+    for suffixes, tool in TAR_TOOLS:
+        if name.endswith(suffixes):
+            out.flush()
+            core.run([tool, '--decompress', '--stdout', '--', path],
+                     stdout=out.fileno(), text=False)
+            return
+    stream_file(path, out)
+
+
+def restore_archive(node, client, backups, backup, args, out):
+    """A directory backup: its chain extracted into --to DIR, or one tar
+    stream of the restored tree on stdout."""
+    chain = restore_chain(backups, backup)
+    check_hashes(chain, None, args.force)
+    members = [member_path(args.path)] if args.path else []
+    if args.stdout and len(chain) == 1 and not members and \
+            'level' not in backup.manifest:
+        stream_archive(os.path.join(backup.path,
+                                    archive_entry(backup)['name']), out)
+        return
+    if args.to:
+        extract_chain(chain, prepare_target(args.to), members)
+        return
+    scratch = scratch_dir(node, client, 'restore')
+    try:
+        extract_chain(chain, scratch, members)
+        out.flush()
+        core.run(['tar', '--create', '--file=-', '--numeric-owner',
+                  f'--directory={scratch}', '--', *(members or ['.'])],
+                 stdout=out.fileno(), text=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def restore_file(backup, name, args, out):
+    """One stored file (a dump, globals.sql, any file) to stdout or DIR."""
+    check_hashes([backup], {name}, args.force)
+    path = os.path.join(backup.path, name)
+    if args.stdout:
+        stream_file(path, out)
+    else:
+        target = os.path.join(prepare_target(args.to), name)
+        shutil.copyfile(path, target)
+
+
+def git_safe(mirror):
+    """git options that let any account (root) read a mirror it does not
+    own: without them git >= 2.35.2 refuses with "dubious ownership"."""
+    return [*core.git_program(), '-c', f'safe.directory={mirror}']
+
+
+def restore_git(mirror, args, out):
+    """A mirror: --to DIR clones it with every ref (refs/preserved/*
+    included: --mirror copies all of refs/), --stdout writes a bundle."""
+    if args.stdout:
+        out.flush()
+        core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
+                  'create', '-', '--all'], stdout=out.fileno(), text=False)
+        return
+    target = prepare_target(args.to)
+    core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
+              '--no-hardlinks', '--', mirror, target])
+    # The clone is a copy, not a mirror of the node: fetching into it must
+    # not prune what it restored.
+    core.run([*core.git_program(), f'--git-dir={target}', 'config',
+              '--unset', 'remote.origin.mirror'], check=False)
+
+
+def restore_command(node, args, out=None):
+    """server.py restore: see build_parser."""
+    out = out or sys.stdout.buffer
+    client = check_client_name(args.client)
+    if args.stdout == bool(args.to):
+        raise UsageError('restore: give exactly one of --to DIR, --stdout')
+    mirrors = client_mirrors(node, client)
+    if args.source in mirrors or args.source.startswith('git/'):
+        if args.source not in mirrors:
+            raise RestoreError(f'no git mirror {args.source} of {client}')
+        restore_git(mirrors[args.source], args, out)
+        log.info('restored %s %s', client, args.source)
+        return 0
+    if getattr(args, 'origin', 'local') == 'offsite':
+        with tempfile.TemporaryDirectory(
+                prefix='.offsite-restore-', dir=node.settings['data_dir']) \
+                as scratch:
+            backup = fetch_offsite_snapshot(node, client, args, scratch)
+            return restore_snapshot(node, client, [backup], backup, args,
+                                    out)
+    backups = stored_backups(node, client).get(args.source)
+    if not backups:
+        raise RestoreError(f'nothing stored for {client} {args.source} '
+                           '(see `server.py list`)')
+    backup = choose_snapshot(backups, args.source, args.at, args.file)
+    return restore_snapshot(node, client, backups, backup, args, out)
+
+
+def fetch_offsite_snapshot(node, client, args, scratch):
+    """restore --from offsite: the snapshot --at names, fetched from the
+    remote into scratch and proven against its manifest (offsite_fetch).
+    An increment's chain lies on the remote as separate snapshots: fetch
+    each with `offsite --fetch` and restore by hand (see README)."""
+    if not args.at or not core.NAME_RE.match(args.at):
+        raise UsageError('restore --from offsite: give the snapshot name '
+                         'with --at (as `server.py list` printed it before '
+                         'it was pruned, or from the offsite journal)')
+    target = os.path.join(scratch, args.source.replace('/', '_'), args.at)
+    manifest = offsite_fetch(node, client, args.source, args.at, target)
+    backup = StoredBackup(args.source, target, manifest)
+    if manifest_level(manifest) > 0:
+        raise RestoreError(f'{args.source} {args.at} is an increment: fetch '
+                           'its chain with `server.py offsite --fetch` and '
+                           'extract it in order (README, "Restoring")')
+    return backup
+
+
+def restore_snapshot(node, client, backups, backup, args, out):
+    """Restore one chosen snapshot (its chain from backups)."""
+    log.info('restoring %s %s %s', client, args.source, backup.name)
+    if args.file:
+        restore_file(backup, args.file, args, out)
+    elif archive_entry(backup):
+        restore_archive(node, client, backups, backup, args, out)
+    else:
+        names = [f.get('name') for f in backup.manifest['files']]
+        raise UsageError(f'{args.source} {backup.name} holds no archive: '
+                         'name one of its files with --file ('
+                         + ', '.join(map(str, names)) + ')')
+    return 0
+
+# -- drill ------------------------------------------------------------------
+
+
+# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
+# mode, owner/group, size (major,minor for devices), date, time, name.
+LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
+                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
+                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
+LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
+                 'p': 'fifo', 'c': 'char', 'b': 'block'}
+ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
+           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
+# A restored table with fewer than this fraction of the rows recorded at
+# dump time fails the drill (n_live_tup is an estimate, not a count).
+ROWS_FLOOR = 0.5
+
+
+def unescape_name(text):
+    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
+    out, i = bytearray(), 0
+    raw = text.encode('utf-8', 'surrogateescape')
+    while i < len(raw):
+        c = raw[i:i + 1]
+        if c == b'\\' and i + 1 < len(raw):
+            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
+            if octal:
+                out.append(int(octal.group(), 8))
+                i += 4
+                continue
+            nxt = chr(raw[i + 1])
+            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
+            i += 2
+            continue
+        out += c
+        i += 1
+    return os.fsdecode(bytes(out))
+
+
+def parse_listing(path):
+    """{relative name: (type, size or None)} of a listing file."""
+    entries = {}
+    with open(path, encoding='utf-8', errors='surrogateescape') as f:
+        for line in f:
+            m = LISTING_RE.match(line.rstrip('\n'))
+            if not m:
+                continue
+            kind = LISTING_TYPES.get(m.group('type'), 'other')
+            name = m.group('name')
+            # A symlink's target and a hard link's original follow the
+            # name; names holding these words are too rare to guess for.
+            for sep in ((' -> ',) if kind == 'link' else
+                        (' link to ',) if m.group('type') == 'h' else ()):
+                name = name.split(sep, 1)[0]
+            name = unescape_name(name).rstrip('/')
+            name = name[2:] if name.startswith('./') else name
+            if name in ('', '.'):
+                continue
+            size = int(m.group('size')) if kind == 'file' and \
+                m.group('type') != 'h' else None
+            entries[name] = (kind, size)
+    return entries
+
+
+def restored_tree(top):
+    """{relative name: (type, size or None)} of a restored directory."""
+    found = {}
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            mode = st.st_mode
+            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
+                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
+                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
+                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
+                else 'other'
+            found[os.path.relpath(path, top)] = (
+                kind, st.st_size if kind == 'file' else None)
+    return found
+
+
+def compare_listing(listing, tree, complete):
+    """Problems between what the client listed and what came back; an
+    increment's listing names only what changed (complete=False)."""
+    problems = []
+    for name, (kind, size) in sorted(listing.items()):
+        got = tree.get(name)
+        if got is None:
+            problems.append(f'{clean_text(name)}: missing')
+        elif got[0] != kind:
+            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
+        elif size is not None and got[1] != size:
+            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
+                            f'with {size}')
+    if complete:
+        problems += [f'{clean_text(name)}: not in the listing'
+                     for name in sorted(set(tree) - set(listing))]
+    return problems
+
+
+def drill_archive(node, client, backups, backup, scratch):
+    """Restore an archive (its chain) and hold it against its listing."""
+    chain = restore_chain(backups, backup)
+    check_hashes(chain, None, force=False)
+    extract_chain(chain, scratch)
+    entry = archive_entry(backup)
+    listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
+    if not os.path.exists(listing):
+        return [], f'{entry["name"]}: extracted; no listing recorded to ' \
+            'compare with'
+    tree = restored_tree(scratch)
+    problems = compare_listing(parse_listing(listing), tree,
+                               complete=len(chain) == 1)
+    return problems, f'{entry["name"]}: {len(tree)} entries match the ' \
+        'listing'
+
+
+class ScratchCluster:
+    """A throw-away PostgreSQL cluster for drills: initdb in a temporary
+    directory, unix socket only, trust auth, run as the `postgres` account
+    when we are root (postgres refuses to run as root); removed on exit."""
+
+    def __init__(self, bindir, timeout):
+        self.bindir, self.timeout = bindir, timeout
+        self.as_postgres = ['runuser', '-u', 'postgres', '--'] \
+            if os.geteuid() == 0 else []
+
+    def tool(self, name):
+        path = os.path.join(self.bindir, name)
+        return path if os.path.exists(path) else name
+
+    def __enter__(self):
+        # /tmp, not data_dir: the postgres account must reach it, and the
+        # socket path must stay short.
+        self.work = tempfile.mkdtemp(prefix='gitbackup-drill-pg-')
+        os.chmod(self.work, 0o755)
+        self.data = os.path.join(self.work, 'data')
+        os.mkdir(self.data, 0o700)
+        if self.as_postgres:
+            owner = pwd.getpwnam('postgres')
+            os.chown(self.data, owner.pw_uid, owner.pw_gid)
+            os.chown(self.work, owner.pw_uid, owner.pw_gid)
+        env = {**os.environ, 'LC_ALL': 'C'}
+        try:
+            core.run(self.as_postgres + [
+                self.tool('initdb'), '-D', self.data, '--auth=trust', '-U',
+                'postgres', '-E', 'UTF8', '--locale=C', '--no-sync'],
+                env=env, cwd=self.work, timeout=self.timeout)
+            core.run(self.as_postgres + [
+                self.tool('pg_ctl'), '-w', '-t', '120', '-D', self.data,
+                '-l', os.path.join(self.work, 'log'), '-o',
+                f"-k {self.work} -c listen_addresses='' -c fsync=off",
+                'start'], env=env, cwd=self.work, timeout=self.timeout)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        core.run(self.as_postgres + [self.tool('pg_ctl'), '-w', '-D',
+                                     self.data, '-m', 'immediate', 'stop'],
+                 check=False, cwd=self.work, timeout=120)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def run(self, program, *args, check=True):
+        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
+        env.update({'PGHOST': self.work, 'PGUSER': 'postgres'})
+        return core.run([self.tool(program), *args], env=env, check=check,
+                        timeout=self.timeout)
+
+
+def quote_ident(name):
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def drill_dump_rows(cluster, dump, stats, database):
+    """Restore one dump into the scratch cluster; compare every table's
+    row count with the client's statistics.  Problems, [] when fine."""
+    cluster.run('psql', '-X', '-q', '-d', 'postgres', '-c',
+                f'CREATE DATABASE {quote_ident(database)}')
+    # Without the globals the dump's owners and grants would not resolve:
+    # the drill proves data, so they are left out.
+    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
+                       '--no-privileges', '-d', database, '--', dump,
+                       check=False)
+    if proc.returncode != 0:
+        return [f'pg_restore failed: {clean_text(proc.stderr, 500)}']
+    problems = []
+    for table in (stats or {}).get('tables') or []:
+        name = f'{quote_ident(table.get("schema"))}.' \
+            f'{quote_ident(table.get("table"))}'
+        got = cluster.run('psql', '-X', '-A', '-t', '-q', '-d', database,
+                          '-c', f'SELECT count(*) FROM {name}', check=False)
+        recorded = int(table.get('rows') or 0)
+        rows = int(got.stdout.strip()) if got.returncode == 0 and \
+            got.stdout.strip().isdigit() else None
+        if rows is None:
+            problems.append(f'table {clean_text(name)} did not come back')
+        elif recorded > 0 and (rows == 0 or rows < recorded * ROWS_FLOOR):
+            problems.append(f'table {clean_text(name)}: {rows} rows '
+                            f'restored, {recorded} recorded at dump time')
+    return problems
+
+
+def drill_dumps(node, backup):
+    """Every dump of a snapshot: into a scratch cluster when [server]
+    drill_postgres is set, else read back with pg_restore --list."""
+    check_hashes([backup], None, force=False)
+    dumps = [f['name'] for f in backup.manifest['files']
+             if isinstance(f, dict) and str(f.get('name')).endswith(
+                 DUMP_SUFFIXES)]
+    bindir = node.settings.get('drill_postgres')
+    timeout = node.config.get_duration('server', 'command_timeout')
+    problems = []
+    if not bindir:
+        for name in dumps:
+            found = restore_check(os.path.join(backup.path, name), timeout)
+            if found:
+                problems.append(found[1])
+        return problems, (f'{len(dumps)} dump(s) read back with pg_restore '
+                          '--list only ([server] drill_postgres not set)')
+    with ScratchCluster(bindir, timeout) as cluster:
+        for n, name in enumerate(dumps):
+            stats = read_json(os.path.join(backup.path,
+                                           name + STATS_SUFFIX))
+            problems += [f'{name}: {p}' for p in drill_dump_rows(
+                cluster, os.path.join(backup.path, name),
+                stats if isinstance(stats, dict) else None, f'drill{n}')]
+    return problems, (f'{len(dumps)} dump(s) restored into a scratch '
+                      'cluster, row counts compared')
+
+
+def announced_heads(node, client, repo):
+    """Every tip the client announced for a mirror (results journal)."""
+    heads = set()
+    for entry in read_results(node, client):
+        stored = entry.get('stored')
+        if entry.get('outcome') == 'stored' and isinstance(stored, str) and \
+                os.path.join(node.settings['data_dir'], client, stored) \
+                == repo:
+            heads.update(h for h in entry.get('heads') or []
+                         if isinstance(h, str) and
+                         re.fullmatch(r'[0-9a-f]{40,64}', h))
+    return sorted(heads)
+
+
+def drill_mirror(node, client, repo, scratch):
+    """Clone the mirror, fsck the clone, find every announced tip in it
+    (a clone carries only what refs reach: a tip only in loose objects of
+    the mirror does not count)."""
+    clone = os.path.join(scratch, 'clone.git')
+    core.run([*git_safe(repo), 'clone', '--quiet', '--mirror',
+              '--no-hardlinks', '--', repo, clone])
+    problems = []
+    proc = git(clone, 'fsck', '--no-progress', '--no-dangling', check=False)
+    if proc.returncode != 0:
+        problems.append(f'git fsck of the clone failed: '
+                        f'{clean_text(proc.stderr, 500)}')
+    heads = announced_heads(node, client, repo)
+    for head in heads:
+        if git(clone, 'cat-file', '-e', f'{head}^{{commit}}',
+               check=False).returncode != 0:
+            problems.append(f'announced tip {head} is not in the restored '
+                            'clone')
+    return problems, f'cloned, fsck passed, {len(heads)} announced tip(s) ' \
+        'checked'
+
+
+def drill_targets(node, client):
+    """(source, snapshot name, proof) of the newest snapshot of every
+    series and of every mirror; proof(scratch) -> (problems, detail)."""
+    targets = []
+    for source, backups in stored_backups(node, client).items():
+        good = [b for b in backups if b.good and b.time]
+        for backup in newest_of_series(good):
+            if archive_entry(backup):
+                proof = (lambda s, b=backup, g=good:
+                         drill_archive(node, client, g, b, s))
+            elif any(str(f.get('name')).endswith(DUMP_SUFFIXES)
+                     for f in backup.manifest['files'] if isinstance(f, dict)):
+                proof = (lambda s, b=backup: drill_dumps(node, b))
+            else:
+                proof = (lambda s, b=backup: (
+                    check_hashes([b], None, False) or [], 'files re-hashed'))
+            targets.append((source, backup.name, proof))
+    for source, repo in client_mirrors(node, client).items():
+        targets.append((source, GIT_SNAPSHOT, lambda s, r=repo:
+                        drill_mirror(node, client, r, s)))
+    return targets
+
+
+def drill_one(node, client, run_id, source, name, proof):
+    """Run one proof in a scratch directory; its journal entry."""
+    scratch = scratch_dir(node, client, 'drill')
+    try:
+        problems, detail = proof(scratch)
+    except (GitBackupError, OSError) as e:
+        problems, detail = [str(e)], ''
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {'source': source, 'snapshot': name, 'run': run_id,
+            'finished': core.isotime(), 'ok': not problems,
+            'detail': clean_text('; '.join(problems) if problems else detail,
+                                 2000)}
+
+
+def drill_command(node, only_client=None, out=sys.stdout):
+    """server.py drill: prove the newest snapshot of every series restores.
+    Outcomes journaled per client (drills.jsonl, read by report); failures
+    printed with the snapshot's list name and mailed.  0 ok, 2 critical."""
+    clients = [check_client_name(only_client)] if only_client else \
+        known_clients(node)
+    run_id = core.isotime()
+    failed = []
+    count = 0
+    for client in clients:
+        entries = []
+        for source, name, proof in drill_targets(node, client):
+            entry = drill_one(node, client, run_id, source, name, proof)
+            entries.append(entry)
+            word = 'ok' if entry['ok'] else 'FAILED'
+            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+            out.write(line + '\n')
+            (log.info if entry['ok'] else log.error)('drill %s', line)
+            if not entry['ok']:
+                failed.append(line)
+        Journal(os.path.join(node.settings['data_dir'], client,
+                             DRILL_JOURNAL)).append(entries)
+        count += len(entries)
+    status = CRITICAL if failed else OK
+    summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
+               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
+    out.write(summary + '\n')
+    if failed:
+        core.mail_admins(node.config, 'server',
+                         f'gitbackup: drill on {node.name}: CRITICAL',
+                         '\n'.join(failed) + '\n\n' + summary + '\n')
+    return status
+
+
+def last_drills(node, client, now):
+    """{source: last drill} for report: the newest drill run that covered
+    the source; failed if any of its series failed there."""
+    runs = {}
+    for entry in Journal(os.path.join(node.settings['data_dir'], client,
+                                      DRILL_JOURNAL)).read()[0]:
+        when = parse_node_time(entry.get('finished'))
+        if not when or not isinstance(entry.get('source'), str):
+            continue
+        run = str(entry.get('run') or entry.get('finished'))
+        last = runs.get(entry['source'])
+        if last is None or run > last['run']:
+            last = runs[entry['source']] = {'run': run, 'ok': True,
+                                            'time': when, 'problems': []}
+        if run == last['run']:
+            last['time'] = max(last['time'], when)
+            if entry.get('ok') is not True:
+                last['ok'] = False
+                words = [clean_text(entry[k], 500) for k in ('snapshot',
+                                                              'detail')
+                         if entry.get(k)]
+                if words:
+                    last['problems'].append(': '.join(words))
+    for last in runs.values():
+        last['age_seconds'] = int(max((now - last['time']).total_seconds(),
+                                      0))
+    return runs
+
+
+def drill_level(row, drill):
+    """A source's report level from its last drill (failed = critical)."""
+    row['last_drill'] = drill and {k: drill[k] for k in
+                                   ('time', 'ok', 'age_seconds')}
+    if drill and not drill['ok']:
+        row['problems'].append('last restore drill failed' + (
+            ': ' + '; '.join(drill['problems']) if drill['problems'] else ''))
+        return CRITICAL
+    return OK
+
+
+# ==========================================================================
+# 7. Tell: the report in every format
+#
+# `report` tells when backups silently stopped: one report is built per
+# client and series (levels decided here, once), then rendered as text,
+# JSON, Nagios output, a Prometheus textfile or a static HTML page.
+
 # The Prometheus series of `report --format prometheus`, all gauges, with
 # their HELP text (names: gitbackup_ prefix, base units; checked by
 # `promtool check metrics` in tests/test_monitoring.py).
@@ -1704,295 +3504,10 @@ PROM_HELP = {
     'gitbackup_report_timestamp_seconds':
         'When this report was made (node time).',
 }
-
-
-def parse_node_time(text):
-    """'2026-11-26T03:57:50Z' (manifest, journal) or '20261126T035750Z[.n]'
-    (directory name) -> aware datetime; None when it is neither."""
-    if not isinstance(text, str):
-        return None
-    m = STORED_NAME_RE.match(text)
-    try:
-        if m:
-            return datetime.datetime.strptime(
-                m.group(1), core.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
-        return datetime.datetime.strptime(
-            text, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-def human_age(seconds):
-    if seconds is None:
-        return '-'
-    seconds = int(max(seconds, 0))
-    for unit, size in (('d', 86400), ('h', 3600), ('m', 60)):
-        if seconds >= size:
-            major, rest = divmod(seconds, size)
-            minor = {'d': ('h', 3600), 'h': ('m', 60), 'm': ('s', 1)}[unit]
-            extra = rest // minor[1]
-            return f'{major}{unit}{extra}{minor[0]}' if extra else \
-                f'{major}{unit}'
-    return f'{seconds}s'
-
-
-class StoredBackup:
-    """One directory files/<source>/<node time>/ and its manifest."""
-
-    def __init__(self, source, path, manifest):
-        self.source = source
-        self.path = path
-        self.name = os.path.basename(path)
-        self.manifest = manifest if isinstance(manifest, dict) else None
-        self.time = parse_node_time((self.manifest or {}).get('stored')) \
-            or parse_node_time(self.name)
-
-    @property
-    def good(self):
-        """A manifest listing files: what `store()` writes last."""
-        return self.manifest is not None and \
-            isinstance(self.manifest.get('files'), list)
-
-    @property
-    def size(self):
-        return sum(int(f.get('size') or 0) for f in
-                   (self.manifest or {}).get('files') or []
-                   if isinstance(f, dict))
-
-    @property
-    def series(self):
-        """The names of the data files it holds: snapshots of one source
-        with the same names (one directory's archive, one database's dump,
-        the dumps and globals of `postgresdb all`) form a series; retention,
-        the restore check and drills work per series.  Not the source
-        alone: `postgresdb all` and `postgresdb shop` share a source but
-        neither may push the other out of retention.  Companion files (an
-        archive's listing, row statistics) do not count, so that adding
-        them did not start new series."""
-        return tuple(sorted(str(f.get('name')) for f in
-                            (self.manifest or {}).get('files') or []
-                            if isinstance(f, dict) and
-                            not str(f.get('name')).endswith(
-                                COMPANION_SUFFIXES)))
-
-    @property
-    def seq(self):
-        """Arrival number (0: a manifest older than sequences)."""
-        seq = (self.manifest or {}).get('seq')
-        return seq if isinstance(seq, int) and seq > 0 else 0
-
-    def sort_key(self):
-        # Arrival first: a node clock that went back must not make an older
-        # backup look newer (prune would keep the wrong one).
-        return (self.seq,
-                self.time or datetime.datetime.min.replace(tzinfo=UTC),
-                self.name)
-
-
-def stored_backups(node, client):
-    """{source: [StoredBackup, ...] oldest first} of one client.  Hidden
-    entries (.incoming, .trash-* of an interrupted prune) are skipped."""
-    base = os.path.join(node.settings['data_dir'], client, 'files')
-    result = {}
-    try:
-        sources = sorted(os.listdir(base))
-    except FileNotFoundError:
-        return result
-    for source in sources:
-        directory = os.path.join(base, source)
-        if source.startswith('.') or not os.path.isdir(directory):
-            continue
-        backups = []
-        for name in os.listdir(directory):
-            path = os.path.join(directory, name)
-            if name.startswith('.') or not os.path.isdir(path) or \
-                    os.path.islink(path):
-                continue
-            manifest = read_json(os.path.join(path, 'manifest.json'))
-            backups.append(StoredBackup(source, path, manifest))
-        backups.sort(key=StoredBackup.sort_key)
-        result[source] = backups
-    return result
-
-
-def backups_by_request(backups):
-    """{client request id: StoredBackup} of the good backups of a source:
-    how an increment's base= is found."""
-    return {manifest_request_id(b.manifest): b for b in backups
-            if b.good and manifest_request_id(b.manifest)}
-
-
-def missing_link(backup, by_request):
-    """The request id of the first base missing from backup's chain (down
-    to its level 0 full), or None when the chain is whole."""
-    seen = set()
-    while isinstance(backup.manifest.get('level'), int) and \
-            backup.manifest['level'] > 0:
-        base = backup.manifest.get('base')
-        if not isinstance(base, str) or base in seen or \
-                base not in by_request:
-            return str(base)
-        seen.add(base)
-        backup = by_request[base]
-    return None
-
-
-def keep_bases(keep, backups):
-    """Add to keep ({path: reason}) every snapshot a kept increment builds
-    on, down to its full: a chain is never cut below a kept link."""
-    by_request = backups_by_request(backups)
-    by_path = {b.path: b for b in backups}
-    todo = [by_path[path] for path in keep if path in by_path]
-    while todo:
-        backup = todo.pop()
-        base = by_request.get((backup.manifest or {}).get('base'))
-        if base and base.path not in keep and \
-                (backup.manifest or {}).get('level'):
-            keep[base.path] = f'base of {backup.name}'
-            todo.append(base)
-    return keep
-
-
-def find_repositories(top):
-    """Bare repositories (objects/ and HEAD) at any depth below top."""
-    found = []
-    for root, dirs, files in os.walk(top):
-        # Hidden: a mirror being created (.<name>.git.incoming) and the like.
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        if 'objects' in dirs and 'HEAD' in files and 'refs' in dirs:
-            found.append(root)
-            dirs[:] = []
-    return found
-
-
-def client_mirrors(node, client):
-    """{source name 'git/<path>': mirror path} of one client."""
-    top = os.path.join(node.settings['data_dir'], client, 'git')
-    mirrors = {}
-    for repo in find_repositories(top):
-        rel = os.path.relpath(repo, top)
-        if rel.endswith('.git'):
-            rel = rel[:-4]
-        mirrors['git/' + rel] = repo
-    return mirrors
-
-
-def walk_dirs(top):
-    """top and every directory below it (none when top is missing); one
-    this user cannot list is still named (os.walk would skip it)."""
-    found = [top] if os.path.isdir(top) else []
-    for parent, dirs, _ in os.walk(top):
-        found += [os.path.join(parent, d) for d in dirs]
-    return found
-
-
-def known_clients(node):
-    """Clients with a pool, a repository, stored data or a [client NAME]."""
-    names = set(node.clients())
-    try:
-        entries = os.listdir(node.settings['data_dir'])
-    except FileNotFoundError:
-        entries = []
-    for name in entries + node.config.client_sections():
-        if os.path.isdir(os.path.join(node.settings['data_dir'], name)) or \
-                name in node.config.client_sections():
-            try:
-                names.add(check_client_name(name))
-            except UsageError:
-                log.debug('ignoring %s (not a client name)', name)
-    return sorted(names)
-
-
-def read_results(node, client):
-    """The entries of data_dir/<client>/results.jsonl (bad lines skipped)."""
-    return node.client_results.journal(client).read()[0]
-
-
-def read_request_line(path):
-    try:
-        with open(path, 'rb') as f:
-            data = f.read(4096)
-    except OSError:
-        return ''
-    return data.decode('utf-8', 'replace').split('\n', 1)[0]
-
-
-def request_source(node, client, line):
-    """The source a request line belongs to: sftp -> its source= (default
-    'files'), git -> 'git/<path>' of the mirror it feeds, others -> the
-    module name.  None if the line says nothing usable."""
-    module, _, rest = line.partition(' ')
-    words = rest.split()
-    if module == 'sftp':
-        for word in words[2:]:
-            if word.startswith('source='):
-                source = word[len('source='):]
-                return source if SOURCE_RE.match(source) and \
-                    '..' not in source else None
-        return 'files'
-    if module == 'git' and words:
-        # As modules/git.py does: only the URL's path counts, below the
-        # path of the node's own base URL for the client.
-        try:
-            base = node.client_settings(client)['git']
-        except GitBackupError:
-            base = ''
-        base_path = (URL_PATH_RE.match(base) or [None, ''])[1] or ''
-        url_path = (URL_PATH_RE.match(words[0]) or [None, ''])[1] or ''
-        prefix = base_path.rstrip('/') + '/'
-        if url_path.startswith(prefix):
-            rel = url_path[len(prefix):].strip('/')
-            rel = rel[:-4] if rel.endswith('.git') else rel
-            if SOURCE_RE.match(rel) and '..' not in rel.split('/'):
-                return 'git/' + rel
-        return 'git'
-    return module if core.MODULE_RE.match(module) else None
-
-
-def stored_source(node, client, stored):
-    """The source of a journal entry's 'stored' path, or None."""
-    if not isinstance(stored, str) or not stored:
-        return None
-    client_dir = os.path.join(node.settings['data_dir'], client)
-    rel = os.path.relpath(os.path.join(client_dir, stored), client_dir)
-    parts = rel.split(os.sep)
-    if parts[0] == 'files' and len(parts) >= 3:
-        return parts[1]
-    if parts[0] == 'git' and len(parts) >= 2:
-        rel = '/'.join(parts[1:])
-        return 'git/' + (rel[:-4] if rel.endswith('.git') else rel)
-    return None
-
-
-def pool_requests(node, client):
-    """{'pending': {source: n}, 'failed': {source: n}, totals} of a pool."""
-    pool = node.pool(client)
-    counts = {'pending': {}, 'failed': {}, 'pending_total': 0,
-              'failed_total': 0, 'failed_keys': {}}
-    for state, keys in pool.list().items():
-        kind = 'failed' if state == FAILED else \
-            'pending' if state in (NEW, PROCESSING) else None
-        if kind is None:
-            continue
-        for key in keys:
-            source = request_source(node, client, read_request_line(
-                pool.file(state, key))) or '?'
-            counts[kind][source] = counts[kind].get(source, 0) + 1
-            counts[kind + '_total'] += 1
-            if kind == 'failed':
-                counts['failed_keys'][key] = source
-    return counts
-
-
-def client_limits(node, client):
-    """stale_after (seconds) and expected sources of a client."""
-    section = node.config.section(f'client {client}')
-    value = section.get('stale_after') or node.settings['stale_after']
-    try:
-        stale = core.parse_duration(value)
-    except ValueError as e:
-        raise ConfigError(f'[client {client}] stale_after: {e}') from None
-    return stale, section.get('expect', '').split()
+WAITING_KINDS = ((Unreachable, 'cannot be reached'),
+                 (NoSpace, 'no space to store'),
+                 (Misconfigured, 'misconfigured (node configuration or ssh '
+                  'access)'))
 
 
 def report_row(rows, client, source):
@@ -2147,37 +3662,151 @@ def source_report(node, client, now):
             'history': report_history(node, client, now)}
 
 
-CLOCK_SLACK = 300   # seconds a stored time may be ahead before it is news
+def report_transfer_seconds(entry):
+    """Seconds a journaled request took (handling started -> finished,
+    the download included), or None."""
+    if not entry:
+        return None
+    started = parse_node_time(entry.get('started'))
+    finished = parse_node_time(entry.get('finished'))
+    if not started or not finished:
+        return None
+    return max(int((finished - started).total_seconds()), 0)
 
 
-def arrival_last_success(good, now):
-    """(time to measure staleness from, clock notes) of good backups in
-    arrival order.  A backup stamped in the future was stored while the
-    node's clock was ahead: when it really arrived is unknown, so age is
-    measured from the newest arrival stamped before now (too old rather
-    than falsely fresh), and the report says so."""
-    notes = []
-    ahead = datetime.timedelta(seconds=CLOCK_SLACK)
-    future = [b for b in good if b.time > now + ahead]
-    if future:
-        latest = core.isotime(max(b.time for b in future))
-        notes.append(f'clock problem: {len(future)} backup(s) stamped in the '
-                     f'future (up to {latest}): the node clock was ahead when they were stored; age '
-                     'counts from the newest arrival stamped before now')
-    times = [b.time for b in good]
-    if any(later < earlier for earlier, later in zip(times, times[1:])):
-        notes.append('stored times are out of arrival order (the node clock '
-                     'went back): prune and report follow arrival order')
-    trusted = [b for b in good if b.time <= now + ahead]
-    return (trusted[-1].time if trusted else None), notes
+def report_request_line(node, client, key):
+    """The first line of a request in any state of the pool, or ''."""
+    if not KEY_RE.match(key or ''):
+        return ''
+    pool = node.pool(client)
+    for state in (FAILED, NEW, PROCESSING, FINISHED):
+        path = pool.file(state, key)
+        if os.path.exists(path):
+            return read_request_line(path)
+    return ''
 
 
-def newest_of_series(backups):
-    """The newest good backup of each series (see StoredBackup.series)."""
-    newest = {}
-    for backup in sorted(backups, key=StoredBackup.sort_key):
-        newest[backup.series] = backup
-    return list(newest.values())
+def report_waiting(node, client):
+    """[{'what', 'since', 'error'}]: why fetches from this client wait
+    right now (unreachable, no space, misconfigured)."""
+    waiting = []
+    for kind, what in WAITING_KINDS:
+        state = read_json(os.path.join(
+            node.state_dir, f'{kind.health}-{client}.json'), {}) or {}
+        since = parse_node_time(state.get('first_failure'))
+        if since:
+            waiting.append({'what': what, 'since': since, 'kind': kind,
+                            'error': clean_text(
+                                state.get('last_error') or '', 300)})
+    return waiting
+
+
+def report_waiting_text(waiting):
+    """One line per entry of report_waiting(), as every format shows it."""
+    return f'{waiting["what"]} since {core.isotime(waiting["since"])}: ' \
+        f'{waiting["error"]}'
+
+
+def report_misconfigured(node, client):
+    """The problem text when fetches from this client wait for a human
+    (the node's configuration for it, or ssh refusing the node's login:
+    a Misconfigured Health record), else ''."""
+    for w in report_waiting(node, client):
+        if w['kind'] is Misconfigured:
+            return report_waiting_text(w)
+    return ''
+
+
+HISTORY_DAYS = 90
+# Bounds what one series adds to the report (and the JSON report).
+HISTORY_POINTS = 500
+SVG_WIDTH, SVG_HEIGHT = 240, 40
+# A snapshot smaller than this fraction of the one before is marked.
+SIZE_DROP = 0.5
+
+
+def history_series(sources, source):
+    """The entry of `source` in report_history()'s 'sources', made empty
+    on first use."""
+    return sources.setdefault(source, {
+        'snapshots': [], 'failures': [], 'drills': [], 'before': None})
+
+
+def add_history_snapshot(sources, start, source, when, size, seconds):
+    """One snapshot of a series: drawn if inside the window; older, it
+    only moves 'before', the newest snapshot older than the window."""
+    s = history_series(sources, source)
+    if when < start:
+        s['before'] = max(s['before'] or when, when)
+    else:
+        s['snapshots'].append({'time': when, 'size': size,
+                               'seconds': seconds})
+
+
+def add_stored_history(sources, start, node, client, journal):
+    """The snapshots of every source: stored backups with their transfer
+    time from the journal, then git mirrors' journaled fetches, then the
+    last change of mirrors that have none."""
+    # A request journaled twice (re-handled after a crash): the last wins.
+    stored = {e['request']: e for e in journal
+              if e.get('outcome') == 'stored' and
+              isinstance(e.get('request'), str)}
+    for source, backups in stored_backups(node, client).items():
+        for b in backups:
+            if b.good and b.time:
+                add_history_snapshot(
+                    sources, start, source, b.time, b.size,
+                    report_transfer_seconds(
+                        stored.get(b.manifest.get('request'))))
+    mirrors = client_mirrors(node, client)
+    for entry in stored.values():
+        source = stored_source(node, client, entry.get('stored'))
+        when = parse_node_time(entry.get('finished'))
+        if source in mirrors and when:
+            add_history_snapshot(sources, start, source, when, None,
+                                 report_transfer_seconds(entry))
+    for source, repo in mirrors.items():
+        if source not in sources:
+            when = mirror_last_change(repo)
+            if when:
+                add_history_snapshot(sources, start, source, when, None,
+                                     None)
+
+
+def add_failure_history(sources, start, node, client, journal):
+    """Failed requests inside the window, on the series of their source."""
+    for key, (when, reason) in failed_requests(node, client,
+                                               journal).items():
+        source = request_source(node, client,
+                                report_request_line(node, client, key))
+        if source and when >= start:
+            history_series(sources, source)['failures'].append(
+                {'time': when, 'reason': clean_text(reason or '', 300)})
+
+
+def report_history(node, client, now, days=HISTORY_DAYS):
+    """What the status page draws for one client over the last `days`:
+    per source its snapshots (node time, stored bytes, transfer seconds
+    from the journal; a git mirror's fetches, size unknown), its failed
+    requests and drill outcomes, and 'before', the newest snapshot older
+    than the window (where a gap began); plus 'waiting', why fetches from
+    this client wait right now (unreachable, no space, misconfigured)."""
+    start = now - datetime.timedelta(days=days)
+    journal = read_results(node, client)
+    sources = {}
+    add_stored_history(sources, start, node, client, journal)
+    add_failure_history(sources, start, node, client, journal)
+    for drill in read_drills(node, client):
+        if drill['time'] >= start and drill['source'] in sources:
+            sources[drill['source']]['drills'].append(
+                {'time': drill['time'], 'ok': drill['ok']})
+    for s in sources.values():
+        for name in ('snapshots', 'failures', 'drills'):
+            s[name] = sorted(s[name], key=lambda x: x['time'])[
+                -HISTORY_POINTS:]
+    waiting = [{k: v for k, v in w.items() if k != 'kind'}
+               for w in report_waiting(node, client)]
+    return {'days': days, 'sources': sources, 'waiting': waiting}
 
 
 def build_report(node, now=None):
@@ -2189,6 +3818,8 @@ def build_report(node, now=None):
     worst = max([STATUS_NAMES.index(c['status']) for c in clients] or [OK])
     return {'node': node.name, 'generated': core.isotime(now),
             'status': STATUS_NAMES[worst], 'clients': clients}
+
+# -- text, JSON, Nagios and Prometheus --------------------------------------
 
 
 def report_json(report):
@@ -2240,6 +3871,29 @@ def report_text(report):
         lines += ['', 'Given-up requests go back with: server.py retry '
                   '<client> <key>|--all-failed']
     return '\n'.join(lines) + '\n'
+
+
+def offsite_report_lines(report):
+    """The text report's offsite block (empty without [offsite])."""
+    lines = []
+    for c in report['clients']:
+        lag = c.get('offsite')
+        if not lag:
+            continue
+        if lag['pending']:
+            lines.append(
+                f'  {c["client"]}: {lag["pending"]} snapshot(s) not yet '
+                f'offsite; newest {lag["newest_pending"]} '
+                f'({human_age(lag["newest_pending_age_seconds"])} old), '
+                f'oldest {human_age(lag["lag_seconds"])} old')
+        else:
+            lines.append(f'  {c["client"]}: up to date (last copy '
+                         f'{lag["last_copy"] or "never"})')
+    if lines:
+        remote = clean_text(report['clients'][0]['offsite']['remote'])
+        lines = ['', f'Offsite ({remote}):'] + [clean_text(l, 1000)
+                                                 for l in lines]
+    return lines
 
 
 UNKNOWN = 3   # report: the check itself could not be made (Nagios)
@@ -2363,7 +4017,6 @@ def report_prometheus(report):
         lines += [f'{name}{labels} {value}' for labels, value in values]
     return '\n'.join(lines) + '\n'
 
-
 # -- the HTML status page ---------------------------------------------------
 #
 # One static page: a banner with the worst state, counts per state, and a
@@ -2371,211 +4024,6 @@ def report_prometheus(report):
 # sparkline of its last HISTORY_DAYS.  Inline SVG and CSS only: no script,
 # no network, no external file, so it can be served as a plain file or
 # mailed.  Every client-provided string is escaped.
-
-HISTORY_DAYS = 90
-# Bounds what one series adds to the report (and the JSON report).
-HISTORY_POINTS = 500
-SVG_WIDTH, SVG_HEIGHT = 240, 40
-# A snapshot smaller than this fraction of the one before is marked.
-SIZE_DROP = 0.5
-# Where `drill` is expected to journal its outcomes, one JSON object per
-# line like results.jsonl: source, finished (node time), ok / outcome /
-# status.  Read only if present.
-DRILL_JOURNAL = 'drills.jsonl'
-WAITING_KINDS = ((Unreachable, 'cannot be reached'),
-                 (NoSpace, 'no space to store'),
-                 (Misconfigured, 'misconfigured (node configuration or ssh '
-                  'access)'))
-
-
-def report_transfer_seconds(entry):
-    """Seconds a journaled request took (handling started -> finished,
-    the download included), or None."""
-    if not entry:
-        return None
-    started = parse_node_time(entry.get('started'))
-    finished = parse_node_time(entry.get('finished'))
-    if not started or not finished:
-        return None
-    return max(int((finished - started).total_seconds()), 0)
-
-
-def report_request_line(node, client, key):
-    """The first line of a request in any state of the pool, or ''."""
-    if not KEY_RE.match(key or ''):
-        return ''
-    pool = node.pool(client)
-    for state in (FAILED, NEW, PROCESSING, FINISHED):
-        path = pool.file(state, key)
-        if os.path.exists(path):
-            return read_request_line(path)
-    return ''
-
-
-def read_drills(node, client):
-    """Drill outcomes of one client: [{'source', 'time', 'ok'}] (bad
-    lines skipped; nothing when no drill has run)."""
-    drills = []
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        if not isinstance(entry, dict) or \
-                not isinstance(entry.get('source'), str):
-            continue
-        when = parse_node_time(entry.get('finished') or entry.get('time'))
-        if not when:
-            continue
-        ok = entry.get('ok') is True or \
-            entry.get('outcome') in ('ok', 'passed', 'restored') or \
-            entry.get('status') == 'ok'
-        drills.append({'source': entry['source'], 'time': when, 'ok': ok})
-    return drills
-
-
-def history_series(sources, source):
-    """The entry of `source` in report_history()'s 'sources', made empty
-    on first use."""
-    return sources.setdefault(source, {
-        'snapshots': [], 'failures': [], 'drills': [], 'before': None})
-
-
-def add_history_snapshot(sources, start, source, when, size, seconds):
-    """One snapshot of a series: drawn if inside the window; older, it
-    only moves 'before', the newest snapshot older than the window."""
-    s = history_series(sources, source)
-    if when < start:
-        s['before'] = max(s['before'] or when, when)
-    else:
-        s['snapshots'].append({'time': when, 'size': size,
-                               'seconds': seconds})
-
-
-def mirror_last_change(repo):
-    """When a git mirror last changed, as source_report counts it (for a
-    mirror without a journaled fetch, made by hand), or None."""
-    stamps = [os.stat(os.path.join(repo, name)).st_mtime
-              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
-              if os.path.exists(os.path.join(repo, name))]
-    if stamps:
-        return datetime.datetime.fromtimestamp(max(stamps), UTC)
-    return None
-
-
-def add_stored_history(sources, start, node, client, journal):
-    """The snapshots of every source: stored backups with their transfer
-    time from the journal, then git mirrors' journaled fetches, then the
-    last change of mirrors that have none."""
-    # A request journaled twice (re-handled after a crash): the last wins.
-    stored = {e['request']: e for e in journal
-              if e.get('outcome') == 'stored' and
-              isinstance(e.get('request'), str)}
-    for source, backups in stored_backups(node, client).items():
-        for b in backups:
-            if b.good and b.time:
-                add_history_snapshot(
-                    sources, start, source, b.time, b.size,
-                    report_transfer_seconds(
-                        stored.get(b.manifest.get('request'))))
-    mirrors = client_mirrors(node, client)
-    for entry in stored.values():
-        source = stored_source(node, client, entry.get('stored'))
-        when = parse_node_time(entry.get('finished'))
-        if source in mirrors and when:
-            add_history_snapshot(sources, start, source, when, None,
-                                 report_transfer_seconds(entry))
-    for source, repo in mirrors.items():
-        if source not in sources:
-            when = mirror_last_change(repo)
-            if when:
-                add_history_snapshot(sources, start, source, when, None,
-                                     None)
-
-
-def failed_requests(node, client, journal):
-    """{request: (when, reason)} of the client's failed requests: from the
-    journal, else from the note of a request given up before the journal
-    existed."""
-    failed = {}
-    for entry in journal:
-        when = parse_node_time(entry.get('finished'))
-        if entry.get('outcome') == 'failed' and when and \
-                isinstance(entry.get('request'), str):
-            failed[entry['request']] = (when, entry.get('reason'))
-    pool = node.pool(client)
-    for key in pool.list()[FAILED]:
-        if key not in failed:
-            # Given up before the journal existed: the note says when.
-            note = Attempts(pool, 0).reason(key)
-            when = parse_node_time(note.split(' ', 1)[0])
-            if when:
-                failed[key] = (when, note.partition(' ')[2])
-    return failed
-
-
-def add_failure_history(sources, start, node, client, journal):
-    """Failed requests inside the window, on the series of their source."""
-    for key, (when, reason) in failed_requests(node, client,
-                                               journal).items():
-        source = request_source(node, client,
-                                report_request_line(node, client, key))
-        if source and when >= start:
-            history_series(sources, source)['failures'].append(
-                {'time': when, 'reason': clean_text(reason or '', 300)})
-
-
-def report_waiting(node, client):
-    """[{'what', 'since', 'error'}]: why fetches from this client wait
-    right now (unreachable, no space, misconfigured)."""
-    waiting = []
-    for kind, what in WAITING_KINDS:
-        state = read_json(os.path.join(
-            node.state_dir, f'{kind.health}-{client}.json'), {}) or {}
-        since = parse_node_time(state.get('first_failure'))
-        if since:
-            waiting.append({'what': what, 'since': since, 'kind': kind,
-                            'error': clean_text(
-                                state.get('last_error') or '', 300)})
-    return waiting
-
-
-def report_waiting_text(waiting):
-    """One line per entry of report_waiting(), as every format shows it."""
-    return f'{waiting["what"]} since {core.isotime(waiting["since"])}: ' \
-        f'{waiting["error"]}'
-
-
-def report_misconfigured(node, client):
-    """The problem text when fetches from this client wait for a human
-    (the node's configuration for it, or ssh refusing the node's login:
-    a Misconfigured Health record), else ''."""
-    for w in report_waiting(node, client):
-        if w['kind'] is Misconfigured:
-            return report_waiting_text(w)
-    return ''
-
-
-def report_history(node, client, now, days=HISTORY_DAYS):
-    """What the status page draws for one client over the last `days`:
-    per source its snapshots (node time, stored bytes, transfer seconds
-    from the journal; a git mirror's fetches, size unknown), its failed
-    requests and drill outcomes, and 'before', the newest snapshot older
-    than the window (where a gap began); plus 'waiting', why fetches from
-    this client wait right now (unreachable, no space, misconfigured)."""
-    start = now - datetime.timedelta(days=days)
-    journal = read_results(node, client)
-    sources = {}
-    add_stored_history(sources, start, node, client, journal)
-    add_failure_history(sources, start, node, client, journal)
-    for drill in read_drills(node, client):
-        if drill['time'] >= start and drill['source'] in sources:
-            sources[drill['source']]['drills'].append(
-                {'time': drill['time'], 'ok': drill['ok']})
-    for s in sources.values():
-        for name in ('snapshots', 'failures', 'drills'):
-            s[name] = sorted(s[name], key=lambda x: x['time'])[
-                -HISTORY_POINTS:]
-    waiting = [{k: v for k, v in w.items() if k != 'kind'}
-               for w in report_waiting(node, client)]
-    return {'days': days, 'sources': sources, 'waiting': waiting}
 
 
 def report_html_time(value):
@@ -3021,1610 +4469,244 @@ def report_command(node, fmt='text', mail=False, output=None,
     return status
 
 
-def mail_client_admins(node, client, subject, body):
-    """Mail [client NAME] admin, the extra admins of one client's
-    problems (the [server] admins are mailed separately)."""
-    admins = node.config.admins(f'client {client}')
-    return bool(admins) and core.mail_admins(node.config, 'server', subject,
-                                             body, admins)
-
-
-# -- gc ---------------------------------------------------------------------
-
-def retry_command(node, client, key=None, all_failed=False, out=sys.stdout):
-    """Put given-up requests (X*) of a client back as RQ* with a fresh
-    attempt count (SPEC 4); the next run handles them and reports the new
-    outcome to the client.  Returns how many."""
-    check_client_name(client)
-    if bool(key) == bool(all_failed):
-        raise UsageError('give a request key or --all-failed')
-    pool = node.pool(client)
-    attempts = Attempts(pool, 0)
-    failed = pool.list()[FAILED]
-    keys = failed if all_failed else [k for k in failed if k == key]
-    if key and not keys:
-        raise UsageError(f'{client}: no given-up request {key!r} (see '
-                         f'server.py report, or ls {pool.path})')
-    count = 0
-    for k in keys:
-        if attempts.retry(k, NEW):
-            out.write(f'{client}: {k} put back\n')
-            log.info('%s: %s put back by retry', client, k)
-            count += 1
-    return count
-
-
-def gc_command(node, aggressive=False):
-    """git gc of every mirror and client repository; log mailed.  Returns
-    the repositories whose gc failed."""
-    repos = []
-    data_dir = node.settings['data_dir']
-    for client in known_clients(node):
-        repos += find_repositories(os.path.join(data_dir, client, 'git'))
-    repos += find_repositories(node.settings['repositories'])
-    return core.gc_repositories(node.config, 'server', repos, aggressive,
-                              f'node {node.name}')
-
-
-# -- prune ------------------------------------------------------------------
-
-def retention(node, client):
-    """(keep_daily, keep_weekly, keep_monthly) for a client."""
-    section = node.config.section(f'client {client}')
-    values = []
-    for key in ('keep_daily', 'keep_weekly', 'keep_monthly'):
-        value = section.get(key) or node.settings[key]
-        try:
-            values.append(int(value))
-        except ValueError:
-            raise ConfigError(f'[client {client}] {key}: not a number: '
-                              f'{value!r}') from None
-        if values[-1] < 0:
-            raise ConfigError(f'{key} must not be negative')
-    return tuple(values)
-
-
-def backups_to_keep(backups, daily, weekly, monthly):
-    """{path: reason} of the good backups to keep (given oldest first):
-    the newest always; then the newest backup of each of the last `daily`
-    days that have one, of the last `weekly` ISO weeks, of the last
-    `monthly` months -- as borg and restic count."""
-    newest_first = sorted(backups, key=StoredBackup.sort_key, reverse=True)
-    keep = {}
-    if newest_first:
-        keep[newest_first[0].path] = 'newest'
-    for count, fmt, what in ((daily, '%Y-%m-%d', 'daily'),
-                             (weekly, '%G-W%V', 'weekly'),
-                             (monthly, '%Y-%m', 'monthly')):
-        seen = set()
-        for backup in newest_first:
-            if len(seen) >= count:
-                break
-            bucket = backup.time.strftime(fmt)
-            if bucket not in seen:
-                seen.add(bucket)
-                keep.setdefault(backup.path, f'{what} {bucket}')
-    return keep
-
-
-def remove_tree(path):
-    """Hide a directory by renaming it (atomic), then delete it."""
-    parent, name = os.path.split(path)
-    trash = os.path.join(parent, f'.trash-{name}')
-    os.rename(path, trash)
-    fsync_dir(parent)
-    shutil.rmtree(trash)
-
-
-def prune_command(node, dry_run=False, out=sys.stdout):
-    """Apply retention to stored backups and remove old F*/X* request
-    files; return the list of errors."""
-    errors = []
-    verb = 'would remove' if dry_run else 'removed'
-    now = time.time()
-    keep_requests = node.config.get_duration('server', 'keep_requests')
-    removed = kept = 0
-    for client in known_clients(node):
-        retain = retention(node, client)
-        for source, backups in stored_backups(node, client).items():
-            directory = os.path.join(node.settings['data_dir'], client,
-                                     'files', source)
-            source_errors, source_removed, source_kept = prune_source(
-                directory, backups, retain, dry_run, verb, out)
-            errors += source_errors
-            removed += source_removed
-            kept += source_kept
-        pool = node.pool(client)
-        states = pool.list()
-        errors += prune_incoming(node, client, states, dry_run, out)
-        errors += prune_request_files(pool, states, now, keep_requests,
-                                      dry_run, verb, out)
-        if not dry_run and os.path.isdir(pool.path):
-            fsync_dir(pool.path)
-    log.info('prune%s: %d backup(s) %s, %d kept', ' --dry-run' if dry_run
-             else '', removed, verb, kept)
-    return errors
-
-
-def prune_source(directory, backups, retain, dry_run, verb, out):
-    """Apply retention (daily, weekly, monthly) to the backups of one
-    source; return (errors, how many removed, how many kept)."""
-    daily, weekly, monthly = retain
-    errors = []
-    removed = kept = 0
-    if not dry_run:
-        for name in os.listdir(directory):
-            if name.startswith('.trash-'):   # an interrupted prune
-                shutil.rmtree(os.path.join(directory, name),
-                              ignore_errors=True)
-    good = [b for b in backups if b.good and b.time]
-    keep = {}
-    for series in {b.series for b in good}:
-        keep.update(backups_to_keep(
-            [b for b in good if b.series == series], daily, weekly,
-            monthly))
-    keep_bases(keep, good)
-    for backup in good:
-        if backup.path in keep:
-            kept += 1
-            log.debug('keeping %s (%s)', backup.path,
-                      keep[backup.path])
-            continue
-        try:
-            if not dry_run:
-                remove_tree(backup.path)
-        except OSError as e:
-            errors.append(f'{backup.path}: {e}')
-            log.error('cannot remove %s: %s', backup.path, e)
-            continue
-        removed += 1
-        out.write(f'{verb} {backup.path}\n')
-    for backup in backups:
-        if not backup.good or not backup.time:
-            log.warning('%s: no readable manifest; not pruned (see '
-                        '`server.py verify`)', backup.path)
-    return errors, removed, kept
-
-
-def prune_request_files(pool, states, now, keep_requests, dry_run, verb,
-                        out):
-    """Remove F*/X* request files (and their .reason and attempt count)
-    last changed more than keep_requests seconds before now; return the
-    list of errors."""
-    errors = []
-    for state in (FINISHED, FAILED):
-        for key in states[state]:
-            path = pool.file(state, key)
-            extras = [p for p in (path + '.reason',
-                                  Attempts(pool, 0).path(key))
-                      if os.path.exists(p)]
-            try:
-                mtime = max(os.lstat(p).st_mtime
-                            for p in [path] + extras)
-            except OSError:
-                continue
-            if now - mtime <= keep_requests:
-                continue
-            for p in [path] + extras:
-                try:
-                    if not dry_run:
-                        os.unlink(p)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    errors.append(f'{p}: {e}')
-                    continue
-                out.write(f'{verb} {p}\n')
-    return errors
-
-
-def prune_incoming(node, client, states, dry_run, out):
-    """Staging directories files/.incoming/<key> whose request is neither
-    pending nor being handled, and older than command_timeout (no download
-    runs longer), are what a crash left behind: remove them."""
-    incoming = os.path.join(node.settings['data_dir'], client, 'files',
-                            '.incoming')
-    live = set(states[NEW]) | set(states[PROCESSING])
-    limit = node.config.get_duration('server', 'command_timeout')
-    try:
-        paths = [os.path.join(incoming, name)
-                 for name in sorted(os.listdir(incoming)) if name not in live]
-    except FileNotFoundError:
-        paths = []
-    # The git module's first backup stages in .<name>.git.incoming beside
-    # the mirror; one is left when that request was given up.
-    git_root = os.path.join(node.settings['data_dir'], client, 'git')
-    for root, dirs, _ in os.walk(git_root):
-        paths += [os.path.join(root, d) for d in sorted(dirs)
-                  if d.startswith('.') and d.endswith('.git.incoming')]
-        dirs[:] = [d for d in dirs if not d.endswith(('.git', '.incoming'))]
-    return core.remove_listed(core.older_than(paths, limit), dry_run, out)
-
-
-# -- verify -----------------------------------------------------------------
-
-def restore_check(path, timeout):
-    """Read a stored file the way a restore would (tar lists the archive,
-    pg_restore lists the dump).  None when fine or not checkable, else
-    (level, message)."""
-    name = os.path.basename(path)
-    if name.endswith(TAR_SUFFIXES):
-        args = ['tar', '--list', '--file', path]
-        # tar runs the decompressor: missing, it is a check that could not
-        # run, not a corrupt archive.
-        for suffixes, tool in TAR_TOOLS:
-            if name.endswith(suffixes) and not shutil.which(tool):
-                return WARNING, (f'{path}: cannot check: {tool}: not '
-                                 'installed or not in PATH')
-    elif name.endswith(DUMP_SUFFIXES):
-        args = ['pg_restore', '--list', '--', path]
-    else:
-        return None
-    try:
-        core.run(args, stdout=subprocess.DEVNULL, timeout=timeout)
-    except core.ToolMissing as e:
-        return WARNING, f'{path}: cannot check: {e}'
-    except core.CommandFailed as e:
-        return CRITICAL, f'{path}: restore check failed: {e}'
-    log.debug('restore check of %s passed', path)
-    return None
-
-
-def verify_backup(backup):
-    """Re-hash the files of one stored backup; [(level, message)]."""
-    if not backup.good:
-        return [(CRITICAL, f'{backup.path}: manifest.json missing or '
-                 'unreadable')]
-    problems = []
-    for entry in backup.manifest['files']:
-        name = entry.get('name') if isinstance(entry, dict) else None
-        if not isinstance(name, str) or '/' in name or name in ('', '.',
-                                                                '..'):
-            problems.append((CRITICAL, f'{backup.path}: bad file entry '
-                             f'{clean_text(entry)!r} in manifest.json'))
-            continue
-        path = os.path.join(backup.path, name)
-        try:
-            digest, size = core.sha256_file(path)
-        except FileNotFoundError:
-            problems.append((CRITICAL, f'{path}: missing'))
-            continue
-        except OSError as e:
-            problems.append((CRITICAL, f'{path}: unreadable: {e}'))
-            continue
-        if size != entry.get('size'):
-            problems.append((CRITICAL, f'{path}: size {size}, manifest says '
-                             f'{entry.get("size")}'))
-        if digest != entry.get('sha256'):
-            problems.append((CRITICAL, f'{path}: sha256 {digest} does not '
-                             f'match the manifest\'s {entry.get("sha256")}'))
-    return problems
-
-
-def chain_problems(good):
-    """[(CRITICAL, message)] for every increment whose base is gone."""
-    by_request = backups_by_request(good)
-    problems = []
-    for backup in good:
-        level = backup.manifest.get('level')
-        if isinstance(level, int) and level > 0 and \
-                backup.manifest.get('base') not in by_request:
-            problems.append((CRITICAL, f'{backup.path}: incremental chain '
-                             f'has a missing link: base '
-                             f'{backup.manifest.get("base")} (level '
-                             f'{level - 1}) is not stored'))
-    return problems
-
-
-def verify_command(node, only_client=None, restore=True, out=sys.stdout):
-    """Re-hash every stored file, git fsck every mirror and client
-    repository, and check that the newest backup of each source can be
-    read back.  Mails problems; returns 0 ok, 1 warning, 2 critical."""
-    timeout = node.config.get_duration('server', 'command_timeout')
-    problems = []
-    files = repos = 0
-    clients = [check_client_name(only_client)] if only_client else \
-        known_clients(node)
-    for client in clients:
-        for backups in stored_backups(node, client).values():
-            source_problems, source_files = verify_source(backups, restore,
-                                                          timeout)
-            problems += source_problems
-            files += source_files
-        repo_problems, repo_count = fsck_client_repositories(node, client,
-                                                             timeout)
-        problems += repo_problems
-        repos += repo_count
-    status = max([level for level, _ in problems] or [OK])
-    for level, message in problems:
-        out.write(f'{STATUS_NAMES[level]}: {message}\n')
-    summary = (f'verify on {node.name}: {files} file(s) re-hashed, {repos} '
-               f'repositories checked, {len(problems)} problem(s): '
-               f'{STATUS_NAMES[status].upper()}')
-    out.write(summary + '\n')
-    log.info('%s', summary)
-    write_json(os.path.join(node.state_dir, 'verify.json'),
-               {'finished': core.isotime(), 'status': STATUS_NAMES[status],
-                'problems': [m for _, m in problems][:100]})
-    if problems:
-        core.mail_admins(node.config, 'server',
-                       f'gitbackup: verify on {node.name}: '
-                       f'{STATUS_NAMES[status].upper()}',
-                       '\n'.join(f'{STATUS_NAMES[level]}: {message}'
-                                 for level, message in problems) +
-                       '\n\n' + summary + '\n')
-    return status
-
-
-def verify_source(backups, restore, timeout):
-    """Re-hash the backups of one source, check its incremental chains and,
-    with restore, read its newest backups back; return ([(level, message)],
-    how many files were re-hashed)."""
-    problems = []
-    files = 0
-    for backup in backups:
-        found = verify_backup(backup)
-        if found and not os.path.isdir(backup.path):
-            continue  # pruned meanwhile
-        problems += found
-        files += len((backup.manifest or {}).get('files') or [])
-    good = [b for b in backups if b.good]
-    problems += chain_problems(good)
-    for backup in newest_of_series(good) if restore else []:
-        for entry in backup.manifest['files']:
-            if isinstance(entry, dict) and \
-                    isinstance(entry.get('name'), str) and \
-                    '/' not in entry['name']:
-                found = restore_check(os.path.join(
-                    backup.path, entry['name']), timeout)
-                if found:
-                    problems.append(found)
-    return problems, files
-
-
-def fsck_client_repositories(node, client, timeout):
-    """git fsck the client's mirrors and its request repository; return
-    ([(level, message)], how many repositories were checked)."""
-    problems = []
-    targets = list(client_mirrors(node, client).values())
-    repository = node.repository(client)
-    if os.path.isdir(os.path.join(repository, 'objects')):
-        targets.append(repository)
-    for repo in targets:
-        proc = git(repo, 'fsck', '--no-progress', '--no-dangling',
-                   check=False, timeout=timeout)
-        if proc.returncode != 0:
-            detail = '\n'.join('    ' + line for line in
-                               (proc.stderr + proc.stdout).strip()
-                               .splitlines()[-20:])
-            problems.append((CRITICAL, f'{repo}: git fsck failed (exit '
-                             f'{proc.returncode}):\n{detail}'))
-    return problems, len(targets)
-
-
-# --------------------------------------------------------------------------
-# -- offsite: a second copy on an rclone remote
+# ==========================================================================
+# 8. Access: who may push to which <client>.git
 #
-# rclone is the engine: it speaks the remote's protocol (sftp, S3, WebDAV,
-# ...), encrypts when the remote is a `crypt` remote, and checks hashes.
-# This section only decides what to copy and what to remove there.  The
-# remote mirrors data_dir:
-#   <remote>/<client>/files/<source>/<snapshot>/   (manifest.json included)
-#   <remote>/<client>/git/<path>.git/<node time>.bundle
-# A git mirror travels as one `git bundle --all` whenever its refs changed:
-# one self-contained file that `git bundle verify` and a hash can prove,
-# where a file-by-file `rclone copy` of a bare repository (never `sync`)
-# would keep stale loose refs and packs beside the new ones after a gc.
-# The mirror never loses history (preserved refs), so its newest bundle
-# holds all that older ones did: those are removed once it is verified.
-# Snapshots are removed remotely only after prune removed them here, and
-# only while their source still has a snapshot here (prune always keeps
-# the newest: an empty source means a missing disk, not a prune).
-# Every step is recorded in data_dir/<client>/offsite.jsonl: 'start'
-# before a copy (so a copy cut short is still known to be there, partly),
-# 'copied' once verified, 'removed' once gone.
+# Three ways, one guarantee (a client's key may only push to, and fetch
+# from, its own repository):
+#
+# * gitosis: its gitosis.conf names the repositories; ``provision`` (run by
+#   the gitosis-admin post-update hook) gives each one the ingest hook and
+#   the ledger settings.
+# * gitolite3: ``RW`` (never ``RW+``) per client; a repo-specific
+#   post-update hook runs ``ingest "$GL_REPO"`` (see docs/access-control.md).
+# * neither: ``gate <client>`` is the ssh forced command of the client's
+#   key (``add-client`` writes that authorized_keys line).  Its structure
+#   follows gitosis' serve.py: a side-effect-free gate_command() that checks
+#   SSH_ORIGINAL_COMMAND against an allowlist and a strict pattern and
+#   returns what to exec; main() creates the repository and execs.
 
-OFFSITE_JOURNAL = 'offsite.jsonl'
-OFFSITE_REMOTE_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_. -]*:[^\s]*$')
-# rclone's exit statuses for "directory not found" and "file not found":
-# what was to be removed is already gone.
-RCLONE_NOT_FOUND = (3, 4)
+class AccessDenied(GitBackupError):
+    """An ssh command the gate does not allow (told to the client on
+    stderr, logged, exit 1)."""
 
 
-class OffsiteFailed(GitBackupError):
-    """A copy, a check or a fetch from the offsite remote failed."""
+# Verbs as git's ssh transport sends them (old and new spelling), as in
+# gitosis' COMMANDS_READONLY / COMMANDS_WRITE.
+GATE_VERBS = {'git-upload-pack': 'upload-pack',
+              'git upload-pack': 'upload-pack',
+              'git-receive-pack': 'receive-pack',
+              'git receive-pack': 'receive-pack'}
+# The argument: gitosis' ALLOW_RE ("'/*path'"), one path component only,
+# quotes optional (the command is exec'd, never given to a shell).
+GATE_PATH_RE = re.compile(
+    r"^(?P<q>'?)/*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,131})(?P=q)$")
+# gitosis.conf: sections "[group NAME]"; repositories under these keys.
+GITOSIS_WRITE_KEYS = ('writable', 'writeable')
+GITOSIS_ADMIN_REPO = 'gitosis-admin'
+# What add-client accepts as a public key (type, base64 blob, comment).
+PUBLIC_KEY_RE = re.compile(
+    r'^(?P<type>ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|'
+    r'sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com)'
+    r' +(?P<blob>[A-Za-z0-9+/]{16,16384}={0,2})(?: +(?P<comment>.*))?$')
 
 
-class Offsite:
-    """rclone with this node's [offsite] settings."""
+def gate_command(node, client, original_command):
+    """Check an ssh command of <client>'s key; return the argv to exec.
 
-    def __init__(self, node):
-        if not node.config.has('offsite'):
-            raise ConfigError(f'{node.config.path}: no [offsite] section '
-                              '(remote = name:path, rclone_config = PATH)')
-        settings = node.config.section('offsite')
-        self.remote = settings['remote'].strip()
-        if not OFFSITE_REMOTE_RE.match(self.remote):
-            raise ConfigError(f'[offsite] remote = {self.remote}: not an '
-                              'rclone remote (name:path)')
-        self.rclone_config = settings['rclone_config']
-        if not os.path.isfile(self.rclone_config):
-            raise ConfigError(f'[offsite] rclone_config = '
-                              f'{self.rclone_config}: no such file')
-        self.program = shlex.split(settings['rclone'])
-        self.options = ['--transfers', settings['transfers'] or '4']
-        if settings['bwlimit']:
-            self.options += ['--bwlimit', settings['bwlimit']]
-        self.timeout = node.config.get_duration('server', 'command_timeout')
-        self.crypt = self.remote_type() == 'crypt'
+    Allowed: git-upload-pack / git-receive-pack (or ``git upload-pack``
+    ...) of ``'<client>.git'`` (leading slashes and the ``.git`` suffix
+    optional, as gitosis allows).  Anything else raises AccessDenied.
+    Creates nothing: main() does that.
+    """
+    check_client_name(client)
+    if original_command is None:
+        raise AccessDenied(f'no command: the key of {client} may only push '
+                           f'to or fetch from {client}.git (no shell)')
+    shown = clean_text(original_command, 200)
+    if '\n' in original_command or '\r' in original_command or \
+            '\0' in original_command:
+        raise AccessDenied(f'refused command {shown!r}: contains a newline')
+    words = original_command.split(None, 1)
+    if words and words[0] == 'git':
+        rest = original_command.split(None, 2)
+        if len(rest) == 3:
+            words = [f'{rest[0]} {rest[1]}', rest[2]]
+    if len(words) != 2 or words[0] not in GATE_VERBS:
+        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
+                           f'may only run git-upload-pack or '
+                           f'git-receive-pack of {client}.git')
+    match = GATE_PATH_RE.match(words[1].strip())
+    if not match:
+        raise AccessDenied(f'refused command {shown!r}: unsafe repository '
+                           'argument')
+    name = match.group('name')
+    if name.endswith('.git'):
+        name = name[:-len('.git')]
+    if name != client:
+        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
+                           f'may only use {client}.git')
+    return ['git', GATE_VERBS[words[0]], node.repository(client)]
 
-    def rclone(self, *args, check=True):
-        # --ask-password=false: cron has no terminal to type one into.
-        return core.run([*self.program, '--config', self.rclone_config,
-                         '--ask-password=false', *args],
-                        timeout=self.timeout, check=check)
 
-    def remote_type(self):
-        """The type of the named remote ('crypt', 's3', ...); a name the
-        rclone config lacks is a configuration error, said now."""
-        name = self.remote.split(':', 1)[0]
-        dump = self.rclone('config', 'dump').stdout
+def gate_needs_repository(node, client):
+    """True when <client>.git is missing or lacks its ingest hook (then
+    the gate creates or repairs it before git runs)."""
+    repo = node.repository(client)
+    try:
+        with open(os.path.join(repo, 'hooks', 'post-update')) as f:
+            hook = f.read()
+    except OSError:
+        return True
+    return not os.path.isdir(os.path.join(repo, 'objects')) or \
+        hook != node.hook_text(client)
+
+
+def read_gitosis_conf(text, source='gitosis.conf'):
+    """The repository names gitosis.conf gives write access to, in file
+    order, each once (a trailing .git is dropped, as gitosis does)."""
+    parser = configparser.RawConfigParser(strict=False,
+                                          inline_comment_prefixes=None)
+    parser.optionxform = str
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as e:
+        raise ConfigError(f'{source}: {clean_text(e)}') from None
+    names = []
+    for section in parser.sections():
+        if not section.startswith('group '):
+            continue
+        group = []
+        for key in GITOSIS_WRITE_KEYS:
+            for name in (parser[section].get(key) or '').split():
+                if name.endswith('.git'):
+                    name = name[:-len('.git')]
+                group.append(name)
+                if name not in names:
+                    names.append(name)
+        members = (parser[section].get('members') or '').split()
+        clients = [n for n in group if n != GITOSIS_ADMIN_REPO]
+        if len(members) > 1 and clients:
+            log.warning('%s: [%s] lets %d keys write %s: every member may '
+                        'push to each of these; give every client a group '
+                        'of its own', source, clean_text(section),
+                        len(members), clean_text(' '.join(clients)))
+    return names
+
+
+def gitosis_conf_text(node, path=None):
+    """gitosis.conf from a file, else HEAD of repositories/gitosis-admin.git
+    (which is what its post-update hook has just received)."""
+    if path:
         try:
-            remotes = json.loads(dump)
-        except ValueError:
-            remotes = {}
-        if name not in remotes:
-            raise ConfigError(f'[offsite] remote = {self.remote}: no remote '
-                              f'[{name}] in {self.rclone_config}')
-        return remotes[name].get('type')
-
-    def path(self, client, rel=''):
-        base = self.remote if self.remote.endswith((':', '/')) \
-            else self.remote + '/'
-        return f'{base}{client}/{rel}'.rstrip('/')
-
-    def verify(self, local_dir, remote_dir):
-        """Prove that every file of local_dir arrived whole.  A crypt
-        remote stores no plaintext hashes: cryptcheck encrypts ours and
-        compares.  A remote without a hash in common (WebDAV) would be
-        compared by size alone: download and compare bytes instead."""
-        if self.crypt:
-            self.rclone('cryptcheck', '--one-way', local_dir, remote_dir)
-            return
-        result = self.rclone('check', '--one-way', local_dir, remote_dir)
-        if 'No common hash' in result.stderr:
-            self.rclone('check', '--one-way', '--download', local_dir,
-                        remote_dir)
-
-    def remove(self, remote_path, directory):
-        """Remove a snapshot directory or a file; gone already is fine."""
-        result = self.rclone('purge' if directory else 'deletefile',
-                             remote_path, check=False)
-        if result.returncode and result.returncode not in RCLONE_NOT_FOUND:
-            raise core.CommandFailed(result.args, result.returncode,
-                                     result.stderr)
-
-    def entry(self, event, rel, **extra):
-        return {'event': event, 'remote': self.remote, 'path': rel,
-                'time': core.isotime(), **extra}
+            with open(path, encoding='utf-8') as f:
+                return f.read(), path
+        except (OSError, UnicodeError) as e:
+            raise UsageError(f'cannot read {path}: {e}') from None
+    admin = os.path.join(node.settings['repositories'],
+                         GITOSIS_ADMIN_REPO + '.git')
+    proc = git(admin, 'show', 'HEAD:gitosis.conf', check=False)
+    if proc.returncode != 0:
+        raise ConfigError(f'cannot read HEAD:gitosis.conf of {admin} (give '
+                          'the path of gitosis.conf instead): '
+                          f'{clean_text(proc.stderr.strip())}')
+    return proc.stdout, f'{admin}:HEAD:gitosis.conf'
 
 
-def offsite_journal(node, client):
-    return Journal(os.path.join(node.settings['data_dir'], client,
-                                OFFSITE_JOURNAL))
-
-
-def offsite_state(node, client, remote):
-    """{remote path: last journal entry} on this remote: what is there
-    ('start': perhaps partly, 'copied': verified); removed ones dropped."""
-    state = {}
-    for entry in offsite_journal(node, client).read()[0]:
-        if entry.get('remote') == remote and isinstance(entry.get('path'),
-                                                        str):
-            state[entry['path']] = entry
-    return {path: e for path, e in state.items()
-            if e.get('event') in ('start', 'copied')}
-
-
-def snapshot_rel(backup):
-    return f'files/{backup.source}/{backup.name}'
-
-
-def offsite_copy_snapshot(off, journal, client, backup):
-    rel = snapshot_rel(backup)
-    manifest_sha256 = core.sha256_file(
-        os.path.join(backup.path, 'manifest.json'))[0]
-    journal.append([off.entry('start', rel)])
-    target = off.path(client, rel)
-    off.rclone('copy', *off.options, backup.path, target)
-    off.verify(backup.path, target)
-    journal.append([off.entry('copied', rel, bytes=backup.size,
-                              manifest_sha256=manifest_sha256)])
-    log.info('offsite: copied %s/%s', client, rel)
-
-
-def offsite_snapshots(off, node, client, state, out):
-    """Copy the snapshots not yet verified there (oldest first, so an
-    increment's base goes before it); remove those prune removed here.
-    Returns (copied, removed, errors)."""
-    journal = offsite_journal(node, client)
-    local = {}
-    for backups in stored_backups(node, client).values():
-        for backup in backups:
-            if backup.good and backup.time:
-                local[snapshot_rel(backup)] = backup
-    copied, removed, errors = 0, 0, []
-    for rel, backup in local.items():
-        if state.get(rel, {}).get('event') == 'copied':
+def provision(node, path=None):
+    """Ensure every client repository gitosis.conf names exists with its
+    hook, ledger settings and pool.  Returns the list of problems."""
+    text, source = gitosis_conf_text(node, path)
+    problems, done = [], 0
+    for name in read_gitosis_conf(text, source):
+        if name == GITOSIS_ADMIN_REPO:
             continue
         try:
-            offsite_copy_snapshot(off, journal, client, backup)
-        except (GitBackupError, OSError) as e:
-            errors.append(f'{client}/{rel}: {e}')
-            continue
-        copied += 1
-        out.write(f'copied {client}/{rel}\n')
-    sources = {rel.rsplit('/', 1)[0] for rel in local}
-    for rel in sorted(state):
-        if not rel.startswith('files/') or rel in local or \
-                rel.rsplit('/', 1)[0] not in sources or \
-                os.path.exists(os.path.join(node.settings['data_dir'],
-                                            client, rel)):
-            continue
-        try:
-            off.remove(off.path(client, rel), directory=True)
+            check_client_name(name)
+            node.ensure_repository(name)
+            done += 1
         except GitBackupError as e:
-            errors.append(f'{client}/{rel}: cannot remove: {e}')
-            continue
-        journal.append([off.entry('removed', rel)])
-        removed += 1
-        out.write(f'removed {client}/{rel}\n')
-    return copied, removed, errors
-
-
-def mirror_refs_digest(repo):
-    """A digest of every ref and its target: a changed mirror changes it.
-    None for a mirror without refs (git refuses an empty bundle)."""
-    refs = git(repo, 'for-each-ref', '--format=%(objectname) %(refname)',
-               env={**os.environ, 'LC_ALL': 'C'}).stdout
-    return hashlib.sha256(refs.encode()).hexdigest() if refs.strip() \
-        else None
-
-
-def offsite_copy_bundle(off, journal, client, rel, repo, digest, staging):
-    """Bundle one mirror into staging/, prove the bundle, copy and check
-    it; return its remote path."""
-    os.makedirs(staging)
-    # Node time to the microsecond: two runs in one second must not name
-    # the new bundle as the old one they then remove.
-    name = f'{core.new_request_id()}.bundle'
-    bundle = os.path.join(staging, name)
-    git(repo, 'bundle', 'create', bundle, '--all')
-    git(repo, 'bundle', 'verify', bundle)
-    bundle_rel = f'git/{rel}.git/{name}'
-    journal.append([off.entry('start', bundle_rel)])
-    target = off.path(client, f'git/{rel}.git')
-    off.rclone('copy', *off.options, staging, target)
-    off.verify(staging, target)
-    sha256, size = core.sha256_file(bundle)
-    journal.append([off.entry('copied', bundle_rel, refs=digest,
-                              sha256=sha256, bytes=size)])
-    return bundle_rel
-
-
-def offsite_mirrors(off, node, client, state, out):
-    """A new bundle of each mirror whose refs changed since its last
-    verified bundle; older bundles of it removed after.  Returns
-    (copied, removed, errors)."""
-    journal = offsite_journal(node, client)
-    staging_top = os.path.join(node.settings['data_dir'], client,
-                               '.offsite-staging')
-    copied, removed, errors = 0, 0, []
-    for source, repo in sorted(client_mirrors(node, client).items()):
-        rel = source[len('git/'):]
-        prefix = f'git/{rel}.git/'
-        mine = {p: e for p, e in state.items() if p.startswith(prefix)}
-        last = max((e for e in mine.values() if e['event'] == 'copied'),
-                   key=lambda e: e['path'], default={})
-        staging = os.path.join(staging_top, core.new_request_id())
-        try:
-            digest = mirror_refs_digest(repo)
-            if digest is None or digest == last.get('refs'):
-                continue
-            new = offsite_copy_bundle(off, journal, client, rel, repo,
-                                      digest, staging)
-            copied += 1
-            out.write(f'copied {client}/{new}\n')
-            for old in sorted(mine):
-                off.remove(off.path(client, old), directory=False)
-                journal.append([off.entry('removed', old)])
-                removed += 1
-                out.write(f'removed {client}/{old} (superseded)\n')
-        except (GitBackupError, OSError) as e:
-            errors.append(f'{client}/{source}: {e}')
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return copied, removed, errors
-
-
-def offsite_command(node, out=sys.stdout):
-    """Copy every client's new snapshots and changed mirrors to the
-    remote, remove what prune removed here; return the errors (each item
-    is tried, a failure does not stop the others)."""
-    off = Offsite(node)
-    totals, errors = [0, 0], []
-    for client in known_clients(node):
-        state = offsite_state(node, client, off.remote)
-        for step in (offsite_snapshots, offsite_mirrors):
-            copied, removed, failed = step(off, node, client, state, out)
-            totals[0] += copied
-            totals[1] += removed
-            errors += failed
-    for error in errors:
-        log.error('offsite: %s', error)
-    log.info('offsite to %s: %d copied and verified, %d removed, %d '
-             'error(s)', off.remote, totals[0], totals[1], len(errors))
-    return errors
-
-
-def offsite_fetch(node, client, source, snapshot, target_dir):
-    """Download one snapshot from the offsite remote into target_dir
-    (absent or empty) and prove every file against its manifest (sha256
-    and size; nothing missing, nothing extra).  When this node's journal
-    recorded the manifest's own sha256 at copy time, the manifest must
-    match it too, so a plain remote cannot swap manifest and files
-    together.  Returns the manifest; raises OffsiteFailed."""
-    check_client_name(client)
-    if not SOURCE_NAME_RE.match(source or '') or \
-            not STORED_NAME_RE.match(snapshot or ''):
-        raise UsageError(f'not a source and snapshot name: {source!r} '
-                         f'{snapshot!r} (see `server.py list`)')
-    if os.path.exists(target_dir) and (not os.path.isdir(target_dir) or
-                                       os.listdir(target_dir)):
-        raise UsageError(f'{target_dir}: exists and is not an empty '
-                         'directory')
-    off = Offsite(node)
-    rel = f'files/{source}/{snapshot}'
-    os.makedirs(target_dir, exist_ok=True)
-    off.rclone('copy', *off.options, off.path(client, rel), target_dir)
-    problems = offsite_fetch_problems(
-        target_dir, offsite_state(node, client, off.remote).get(rel, {}))
-    if problems:
-        raise OffsiteFailed(f'{off.path(client, rel)} fetched into '
-                            f'{target_dir} is not what was stored:\n  ' +
-                            '\n  '.join(problems))
-    log.info('offsite: fetched %s/%s into %s; every sha256 matches its '
-             'manifest', client, rel, target_dir)
-    return read_json(os.path.join(target_dir, 'manifest.json'))
-
-
-def offsite_fetch_problems(target_dir, journal_entry):
-    """What is wrong with a fetched snapshot directory ([] when nothing)."""
-    manifest_path = os.path.join(target_dir, 'manifest.json')
-    if not os.path.isfile(manifest_path):
-        return ['no manifest.json (no such snapshot on the remote?)']
-    recorded = journal_entry.get('manifest_sha256')
-    if recorded and core.sha256_file(manifest_path)[0] != recorded:
-        return ['manifest.json differs from the one this node copied']
-    manifest = read_json(manifest_path)
-    files = manifest.get('files') if isinstance(manifest, dict) else None
-    if not isinstance(files, list):
-        return ['manifest.json lists no files']
-    problems, named = [], {'manifest.json'}
-    for entry in files:
-        name = entry.get('name') if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not core.NAME_RE.match(name):
-            problems.append(f'bad entry {clean_text(entry)!r} in manifest')
-            continue
-        named.add(name)
-        path = os.path.join(target_dir, name)
-        if not os.path.isfile(path):
-            problems.append(f'{name}: missing')
-            continue
-        digest, size = core.sha256_file(path)
-        if digest != entry.get('sha256') or size != entry.get('size'):
-            problems.append(f'{name}: sha256 {digest} size {size}, manifest '
-                            f'says {entry.get("sha256")} size '
-                            f'{entry.get("size")}')
-    problems += [f'{name}: not in the manifest'
-                 for name in sorted(set(os.listdir(target_dir)) - named)]
+            problems.append(f'{source}: not provisioning {clean_text(name)!r}:'
+                            f' {e}')
+            log.error('%s', problems[-1])
+    log.info('provisioned %d client repositor%s from %s', done,
+             'y' if done == 1 else 'ies', source)
     return problems
 
 
-def offsite_lag(node, client, now):
-    """For `report`: the client's snapshots not yet verified offsite, the
-    newest of them and its age, and the age of the oldest (how far the
-    offsite copy is behind).  None when no [offsite] is configured."""
-    if not node.config.has('offsite'):
-        return None
-    remote = node.config.section('offsite')['remote'].strip()
-    state = offsite_state(node, client, remote)
-    copied = [e for e in state.values() if e.get('event') == 'copied']
-    pending = sorted((b for backups in stored_backups(node, client).values()
-                      for b in backups if b.good and b.time and
-                      state.get(snapshot_rel(b), {}).get('event') !=
-                      'copied'), key=StoredBackup.sort_key)
-
-    def age(backup):
-        return int(max((now - backup.time).total_seconds(), 0))
-    return {'remote': remote, 'pending': len(pending),
-            'newest_pending': snapshot_rel(pending[-1]) if pending else None,
-            'newest_pending_age_seconds': age(pending[-1]) if pending
-            else None,
-            'lag_seconds': age(pending[0]) if pending else 0,
-            'last_copy': max((e.get('time') for e in copied), default=None)}
-
-
-def add_offsite_lag(node, client_report, now):
-    """report: the offsite lag of one client; a warning once the oldest
-    snapshot not yet offsite is older than stale_after."""
-    lag = offsite_lag(node, client_report['client'], now)
-    client_report['offsite'] = lag
-    if lag and lag['lag_seconds'] > client_report['stale_after_seconds']:
-        client_report['problems'].append(
-            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
-            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
-        client_report['status'] = STATUS_NAMES[max(
-            WARNING, STATUS_NAMES.index(client_report['status']))]
-
-
-def offsite_report_lines(report):
-    """The text report's offsite block (empty without [offsite])."""
-    lines = []
-    for c in report['clients']:
-        lag = c.get('offsite')
-        if not lag:
-            continue
-        if lag['pending']:
-            lines.append(
-                f'  {c["client"]}: {lag["pending"]} snapshot(s) not yet '
-                f'offsite; newest {lag["newest_pending"]} '
-                f'({human_age(lag["newest_pending_age_seconds"])} old), '
-                f'oldest {human_age(lag["lag_seconds"])} old')
-        else:
-            lines.append(f'  {c["client"]}: up to date (last copy '
-                         f'{lag["last_copy"] or "never"})')
-    if lines:
-        remote = clean_text(report['clients'][0]['offsite']['remote'])
-        lines = ['', f'Offsite ({remote}):'] + [clean_text(l, 1000)
-                                                 for l in lines]
-    return lines
-
-
-def offsite_cli(node, fetch):
-    """`server.py offsite [--fetch CLIENT SOURCE SNAPSHOT DIR]`."""
-    if fetch:
-        offsite_fetch(node, *fetch)
-        return 0
-    return core.exclusive(node.settings['log_dir'], 'offsite',
-                          lambda: 1 if offsite_command(node) else 0)
-# -- list, restore, drill
-#
-# A backup is only worth its restore.  `list` shows what a node holds under
-# the names `restore` and `drill` accept; `restore` gets any of it back
-# with one command (hashes checked before anything is written); `drill`
-# restores the newest snapshot of every series into a scratch directory
-# and proves it against what the client recorded when it made it.
-
-# `restore --at`: a snapshot name, or ISO 8601 (UTC unless an offset).
-AT_COMPACT_RE = re.compile(r'^[0-9]{8}T[0-9]{6}Z$')
-AT_DATE_RE = re.compile(r'^[0-9]{4}-[0-9]{2}-[0-9]{2}$')
-GIT_SNAPSHOT = 'mirror'       # the one "snapshot" of a git mirror
-
-
-class RestoreError(GitBackupError):
-    """A restore (or drill) that cannot be done as asked."""
-    exit_code = 1
-
-
-def manifest_level(manifest):
-    """0 for a full archive or a plain file, n for an increment."""
+def read_public_key(path):
+    """(type, blob, comment) of the one public key in a file."""
     try:
-        return max(int((manifest or {}).get('level') or 0), 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def archive_entry(backup):
-    """The manifest entry of a snapshot's tar archive, or None."""
-    for entry in (backup.manifest or {}).get('files') or []:
-        if isinstance(entry, dict) and \
-                str(entry.get('name')).endswith(TAR_SUFFIXES):
-            return entry
-    return None
-
-
-def snapshot_kind(backup):
-    if manifest_level(backup.manifest) > 0:
-        return 'incremental'
-    return 'full' if archive_entry(backup) else 'file'
-
-
-def base_snapshot(backups, backup):
-    """The stored snapshot an increment builds on: the one whose client
-    request id its manifest's `base` names; None if not stored."""
-    wanted = (backup.manifest or {}).get('base')
-    for other in reversed(backups):
-        if wanted and (other.manifest or {}).get('request_id') == wanted:
-            return other
-    return None
-
-
-def restore_chain(backups, backup):
-    """[full, increment, ...] ending at backup: `base` links walked back to
-    level 0.  A missing link is an error naming it."""
-    chain = [backup]
-    while manifest_level(chain[0].manifest) > 0:
-        base = base_snapshot(backups, chain[0])
-        if base is None or base in chain:
-            raise RestoreError(
-                f'{backup.source} {backup.name}: chain broken: '
-                f'{chain[0].name} (level '
-                f'{manifest_level(chain[0].manifest)}) builds on request '
-                f'{clean_text(chain[0].manifest.get("base"))}, which is not '
-                'stored on this node')
-        chain.insert(0, base)
-    return chain
-
-
-def last_outcomes(node, client):
-    """({path: verify outcome}, {(source, snapshot): drill outcome}) from
-    the last verify and the drill journal."""
-    state = read_json(os.path.join(node.state_dir, 'verify.json'), {}) or {}
-    verify = {}
-    if isinstance(state, dict) and state.get('finished'):
-        problems = [str(p) for p in state.get('problems') or []]
-        verify = {'time': state['finished'], 'problems': problems}
-    drills = {}
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        key = (entry.get('source'), entry.get('snapshot'))
-        drills[key] = {'outcome': 'ok' if entry.get('ok') is True
-                       else 'failed', 'time': entry.get('finished'),
-                       'detail': clean_text(entry.get('detail') or '', 500)}
-    return verify, drills
-
-
-def verify_outcome(verify, path):
-    """The last verify's word on one snapshot or mirror path, or None."""
-    if not verify:
-        return None
-    bad = [p for p in verify['problems'] if p.startswith(path + '/') or
-           p.startswith(path + ':')]
-    return {'outcome': 'failed' if bad else 'ok', 'time': verify['time']}
-
-
-def list_snapshots(node, client, source=None):
-    """The `list` entries of one client: every good snapshot, oldest
-    first per source, then its git mirrors."""
-    verify, drills = last_outcomes(node, client)
-    entries = []
-    for name, backups in stored_backups(node, client).items():
-        if source and name != source:
-            continue
-        good = [b for b in backups if b.good and b.time]
-        for b in good:
-            base = base_snapshot(good, b)
-            wanted = b.manifest.get('base')
-            entries.append({
-                'client': client, 'source': name, 'snapshot': b.name,
-                'time': core.isotime(b.time), 'kind': snapshot_kind(b),
-                'level': manifest_level(b.manifest),
-                'base': base.name if base else None,
-                # The client request id the increment builds on; with no
-                # `base` snapshot for it, the chain is broken.
-                'base_request': wanted,
-                'chain_broken': bool(wanted) and base is None,
-                'request_id': b.manifest.get('request_id'),
-                'size': b.size,
-                'files': [{'name': f.get('name'), 'size': f.get('size'),
-                           'sha256': f.get('sha256')}
-                          for f in b.manifest['files'] if isinstance(f, dict)],
-                'verify': verify_outcome(verify, b.path),
-                'drill': drills.get((name, b.name))})
-    for name, repo in client_mirrors(node, client).items():
-        if source and name != source:
-            continue
-        entries.append({
-            'client': client, 'source': name, 'snapshot': GIT_SNAPSHOT,
-            'time': core.isotime(mirror_time(repo)) if mirror_time(repo)
-            else None, 'kind': 'git', 'level': 0, 'base': None,
-            'base_request': None, 'chain_broken': False, 'request_id': None, 'size': core.tree_size(repo), 'files': [],
-            'verify': verify_outcome(verify, repo),
-            'drill': drills.get((name, GIT_SNAPSHOT))})
-    return entries
-
-
-def mirror_time(repo):
-    """A mirror's last change on the node's clock (its last fetch)."""
-    stamps = [os.stat(os.path.join(repo, name)).st_mtime
-              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
-              if os.path.exists(os.path.join(repo, name))]
-    return datetime.datetime.fromtimestamp(max(stamps), UTC) \
-        if stamps else None
-
-
-def list_text(entries):
-    lines = [f'{"CLIENT":<12} {"SOURCE":<16} {"SNAPSHOT":<18} {"KIND":<11} '
-             f'{"SIZE":>10}  {"VERIFY":<7} {"DRILL":<7} FILES']
-    for e in entries:
-        kind = e['kind'] + (f' <{e["base"]}' if e['base'] else
-                            ' <MISSING BASE' if e['chain_broken'] else '')
-        lines.append(
-            f'{e["client"]:<12} {e["source"]:<16} {e["snapshot"]:<18} '
-            f'{kind:<11} {core.human_size(e["size"]):>10}  '
-            f'{(e["verify"] or {}).get("outcome", "-"):<7} '
-            f'{(e["drill"] or {}).get("outcome", "-"):<7} '
-            + ' '.join(clean_text(f['name']) for f in e['files']))
-    return '\n'.join(lines) + '\n'
-
-
-def list_command(node, client=None, source=None, fmt='text',
-                 out=sys.stdout):
-    clients = [check_client_name(client)] if client else known_clients(node)
-    entries = []
-    for name in clients:
-        entries += list_snapshots(node, name, source)
-    if fmt == 'json':
-        out.write(json.dumps(entries, indent=1, sort_keys=True) + '\n')
-    else:
-        out.write(list_text(entries))
-    return 0
-
-
-# -- restore ----------------------------------------------------------------
-
-def parse_at(text):
-    """TIME of `restore --at` -> aware datetime (a bare date: the end of
-    that day, UTC unless an offset is given)."""
+        with open(path, encoding='utf-8') as f:
+            text = f.read(65536)
+    except (OSError, UnicodeError) as e:
+        raise UsageError(f'cannot read public key {path}: {e}') from None
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith('#')]
+    if len(lines) != 1:
+        raise UsageError(f'{path}: want exactly one public key line, found '
+                         f'{len(lines)}')
+    match = PUBLIC_KEY_RE.match(lines[0])
+    if not match:
+        raise UsageError(f'{path}: not a public key line (no options '
+                         'allowed): ' + clean_text(lines[0], 80))
     try:
-        if AT_COMPACT_RE.match(text):
-            return datetime.datetime.strptime(
-                text, core.TIMESTAMP_FORMAT).replace(tzinfo=UTC)
-        if AT_DATE_RE.match(text):
-            day = datetime.date.fromisoformat(text)
-            return datetime.datetime.combine(
-                day, datetime.time.max).replace(tzinfo=UTC)
-        when = datetime.datetime.fromisoformat(
-            re.sub(r'[zZ]$', '+00:00', text))
+        blob = base64.b64decode(match.group('blob'), validate=True)
     except ValueError:
-        raise UsageError(f'--at {clean_text(text)!r}: not a snapshot name '
-                         'nor an ISO date/time (2026-11-20, '
-                         '2026-11-20T13:00Z, 20261120T130000Z)') from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        raise UsageError(f'{path}: the key is not valid base64') from None
+    kind = match.group('type').encode()
+    if blob[:4] != len(kind).to_bytes(4, 'big') or \
+            blob[4:4 + len(kind)] != kind:
+        raise UsageError(f'{path}: the key data does not match its type '
+                         f'{match.group("type")}')
+    comment = re.sub(r'[^A-Za-z0-9@._+:=-]', '_', match.group('comment') or '')
+    return match.group('type'), match.group('blob'), comment
 
 
-def choose_snapshot(backups, source, at=None, file=None):
-    """The newest good snapshot at or before `at` (a snapshot name or a
-    time), holding `file` if given."""
-    good = [b for b in backups if b.good and b.time]
-    if file:
-        good = [b for b in good if any(
-            isinstance(f, dict) and f.get('name') == file
-            for f in b.manifest['files'])]
-    if at and any(b.name == at for b in backups):
-        chosen = [b for b in good if b.name == at]
-        if not chosen:
-            raise RestoreError(f'{source} {at}: no readable manifest'
-                               + (f' or no file {file}' if file else ''))
-        return chosen[0]
-    if at:
-        limit = parse_at(at)
-        good = [b for b in good if b.time <= limit]
-    if not good:
-        raise RestoreError(f'no snapshot of {source}' +
-                           (f' holding {file}' if file else '') +
-                           (f' at or before {at}' if at else '') +
-                           ' on this node (see `server.py list`)')
-    return good[-1]
+def authorized_keys_line(node, client, key):
+    kind, blob, comment = key
+    words = [sys.executable, os.path.abspath(__file__), '--config',
+             node.config.path, 'gate', client]
+    if any('"' in w or '\\' in w or not w.isprintable() for w in words):
+        raise UsageError('a path in the forced command contains a quote, '
+                         'backslash or control character: ' +
+                         clean_text(' '.join(words)))
+    command = ' '.join(shlex.quote(w) for w in words)
+    return f'command="{command}",restrict {kind} {blob} {comment}'.rstrip()
 
 
-def check_hashes(backups, names, force):
-    """Re-hash (streaming) every file a restore will read, before it writes
-    anything; a mismatch is refused unless force."""
-    for backup in backups:
-        for entry in backup.manifest['files']:
-            if not isinstance(entry, dict) or (
-                    names is not None and entry.get('name') not in names):
-                continue
-            path = os.path.join(backup.path, str(entry.get('name')))
-            try:
-                digest, size = core.sha256_file(path)
-            except OSError as e:
-                raise RestoreError(f'{path}: cannot read: {e}') from None
-            if digest == entry.get('sha256') and size == entry.get('size'):
-                continue
-            message = (f'{path}: DAMAGED: sha256 {digest} ({size} bytes), '
-                       f'the manifest says {entry.get("sha256")} '
-                       f'({entry.get("size")} bytes)')
-            if not force:
-                raise RestoreError(message + '; refusing to restore it '
-                                   '(--force restores it anyway)')
-            log.error('%s; restoring it anyway (--force)', message)
-
-
-def prepare_target(directory):
-    """DIR may exist if empty, else it is created; never written into
-    when it holds anything."""
-    if os.path.lexists(directory):
-        if not os.path.isdir(directory) or os.path.islink(directory):
-            raise RestoreError(f'{directory}: exists and is not a directory')
-        if os.listdir(directory):
-            raise RestoreError(f'{directory}: not empty; refusing to '
-                               'restore into it')
-    else:
-        os.makedirs(directory)
-    return os.path.abspath(directory)
-
-
-def member_path(path):
-    """--path SUBDIR -> the archive member './SUBDIR' (fs archives are made
-    with `-C DIR .`); no absolute paths, no '..'."""
-    rel = os.path.normpath(path.strip('/'))
-    if not path.strip('/') or rel in ('.', '..') or rel.startswith('../'):
-        raise UsageError(f'--path {clean_text(path)!r}: want a directory '
-                         'inside the backup, e.g. --path www/uploads')
-    return './' + rel
-
-
-def tar_extract_args(archive, directory, incremental, members):
-    """GNU tar extracting one archive of a chain; as root with numeric
-    owners and modes.  --listed-incremental=/dev/null applies an
-    increment's deletions (and needs no snapshot file)."""
-    args = ['tar', '--extract', f'--file={archive}', f'--directory={directory}']
-    if incremental:
-        args.append('--listed-incremental=/dev/null')
-    if os.geteuid() == 0:
-        args += ['--numeric-owner', '--same-owner', '--same-permissions']
-    else:
-        args.append('--same-permissions')
-    return args + ['--', *members]
-
-
-def extract_chain(chain, directory, members=()):
-    """Extract full, then each increment in order, into directory."""
-    incremental = len(chain) > 1 or manifest_level(chain[0].manifest) > 0 \
-        or 'level' in chain[0].manifest
-    for backup in chain:
-        entry = archive_entry(backup)
-        if entry is None:
-            raise RestoreError(f'{backup.path}: no archive in this snapshot')
-        core.run(tar_extract_args(os.path.join(backup.path, entry['name']),
-                                  directory, incremental, list(members)),
-                 stdout=subprocess.DEVNULL)
-        log.info('extracted %s/%s', backup.path, entry['name'])
-
-
-def scratch_dir(node, client, what):
-    """A private directory on the node's data disk for one restore."""
-    base = os.path.join(node.settings['data_dir'], client)
-    os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f'.{what}-', dir=base)
-
-
-def stream_file(path, out):
-    """Copy a file to a binary stream in chunks (never whole in memory)."""
-    with open(path, 'rb') as f:
-        shutil.copyfileobj(f, out, core.CHUNK)
-    out.flush()
-
-
-def stream_archive(path, out):
-    """Write a stored archive to out as a plain tar stream: decompressed,
-    so that `| tar -x` needs no option and owners stay exactly as
-    archived, whoever runs the restore."""
-    name = os.path.basename(path)
-    for suffixes, tool in TAR_TOOLS:
-        if name.endswith(suffixes):
-            out.flush()
-            core.run([tool, '--decompress', '--stdout', '--', path],
-                     stdout=out.fileno(), text=False)
-            return
-    stream_file(path, out)
-
-
-def restore_archive(node, client, backups, backup, args, out):
-    """A directory backup: its chain extracted into --to DIR, or one tar
-    stream of the restored tree on stdout."""
-    chain = restore_chain(backups, backup)
-    check_hashes(chain, None, args.force)
-    members = [member_path(args.path)] if args.path else []
-    if args.stdout and len(chain) == 1 and not members and \
-            'level' not in backup.manifest:
-        stream_archive(os.path.join(backup.path,
-                                    archive_entry(backup)['name']), out)
-        return
-    if args.to:
-        extract_chain(chain, prepare_target(args.to), members)
-        return
-    scratch = scratch_dir(node, client, 'restore')
+def add_client(node, client, key_file, authorized_keys=None):
+    """Append the gate line of <client>'s key to authorized_keys (temp name,
+    fsync, rename; other lines kept).  Returns the path written."""
+    check_client_name(client)
+    key = read_public_key(key_file)
+    path = os.path.realpath(authorized_keys or
+                            os.path.expanduser('~/.ssh/authorized_keys'))
     try:
-        extract_chain(chain, scratch, members)
-        out.flush()
-        core.run(['tar', '--create', '--file=-', '--numeric-owner',
-                  f'--directory={scratch}', '--', *(members or ['.'])],
-                 stdout=out.fileno(), text=False)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        with open(path, encoding='utf-8', errors='surrogateescape') as f:
+            current = f.read()
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        current, mode = '', 0o600
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for number, line in enumerate(current.splitlines(), 1):
+        if key[1] in line.split():
+            raise UsageError(f'{path}:{number}: this key is already there; '
+                             'a key may serve one client only (edit the '
+                             'file by hand to change it)')
+    if current and not current.endswith('\n'):
+        current += '\n'
+    atomic_write(path, (current + authorized_keys_line(node, client, key) +
+                        '\n').encode('utf-8', 'surrogateescape'), mode=mode)
+    log.info('%s: added the key of %s (gate %s)', path, client, client)
+    return path
 
 
-def restore_file(backup, name, args, out):
-    """One stored file (a dump, globals.sql, any file) to stdout or DIR."""
-    check_hashes([backup], {name}, args.force)
-    path = os.path.join(backup.path, name)
-    if args.stdout:
-        stream_file(path, out)
-    else:
-        target = os.path.join(prepare_target(args.to), name)
-        shutil.copyfile(path, target)
-
-
-def git_safe(mirror):
-    """git options that let any account (root) read a mirror it does not
-    own: without them git >= 2.35.2 refuses with "dubious ownership"."""
-    return [*core.git_program(), '-c', f'safe.directory={mirror}']
-
-
-def restore_git(mirror, args, out):
-    """A mirror: --to DIR clones it with every ref (refs/preserved/*
-    included: --mirror copies all of refs/), --stdout writes a bundle."""
-    if args.stdout:
-        out.flush()
-        core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
-                  'create', '-', '--all'], stdout=out.fileno(), text=False)
-        return
-    target = prepare_target(args.to)
-    core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
-              '--no-hardlinks', '--', mirror, target])
-    # The clone is a copy, not a mirror of the node: fetching into it must
-    # not prune what it restored.
-    core.run([*core.git_program(), f'--git-dir={target}', 'config',
-              '--unset', 'remote.origin.mirror'], check=False)
-
-
-def restore_command(node, args, out=None):
-    """server.py restore: see build_parser."""
-    out = out or sys.stdout.buffer
-    client = check_client_name(args.client)
-    if args.stdout == bool(args.to):
-        raise UsageError('restore: give exactly one of --to DIR, --stdout')
-    mirrors = client_mirrors(node, client)
-    if args.source in mirrors or args.source.startswith('git/'):
-        if args.source not in mirrors:
-            raise RestoreError(f'no git mirror {args.source} of {client}')
-        restore_git(mirrors[args.source], args, out)
-        log.info('restored %s %s', client, args.source)
-        return 0
-    if getattr(args, 'origin', 'local') == 'offsite':
-        with tempfile.TemporaryDirectory(
-                prefix='.offsite-restore-', dir=node.settings['data_dir']) \
-                as scratch:
-            backup = fetch_offsite_snapshot(node, client, args, scratch)
-            return restore_snapshot(node, client, [backup], backup, args,
-                                    out)
-    backups = stored_backups(node, client).get(args.source)
-    if not backups:
-        raise RestoreError(f'nothing stored for {client} {args.source} '
-                           '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file)
-    return restore_snapshot(node, client, backups, backup, args, out)
-
-
-def fetch_offsite_snapshot(node, client, args, scratch):
-    """restore --from offsite: the snapshot --at names, fetched from the
-    remote into scratch and proven against its manifest (offsite_fetch).
-    An increment's chain lies on the remote as separate snapshots: fetch
-    each with `offsite --fetch` and restore by hand (see README)."""
-    if not args.at or not core.NAME_RE.match(args.at):
-        raise UsageError('restore --from offsite: give the snapshot name '
-                         'with --at (as `server.py list` printed it before '
-                         'it was pruned, or from the offsite journal)')
-    target = os.path.join(scratch, args.source.replace('/', '_'), args.at)
-    manifest = offsite_fetch(node, client, args.source, args.at, target)
-    backup = StoredBackup(args.source, target, manifest)
-    if manifest_level(manifest) > 0:
-        raise RestoreError(f'{args.source} {args.at} is an increment: fetch '
-                           'its chain with `server.py offsite --fetch` and '
-                           'extract it in order (README, "Restoring")')
-    return backup
-
-
-def restore_snapshot(node, client, backups, backup, args, out):
-    """Restore one chosen snapshot (its chain from backups)."""
-    log.info('restoring %s %s %s', client, args.source, backup.name)
-    if args.file:
-        restore_file(backup, args.file, args, out)
-    elif archive_entry(backup):
-        restore_archive(node, client, backups, backup, args, out)
-    else:
-        names = [f.get('name') for f in backup.manifest['files']]
-        raise UsageError(f'{args.source} {backup.name} holds no archive: '
-                         'name one of its files with --file ('
-                         + ', '.join(map(str, names)) + ')')
-    return 0
-
-
-# -- drill ------------------------------------------------------------------
-
-# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
-# mode, owner/group, size (major,minor for devices), date, time, name.
-LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
-                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
-                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
-LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
-                 'p': 'fifo', 'c': 'char', 'b': 'block'}
-ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
-           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
-# A restored table with fewer than this fraction of the rows recorded at
-# dump time fails the drill (n_live_tup is an estimate, not a count).
-ROWS_FLOOR = 0.5
-
-
-def unescape_name(text):
-    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
-    out, i = bytearray(), 0
-    raw = text.encode('utf-8', 'surrogateescape')
-    while i < len(raw):
-        c = raw[i:i + 1]
-        if c == b'\\' and i + 1 < len(raw):
-            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
-            if octal:
-                out.append(int(octal.group(), 8))
-                i += 4
-                continue
-            nxt = chr(raw[i + 1])
-            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
-            i += 2
-            continue
-        out += c
-        i += 1
-    return os.fsdecode(bytes(out))
-
-
-def parse_listing(path):
-    """{relative name: (type, size or None)} of a listing file."""
-    entries = {}
-    with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        for line in f:
-            m = LISTING_RE.match(line.rstrip('\n'))
-            if not m:
-                continue
-            kind = LISTING_TYPES.get(m.group('type'), 'other')
-            name = m.group('name')
-            # A symlink's target and a hard link's original follow the
-            # name; names holding these words are too rare to guess for.
-            for sep in ((' -> ',) if kind == 'link' else
-                        (' link to ',) if m.group('type') == 'h' else ()):
-                name = name.split(sep, 1)[0]
-            name = unescape_name(name).rstrip('/')
-            name = name[2:] if name.startswith('./') else name
-            if name in ('', '.'):
-                continue
-            size = int(m.group('size')) if kind == 'file' and \
-                m.group('type') != 'h' else None
-            entries[name] = (kind, size)
-    return entries
-
-
-def restored_tree(top):
-    """{relative name: (type, size or None)} of a restored directory."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            mode = st.st_mode
-            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
-                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
-                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
-                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
-                else 'other'
-            found[os.path.relpath(path, top)] = (
-                kind, st.st_size if kind == 'file' else None)
-    return found
-
-
-def compare_listing(listing, tree, complete):
-    """Problems between what the client listed and what came back; an
-    increment's listing names only what changed (complete=False)."""
-    problems = []
-    for name, (kind, size) in sorted(listing.items()):
-        got = tree.get(name)
-        if got is None:
-            problems.append(f'{clean_text(name)}: missing')
-        elif got[0] != kind:
-            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
-        elif size is not None and got[1] != size:
-            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
-                            f'with {size}')
-    if complete:
-        problems += [f'{clean_text(name)}: not in the listing'
-                     for name in sorted(set(tree) - set(listing))]
-    return problems
-
-
-def drill_archive(node, client, backups, backup, scratch):
-    """Restore an archive (its chain) and hold it against its listing."""
-    chain = restore_chain(backups, backup)
-    check_hashes(chain, None, force=False)
-    extract_chain(chain, scratch)
-    entry = archive_entry(backup)
-    listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
-    if not os.path.exists(listing):
-        return [], f'{entry["name"]}: extracted; no listing recorded to ' \
-            'compare with'
-    tree = restored_tree(scratch)
-    problems = compare_listing(parse_listing(listing), tree,
-                               complete=len(chain) == 1)
-    return problems, f'{entry["name"]}: {len(tree)} entries match the ' \
-        'listing'
-
-
-class ScratchCluster:
-    """A throw-away PostgreSQL cluster for drills: initdb in a temporary
-    directory, unix socket only, trust auth, run as the `postgres` account
-    when we are root (postgres refuses to run as root); removed on exit."""
-
-    def __init__(self, bindir, timeout):
-        self.bindir, self.timeout = bindir, timeout
-        self.as_postgres = ['runuser', '-u', 'postgres', '--'] \
-            if os.geteuid() == 0 else []
-
-    def tool(self, name):
-        path = os.path.join(self.bindir, name)
-        return path if os.path.exists(path) else name
-
-    def __enter__(self):
-        # /tmp, not data_dir: the postgres account must reach it, and the
-        # socket path must stay short.
-        self.work = tempfile.mkdtemp(prefix='gitbackup-drill-pg-')
-        os.chmod(self.work, 0o755)
-        self.data = os.path.join(self.work, 'data')
-        os.mkdir(self.data, 0o700)
-        if self.as_postgres:
-            owner = pwd.getpwnam('postgres')
-            os.chown(self.data, owner.pw_uid, owner.pw_gid)
-            os.chown(self.work, owner.pw_uid, owner.pw_gid)
-        env = {**os.environ, 'LC_ALL': 'C'}
-        try:
-            core.run(self.as_postgres + [
-                self.tool('initdb'), '-D', self.data, '--auth=trust', '-U',
-                'postgres', '-E', 'UTF8', '--locale=C', '--no-sync'],
-                env=env, cwd=self.work, timeout=self.timeout)
-            core.run(self.as_postgres + [
-                self.tool('pg_ctl'), '-w', '-t', '120', '-D', self.data,
-                '-l', os.path.join(self.work, 'log'), '-o',
-                f"-k {self.work} -c listen_addresses='' -c fsync=off",
-                'start'], env=env, cwd=self.work, timeout=self.timeout)
-        except BaseException:
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        core.run(self.as_postgres + [self.tool('pg_ctl'), '-w', '-D',
-                                     self.data, '-m', 'immediate', 'stop'],
-                 check=False, cwd=self.work, timeout=120)
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def run(self, program, *args, check=True):
-        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
-        env.update({'PGHOST': self.work, 'PGUSER': 'postgres'})
-        return core.run([self.tool(program), *args], env=env, check=check,
-                        timeout=self.timeout)
-
-
-def quote_ident(name):
-    return '"' + str(name).replace('"', '""') + '"'
-
-
-def drill_dump_rows(cluster, dump, stats, database):
-    """Restore one dump into the scratch cluster; compare every table's
-    row count with the client's statistics.  Problems, [] when fine."""
-    cluster.run('psql', '-X', '-q', '-d', 'postgres', '-c',
-                f'CREATE DATABASE {quote_ident(database)}')
-    # Without the globals the dump's owners and grants would not resolve:
-    # the drill proves data, so they are left out.
-    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
-                       '--no-privileges', '-d', database, '--', dump,
-                       check=False)
-    if proc.returncode != 0:
-        return [f'pg_restore failed: {clean_text(proc.stderr, 500)}']
-    problems = []
-    for table in (stats or {}).get('tables') or []:
-        name = f'{quote_ident(table.get("schema"))}.' \
-            f'{quote_ident(table.get("table"))}'
-        got = cluster.run('psql', '-X', '-A', '-t', '-q', '-d', database,
-                          '-c', f'SELECT count(*) FROM {name}', check=False)
-        recorded = int(table.get('rows') or 0)
-        rows = int(got.stdout.strip()) if got.returncode == 0 and \
-            got.stdout.strip().isdigit() else None
-        if rows is None:
-            problems.append(f'table {clean_text(name)} did not come back')
-        elif recorded > 0 and (rows == 0 or rows < recorded * ROWS_FLOOR):
-            problems.append(f'table {clean_text(name)}: {rows} rows '
-                            f'restored, {recorded} recorded at dump time')
-    return problems
-
-
-def drill_dumps(node, backup):
-    """Every dump of a snapshot: into a scratch cluster when [server]
-    drill_postgres is set, else read back with pg_restore --list."""
-    check_hashes([backup], None, force=False)
-    dumps = [f['name'] for f in backup.manifest['files']
-             if isinstance(f, dict) and str(f.get('name')).endswith(
-                 DUMP_SUFFIXES)]
-    bindir = node.settings.get('drill_postgres')
-    timeout = node.config.get_duration('server', 'command_timeout')
-    problems = []
-    if not bindir:
-        for name in dumps:
-            found = restore_check(os.path.join(backup.path, name), timeout)
-            if found:
-                problems.append(found[1])
-        return problems, (f'{len(dumps)} dump(s) read back with pg_restore '
-                          '--list only ([server] drill_postgres not set)')
-    with ScratchCluster(bindir, timeout) as cluster:
-        for n, name in enumerate(dumps):
-            stats = read_json(os.path.join(backup.path,
-                                           name + STATS_SUFFIX))
-            problems += [f'{name}: {p}' for p in drill_dump_rows(
-                cluster, os.path.join(backup.path, name),
-                stats if isinstance(stats, dict) else None, f'drill{n}')]
-    return problems, (f'{len(dumps)} dump(s) restored into a scratch '
-                      'cluster, row counts compared')
-
-
-def announced_heads(node, client, repo):
-    """Every tip the client announced for a mirror (results journal)."""
-    heads = set()
-    for entry in read_results(node, client):
-        stored = entry.get('stored')
-        if entry.get('outcome') == 'stored' and isinstance(stored, str) and \
-                os.path.join(node.settings['data_dir'], client, stored) \
-                == repo:
-            heads.update(h for h in entry.get('heads') or []
-                         if isinstance(h, str) and
-                         re.fullmatch(r'[0-9a-f]{40,64}', h))
-    return sorted(heads)
-
-
-def drill_mirror(node, client, repo, scratch):
-    """Clone the mirror, fsck the clone, find every announced tip in it
-    (a clone carries only what refs reach: a tip only in loose objects of
-    the mirror does not count)."""
-    clone = os.path.join(scratch, 'clone.git')
-    core.run([*git_safe(repo), 'clone', '--quiet', '--mirror',
-              '--no-hardlinks', '--', repo, clone])
-    problems = []
-    proc = git(clone, 'fsck', '--no-progress', '--no-dangling', check=False)
-    if proc.returncode != 0:
-        problems.append(f'git fsck of the clone failed: '
-                        f'{clean_text(proc.stderr, 500)}')
-    heads = announced_heads(node, client, repo)
-    for head in heads:
-        if git(clone, 'cat-file', '-e', f'{head}^{{commit}}',
-               check=False).returncode != 0:
-            problems.append(f'announced tip {head} is not in the restored '
-                            'clone')
-    return problems, f'cloned, fsck passed, {len(heads)} announced tip(s) ' \
-        'checked'
-
-
-def drill_targets(node, client):
-    """(source, snapshot name, proof) of the newest snapshot of every
-    series and of every mirror; proof(scratch) -> (problems, detail)."""
-    targets = []
-    for source, backups in stored_backups(node, client).items():
-        good = [b for b in backups if b.good and b.time]
-        for backup in newest_of_series(good):
-            if archive_entry(backup):
-                proof = (lambda s, b=backup, g=good:
-                         drill_archive(node, client, g, b, s))
-            elif any(str(f.get('name')).endswith(DUMP_SUFFIXES)
-                     for f in backup.manifest['files'] if isinstance(f, dict)):
-                proof = (lambda s, b=backup: drill_dumps(node, b))
-            else:
-                proof = (lambda s, b=backup: (
-                    check_hashes([b], None, False) or [], 'files re-hashed'))
-            targets.append((source, backup.name, proof))
-    for source, repo in client_mirrors(node, client).items():
-        targets.append((source, GIT_SNAPSHOT, lambda s, r=repo:
-                        drill_mirror(node, client, r, s)))
-    return targets
-
-
-def drill_one(node, client, run_id, source, name, proof):
-    """Run one proof in a scratch directory; its journal entry."""
-    scratch = scratch_dir(node, client, 'drill')
-    try:
-        problems, detail = proof(scratch)
-    except (GitBackupError, OSError) as e:
-        problems, detail = [str(e)], ''
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return {'source': source, 'snapshot': name, 'run': run_id,
-            'finished': core.isotime(), 'ok': not problems,
-            'detail': clean_text('; '.join(problems) if problems else detail,
-                                 2000)}
-
-
-def drill_command(node, only_client=None, out=sys.stdout):
-    """server.py drill: prove the newest snapshot of every series restores.
-    Outcomes journaled per client (drills.jsonl, read by report); failures
-    printed with the snapshot's list name and mailed.  0 ok, 2 critical."""
-    clients = [check_client_name(only_client)] if only_client else \
-        known_clients(node)
-    run_id = core.isotime()
-    failed = []
-    count = 0
-    for client in clients:
-        entries = []
-        for source, name, proof in drill_targets(node, client):
-            entry = drill_one(node, client, run_id, source, name, proof)
-            entries.append(entry)
-            word = 'ok' if entry['ok'] else 'FAILED'
-            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
-            out.write(line + '\n')
-            (log.info if entry['ok'] else log.error)('drill %s', line)
-            if not entry['ok']:
-                failed.append(line)
-        Journal(os.path.join(node.settings['data_dir'], client,
-                             DRILL_JOURNAL)).append(entries)
-        count += len(entries)
-    status = CRITICAL if failed else OK
-    summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
-               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
-    out.write(summary + '\n')
-    if failed:
-        core.mail_admins(node.config, 'server',
-                         f'gitbackup: drill on {node.name}: CRITICAL',
-                         '\n'.join(failed) + '\n\n' + summary + '\n')
-    return status
-
-
-def last_drills(node, client, now):
-    """{source: last drill} for report: the newest drill run that covered
-    the source; failed if any of its series failed there."""
-    runs = {}
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        when = parse_node_time(entry.get('finished'))
-        if not when or not isinstance(entry.get('source'), str):
-            continue
-        run = str(entry.get('run') or entry.get('finished'))
-        last = runs.get(entry['source'])
-        if last is None or run > last['run']:
-            last = runs[entry['source']] = {'run': run, 'ok': True,
-                                            'time': when, 'problems': []}
-        if run == last['run']:
-            last['time'] = max(last['time'], when)
-            if entry.get('ok') is not True:
-                last['ok'] = False
-                words = [clean_text(entry[k], 500) for k in ('snapshot',
-                                                              'detail')
-                         if entry.get(k)]
-                if words:
-                    last['problems'].append(': '.join(words))
-    for last in runs.values():
-        last['age_seconds'] = int(max((now - last['time']).total_seconds(),
-                                      0))
-    return runs
-
-
-def drill_level(row, drill):
-    """A source's report level from its last drill (failed = critical)."""
-    row['last_drill'] = drill and {k: drill[k] for k in
-                                   ('time', 'ok', 'age_seconds')}
-    if drill and not drill['ok']:
-        row['problems'].append('last restore drill failed' + (
-            ': ' + '; '.join(drill['problems']) if drill['problems'] else ''))
-        return CRITICAL
-    return OK
-
-
-# --------------------------------------------------------------------------
-# Command line
+# ==========================================================================
+# 10. Command line
+#
+# The parser lists the commands in the order of the chapters above; main()
+# and the COMMANDS table are the only places that call into every chapter.
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -4965,8 +5047,6 @@ COMMANDS = {
     'restore': lambda n, a: restore_command(n, a),
     'drill': lambda n, a: drill_command(n, a.client),
 }
-
-
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused
 # to a user who does not own the directories it writes (check_run_user).
