@@ -62,6 +62,7 @@ import argparse
 import base64
 import concurrent.futures
 import configparser
+import contextlib
 import datetime
 import hashlib
 import html
@@ -82,6 +83,7 @@ if sys.version_info < (3, 9):
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from modules import _core as core  # noqa: E402  (shared core, beside us)
+from modules import fs as fs_archive  # noqa: E402  (tar chains: restore)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -2880,60 +2882,143 @@ def check_hashes(backups, names, force):
 def prepare_target(directory):
     """DIR may exist if empty, else it is created; never written into
     when it holds anything."""
+    check_target(directory)
+    if not os.path.lexists(directory):
+        os.makedirs(directory)
+    return os.path.abspath(directory)
+
+
+def check_target(directory):
+    """--to DIR: absent, or an empty directory (not a symlink to one)."""
     if os.path.lexists(directory):
         if not os.path.isdir(directory) or os.path.islink(directory):
             raise RestoreError(f'{directory}: exists and is not a directory')
         if os.listdir(directory):
             raise RestoreError(f'{directory}: not empty; refusing to '
                                'restore into it')
-    else:
-        os.makedirs(directory)
     return os.path.abspath(directory)
 
 
 def member_path(path):
-    """--path SUBDIR -> the archive member './SUBDIR' (fs archives are made
-    with `-C DIR .`); no absolute paths, no '..'."""
+    """--path PATH -> its name in the archive (fs archives are made with
+    `-C DIR .`), as bytes; no absolute paths, no '..'."""
     rel = os.path.normpath(path.strip('/'))
     if not path.strip('/') or rel in ('.', '..') or rel.startswith('../'):
-        raise UsageError(f'--path {clean_text(path)!r}: want a directory '
-                         'inside the backup, e.g. --path www/uploads')
-    return './' + rel
+        raise UsageError(f'--path {clean_text(path)!r}: want a file or '
+                         'directory inside the backup, e.g. --path '
+                         'www/uploads')
+    return os.fsencode(rel)
 
 
-def tar_extract_args(archive, directory, incremental, members):
-    """GNU tar extracting one archive of a chain; as root with numeric
-    owners and modes.  --listed-incremental=/dev/null applies an
-    increment's deletions (and needs no snapshot file)."""
-    args = ['tar', '--extract', f'--file={archive}', f'--directory={directory}']
-    if incremental:
-        args.append('--listed-incremental=/dev/null')
-    if os.geteuid() == 0:
-        args += ['--numeric-owner', '--same-owner', '--same-permissions']
-    else:
-        args.append('--same-permissions')
-    return args + ['--', *members]
+def check_same_owner(target):
+    """--same-owner restores owners, setuid files and device nodes: only
+    root may, and only into a directory root owns (nobody else can then
+    swap what lies under it while it is written)."""
+    if os.geteuid() != 0:
+        raise UsageError('--same-owner: only root restores owners, setuid '
+                         'files and device nodes (use --stdout | ssh '
+                         'root@client tar -x ... to restore them there)')
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    st = os.lstat(existing)
+    if st.st_uid != 0 or not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f'--same-owner: {existing} is not a directory root '
+                         'owns; restore into one that is')
 
 
-def extract_chain(chain, directory, members=()):
-    """Extract full, then each increment in order, into directory."""
-    incremental = len(chain) > 1 or manifest_level(chain[0].manifest) > 0 \
-        or 'level' in chain[0].manifest
-    for backup in chain:
-        entry = archive_entry(backup)
-        if entry is None:
-            raise RestoreError(f'{backup.path}: no archive in this snapshot')
-        core.run(tar_extract_args(os.path.join(backup.path, entry['name']),
-                                  directory, incremental, list(members)),
-                 stdout=subprocess.DEVNULL)
-        log.info('extracted %s/%s', backup.path, entry['name'])
+# -- scratch trees: registered when made, reaped after a crash --------------
+
+# What reap_scratch does with a registered entry of each kind whose
+# command died; a scratch PostgreSQL cluster registers its own kind
+# (register_scratch(node, 'cluster', path, ...)) and adds a reaper here.
+SCRATCH_REAPERS = {}
+SCRATCH_PREFIX = '.gitbackup-'
 
 
-def scratch_dir(node, client, what):
-    """A private directory on the node's data disk for one restore."""
-    base = os.path.join(node.settings['data_dir'], client)
-    os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f'.{what}-', dir=base)
+def process_start(pid):
+    """A process's start time (clock ticks since boot), or None when it
+    is gone: with the pid it names one process, reused pids excluded."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def scratch_registry(node):
+    return os.path.join(node.state_dir, 'scratch')
+
+
+def register_scratch(node, kind, path, **extra):
+    """Record that this process made path (a scratch tree, a scratch
+    cluster...); returns the record's file, None if it cannot be written
+    (an account that may not write the node's state: its scratch is then
+    removed by itself only)."""
+    record = os.path.join(scratch_registry(node),
+                          f'{os.getpid()}-{os.path.basename(path)}.json')
+    try:
+        core.make_dirs(scratch_registry(node))
+        write_json(record, {'pid': os.getpid(), 'kind': kind, 'path': path,
+                            'started': process_start(os.getpid()), **extra})
+    except OSError as e:
+        log.debug('scratch %s not registered: %s', path, e)
+        return None
+    return record
+
+
+def remove_scratch_tree(entry):
+    path = str(entry.get('path') or '')
+    if os.path.basename(path).startswith(SCRATCH_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+SCRATCH_REAPERS['tree'] = remove_scratch_tree
+
+
+def reap_scratch(node):
+    """End what a restore or drill killed before its cleanup left behind:
+    every registered scratch whose process is gone (a pid alive with the
+    recorded start time is a running command, left alone).  Run by
+    restore, drill, run and prune before they start."""
+    try:
+        names = os.listdir(scratch_registry(node))
+    except OSError:
+        return
+    for name in sorted(names):
+        record = os.path.join(scratch_registry(node), name)
+        entry = read_json(record)
+        if not isinstance(entry, dict):
+            continue
+        if entry.get('started') and process_start(entry.get('pid')) == \
+                entry['started']:
+            continue
+        log.warning('removing %s %s left by a killed command (pid %s)',
+                    entry.get('kind'), clean_text(entry.get('path')),
+                    entry.get('pid'))
+        reaper = SCRATCH_REAPERS.get(entry.get('kind'))
+        try:
+            if reaper:
+                reaper(entry)
+            os.unlink(record)
+        except OSError as e:
+            log.error('could not reap %s: %s', record, e)
+
+
+@contextlib.contextmanager
+def scratch(node, parent, what):
+    """A fresh 0700 directory under parent for one restore or drill,
+    registered while it lives and removed whatever happens."""
+    core.make_dirs(parent)
+    path = tempfile.mkdtemp(prefix=f'{SCRATCH_PREFIX}{what}-', dir=parent)
+    record = register_scratch(node, 'tree', path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if record:
+            with contextlib.suppress(OSError):
+                os.unlink(record)
 
 
 def stream_file(path, out):
@@ -2943,54 +3028,129 @@ def stream_file(path, out):
     out.flush()
 
 
-def stream_archive(path, out):
-    """Write a stored archive to out as a plain tar stream: decompressed,
-    so that `| tar -x` needs no option and owners stay exactly as
-    archived, whoever runs the restore."""
-    name = os.path.basename(path)
-    for suffixes, tool in TAR_TOOLS:
-        if name.endswith(suffixes):
-            out.flush()
-            core.run([tool, '--decompress', '--stdout', '--', path],
-                     stdout=out.fileno(), text=False)
-            return
-    stream_file(path, out)
+def chain_archives(chain):
+    """The archive paths of a chain, full first."""
+    paths = []
+    for backup in chain:
+        entry = archive_entry(backup)
+        if entry is None:
+            raise RestoreError(f'{backup.path}: no archive in this snapshot')
+        paths.append(os.path.join(backup.path, entry['name']))
+    return paths
+
+
+def restore_bounds(node, archives, space_path):
+    """Size (what the links' listings declare, times a margin), the
+    free-space floor and command_timeout, for one restore or drill."""
+    declared = []
+    for path in archives:
+        listing = path + LISTING_SUFFIX
+        try:
+            entries = parse_listing(listing)
+        except (OSError, ValueError):
+            declared.append(None)
+            continue
+        declared.append((sum(size or 0 for _, size in entries.values()),
+                         len(entries)))
+    stored = [os.path.getsize(p) for p in archives]
+    return fs_archive.Bounds(
+        fs_archive.size_bound(declared, stored),
+        node.config.get_size('server', 'free_space_floor'),
+        time.monotonic() + node.config.get_duration('server',
+                                                    'command_timeout'),
+        space_path)
+
+
+def restore_tree(node, archives, directory, paths=(), same_owner=False):
+    """The one safe extraction into directory (fs_archive.restore_tree):
+    a refused chain or a bound hit is a RestoreError naming why."""
+    try:
+        done = fs_archive.restore_tree(
+            archives, directory, paths, same_owner,
+            restore_bounds(node, archives, directory))
+    except fs_archive.PathNotHeld as e:
+        raise PathNotHeldError(str(e), e.paths) from None
+    except (fs_archive.ChainRefused, fs_archive.TarFailed) as e:
+        raise RestoreError(f'refused: {clean_text(str(e), 1000)}') from None
+    except fs_archive.BoundExceeded as e:
+        raise RestoreError(f'stopped: {e}; nothing restored') from None
+    for warning in done.warnings:
+        log.warning('%s', clean_text(warning, 2000))
+    return done
+
+
+class PathNotHeldError(RestoreError):
+    """restore --path named what the snapshot does not hold (.paths: the
+    archive names, bytes): a hint naming a snapshot that holds them may
+    be added to the message by whoever catches it."""
+
+    def __init__(self, message, paths):
+        super().__init__(message)
+        self.paths = paths
+
+
+def move_into_place(scratch_path, target):
+    """The restored tree replaces the (absent or empty) target in one
+    rename; where that cannot be (a mount point), its entries move."""
+    try:
+        os.rename(scratch_path, target)
+        return
+    except OSError:
+        pass
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(scratch_path):
+        os.rename(os.path.join(scratch_path, name),
+                  os.path.join(target, name))
+    st = os.stat(scratch_path)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def restore_archive(node, client, backups, backup, args, out):
-    """A directory backup: its chain extracted into --to DIR, or one tar
-    stream of the restored tree on stdout."""
+    """A directory backup: its chain judged whole, then extracted into
+    --to DIR (through a scratch directory beside it, moved into place),
+    or written to stdout as one tar stream of the restored tree."""
     chain = restore_chain(backups, backup)
     check_hashes(chain, None, args.force)
-    members = [member_path(args.path)] if args.path else []
-    if args.stdout and len(chain) == 1 and not members and \
-            'level' not in backup.manifest:
-        stream_archive(os.path.join(backup.path,
-                                    archive_entry(backup)['name']), out)
-        return
-    if args.to:
-        extract_chain(chain, prepare_target(args.to), members)
-        return
-    scratch = scratch_dir(node, client, 'restore')
-    try:
-        extract_chain(chain, scratch, members)
+    archives = chain_archives(chain)
+    paths = [member_path(p) for p in args.path or []]
+    if args.stdout:
+        try:
+            fs_archive.restore_stream(
+                archives, out.write, paths,
+                restore_bounds(node, archives, None))
+        except fs_archive.PathNotHeld as e:
+            raise PathNotHeldError(str(e), e.paths) from None
+        except fs_archive.ChainRefused as e:
+            raise RestoreError(f'refused: {clean_text(str(e), 1000)}') \
+                from None
+        except fs_archive.BoundExceeded as e:
+            raise RestoreError(f'stopped: {e}') from None
         out.flush()
-        core.run(['tar', '--create', '--file=-', '--numeric-owner',
-                  f'--directory={scratch}', '--', *(members or ['.'])],
-                 stdout=out.fileno(), text=False)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    target = check_target(args.to)
+    if args.same_owner:
+        check_same_owner(target)
+    parent = os.path.dirname(target)
+    with scratch(node, parent, 'restore') as path:
+        restore_tree(node, archives, path, paths, args.same_owner)
+        move_into_place(path, target)
 
 
 def restore_file(backup, name, args, out):
-    """One stored file (a dump, globals.sql, any file) to stdout or DIR."""
+    """One stored file (a dump, globals.sql, any file) to stdout or DIR;
+    in DIR it keeps its stored mode, never more than 0640 (a dump or
+    globals.sql holds secrets: 0600 stays 0600)."""
     check_hashes([backup], {name}, args.force)
     path = os.path.join(backup.path, name)
     if args.stdout:
         stream_file(path, out)
-    else:
-        target = os.path.join(prepare_target(args.to), name)
-        shutil.copyfile(path, target)
+        return
+    target = os.path.join(prepare_target(args.to), name)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(path, 'rb') as f, os.fdopen(fd, 'wb') as w:
+        shutil.copyfileobj(f, w, core.CHUNK)
+    os.chmod(target, stat.S_IMODE(os.stat(path).st_mode) & 0o640)
 
 
 def git_safe(mirror):
@@ -3022,6 +3182,9 @@ def restore_command(node, args, out=None):
     client = check_client_name(args.client)
     if args.stdout == bool(args.to):
         raise UsageError('restore: give exactly one of --to DIR, --stdout')
+    if args.same_owner and not args.to:
+        raise UsageError('--same-owner goes with --to DIR (--stdout always '
+                         'carries owners, modes and special files)')
     mirrors = client_mirrors(node, client)
     if args.source in mirrors or args.source.startswith('git/'):
         if args.source not in mirrors:
@@ -3030,10 +3193,9 @@ def restore_command(node, args, out=None):
         log.info('restored %s %s', client, args.source)
         return 0
     if getattr(args, 'origin', 'local') == 'offsite':
-        with tempfile.TemporaryDirectory(
-                prefix='.offsite-restore-', dir=node.settings['data_dir']) \
-                as scratch:
-            backup = fetch_offsite_snapshot(node, client, args, scratch)
+        with scratch(node, node.settings['data_dir'], 'offsite-restore') \
+                as fetched:
+            backup = fetch_offsite_snapshot(node, client, args, fetched)
             return restore_snapshot(node, client, [backup], backup, args,
                                     out)
     backups = stored_backups(node, client).get(args.source)
@@ -3181,15 +3343,18 @@ def drill_archive(node, client, backups, backup, scratch):
     """Restore an archive (its chain) and hold it against its listing."""
     chain = restore_chain(backups, backup)
     check_hashes(chain, None, force=False)
-    extract_chain(chain, scratch)
+    done = restore_tree(node, chain_archives(chain), scratch)
     entry = archive_entry(backup)
     listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
     if not os.path.exists(listing):
         return [], f'{entry["name"]}: extracted; no listing recorded to ' \
             'compare with'
     tree = restored_tree(scratch)
-    problems = compare_listing(parse_listing(listing), tree,
-                               complete=len(chain) == 1)
+    listed = parse_listing(listing)
+    # Device nodes are not made on the node (by design): not missing.
+    tree.update({name: listed[name] for name in done.left_out
+                 if name in listed})
+    problems = compare_listing(listed, tree, complete=len(chain) == 1)
     return problems, f'{entry["name"]}: {len(tree)} entries match the ' \
         'listing'
 
@@ -3370,13 +3535,12 @@ def drill_targets(node, client):
 
 def drill_one(node, client, run_id, source, name, proof):
     """Run one proof in a scratch directory; its journal entry."""
-    scratch = scratch_dir(node, client, 'drill')
     try:
-        problems, detail = proof(scratch)
+        with scratch(node, os.path.join(node.settings['data_dir'], client),
+                     'drill') as path:
+            problems, detail = proof(path)
     except (GitBackupError, OSError) as e:
         problems, detail = [str(e)], ''
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {'source': source, 'snapshot': name, 'run': run_id,
             'finished': core.isotime(), 'ok': not problems,
             'detail': clean_text('; '.join(problems) if problems else detail,
@@ -4938,11 +5102,20 @@ def restore_parsers(command):
     p = command('restore', 'get a backup back',
                 'Restore a snapshot of <client> <source> (default: the '
                 'newest).\n'
-                '  directory archive: --to DIR extracts it (owners and modes '
-                'as root), an\n    incremental one by applying its chain; '
-                '--stdout writes one tar stream:\n'
+                '  directory archive (an incremental one with its chain): '
+                'the whole chain is\n    judged first and refused, naming '
+                'the member, if anything in it would\n    write outside DIR '
+                'or through a symlink.  --to DIR extracts it as the\n    '
+                'running user: no device nodes, no setuid/setgid bits, only '
+                'user.* xattrs\n    (named in a warning) unless --same-owner '
+                '(root, into a root-owned DIR).\n'
+                '    --stdout writes one plain tar stream of the restored tree, '
+                'exact (owners,\n    modes, devices, sparse files, xattrs, '
+                'ACLs, ns times) whoever runs it:\n'
                 '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
-                '-C /srv/restore\n'
+                '--xattrs \\\n        --xattrs-include=\'*\' --acls '
+                '--numeric-owner -C /srv/restore\n'
+                '    --path PATH (repeatable): only that file or directory.\n'
                 '  one file (a dump, globals.sql): --file NAME --stdout\n'
                 '      server.py restore c1 postgresdb --file shop.dump '
                 '--stdout | ssh c1 pg_restore -d shop\n'
@@ -4951,7 +5124,9 @@ def restore_parsers(command):
                 'bundle.\n'
                 'Every file read is checked against its sha256 first; a '
                 'damaged snapshot is\nrefused unless --force.  DIR may exist '
-                'only if empty.')
+                'only if empty; a refused or stopped\nrestore leaves nothing '
+                'in it.  Bounds: size (what the listings declare, x2),\n'
+                '[server] free_space_floor, command_timeout.')
     p.add_argument('client')
     p.add_argument('source')
     p.add_argument('--at', metavar='TIME', help='a snapshot name as list '
@@ -4961,8 +5136,14 @@ def restore_parsers(command):
                    'before it')
     p.add_argument('--file', metavar='NAME', help='one stored file of the '
                    'snapshot')
-    p.add_argument('--path', metavar='SUBDIR', help='only this directory '
-                   'of an archive')
+    p.add_argument('--path', metavar='PATH', action='append',
+                   help='only this file or directory of an archive (at any '
+                   'point of a chain; repeatable)')
+    p.add_argument('--same-owner', action='store_true',
+                   help='with --to, as root into a directory root owns: '
+                   'restore owners, setuid/setgid bits, device nodes and '
+                   'every xattr namespace (default: left out, named in a '
+                   'warning)')
     p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
                    'may exist if empty)')
     p.add_argument('--stdout', action='store_true',
@@ -5072,6 +5253,9 @@ def run_command(args):
     # git process for it; check and the cron commands say it.
     if args.command not in ('check', 'report', 'ingest', 'gate'):
         core.check_git_version()   # check reports it as a problem
+    # Scratch trees (and clusters) a killed restore or drill left behind.
+    if args.command in ('run', 'drill', 'restore', 'prune'):
+        reap_scratch(node)
     return COMMANDS[args.command](node, args)
 
 

@@ -615,6 +615,7 @@ class Chain:
         self.archives, self.bounds = list(archives), bounds
         self.model = TreeModel()
         self.warnings = []
+        self.left_out = set()
 
     def open(self, link, children):
         """A Reader over one link's tar bytes (decompressed by a child)."""
@@ -680,11 +681,13 @@ class Chain:
         plan = [{} for _ in self.archives]
         carriers = {}
         left_out = {}
+        self.left_out = set()
         for path in sorted(chosen):
             entry = final[path]
             if not keep_privilege and entry.privilege:
                 left_out.setdefault(entry.privilege, []).append(path)
                 if entry.kind in 'cb':
+                    self.left_out.add(os.fsdecode(path))
                     continue
             if not keep_privilege and entry.xattrs:
                 left_out.setdefault('xattrs outside user.*', []).append(path)
@@ -780,11 +783,13 @@ _features = {}
 
 
 def tar_features(tar='tar'):
-    """Which of xattrs, acls, selinux this GNU tar knows (its --help)."""
+    """Which of xattrs, acls, selinux this GNU tar knows (its --help); tar
+    is a program name or the argument list that runs it."""
+    tar = (tar,) if isinstance(tar, str) else tuple(tar)
     if tar not in _features:
         try:
             out = subprocess.run(
-                [tar, '--help'], stdin=subprocess.DEVNULL,
+                list(tar) + ['--help'], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 timeout=30, env=dict(os.environ, LC_ALL='C')).stdout
         except (OSError, subprocess.TimeoutExpired):

@@ -19,6 +19,8 @@ import os
 import re
 import shlex
 
+from modules import _tarchain
+
 # Beside every archive: tar's verbose index of it (server.py's drill reads
 # files ending so as listings).
 LISTING_SUFFIX = '.listing'
@@ -48,8 +50,10 @@ def prepare(ctx, module, path):
     # None when [client] full_every = 0: every archive is full.
     chain = ctx.archive_chain(path)
     incremental = chain.start() if chain else []
-    args = shlex.split(ctx.settings['tar_command']) + [
-        '--create', '--file=-', '--sparse', *options, *incremental,
+    tar = shlex.split(ctx.settings['tar_command'])
+    args = tar + [
+        '--create', '--file=-', '--sparse', *metadata_options(tar),
+        *options, *incremental,
         '--verbose', '--verbose', '--quoting-style=escape',
         f'--index-file={listing}.part', f'--directory={path}', '.']
     status, stderr = ctx.stream_command_to_file(args, archive)
@@ -67,3 +71,88 @@ def prepare(ctx, module, path):
         chain.advance()
     yield 'fs', ctx.sftp_request(archive, source=module, companion=listing,
                                  **(chain.request_options() if chain else {}))
+
+
+# -- full metadata -----------------------------------------------------------
+
+def metadata_options(tar):
+    """What makes an archive carry everything (SPEC 7): POSIX format (pax
+    headers: nanosecond times, long names, any size), every xattr
+    namespace, POSIX ACLs and SELinux labels, as far as this tar knows
+    them (GNU tar >= 1.27 for xattrs and ACLs).  tar is the argument list
+    that runs it ([client] tar_command, e.g. sudo -n tar)."""
+    features = _tarchain.tar_features(tar)
+    options = ['--format=posix']
+    if 'xattrs' in features:
+        options += ['--xattrs', '--xattrs-include=*']
+    if 'acls' in features:
+        options.append('--acls')
+    if 'selinux' in features:
+        options.append('--selinux')
+    return options
+
+
+def metadata_text(tar):
+    """One line for check: which metadata archives carry here."""
+    features = _tarchain.tar_features(tar)
+    kept = ['owners', 'modes', 'hardlinks', 'sparse files',
+            'nanosecond times'] + [
+        {'xattrs': 'xattrs (all namespaces)', 'acls': 'POSIX ACLs',
+         'selinux': 'SELinux labels'}[f] for f in features]
+    missing = [f for f in ('xattrs', 'acls', 'selinux') if f not in features]
+    return ', '.join(kept) + (' (this tar lacks --' + ', --'.join(missing)
+                              + ')' if missing else '')
+
+
+# -- node side: giving a chain back (see modules/_tarchain.py) ---------------
+
+# The size bound of a restore: what the listings declare (file sizes plus
+# header blocks per entry) times a margin, plus slack; without a listing,
+# the archives' own size times a ratio no honest tar of files exceeds
+# (sparse files are stored without their holes).
+SIZE_MARGIN = 2
+SIZE_SLACK = 16 << 20
+ENTRY_BYTES = 3 * _tarchain.BLOCK
+UNLISTED_RATIO = 1000
+
+Bounds = _tarchain.Bounds
+ChainRefused = _tarchain.ChainRefused
+BoundExceeded = _tarchain.BoundExceeded
+PathNotHeld = _tarchain.PathNotHeld
+TarFailed = _tarchain.TarFailed
+
+
+def size_bound(declared, stored):
+    """Bytes of tar data a chain may produce: declared is the listings'
+    (bytes, entries) per link, None for a link without one; stored the
+    links' sizes on disk."""
+    total = SIZE_SLACK
+    for listed, size in zip(declared, stored):
+        total += size * UNLISTED_RATIO if listed is None else \
+            SIZE_MARGIN * (listed[0] + ENTRY_BYTES * listed[1])
+    return total
+
+
+def restore_stream(archives, write, paths=(), bounds=None):
+    """Judge the chain, then write one plain tar stream of its final tree
+    (or of paths in it) with write: every member as the client's tar made
+    it, owners, devices, setuid bits, xattrs, ACLs and sparse maps
+    included, for `tar -x` as root on the client."""
+    chain = _tarchain.Chain(archives, bounds or _tarchain.Bounds(None))
+    chain.judge()
+    chain.replay(chain.plan(chain.select(paths), True), write)
+    return chain
+
+
+def restore_tree(archives, directory, paths=(), same_owner=False,
+                 bounds=None, tar='tar'):
+    """Judge the chain, then extract its final tree (or paths in it) into
+    directory, a fresh one the caller moves into place.  Without
+    same_owner: the running user's files, device nodes left out,
+    setuid/setgid bits cleared, only user.* xattrs (chain.warnings names
+    them; chain.left_out lists the device nodes)."""
+    chain = _tarchain.Chain(archives, bounds or _tarchain.Bounds(None))
+    chain.judge()
+    plan = chain.plan(chain.select(paths), same_owner)
+    _tarchain.extract(chain, plan, directory, same_owner, tar)
+    return chain
