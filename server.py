@@ -615,6 +615,7 @@ def join_snapshot(snapshot, existing, incoming, manifest):
             return None
         if not old:
             new_files.append(dict(entry, request=manifest['request']))
+    keep_private(incoming, [entry['name'] for entry in new_files])
     for entry in new_files:
         path = os.path.join(incoming, entry['name'])
         with open(path, 'rb') as f:
@@ -627,9 +628,20 @@ def join_snapshot(snapshot, existing, incoming, manifest):
                new_files, 'requests': requests + [manifest['request']],
                'updated': core.isotime()}
     core.write_json(os.path.join(snapshot, 'manifest.json'), updated)
+    keep_private(snapshot, ['manifest.json'])
     shutil.rmtree(incoming, ignore_errors=True)
     core.pause_point('run:stored')
     return snapshot
+
+
+def keep_private(directory, names):
+    """Stored files are the client's data: never world-readable (0600
+    stays 0600; the group that shares data_dir may read)."""
+    for name in names:
+        path = os.path.join(directory, name)
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        if mode & 0o137 and stat.S_ISREG(os.lstat(path).st_mode):
+            os.chmod(path, mode & 0o640)
 
 
 def store_staged(ctx, name, staging, allowance, stdout):
@@ -1378,6 +1390,7 @@ class NodeContext(ModuleContext):
         manifest = {**manifest, 'seq': self.next_sequence()}
         core.write_json(os.path.join(incoming, 'manifest.json'), manifest)
         core.pause_point('run:manifest')
+        keep_private(incoming, os.listdir(incoming))
         for name in os.listdir(incoming):
             with open(os.path.join(incoming, name), 'rb') as f:
                 os.fsync(f.fileno())
@@ -3134,6 +3147,7 @@ def restore_archive(node, client, backups, backup, args, out):
     parent = os.path.dirname(target)
     with scratch(node, parent, 'restore') as path:
         restore_tree(node, archives, path, paths, args.same_owner)
+        core.pause_point('restore:extracted')
         move_into_place(path, target)
 
 
