@@ -574,7 +574,7 @@ class TreeModel:
         """GNU tar writes a hard link only to a name it archived earlier
         in the same archive: anything else is refused."""
         name = normalise(member.linkname, self.what)
-        self.check_parents(name, 'links to a name that passes through')
+        self.check_parents(name, "(a hard link's target) passes through")
         found = self.paths.get(name)
         if found is None or found.link != link or name == path:
             self.refuse('hard link to %s, which this archive does not hold '
