@@ -4,7 +4,8 @@ PREFIX  ?= /opt/gitbackup
 DEB_PACKAGES = git openssh-client openssh-server tar gzip xz-utils zstd \
                postgresql postgresql-client gitolite3 procps chromium \
                postfix prometheus prometheus-node-exporter \
-               lintian help2man man-db systemd rclone faketime strace
+               lintian help2man man-db systemd rclone faketime strace \
+               acl attr rsync libcap2-bin
 # Only for `make bench`, which compares gitbackup with them when installed.
 BENCH_PACKAGES = restic borgbackup
 # postfix asks how to deliver mail: a fresh install gets "Local only"

@@ -19,10 +19,11 @@ increments made after it; a compromised client made every byte of it.  So:
    the final tree, made of the links' own header and data bytes (owners,
    modes, xattrs, ACLs, sparse maps and nanosecond times exactly as the
    client's tar wrote them): a member a later link replaced or deleted is
-   left out, a member a directory rename moved is renamed, dumpdirs are
-   dropped.  No tar ever runs ``--listed-incremental`` on the node, so no
-   tar deletes anything, and one tar run extracts a tree whose every
-   parent is a real directory.
+   left out, a member a directory rename moved is renamed.  Dumpdirs stay
+   (GNU tar, seeing them, sets directory times after their contents; they
+   delete or rename only under ``--listed-incremental``, which no tar on
+   the node is ever given), so no tar deletes anything, and one tar run
+   extracts a tree whose every parent is a real directory.
 3. **Least privilege.**  Without ``same_owner`` device nodes are left
    out, setuid/setgid bits cleared and xattrs outside ``user.*`` not
    restored (file capabilities are privilege, like setuid); each is named
@@ -414,6 +415,8 @@ def members(reader, what, keep=False):
             data = reader.read(padded(member.size))
             member.dumpdir = data[:member.size]
             member.size = 0
+            if keep:
+                member.extra += data
         yield member
         if member.size:
             reader.copy(padded(member.size), None)
@@ -742,20 +745,19 @@ def dotted(path):
 
 def rendered_headers(member, emit, what):
     """The member's header bytes as written into the replayed stream: the
-    client's own bytes, or rebuilt where a name, a hard link's target,
-    privileged bits or a dumpdir must change."""
+    client's own bytes, or rebuilt where a name, a hard link's target or
+    privileged bits must change."""
     expected = normalise(member.raw_name, what)
     relink = emit.linkname is not None and \
         emit.linkname != normalise(member.linkname, what)
     rename = emit.path != expected
     if emit.linkname is not None and member.kind != 'h':
         raise ChainRefused('%s: changed between two reads' % what)
-    dumpdir = member.type == b'D' or member.dumpdir is not None
     clear = emit.clear and member.mode & PRIVILEGED_BITS
-    if not (rename or relink or clear or dumpdir):
+    if not (rename or relink or clear):
         return b''.join(raw for _, raw in member.ext) + member.header + \
             member.extra
-    records = [(k, v) for k, v in member.pax if k != b'GNU.dumpdir']
+    records = list(member.pax)
     dropped = {b'x'}
     if rename:
         dropped.add(b'L')
@@ -770,9 +772,6 @@ def rendered_headers(member, emit, what):
     header = bytearray(member.header)
     if clear:
         header[100:108] = b'%07o\0' % (member.mode & ~PRIVILEGED_BITS)
-    if member.type == b'D':
-        header[156:157] = b'5'
-        header[124:136] = b'%011o\0' % 0
     parts = [raw for kind, raw in member.ext if kind not in dropped]
     if records:
         parts.append(pax_header(records))
