@@ -1877,6 +1877,8 @@ class Node:
 
     def check(self, out=sys.stdout, connect=False):
         out.write(f'{self.config.path}: node {self.name}\n')
+        out.write('restore --to --same-owner and drill keep: '
+                  + fs_archive.metadata_text(['tar']) + '\n')
         problems = []
         try:
             core.check_git_version()
