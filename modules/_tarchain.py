@@ -720,6 +720,8 @@ class Chain:
     def replay(self, plan, write):
         """Write the plan's members, in chain order, then the end of
         archive: one plain tar stream of the (chosen) final tree."""
+        self.bounds.check_time()
+        self.bounds.check_space()
         for link, emits in enumerate(plan):
             if emits:
                 self.each_member(link, True, lambda m, r, e=emits: emit(

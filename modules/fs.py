@@ -19,7 +19,7 @@ import os
 import re
 import shlex
 
-from modules import _tarchain
+from modules import _core, _tarchain
 
 # Beside every archive: tar's verbose index of it (server.py's drill reads
 # files ending so as listings).
@@ -153,6 +153,7 @@ def restore_tree(archives, directory, paths=(), same_owner=False,
     them; chain.left_out lists the device nodes)."""
     chain = _tarchain.Chain(archives, bounds or _tarchain.Bounds(None))
     chain.judge()
+    _core.pause_point('restore:judged')
     plan = chain.plan(chain.select(paths), same_owner)
     _tarchain.extract(chain, plan, directory, same_owner, tar)
     return chain

@@ -153,6 +153,13 @@ class HostileChainTest(unittest.TestCase):
         self.assert_refused(self.restore('--stdout'), 'esc/etc/passwd')
         self.assert_refused(self.restore('--path', 'esc', '--stdout'),
                             'esc/etc/passwd')
+        # The drill fails that series, naming why, and drills the others.
+        proc = self.p.server('drill', check=False)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn(f'FAILED: {CLIENT} app {STAMPS[1]}: refused: link 2 '
+                      'member 2 (./esc/etc/passwd)', proc.stdout)
+        self.assertIn('ok: c2 app', proc.stdout)
+        self.assertEqual(self.untouchable(), self.before)
 
     def test_hard_link_to_the_node_key_through_a_symlink(self):
         with open(self.p.node_key, 'rb') as f:
@@ -237,6 +244,38 @@ class HostileChainTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 2)
         self.assertIn('size bound', proc.stdout)
         self.assertEqual(self.untouchable(), self.before)
+
+    def set_server(self, old, new):
+        with open(self.p.config) as f:
+            text = f.read()
+        self.assertIn(old, text)
+        with open(self.p.config, 'w') as f:
+            f.write(text.replace(old, new, 1))
+
+    def test_free_space_floor_and_time_bound(self):
+        store_chain(self.data, CLIENT, 'app', [tar_bytes([
+            member('./', 'dir', mode=0o755),
+            member('./a.txt', data=b'a\n')])])
+        self.set_server('free_space_floor = 0\n',
+                        'free_space_floor = 1000000T\n')
+        target = os.path.join(self.p.root, 'out')
+        proc = self.restore('--to', target)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn('stopped: free-space floor', proc.stderr.decode())
+        self.assertFalse(os.path.lexists(target))
+        self.set_server('free_space_floor = 1000000T\n',
+                        'free_space_floor = 0\ncommand_timeout = 1s\n')
+        proc = subprocess.run(
+            [*self.p.commands['server.py'], '--config', self.p.config,
+             'restore', CLIENT, 'app', '--to', target],
+            env={**self.p.env, 'GITBACKUP_PAUSE_AT': 'restore:judged',
+                 'GITBACKUP_PAUSE_SECONDS': '1.5'},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn('stopped: time bound', proc.stderr.decode())
+        self.assertFalse(os.path.lexists(target))
+        self.assertEqual([n for n in os.listdir(self.p.root)
+                          if n.startswith('.gitbackup-')], [])
 
     @unittest.skipUnless(ROOT, 'setuid root files and devices need root')
     def test_privilege_left_out_unless_same_owner(self):
