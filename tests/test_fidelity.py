@@ -182,6 +182,11 @@ class FidelityTest(unittest.TestCase):
         self.assertTrue(listing)
         self.assertIn('archives keep: owners, modes', self.p.client(
             'check', check=False).stdout)
+        # Stored files are the client's data: none world-readable.
+        for snap in self.p.stored('app'):
+            for name in os.listdir(snap):
+                mode = os.stat(os.path.join(snap, name)).st_mode
+                self.assertEqual(mode & 0o007, 0, name)
 
     def test_to_same_owner_at_each_point_is_exact(self):
         for n, (snap, ref) in enumerate(zip(self.snapshots, self.refs)):

@@ -245,6 +245,22 @@ class HostileChainTest(unittest.TestCase):
         self.assertIn('size bound', proc.stdout)
         self.assertEqual(self.untouchable(), self.before)
 
+    def test_restored_secret_keeps_its_mode(self):
+        [snap] = store_chain(self.data, CLIENT, 'postgresdb', [b'x'])
+        os.rename(os.path.join(snap, 'src.tar'),
+                  os.path.join(snap, 'globals.sql'))
+        os.chmod(os.path.join(snap, 'globals.sql'), 0o600)
+        with open(os.path.join(snap, 'manifest.json')) as f:
+            manifest = json.load(f)
+        manifest['files'][0]['name'] = 'globals.sql'
+        with open(os.path.join(snap, 'manifest.json'), 'w') as f:
+            json.dump(manifest, f)
+        out = os.path.join(self.p.root, 'out')
+        self.p.server('restore', CLIENT, 'postgresdb', '--file',
+                      'globals.sql', '--to', out)
+        self.assertEqual(os.stat(os.path.join(out, 'globals.sql')).st_mode
+                         & 0o777, 0o600)
+
     def set_server(self, old, new):
         with open(self.p.config) as f:
             text = f.read()
