@@ -380,8 +380,10 @@ def read_member(reader, block, index, what, keep):
     member.raw_name, member.linkname = name, linkname
     member.kind = KIND[member.type]
     member.mode = octal(block[100:108], what)
-    member.size = int(pax[b'size']) if b'size' in pax and \
-        pax[b'size'].isdigit() else octal(block[124:136], what)
+    if b'size' in pax and not pax[b'size'].isdigit():
+        raise ChainRefused('%s: malformed pax size' % what)
+    member.size = int(pax[b'size']) if b'size' in pax else \
+        octal(block[124:136], what)
     member.extra = b''
     if member.type == b'S':
         extended = block[482]
@@ -489,24 +491,36 @@ class TreeModel:
 
     def put(self, path, entry):
         old = self.paths.get(path)
-        if old is not None and not (old.kind == 'd' and entry.kind == 'd'):
+        was_dir = path in self.kids if old is None else old.kind == 'd'
+        if (old is not None or was_dir) and not (
+                was_dir and entry.kind == 'd'):
             self.remove(path)
         self.paths[path] = entry
-        if path:
-            self.kids.setdefault(parent(path), set()).add(path)
+        # Directories tar makes on the way (no member of their own) are
+        # linked too: removing an ancestor must remove all below it.
+        while path:
+            above = self.kids.setdefault(parent(path), set())
+            if path in above:
+                break
+            above.add(path)
+            path = parent(path)
 
     def remove(self, path):
-        for child in list(self.kids.pop(path, ())):
-            self.remove(child)
-        self.paths.pop(path, None)
+        """path and everything below it (no recursion: a hostile name may
+        have a million components)."""
+        for each in reversed(list(self.subtree(path))):
+            self.kids.pop(each, None)
+            self.paths.pop(each, None)
         if path:
             self.kids.get(parent(path), set()).discard(path)
 
     def subtree(self, path):
-        yield path
-        for child in sorted(self.kids.get(path, ())):
-            for p in self.subtree(child):
-                yield p
+        """path, then everything below it, parents before children."""
+        todo = [path]
+        while todo:
+            each = todo.pop()
+            yield each
+            todo.extend(sorted(self.kids.get(each, ()), reverse=True))
 
     def rename(self, src, dst):
         """A directory renamed since the last link (dumpdir R/T)."""

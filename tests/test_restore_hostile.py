@@ -200,6 +200,29 @@ class HostileChainTest(unittest.TestCase):
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
             self.assert_refused(proc, word, 'member 2', target=target)
 
+    def test_deep_names_under_a_later_symlink(self):
+        """3000 directories tar makes on the way, replaced later by a
+        symlink: only the symlink comes back; the other order is refused
+        (no recursion limit, no traceback)."""
+        deep = tar_bytes([member('./', 'dir', mode=0o755),
+                          member('./' + 'a/' * 3000 + 'f', data=b'x\n')])
+        link = tar_bytes([member('./', 'dir', mode=0o755),
+                          member('./a', 'sym', target=self.outside)])
+        store_chain(self.data, CLIENT, 'app', [deep, link])
+        store_chain(self.data, CLIENT, 'other', [link, deep])
+        target = os.path.join(self.p.root, 'out')
+        proc = self.restore('--to', target)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(os.listdir(target), ['a'])
+        self.assertEqual(os.readlink(os.path.join(target, 'a')),
+                         self.outside)
+        proc = subprocess.run(
+            [*self.p.commands['server.py'], '--config', self.p.config,
+             'restore', CLIENT, 'other', '--stdout'], env=self.p.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        self.assert_refused(proc, 'link 2 member 2', 'symlink made by link '
+                            '1 member 2')
+
     def test_drill_deletes_nothing_through_a_planted_symlink(self):
         # Link 1 makes victim -> the other client's data; link 2 lists
         # victim as an empty directory (GNU tar -G would empty the target)
