@@ -769,44 +769,6 @@ def stored_backups(node, client):
     return result
 
 
-def backups_by_request(backups):
-    """{client request id: StoredBackup} of the good backups of a source:
-    how an increment's base= is found."""
-    return {manifest_request_id(b.manifest): b for b in backups
-            if b.good and manifest_request_id(b.manifest)}
-
-
-def missing_link(backup, by_request):
-    """The request id of the first base missing from backup's chain (down
-    to its level 0 full), or None when the chain is whole."""
-    seen = set()
-    while isinstance(backup.manifest.get('level'), int) and \
-            backup.manifest['level'] > 0:
-        base = backup.manifest.get('base')
-        if not isinstance(base, str) or base in seen or \
-                base not in by_request:
-            return str(base)
-        seen.add(base)
-        backup = by_request[base]
-    return None
-
-
-def keep_bases(keep, backups):
-    """Add to keep ({path: reason}) every snapshot a kept increment builds
-    on, down to its full: a chain is never cut below a kept link."""
-    by_request = backups_by_request(backups)
-    by_path = {b.path: b for b in backups}
-    todo = [by_path[path] for path in keep if path in by_path]
-    while todo:
-        backup = todo.pop()
-        base = by_request.get((backup.manifest or {}).get('base'))
-        if base and base.path not in keep and \
-                (backup.manifest or {}).get('level'):
-            keep[base.path] = f'base of {backup.name}'
-            todo.append(base)
-    return keep
-
-
 def manifest_level(manifest):
     """0 for a full archive or a plain file, n for an increment."""
     try:
@@ -830,46 +792,75 @@ def snapshot_kind(backup):
     return 'full' if archive_entry(backup) else 'file'
 
 
-def base_snapshot(backups, backup):
-    """The stored snapshot an increment builds on: the one whose client
-    request id its manifest's `base` names; None if not stored."""
-    wanted = (backup.manifest or {}).get('base')
-    for other in reversed(backups):
-        if wanted and (other.manifest or {}).get('request_id') == wanted:
-            return other
-    return None
+class Chain:
+    """One snapshot's increment chain as the node holds it: `links`, the
+    snapshots to extract in order (its full first, the snapshot itself
+    last) as far down as they are stored, and `problem`, None when the
+    chain is whole, else why the snapshot cannot be restored from what is
+    here.  `missing` is the client request id of the first link not
+    stored (None when none is missing).  A plain file or a full is a
+    chain of one link."""
+
+    def __init__(self, links, problem=None, missing=None):
+        self.links = links
+        self.problem = problem
+        self.missing = missing
+
+    @property
+    def whole(self):
+        return self.problem is None
+
+    @property
+    def base(self):
+        """The stored snapshot the increment builds on directly, or None."""
+        return self.links[-2] if len(self.links) > 1 else None
 
 
-def restore_chain(backups, backup):
-    """[full, increment, ...] ending at backup: `base` links walked back to
-    level 0.  A missing link is an error naming it."""
-    chain = [backup]
-    while manifest_level(chain[0].manifest) > 0:
-        base = base_snapshot(backups, chain[0])
-        if base is None or base in chain:
-            raise RestoreError(
-                f'{backup.source} {backup.name}: chain broken: '
-                f'{chain[0].name} (level '
-                f'{manifest_level(chain[0].manifest)}) builds on request '
-                f'{clean_text(chain[0].manifest.get("base"))}, which is not '
-                'stored on this node')
-        chain.insert(0, base)
-    return chain
+def snapshot_chains(backups):
+    """{snapshot path: Chain} of every good snapshot of one source: the one
+    chain model that list, report, verify, prune, restore, drill and
+    offsite ask.  An increment's `base` (a client request id) names the
+    stored snapshot it builds on (the newest, if two stored that request);
+    the chain is walked down to a level 0 full, whatever its depth, and a
+    base met twice is a loop, not a longer chain."""
+    good = sorted((b for b in backups if b.good), key=StoredBackup.sort_key)
+    by_request = {manifest_request_id(b.manifest): b for b in good
+                  if manifest_request_id(b.manifest)}
+    return {b.path: chain_of(b, by_request) for b in good}
 
 
-def chain_problems(good):
-    """[(CRITICAL, message)] for every increment whose base is gone."""
-    by_request = backups_by_request(good)
-    problems = []
-    for backup in good:
-        level = backup.manifest.get('level')
-        if isinstance(level, int) and level > 0 and \
-                backup.manifest.get('base') not in by_request:
-            problems.append((CRITICAL, f'{backup.path}: incremental chain '
-                             f'has a missing link: base '
-                             f'{backup.manifest.get("base")} (level '
-                             f'{level - 1}) is not stored'))
-    return problems
+def chain_of(backup, by_request):
+    """The Chain of one good snapshot; by_request as snapshot_chains."""
+    links = [backup]
+    while manifest_level(links[0].manifest) > 0:
+        link = links[0]
+        level = manifest_level(link.manifest)
+        wanted = link.manifest.get('base')
+        base = by_request.get(wanted) if isinstance(wanted, str) else None
+        if base is None:
+            return Chain(links, f'missing link: {link.name} (level {level}) '
+                         f'builds on request {clean_text(wanted)}, which is '
+                         'not stored on this node', missing=str(wanted))
+        if base in links:
+            return Chain(links, f'{link.name} (level {level}) builds on '
+                         f'{base.name}, which builds on it: a loop')
+        links.insert(0, base)
+    if len(links) > 1:
+        for link in links:
+            if archive_entry(link) is None:
+                return Chain(links, f'{link.name} holds no archive: not a '
+                             'link of an incremental chain')
+    return Chain(links)
+
+
+def chain_to_extract(backups, backup):
+    """[full, increment, ..., backup]: the links to extract in order.  A
+    chain that is not whole is a RestoreError saying why."""
+    chain = snapshot_chains(backups).get(backup.path) or Chain([backup])
+    if not chain.whole:
+        raise RestoreError(f'{backup.source} {backup.name}: chain broken: '
+                           f'{chain.problem}')
+    return chain.links
 
 
 def find_repositories(top):
@@ -2145,7 +2136,12 @@ def prune_source(directory, backups, retain, dry_run, verb, out):
         keep.update(backups_to_keep(
             [b for b in good if b.series == series], daily, weekly,
             monthly))
-    keep_bases(keep, good)
+    # A chain is never cut below a kept link: every link a kept snapshot
+    # needs, down to its full, is kept with it.
+    chains = snapshot_chains(good)
+    for path in list(keep):
+        for link in chains[path].links[:-1] if path in chains else []:
+            keep.setdefault(link.path, f'base of {os.path.basename(path)}')
     for backup in good:
         if backup.path in keep:
             kept += 1
@@ -2336,7 +2332,10 @@ def verify_source(backups, restore, timeout):
         problems += found
         files += len((backup.manifest or {}).get('files') or [])
     good = [b for b in backups if b.good]
-    problems += chain_problems(good)
+    problems += [(CRITICAL, f'{path}: incremental chain broken: '
+                  f'{chain.problem}')
+                 for path, chain in snapshot_chains(good).items()
+                 if not chain.whole]
     for backup in newest_of_series(good) if restore else []:
         for entry in backup.manifest['files']:
             if isinstance(entry, dict) and \
@@ -2763,18 +2762,19 @@ def list_snapshots(node, client, source=None):
         if source and name != source:
             continue
         good = [b for b in backups if b.good and b.time]
+        chains = snapshot_chains(good)
         for b in good:
-            base = base_snapshot(good, b)
+            base = chains[b.path].base
             wanted = b.manifest.get('base')
             entries.append({
                 'client': client, 'source': name, 'snapshot': b.name,
                 'time': core.isotime(b.time), 'kind': snapshot_kind(b),
                 'level': manifest_level(b.manifest),
                 'base': base.name if base else None,
-                # The client request id the increment builds on; with no
-                # `base` snapshot for it, the chain is broken.
+                # The client request id the increment builds on; the chain
+                # is broken when any link down to its full is not stored.
                 'base_request': wanted,
-                'chain_broken': bool(wanted) and base is None,
+                'chain_broken': not chains[b.path].whole,
                 'request_id': b.manifest.get('request_id'),
                 'size': b.size,
                 'files': [{'name': f.get('name'), 'size': f.get('size'),
@@ -3125,7 +3125,7 @@ def restore_archive(node, client, backups, backup, args, out):
     """A directory backup: its chain judged whole, then extracted into
     --to DIR (through a scratch directory beside it, moved into place),
     or written to stdout as one tar stream of the restored tree."""
-    chain = restore_chain(backups, backup)
+    chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, args.force)
     archives = chain_archives(chain)
     paths = [member_path(p) for p in args.path or []]
@@ -3357,7 +3357,7 @@ def compare_listing(listing, tree, complete):
 
 def drill_archive(node, client, backups, backup, scratch):
     """Restore an archive (its chain) and hold it against its listing."""
-    chain = restore_chain(backups, backup)
+    chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, force=False)
     done = restore_tree(node, chain_archives(chain), scratch)
     entry = archive_entry(backup)
@@ -3711,11 +3711,11 @@ def add_stored_rows(node, client, now, rows):
         r['stored_bytes'] = sum(b.size for b in good)
         r['size_bytes'] = sum(b.size for b in newest_of_series(good))
         r['last_success'], r['clock'] = arrival_last_success(good, now)
-        by_request = backups_by_request(good)
+        chains = snapshot_chains(good)
         for backup in newest_of_series(good):
-            missing = missing_link(backup, by_request)
-            if missing:
-                r['broken_chain'] = f'{backup.name}: base {missing} missing'
+            if not chains[backup.path].whole:
+                r['broken_chain'] = \
+                    f'{backup.name}: {chains[backup.path].problem}'
 
 
 def add_mirror_rows(node, client, journal, rows):
@@ -3791,7 +3791,7 @@ def row_level(r, drill, now, stale):
     if r.get('broken_chain'):
         # The newest backup cannot be restored: as bad as none.
         level = CRITICAL
-        r['problems'].append('incremental chain has a missing link: '
+        r['problems'].append('incremental chain broken: '
                              f'{r["broken_chain"]}')
     if r['last_failure'] and (not r['last_success'] or
                               r['last_failure'] > r['last_success']):

@@ -267,6 +267,29 @@ class IncrementalTest(unittest.TestCase):
         report = self.p.server('report', check=False).stdout
         self.assertIn('missing link', report)
 
+    def test_a_lost_full_breaks_every_link_above_it_in_every_answer(self):
+        # One chain model: list, verify, report and restore agree that both
+        # increments above a lost full are unrestorable, not only the one
+        # whose direct base is gone.
+        make_tree(self.src)
+        full = self.backup()
+        lost = manifest(full)['request_id']
+        change_tree(self.src)
+        increments = [self.backup(), self.backup()]
+        shutil.rmtree(full)
+        listed = json.loads(self.p.server('list', CLIENT, 'app', '--format',
+                                          'json').stdout)
+        self.assertEqual([e['chain_broken'] for e in listed], [True, True])
+        verify = self.p.server('verify', check=False).stdout
+        for stored in increments:
+            self.assertIn(f'{stored}: incremental chain broken: missing '
+                          f'link', verify)
+        self.assertIn(lost, self.p.server('report', check=False).stdout)
+        proc = self.p.server('restore', CLIENT, 'app', '--to',
+                             os.path.join(self.p.root, 'out'), check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn(lost, proc.stderr)
+
     def test_prune_keeps_the_newest_chain_whole(self):
         make_tree(self.src)
         old_chain = [self.backup(), self.backup()]
