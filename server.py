@@ -5104,6 +5104,36 @@ def offsite_and_retry_parsers(command):
                    help='every given-up request of the client')
 
 
+RESTORE_HELP = (
+    'Restore a snapshot of <client> <source> (default: the '
+    'newest).\n'
+    '  directory archive (an incremental one with its chain): '
+    'the whole chain is\n    judged first and refused, naming '
+    'the member, if anything in it would\n    write outside DIR '
+    'or through a symlink.  --to DIR extracts it as the\n    '
+    'running user: no device nodes, no setuid/setgid bits, only '
+    'user.* xattrs\n    (named in a warning) unless --same-owner '
+    '(root, into a root-owned DIR).\n'
+    '    --stdout writes one plain tar stream of the restored tree, '
+    'exact (owners,\n    modes, devices, sparse files, xattrs, '
+    'ACLs, ns times) whoever runs it:\n'
+    '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
+    '--xattrs \\\n        --xattrs-include=\'*\' --acls '
+    '--numeric-owner -C /srv/restore\n'
+    '    --path PATH (repeatable): only that file or directory.\n'
+    '  one file (a dump, globals.sql): --file NAME --stdout\n'
+    '      server.py restore c1 postgresdb --file shop.dump '
+    '--stdout | ssh c1 pg_restore -d shop\n'
+    '  git mirror (source git/<path>): --to DIR clones every ref '
+    '(refs/preserved/*\n    included), --stdout writes a git '
+    'bundle.\n'
+    'Every file read is checked against its sha256 first; a '
+    'damaged snapshot is\nrefused unless --force.  DIR may exist '
+    'only if empty; a refused or stopped\nrestore leaves nothing '
+    'in it.  Bounds: size (what the listings declare, x2),\n'
+    '[server] free_space_floor, command_timeout.')
+
+
 def restore_parsers(command):
     """The parsers of list and restore."""
     p = command('list', 'the snapshots this node holds',
@@ -5115,34 +5145,7 @@ def restore_parsers(command):
     p.add_argument('source', nargs='?', help='only this source (e.g. app, '
                    'postgresdb, git/proj)')
     p.add_argument('--format', choices=('text', 'json'), default='text')
-    p = command('restore', 'get a backup back',
-                'Restore a snapshot of <client> <source> (default: the '
-                'newest).\n'
-                '  directory archive (an incremental one with its chain): '
-                'the whole chain is\n    judged first and refused, naming '
-                'the member, if anything in it would\n    write outside DIR '
-                'or through a symlink.  --to DIR extracts it as the\n    '
-                'running user: no device nodes, no setuid/setgid bits, only '
-                'user.* xattrs\n    (named in a warning) unless --same-owner '
-                '(root, into a root-owned DIR).\n'
-                '    --stdout writes one plain tar stream of the restored tree, '
-                'exact (owners,\n    modes, devices, sparse files, xattrs, '
-                'ACLs, ns times) whoever runs it:\n'
-                '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
-                '--xattrs \\\n        --xattrs-include=\'*\' --acls '
-                '--numeric-owner -C /srv/restore\n'
-                '    --path PATH (repeatable): only that file or directory.\n'
-                '  one file (a dump, globals.sql): --file NAME --stdout\n'
-                '      server.py restore c1 postgresdb --file shop.dump '
-                '--stdout | ssh c1 pg_restore -d shop\n'
-                '  git mirror (source git/<path>): --to DIR clones every ref '
-                '(refs/preserved/*\n    included), --stdout writes a git '
-                'bundle.\n'
-                'Every file read is checked against its sha256 first; a '
-                'damaged snapshot is\nrefused unless --force.  DIR may exist '
-                'only if empty; a refused or stopped\nrestore leaves nothing '
-                'in it.  Bounds: size (what the listings declare, x2),\n'
-                '[server] free_space_floor, command_timeout.')
+    p = command('restore', 'get a backup back', RESTORE_HELP)
     p.add_argument('client')
     p.add_argument('source')
     p.add_argument('--at', metavar='TIME', help='a snapshot name as list '

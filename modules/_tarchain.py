@@ -326,17 +326,16 @@ def normalise(name, what):
     return b'/'.join(parts)
 
 
-def read_member(reader, block, index, what, keep):
-    """The member whose first header block is block (past any extended
-    headers, which are read here too).  Returns a Member whose data
-    (member.size bytes, padded) is still to be read."""
-    ext = {}
-    raw_ext = []
+def read_extended(reader, block, what, keep):
+    """The pax and GNU long-name headers before a member: ({kind: data},
+    [(kind, raw bytes)] when keep, the member's own header block).  At
+    most one of each kind; global headers refused."""
+    ext, raw_ext = {}, []
     while True:
         check_sum(block, what)
         kind = block[156:157]
         if kind not in (b'x', b'L', b'K', b'g'):
-            break
+            return ext, raw_ext, block
         if kind == b'g':
             raise ChainRefused('%s: a global pax header (GNU tar does not '
                                'write one for a directory tree)' % what)
@@ -352,6 +351,13 @@ def read_member(reader, block, index, what, keep):
         if keep:
             raw_ext.append((kind, block + data))
         block = reader.read(BLOCK)
+
+
+def read_member(reader, block, index, what, keep):
+    """The member whose first header block is block (past any extended
+    headers, which are read here too).  Returns a Member whose data
+    (member.size bytes, padded) is still to be read."""
+    ext, raw_ext, block = read_extended(reader, block, what, keep)
     member = Member()
     member.index, member.ext = index, raw_ext if keep else None
     member.header = block if keep else None
