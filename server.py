@@ -3083,8 +3083,8 @@ def restore_tree(node, archives, directory, paths=(), same_owner=False):
         done = fs_archive.restore_tree(
             archives, directory, paths, same_owner,
             restore_bounds(node, archives, directory))
-    except fs_archive.PathNotHeld as e:
-        raise PathNotHeldError(str(e), e.paths) from None
+    except fs_archive.PathNotHeld:
+        raise       # the caller names the snapshot
     except (fs_archive.ChainRefused, fs_archive.TarFailed) as e:
         raise RestoreError(f'refused: {clean_text(str(e), 1000)}') from None
     except fs_archive.BoundExceeded as e:
@@ -3096,12 +3096,26 @@ def restore_tree(node, archives, directory, paths=(), same_owner=False):
 
 class PathNotHeldError(RestoreError):
     """restore --path named what the snapshot does not hold (.paths: the
-    archive names, bytes): a hint naming a snapshot that holds them may
-    be added to the message by whoever catches it."""
+    archive names, bytes); nothing was written."""
 
     def __init__(self, message, paths):
         super().__init__(message)
         self.paths = paths
+
+
+def path_not_held(node, client, backup, error):
+    """The error for --path names a snapshot does not hold, with a hint
+    where they are (path_hint)."""
+    hint = path_hint(node, client, backup, error.paths)
+    return PathNotHeldError(
+        f'{backup.source} {backup.name}: {error}' + (
+            f' ({hint})' if hint else ''), error.paths)
+
+
+def path_hint(node, client, backup, paths):
+    """Where the paths a snapshot lacks can be found (e.g. the nearest
+    snapshot that holds them, from the listings), or ''."""
+    return ''
 
 
 def move_into_place(scratch_path, target):
@@ -3135,7 +3149,7 @@ def restore_archive(node, client, backups, backup, args, out):
                 archives, out.write, paths,
                 restore_bounds(node, archives, None))
         except fs_archive.PathNotHeld as e:
-            raise PathNotHeldError(str(e), e.paths) from None
+            raise path_not_held(node, client, backup, e) from None
         except fs_archive.ChainRefused as e:
             raise RestoreError(f'refused: {clean_text(str(e), 1000)}') \
                 from None
@@ -3148,7 +3162,10 @@ def restore_archive(node, client, backups, backup, args, out):
         check_same_owner(target)
     parent = os.path.dirname(target)
     with scratch(node, parent, 'restore') as path:
-        restore_tree(node, archives, path, paths, args.same_owner)
+        try:
+            restore_tree(node, archives, path, paths, args.same_owner)
+        except fs_archive.PathNotHeld as e:
+            raise path_not_held(node, client, backup, e) from None
         core.pause_point('restore:extracted')
         move_into_place(path, target)
 

@@ -292,7 +292,9 @@ class FidelityTest(unittest.TestCase):
         proc = self.p.server('restore', CLIENT, 'app', '--path', 'gone.txt',
                              '--to', out, check=False)
         self.assertEqual(proc.returncode, 1)
-        self.assertIn('not in this snapshot: gone.txt', proc.stderr)
+        self.assertIn(f'app {self.snapshots[2]}: not in this snapshot: '
+                      'gone.txt', proc.stderr)
+        self.assertNotIn('refused', proc.stderr)
         self.assertFalse(os.path.lexists(out))
 
     def test_drill_passes_on_the_honest_chain(self):
