@@ -3127,10 +3127,11 @@ def move_into_place(scratch_path, target):
     except OSError:
         pass
     os.makedirs(target, exist_ok=True)
+    st = os.stat(scratch_path)
+    os.chmod(scratch_path, 0o700)     # its entries must be movable
     for name in os.listdir(scratch_path):
         os.rename(os.path.join(scratch_path, name),
                   os.path.join(target, name))
-    st = os.stat(scratch_path)
     os.chmod(target, stat.S_IMODE(st.st_mode))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
@@ -3160,7 +3161,12 @@ def restore_archive(node, client, backups, backup, args, out):
     target = check_target(args.to)
     if args.same_owner:
         check_same_owner(target)
+    # Beside DIR, so that one rename puts the tree in place; inside an
+    # existing DIR whose parent the restoring account may not write.
     parent = os.path.dirname(target)
+    if os.path.isdir(target) and os.path.isdir(parent) and \
+            not os.access(parent, os.W_OK | os.X_OK):
+        parent = target
     with scratch(node, parent, 'restore') as path:
         try:
             restore_tree(node, archives, path, paths, args.same_owner)
