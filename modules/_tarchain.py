@@ -230,8 +230,11 @@ def check_sum(block, what):
     recorded = octal(block[148:156], what)
     blank = block[:148] + b' ' * 8 + block[156:]
     unsigned = sum(blank)
-    signed = sum(b - 256 if b > 127 else b for b in blank)
-    if recorded not in (unsigned, signed):
+    if recorded == unsigned:
+        return
+    # Some old tars summed signed chars; GNU tar accepts both.
+    signed = unsigned - 256 * sum(1 for b in blank if b > 127)
+    if recorded != signed:
         raise ChainRefused('%s: header checksum mismatch (not a tar archive, '
                            'or damaged)' % what)
 
