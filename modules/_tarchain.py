@@ -96,8 +96,8 @@ def decompressor(path):
 
 
 class Bounds:
-    """How much a replay may read and write, how little space it must
-    leave, and until when it may run."""
+    """How many bytes of tar data one pass over a chain may read, how
+    little space a replay must leave, and until when both may run."""
 
     def __init__(self, size, floor=0, deadline=None, space_path=None):
         self.size, self.floor = size, floor
@@ -658,6 +658,7 @@ class Chain:
     def judge(self):
         """Read every link; refuse the chain (ChainRefused) at the first
         unsafe member.  Nothing is written."""
+        self.bounds.read = 0
         for link in range(len(self.archives)):
             self.each_member(link, False,
                              lambda m, reader: self.model.add(link, m))
@@ -743,6 +744,7 @@ class Chain:
     def replay(self, plan, write):
         """Write the plan's members, in chain order, then the end of
         archive: one plain tar stream of the (chosen) final tree."""
+        self.bounds.read = 0      # each pass is held to the size bound
         self.bounds.check_time()
         self.bounds.check_space()
         for link, emits in enumerate(plan):

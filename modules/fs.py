@@ -112,7 +112,9 @@ def metadata_text(tar):
 # (sparse files are stored without their holes).
 SIZE_MARGIN = 2
 SIZE_SLACK = 16 << 20
-ENTRY_BYTES = 3 * _tarchain.BLOCK
+# A member's headers: pax header and its records, the header itself, its
+# data's padding (GNU long names are rarer than this allows for).
+ENTRY_BYTES = 5 * _tarchain.BLOCK
 UNLISTED_RATIO = 1000
 
 Bounds = _tarchain.Bounds
