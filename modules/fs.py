@@ -82,7 +82,10 @@ def metadata_options(tar):
     them (GNU tar >= 1.27 for xattrs and ACLs).  tar is the argument list
     that runs it ([client] tar_command, e.g. sudo -n tar)."""
     features = _tarchain.tar_features(tar)
-    options = ['--format=posix']
+    # Without their atime and ctime (which no restore sets) the pax
+    # headers cost 0.02% of a zstd archive of /usr/share, not 7% of the
+    # tar stream.
+    options = ['--format=posix', '--pax-option=delete=atime,delete=ctime']
     if 'xattrs' in features:
         options += ['--xattrs', '--xattrs-include=*']
     if 'acls' in features:
