@@ -1868,7 +1868,7 @@ class Node:
 
     def check(self, out=sys.stdout, connect=False):
         out.write(f'{self.config.path}: node {self.name}\n')
-        out.write('restore --to --same-owner and drill keep: '
+        out.write('restore --same-owner keeps: '
                   + fs_archive.metadata_text(['tar']) + '\n')
         problems = []
         try:

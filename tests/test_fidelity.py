@@ -182,6 +182,10 @@ class FidelityTest(unittest.TestCase):
         self.assertTrue(listing)
         self.assertIn('archives keep: owners, modes', self.p.client(
             'check', check=False).stdout)
+        self.assertIn('restore --same-owner keeps: owners, modes, hardlinks, '
+                      'sparse files, nanosecond times, xattrs (all '
+                      'namespaces), POSIX ACLs', self.p.server(
+                          'check', check=False).stdout)
         # Stored files are the client's data: none world-readable.
         for snap in self.p.stored('app'):
             for name in os.listdir(snap):

@@ -268,6 +268,25 @@ class HostileChainTest(unittest.TestCase):
         self.assertIn('size bound', proc.stdout)
         self.assertEqual(self.untouchable(), self.before)
 
+    def test_malformed_archives_are_refused_not_tracebacks(self):
+        good = tar_bytes([member('./', 'dir', mode=0o755),
+                          member('./a', data=b'a\n' * 1000)])
+        for source, data, word in (
+                ('garbage', bytes(range(256)) * 4, 'link 1 (src.tar), member 1'),
+                ('truncated', good[:2048], 'truncated')):
+            store_chain(self.data, CLIENT, source, [data])
+            proc = subprocess.run(
+                [*self.p.commands['server.py'], '--config', self.p.config,
+                 'restore', CLIENT, source, '--stdout'], env=self.p.env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+            self.assert_refused(proc, word)
+            self.assertNotIn('Traceback', proc.stderr.decode())
+        proc = self.p.server('drill', check=False)
+        self.assertIn(f'FAILED: {CLIENT} garbage', proc.stdout)
+        self.assertIn(f'FAILED: {CLIENT} truncated', proc.stdout)
+        self.assertIn('ok: c2 app', proc.stdout)
+        self.assertNotIn('Traceback', proc.stderr)
+
     def test_restored_secret_keeps_its_mode(self):
         [snap] = store_chain(self.data, CLIENT, 'postgresdb', [b'x'])
         os.rename(os.path.join(snap, 'src.tar'),
