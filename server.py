@@ -3036,6 +3036,14 @@ def scratch(node, parent, what):
                 os.unlink(record)
 
 
+def scratch_tree(path):
+    """Where a tree is extracted inside a 0700 scratch directory: tar
+    gives it the archive root's mode, the scratch keeps others out."""
+    tree = os.path.join(path, 'tree')
+    os.mkdir(tree, 0o700)
+    return tree
+
+
 def stream_file(path, out):
     """Copy a file to a binary stream in chunks (never whole in memory)."""
     with open(path, 'rb') as f:
@@ -3168,12 +3176,13 @@ def restore_archive(node, client, backups, backup, args, out):
             not os.access(parent, os.W_OK | os.X_OK):
         parent = target
     with scratch(node, parent, 'restore') as path:
+        tree = scratch_tree(path)
         try:
-            restore_tree(node, archives, path, paths, args.same_owner)
+            restore_tree(node, archives, tree, paths, args.same_owner)
         except fs_archive.PathNotHeld as e:
             raise path_not_held(node, client, backup, e) from None
         core.pause_point('restore:extracted')
-        move_into_place(path, target)
+        move_into_place(tree, target)
 
 
 def restore_file(backup, name, args, out):
@@ -3382,6 +3391,7 @@ def drill_archive(node, client, backups, backup, scratch):
     """Restore an archive (its chain) and hold it against its listing."""
     chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, force=False)
+    scratch = scratch_tree(scratch)
     done = restore_tree(node, chain_archives(chain), scratch)
     entry = archive_entry(backup)
     listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)

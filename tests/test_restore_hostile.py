@@ -398,7 +398,9 @@ class HostileChainTest(unittest.TestCase):
         [left] = [n for n in os.listdir(self.p.root)
                   if n.startswith('.gitbackup-restore-')]
         self.assertEqual(os.stat(os.path.join(self.p.root, left)).st_mode
-                         & 0o777, 0o755)     # the archive's root, restored
+                         & 0o777, 0o700)
+        self.assertEqual(os.stat(os.path.join(self.p.root, left, 'tree'))
+                         .st_mode & 0o777, 0o755)   # the archive's root
         self.assertFalse(os.path.exists(target))
         self.p.server('drill')
         self.assertEqual([n for n in os.listdir(self.p.root)
