@@ -3085,21 +3085,27 @@ def restore_bounds(node, archives, space_path):
 
 
 def restore_tree(node, archives, directory, paths=(), same_owner=False):
-    """The one safe extraction into directory (fs_archive.restore_tree):
-    a refused chain or a bound hit is a RestoreError naming why."""
-    try:
-        done = fs_archive.restore_tree(
-            archives, directory, paths, same_owner,
-            restore_bounds(node, archives, directory))
-    except fs_archive.PathNotHeld:
-        raise       # the caller names the snapshot
-    except (fs_archive.ChainRefused, fs_archive.TarFailed) as e:
-        raise RestoreError(f'refused: {clean_text(str(e), 1000)}') from None
-    except fs_archive.BoundExceeded as e:
-        raise RestoreError(f'stopped: {e}; nothing restored') from None
+    """The one safe extraction into directory (fs_archive.restore_tree),
+    within restore_bounds; its warnings logged.  Wrap in chain_errors."""
+    done = fs_archive.restore_tree(archives, directory, paths, same_owner,
+                                   restore_bounds(node, archives, directory))
     for warning in done.warnings:
         log.warning('%s', clean_text(warning, 2000))
     return done
+
+
+@contextlib.contextmanager
+def chain_errors(node, client, backup):
+    """A refused chain, a bound hit or a path the snapshot lacks, as the
+    RestoreError that says which."""
+    try:
+        yield
+    except fs_archive.PathNotHeld as e:
+        raise path_not_held(node, client, backup, e) from None
+    except (fs_archive.ChainRefused, fs_archive.TarFailed) as e:
+        raise RestoreError(f'refused: {clean_text(str(e), 1000)}') from None
+    except fs_archive.BoundExceeded as e:
+        raise RestoreError(f'stopped: {e}') from None
 
 
 class PathNotHeldError(RestoreError):
@@ -3154,17 +3160,14 @@ def restore_archive(node, client, backups, backup, args, out):
     paths = [member_path(p) for p in args.path or []]
     if args.stdout:
         try:
-            fs_archive.restore_stream(
-                archives, out.write, paths,
-                restore_bounds(node, archives, None))
-        except fs_archive.PathNotHeld as e:
-            raise path_not_held(node, client, backup, e) from None
-        except fs_archive.ChainRefused as e:
-            raise RestoreError(f'refused: {clean_text(str(e), 1000)}') \
-                from None
-        except fs_archive.BoundExceeded as e:
-            raise RestoreError(f'stopped: {e}') from None
-        out.flush()
+            with chain_errors(node, client, backup):
+                fs_archive.restore_stream(
+                    archives, out.write, paths,
+                    restore_bounds(node, archives, None))
+            out.flush()
+        except BrokenPipeError:
+            raise RestoreError('the stream\'s reader left before its end: '
+                               'nothing complete was restored') from None
         return
     target = check_target(args.to)
     if args.same_owner:
@@ -3177,10 +3180,8 @@ def restore_archive(node, client, backups, backup, args, out):
         parent = target
     with scratch(node, parent, 'restore') as path:
         tree = scratch_tree(path)
-        try:
+        with chain_errors(node, client, backup):
             restore_tree(node, archives, tree, paths, args.same_owner)
-        except fs_archive.PathNotHeld as e:
-            raise path_not_held(node, client, backup, e) from None
         core.pause_point('restore:extracted')
         move_into_place(tree, target)
 
@@ -3392,7 +3393,8 @@ def drill_archive(node, client, backups, backup, scratch):
     chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, force=False)
     scratch = scratch_tree(scratch)
-    done = restore_tree(node, chain_archives(chain), scratch)
+    with chain_errors(node, client, backup):
+        done = restore_tree(node, chain_archives(chain), scratch)
     entry = archive_entry(backup)
     listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
     if not os.path.exists(listing):
