@@ -8,6 +8,7 @@ two increments with every kind of change; each point comes back through
 unprivileged account into the documented `tar -x`, and by `--path`;
 compared with `rsync -naHAXc --itemize-changes` and lstat/xattrs."""
 
+import contextlib
 import os
 import shutil
 import stat
@@ -228,9 +229,10 @@ class FidelityTest(unittest.TestCase):
             check=True, stdout=subprocess.PIPE).stdout
             for top in (out, self.refs[2])])
 
-    def test_stdout_as_an_unprivileged_account_is_exact(self):
-        """The node's own account (not root) owns the data: its stream,
-        extracted as root with the documented command, is the tree."""
+    @contextlib.contextmanager
+    def node_account(self):
+        """The node's data owned by an unprivileged account, as on a node
+        whose cron runs as adminbackup; root's again afterwards."""
         node = self.p.node_dir
         run('chown', '-R', f'{NOBODY}:{NOBODY}', node)
         top = node
@@ -238,20 +240,51 @@ class FidelityTest(unittest.TestCase):
             os.chmod(top, os.stat(top).st_mode | 0o005)
             top = os.path.dirname(top)
         try:
+            yield ['setpriv', f'--reuid={NOBODY}', f'--regid={NOBODY}',
+                   '--clear-groups']
+        finally:
+            run('chown', '-R', '0:0', node)
+
+    def test_to_as_an_unprivileged_account(self):
+        """Least privilege: the account's own files, modes, user xattrs
+        and ACLs as they were; no device, setuid bit or capability."""
+        out = self.target('')
+        os.makedirs(out)
+        os.chown(out, NOBODY, NOBODY)
+        with self.node_account() as as_node:
+            proc = subprocess.run(
+                [*as_node, *self.p.commands['server.py'], '--config',
+                 self.p.config, 'restore', CLIENT, 'app', '--to', out],
+                env=self.p.env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, timeout=300)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        privileged = ('dev/null', 'dev/zero', 'su', 'sgid', 'cap')
+        got, groups = lstat_tree(out, privileged)
+        want, want_groups = lstat_tree(self.refs[2], privileged)
+        self.assertEqual(groups, want_groups)
+        for rel in want:
+            g, w = got[rel], want[rel]
+            self.assertEqual((g[2], g[3]), (NOBODY, NOBODY), rel)
+            self.assertEqual(g[:2] + g[4:], w[:2] + w[4:], rel)
+        self.assertEqual(os.listdir(os.path.join(out, 'dev')), [])
+        self.assertEqual(os.lstat(os.path.join(out, 'su')).st_mode & 0o7777,
+                         0o755)
+
+    def test_stdout_as_an_unprivileged_account_is_exact(self):
+        """The node's own account (not root) owns the data: its stream,
+        extracted as root with the documented command, is the tree."""
+        with self.node_account() as as_node:
             for n in (1, 2):
                 out = self.target(str(n))
                 os.makedirs(out)
                 status, err, tar = pipe(
-                    ['setpriv', f'--reuid={NOBODY}', f'--regid={NOBODY}',
-                     '--clear-groups', *self.p.commands['server.py'],
+                    [*as_node, *self.p.commands['server.py'],
                      '--config', self.p.config, 'restore', CLIENT, 'app',
                      '--at', self.snapshots[n], '--stdout'],
                     RECEIVE + ['-C', out], self.p.env)
                 self.assertEqual((status, tar.returncode), (0, 0),
                                  err + tar.stderr.decode())
                 self.assert_same(out, self.refs[n])
-        finally:
-            run('chown', '-R', '0:0', node)
 
     def test_path_at_any_point_of_the_chain(self):
         cases = [
