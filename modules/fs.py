@@ -13,6 +13,11 @@ With ``full_every`` (default 7d) the archives are a chain: a full one
 (``level=0``), then GNU tar ``--listed-incremental`` increments, each on
 the last archive the node confirmed storing (``level=<n> base=<request
 id>``); see ArchiveChain in client.py.
+
+Archives carry every piece of metadata the local tar can keep (POSIX
+format, all xattr namespaces, ACLs, SELinux labels: metadata_options).
+On the node, restore_tree() and restore_stream() are the one way a chain
+comes back: judged whole first, then replayed (modules/_tarchain.py).
 """
 
 import os
