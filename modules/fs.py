@@ -80,13 +80,23 @@ def prepare(ctx, module, path):
 
 # -- full metadata -----------------------------------------------------------
 
+def tar_binary(tar):
+    """The tar program in [client] tar_command's words: what it supports
+    is asked of it alone (`sudo -n /bin/tar --help` is not what sudoers
+    allows, see docs/modules.md)."""
+    for word in reversed(tar):
+        if os.path.basename(word).startswith(('tar', 'gtar')):
+            return [word]
+    return tar
+
+
 def metadata_options(tar):
     """What makes an archive carry everything (SPEC 7): POSIX format (pax
     headers: nanosecond times, long names, any size), every xattr
     namespace, POSIX ACLs and SELinux labels, as far as this tar knows
     them (GNU tar >= 1.27 for xattrs and ACLs).  tar is the argument list
     that runs it ([client] tar_command, e.g. sudo -n tar)."""
-    features = _tarchain.tar_features(tar)
+    features = _tarchain.tar_features(tar_binary(tar))
     # Without their atime and ctime (which no restore sets) the pax
     # headers cost 0.02% of a zstd archive of /usr/share, not 7% of the
     # tar stream.
@@ -102,7 +112,7 @@ def metadata_options(tar):
 
 def metadata_text(tar):
     """One line for check: which metadata archives carry here."""
-    features = _tarchain.tar_features(tar)
+    features = _tarchain.tar_features(tar_binary(tar))
     kept = ['owners', 'modes', 'hardlinks', 'sparse files',
             'nanosecond times'] + [
         {'xattrs': 'xattrs (all namespaces)', 'acls': 'POSIX ACLs',
