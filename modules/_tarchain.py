@@ -174,15 +174,9 @@ class Reader:
         self.seen = 0
 
     def read(self, n):
-        data = b''
-        while len(data) < n:
-            chunk = self.stream.read(min(n - len(data), 1 << 20))
-            if not chunk:
-                raise ChainRefused('%s: truncated: the archive ends inside '
-                                   'a member' % self.what)
-            data += chunk
-        self.account(n)
-        return data
+        parts = []
+        self.copy(n, parts.append)
+        return b''.join(parts)
 
     def account(self, n):
         self.seen += n
