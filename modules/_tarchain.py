@@ -289,12 +289,12 @@ def set_checksum(block):
 
 
 class Member:
-    """One archive member as read: its names (raw and normalised), kind,
-    mode, pax records, dumpdir, and (when kept) its raw header bytes."""
+    """One archive member as read: its name and link target as tar will
+    read them, type, mode, pax records, dumpdir, data size, and (when
+    kept) its raw header bytes."""
 
-    __slots__ = ('index', 'raw_name', 'path', 'type', 'kind', 'mode',
-                 'linkname', 'pax', 'dumpdir', 'size', 'ext', 'header',
-                 'extra', 'gnu', 'link')
+    __slots__ = ('index', 'raw_name', 'type', 'kind', 'mode', 'linkname',
+                 'pax', 'dumpdir', 'size', 'ext', 'header', 'extra')
 
     def privileged(self):
         """What restoring this member as is would grant, or None."""
@@ -363,7 +363,6 @@ def read_member(reader, block, index, what, keep):
         raise ChainRefused('%s: member type %r is not a file, link, '
                            'directory, fifo or device' % (
                                what, member.type.decode('latin-1')))
-    member.gnu = block[257:265] == b'ustar  \0'
     name = cstring(block[0:100])
     if block[257:263] == b'ustar\0' and cstring(block[345:500]):
         name = cstring(block[345:500]) + b'/' + name
@@ -679,7 +678,8 @@ class Chain:
         final = self.model.paths
         if not paths:
             return set(final)
-        missing = [p for p in paths if p not in final]
+        missing = [p for p in paths
+                   if p not in final and p not in self.model.kids]
         if missing:
             raise PathNotHeld('not in this snapshot: ' + ', '.join(
                 show(p) for p in missing), missing)
