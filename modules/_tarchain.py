@@ -735,7 +735,7 @@ class Chain:
                          for what, paths in sorted(left_out.items())]
         return plan
 
-    def replay(self, plan, write):
+    def replay(self, plan, write, progress=None):
         """Write the plan's members, in chain order, then the end of
         archive: one plain tar stream of the (chosen) final tree."""
         self.bounds.read = 0      # each pass is held to the size bound
@@ -744,12 +744,12 @@ class Chain:
         for link, emits in enumerate(plan):
             if emits:
                 self.each_member(link, True, lambda m, r, e=emits: emit(
-                    m, e.get(m.index), write, r))
+                    m, e.get(m.index), write, r, progress))
         write(ZERO_BLOCK * 2)
 
 
 
-def emit(member, how, write, reader):
+def emit(member, how, write, reader, progress=None):
     """Write one member (headers, then its data from reader) as `how`
     says; a member the plan leaves out is skipped by members()."""
     if how is None:
@@ -758,6 +758,8 @@ def emit(member, how, write, reader):
     write(rendered_headers(member, how, what))
     size, member.size = member.size, 0
     reader.copy(padded(size), write)
+    if progress:
+        progress()
 
 
 def dotted(path):
@@ -843,9 +845,10 @@ class TarFailed(Exception):
     that refuses an attribute...): its own words."""
 
 
-def extract(chain, plan, directory, same_owner, tar='tar'):
+def extract(chain, plan, directory, same_owner, tar='tar', progress=None):
     """Replay plan into a GNU tar extracting into directory (a fresh
-    scratch directory: the caller moves it into place)."""
+    scratch directory: the caller moves it into place); progress() after
+    each member."""
     children = Children(chain.bounds.deadline)
     with open(os.devnull, 'wb') as null:
         err = tempfile.TemporaryFile()
@@ -855,7 +858,7 @@ def extract(chain, plan, directory, same_owner, tar='tar'):
                 stdin=subprocess.PIPE, stdout=null, stderr=err,
                 env=dict(os.environ, LC_ALL='C.UTF-8'))
             try:
-                chain.replay(plan, proc.stdin.write)
+                chain.replay(plan, proc.stdin.write, progress)
                 proc.stdin.close()
             except BrokenPipeError:
                 pass

@@ -175,5 +175,6 @@ def restore_tree(archives, directory, paths=(), same_owner=False,
     chain.judge()
     _core.pause_point('restore:judged')
     plan = chain.plan(chain.select(paths), same_owner)
-    _tarchain.extract(chain, plan, directory, same_owner, tar)
+    _tarchain.extract(chain, plan, directory, same_owner, tar,
+                      lambda: _core.pause_point('restore:replaying'))
     return chain

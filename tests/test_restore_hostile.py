@@ -20,6 +20,7 @@ import unittest
 
 from tests import support
 from tests.pipeline import CLIENT, Pipeline
+from tests.test_compromised import processes_with
 
 ROOT = os.geteuid() == 0
 STAMPS = ['20260101T000000Z', '20260102T000000Z', '20260103T000000Z']
@@ -267,6 +268,41 @@ class HostileChainTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 2)
         self.assertIn('size bound', proc.stdout)
         self.assertEqual(self.untouchable(), self.before)
+
+    def test_killed_mid_extraction_leaves_no_process_nor_scratch(self):
+        """kill -9 of a restore while tar and zstd run: they end with
+        their pipes; the next command removes the scratch."""
+        support.require_tools('zstd')
+        plain = tar_bytes([member('./', 'dir', mode=0o755)] + [
+            member(f'./f{n}', data=b'x' * 4096) for n in range(20)])
+        packed = subprocess.run(['zstd', '-q', '-c'], input=plain,
+                                stdout=subprocess.PIPE, check=True).stdout
+        store_chain(self.data, CLIENT, 'app', [packed], suffix='.tar.zst')
+        target = os.path.join(self.p.root, 'out')
+        proc = subprocess.Popen(
+            [*self.p.commands['server.py'], '--config', self.p.config,
+             'restore', CLIENT, 'app', '--to', target],
+            env={**self.p.env, 'GITBACKUP_PAUSE_AT': 'restore:replaying'},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for line in proc.stderr:
+            if b'pausing at restore:replaying' in line:
+                break
+        [scratch] = [n for n in os.listdir(self.p.root)
+                     if n.startswith('.gitbackup-restore-')]
+        stored = os.path.join(self.data, CLIENT, 'files', 'app')
+        self.assertTrue(processes_with(scratch))      # tar, extracting
+        self.assertTrue(processes_with(stored))       # zstd, reading
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        deadline = time.monotonic() + 30
+        while processes_with(scratch) or processes_with(stored):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        self.assertFalse(os.path.exists(target))
+        self.p.server('run')
+        self.assertEqual([n for n in os.listdir(self.p.root)
+                          if n.startswith('.gitbackup-')], [])
 
     def test_malformed_archives_are_refused_not_tracebacks(self):
         good = tar_bytes([member('./', 'dir', mode=0o755),
