@@ -13,11 +13,12 @@ BENCH_PACKAGES = restic borgbackup
 # own private instance; an already installed postfix is left as it is.
 POSTFIX_PRESEED = postfix postfix/main_mailer_type select Local only
 
-.PHONY: help test demo deps bench bench-deps install deb check-syntax
+.PHONY: help test test-compat demo deps bench bench-deps install deb check-syntax
 
 help:
 	@echo "make demo     a real end-to-end backup on this machine (loopback only)"
 	@echo "make test     the test suite (real git, sshd, sftp, tar, PostgreSQL)"
+	@echo "make test-compat  the oldest Pythons: client on 3.6, node on 3.8 (pyenv)"
 	@echo "make deps     install the Debian packages (as root), else print the line"
 	@echo "make bench    gitbackup against restic and borg (slow; BENCH_SCALE=0.05 quick)"
 	@echo "make bench-deps  install restic and borg for make bench (as root)"
@@ -26,6 +27,10 @@ help:
 
 test: check-syntax
 	$(PYTHON) tests/run.py $(TESTS)
+
+# Also part of `make test`: client.py on Python 3.6, server.py on 3.8.
+test-compat:
+	$(PYTHON) tests/run.py tests.test_compat
 
 check-syntax:
 	$(PYTHON) -m py_compile client.py server.py sendmail.py modules/*.py

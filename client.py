@@ -55,10 +55,21 @@ import sys
 import tempfile
 import time
 
-if sys.version_info < (3, 9):
-    sys.exit('client.py: Python 3.9 or later is required')
+# The oldest Python this script runs on (and is tested with): the default
+# python3 of RHEL 8 and SLES 15.  server.py needs 3.8.
+MIN_PYTHON = (3, 6)
+if sys.version_info < MIN_PYTHON:
+    sys.exit('client.py: Python %d.%d or later is required, this is %s'
+             % (MIN_PYTHON + (sys.version.split()[0],)))
+# What must be installed beside this script, as one directory.
+BESIDE = ('sendmail.py', os.path.join('modules', '_core.py'))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _name in BESIDE:
+    if not os.path.isfile(os.path.join(HERE, _name)):
+        sys.exit('client.py: %s is missing in %s: install client.py, '
+                 'sendmail.py and modules/ together' % (_name, HERE))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
 from modules._core import (  # noqa: E402  (shared core, installed beside us)
     request_id_of, ACCESS_DENIED_HINT, ACCESS_DENIED_RE, CHUNK, NAME_RE,
     REQUEST_ID, REQUEST_ID_RE, VERSION, ZERO_ID, Attempts, CommandFailed,
@@ -70,8 +81,8 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
     new_request_id, older_than, pause_point, problem, read_json,
     ref_from_files, remove_listed,
-    run, setup_logging, sha256_file, ssh_timeout_options, timestamp,
-    write_json, fsync_dir)
+    run, setup_logging, sha256_file, shell_line, ssh_timeout_options,
+    timestamp, write_json, fsync_dir)
 from modules import fs as fs_module  # noqa: E402  (what archives carry)
 
 # Client pool states (file name prefixes).
@@ -286,7 +297,7 @@ class PrepareContext(ModuleContext):
         tmp = path + '.part'
         self.hashed.pop(path, None)
         with open(tmp, 'wb') as out, tempfile.TemporaryFile() as err:
-            log.debug('running: %s > %s', shlex.join(args), tmp)
+            log.debug('running: %s > %s', shell_line(args), tmp)
             try:
                 proc = subprocess.Popen(args, stdout=subprocess.PIPE,
                                         stderr=err, env=env,
@@ -302,7 +313,7 @@ class PrepareContext(ModuleContext):
                     timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
-                raise ModuleError(f'{shlex.join(args)}: still running after '
+                raise ModuleError(f'{shell_line(args)}: still running after '
                                   f'{self.timeout} s ([client] '
                                   'command_timeout); killed') from None
             except BaseException:
@@ -649,7 +660,7 @@ class Client:
                 log.error('node %s: %s', link.node, e)
                 errors.append(f'node {link.node}: {e}')
             finally:
-                link.close_ssh()
+                link.connection.close_ssh()
         try:
             self.expire_exports()
         except OSError as e:
@@ -808,13 +819,13 @@ class Client:
         for node in self.nodes:
             if not NAME_RE.match(node):
                 problems.append(f'[nodes] {node}: not a valid node name')
-            elif not NodeLink(self, node).has_queue():
+            elif not NodeLink(self, node).ledger.has_queue():
                 problems.append(f'node {node}: no queue repository yet (run: '
                                 f'client.py init-node {node})')
             else:
                 problems += [f'node {node}: {why} (run: client.py init-node '
                              f'{node} --repair)' for why in
-                             NodeLink(self, node).queue_problems()]
+                             NodeLink(self, node).ledger.queue_problems()]
         return problems
 
     def check_connections(self, out):
@@ -824,8 +835,9 @@ class Client:
         and its sudo prefix).  One line each; returns the failures."""
         problems = []
         for link in self.links():
-            problems += connection_line(out, f'node {link.node}: push to '
-                                        f'{link.url}', link.push_problem())
+            problems += connection_line(
+                out, f'node {link.node}: push to {link.url}',
+                link.connection.push_problem())
         for request_module, name in sorted(self.modules.items()):
             try:
                 module = load_module(self.config.modules_dir('client'), name)
@@ -868,7 +880,7 @@ class NodeResults:
         self.link = link
         self.node = link.node
         self.url = link.url
-        self.repo = link.repo
+        self.repo = link.ledger.repo
         self.pool = link.pool
         self.config = link.config
         self.settings = link.settings
@@ -922,7 +934,7 @@ class NodeResults:
         exports the node confirmed; report requests left unconfirmed."""
         proc = git(self.repo, 'fetch', '--quiet', '--no-tags', '--', self.url,
                    '+refs/heads/results:refs/remotes/origin/results',
-                   env=self.link.git_ssh_env(), check=False,
+                   env=self.link.connection.git_ssh_env(), check=False,
                    timeout=self.timeout)
         if proc.returncode != 0:
             if "couldn't find remote ref" in proc.stderr:
@@ -1126,106 +1138,27 @@ class NodeResults:
                       f'{outcome[request_id]}{count} {detail}\n')
 
 
-class NodeLink:
-    """One node as this client sees it: the node's request pool, the queue
-    repository whose master is pushed to the node (a Ledger), and the state
-    files of this node (push health; its results are self.results)."""
+class QueueLedger:
+    """This client's queue repository for one node: a Ledger whose master
+    is pushed to the node.  Creating it (init-node), continuing the node's
+    history when it is made anew, finding and repairing a broken one, and
+    committing server requests to it."""
 
-    def __init__(self, client, node):
-        self.client = client
-        self.config = client.config
-        self.settings = client.settings
-        self.node = node
-        self.url = client.nodes[node]
-        self.pool = Pool(os.path.join(self.settings['request_dir'], node),
-                         CLIENT_STATES, REQUEST_ID_RE)
-        self.repo = os.path.join(self.settings['queue_dir'], node + '.git')
-        self.queue = Ledger(self.repo, 'refs/heads/master', client.name)
-        self.attempts = Attempts(self.pool,
-                                 self.config.get_int('client', 'max_attempts'))
-        state = client.state_dir
-        self.push_health_path = os.path.join(state, f'node-{node}.json')
-        self.pushed_path = os.path.join(state, f'pushed-{node}.json')
-        self.timeout = self.config.get_duration('client', 'command_timeout')
-        self.alert_after = self.config.get_duration('client', 'alert_after')
-        self.results = NodeResults(self)
+    def __init__(self, link):
+        self.link = link
+        self.node = link.node
+        self.url = link.url
+        self.settings = link.settings
+        self.config = link.config
+        self.timeout = link.timeout
+        self.repo = os.path.join(link.settings['queue_dir'],
+                                 link.node + '.git')
+        self.queue = Ledger(self.repo, 'refs/heads/master', link.client.name)
         # Why the node's ledger could not be fetched (adopt_node_history).
         self.ledger_unknown = None
 
     def has_queue(self):
         return os.path.isdir(os.path.join(self.repo, 'objects'))
-
-    def push_health(self):
-        return Health(self.push_health_path, self.config, 'client',
-                      f'pushing to node {self.node}')
-
-    def control_path(self):
-        """The private socket of this node's shared ssh connection, or
-        None when its path is too long for a Unix socket."""
-        path = os.path.join(self.client.state_dir, f'ssh-{self.node}')
-        # sun_path holds 108 bytes; ssh binds a name 17 bytes longer first.
-        return path if len(path.encode()) < 88 else None
-
-    def git_ssh_env(self):
-        # LC_ALL=C: NodeResults.fetch reads git's English error messages.
-        # Bounded connect and keepalives: a node that accepts and never
-        # answers costs connect_timeout, not command_timeout.
-        ssh = ' '.join([self.settings['ssh_command'],
-                        *ssh_timeout_options(self.config, 'client')])
-        control = self.control_path()
-        if control:
-            make_dirs(self.client.state_dir)
-            # One ssh connection (one handshake) for the push and the
-            # results fetch of a send; closed at its end (close_ssh).
-            # GIT_SSH_COMMAND goes through sh, hence the quoting.
-            ssh += ' ' + shlex.join([
-                '-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
-                '-o', 'ControlPersist=60'])
-        return {**os.environ, 'GIT_SSH_COMMAND': ssh,
-                'GIT_TERMINAL_PROMPT': '0', 'LC_ALL': 'C'}
-
-    def close_ssh(self):
-        """End the shared connection, if one was opened (ssh -O exit)."""
-        control = self.control_path()
-        if not control or not os.path.exists(control):
-            return
-        try:
-            subprocess.run(shlex.split(self.settings['ssh_command']) + [
-                '-o', f'ControlPath={control}', '-O', 'exit', self.node],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            log.warning('node %s: closing the ssh connection: %s',
-                        self.node, e)
-
-    def push_problem(self):
-        """'' when this client may push to the node, else what fails and
-        the fix.  git-receive-pack is what a push runs on the node (what
-        gitolite, gitosis and `gate` check), so its ref listing proves the
-        push access without pushing anything."""
-        try:
-            proc = run(['git', 'ls-remote', '--upload-pack=git-receive-pack',
-                        '--', self.url], env=self.git_ssh_env(), check=False,
-                       timeout=min(self.timeout, 120))
-        except GitBackupError as e:
-            return clean_text(str(e))
-        finally:
-            self.close_ssh()
-        if proc.returncode == 0:
-            return ''
-        m = re.match(r'(?:ssh://)?([^/:]+)(?::([0-9]+))?', self.url)
-        target, port = (m.group(1), m.group(2) or 22) if m else \
-            (self.url, 22)
-        return ssh_problem(
-            proc.stderr, target, port, 'add this client\'s public key on the '
-            'node (gitolite keydir, gitosis.conf or `server.py add-client`, '
-            'README "Install a client")') or (
-            f'{clean_text(proc.stderr.strip(), 300)}: no repository for '
-            f'this client at {self.url}: create it on the node (gitolite/'
-            'gitosis config, or `server.py add-client`), or fix [nodes] '
-            f'{self.node}')
-
-    # -- init-node --------------------------------------------------------
 
     def init(self, repair=False):
         """Create (or repair) the queue repository and the pool."""
@@ -1244,10 +1177,11 @@ class NodeLink:
         remotes = git(self.repo, 'remote').stdout.split()
         git(self.repo, 'remote', 'set-url' if 'origin' in remotes else 'add',
             'origin', self.url)
-        git(self.repo, 'config', 'user.name', f'gitbackup {self.client.name}')
+        git(self.repo, 'config', 'user.name',
+            f'gitbackup {self.link.client.name}')
         git(self.repo, 'config', 'user.email',
-            f'gitbackup@{self.client.name}')
-        self.pool.create()
+            f'gitbackup@{self.link.client.name}')
+        self.link.pool.create()
         self.adopt_node_history()
         return self.repo
 
@@ -1281,15 +1215,14 @@ class NodeLink:
         when the node has none yet; (None, why) when it cannot be asked."""
         proc = git(self.repo, 'fetch', '--quiet', '--no-tags', '--', self.url,
                    '+refs/heads/master:refs/remotes/origin/master',
-                   env=self.git_ssh_env(), check=False, timeout=self.timeout)
+                   env=self.link.connection.git_ssh_env(), check=False,
+                   timeout=self.timeout)
         if proc.returncode != 0:
             if "couldn't find remote ref" in proc.stderr:
                 return '', ''
             return None, clean_text(proc.stderr.strip(), 2000)
         return git(self.repo, 'rev-parse', 'refs/remotes/origin/master') \
             .stdout.strip(), ''
-
-    # -- a broken queue repository ----------------------------------------
 
     def broken_ref(self, ref):
         """Why a ref's file names no commit (garbage, a file truncated by
@@ -1370,7 +1303,7 @@ class NodeLink:
         fsync_dir(os.path.dirname(path))
 
     def queue_health(self):
-        return Health(os.path.join(self.client.state_dir,
+        return Health(os.path.join(self.link.client.state_dir,
                                    f'queue-{self.node}.json'),
                       self.config, 'client',
                       f'queue repository of node {self.node}')
@@ -1390,25 +1323,220 @@ class NodeLink:
         health.failed(text, 0)
         return problem(f'node {self.node}: {text}', mail=False)
 
+    def committed_requests(self):
+        """Ids of requests already committed to the queue repository."""
+        if not self.queue.tip():
+            return set()
+        out = git(self.repo, 'log', '--format=%B', 'refs/heads/master').stdout
+        return set(re.findall(r'^Request: (\S+)$', out, re.M))
+
+    def commit_batches(self, batch):
+        """Commit the server requests: commits of at most max_batch
+        requests each, all pushed at once (a node takes at most
+        max_requests_per_push per push; its later runs take the rest)."""
+        size = self.link.config.get_int('client', 'max_batch')
+        for start in range(0, len(batch), size):
+            self.commit_batch(batch[start:start + size])
+        if batch:
+            pause_point('send:committed')
+        return {request_id for request_id, _ in batch}
+
+    def commit_batch(self, batch):
+        """One commit holding only the new RQ files (plus a timestamp file,
+        as the seed does)."""
+        files, names = [], set()
+        for request_id, server_requests in batch:
+            for ident, content in server_requests:
+                name = f'RQ{request_id}-{ident}'
+                n = 1
+                while name in names:
+                    n += 1
+                    name = f'RQ{request_id}-{ident}.{n}'
+                names.add(name)
+                files.append((name, content + '\n'))
+        now = isotime()
+        files.append(('timestamp', now + '\n'))
+        message = [f'{self.link.client.name} {now}: {len(names)} server '
+                   'request(s)', '']
+        message += [f'Request: {request_id}' for request_id, _ in batch]
+        commit = self.queue.append(files, '\n'.join(message) + '\n')
+        log.info('committed %d server request(s) of %d request(s) as %s',
+                 len(names), len(batch), commit[:12])
+        return commit
+
+
+class NodeConnection:
+    """How this client reaches one node: git's ssh command sharing one
+    connection per send (and closing it), whether the node lets this
+    client push (check --connect), the push of the queue's master, and its
+    Health record (one mail when pushes fail for alert_after, at once when
+    ssh refuses the login)."""
+
+    def __init__(self, link):
+        self.link = link
+        self.node = link.node
+        self.url = link.url
+        self.settings = link.settings
+        self.config = link.config
+        self.timeout = link.timeout
+        self.alert_after = link.alert_after
+        self.health_path = os.path.join(link.client.state_dir,
+                                        f'node-{link.node}.json')
+
+    def control_path(self):
+        """The private socket of this node's shared ssh connection, or
+        None when its path is too long for a Unix socket."""
+        path = os.path.join(self.link.client.state_dir, f'ssh-{self.node}')
+        # sun_path holds 108 bytes; ssh binds a name 17 bytes longer first.
+        return path if len(path.encode()) < 88 else None
+
+    def git_ssh_env(self):
+        # LC_ALL=C: NodeResults.fetch reads git's English error messages.
+        # Bounded connect and keepalives: a node that accepts and never
+        # answers costs connect_timeout, not command_timeout.
+        ssh = ' '.join([self.settings['ssh_command'],
+                        *ssh_timeout_options(self.config, 'client')])
+        control = self.control_path()
+        if control:
+            make_dirs(self.link.client.state_dir)
+            # One ssh connection (one handshake) for the push and the
+            # results fetch of a send; closed at its end (close_ssh).
+            # GIT_SSH_COMMAND goes through sh, hence the quoting.
+            ssh += ' ' + shell_line([
+                '-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
+                '-o', 'ControlPersist=60'])
+        return {**os.environ, 'GIT_SSH_COMMAND': ssh,
+                'GIT_TERMINAL_PROMPT': '0', 'LC_ALL': 'C'}
+
+    def close_ssh(self):
+        """End the shared connection, if one was opened (ssh -O exit)."""
+        control = self.control_path()
+        if not control or not os.path.exists(control):
+            return
+        try:
+            subprocess.run(shlex.split(self.settings['ssh_command']) + [
+                '-o', f'ControlPath={control}', '-O', 'exit', self.node],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning('node %s: closing the ssh connection: %s',
+                        self.node, e)
+
+    def push_problem(self):
+        """'' when this client may push to the node, else what fails and
+        the fix.  git-receive-pack is what a push runs on the node (what
+        gitolite, gitosis and `gate` check), so its ref listing proves the
+        push access without pushing anything."""
+        try:
+            proc = run(['git', 'ls-remote', '--upload-pack=git-receive-pack',
+                        '--', self.url], env=self.git_ssh_env(), check=False,
+                       timeout=min(self.timeout, 120))
+        except GitBackupError as e:
+            return clean_text(str(e))
+        finally:
+            self.close_ssh()
+        if proc.returncode == 0:
+            return ''
+        m = re.match(r'(?:ssh://)?([^/:]+)(?::([0-9]+))?', self.url)
+        target, port = (m.group(1), m.group(2) or 22) if m else \
+            (self.url, 22)
+        return ssh_problem(
+            proc.stderr, target, port, 'add this client\'s public key on the '
+            'node (gitolite keydir, gitosis.conf or `server.py add-client`, '
+            'README "Install a client")') or (
+            f'{clean_text(proc.stderr.strip(), 300)}: no repository for '
+            f'this client at {self.url}: create it on the node (gitolite/'
+            'gitosis config, or `server.py add-client`), or fix [nodes] '
+            f'{self.node}')
+
+    def health(self):
+        return Health(self.health_path, self.config, 'client',
+                      f'pushing to node {self.node}')
+
+    def push(self, errors):
+        """Push master if the node lacks commits.  Returns whether it
+        pushed, or None when the push failed (git's exit status tells:
+        unlike the seed's days, a failed push is an error, never
+        silence)."""
+        local = self.link.ledger.queue.tip()
+        remote = git(self.link.ledger.repo, 'rev-parse', '--verify', '--quiet',
+                     'refs/remotes/origin/master', check=False).stdout.strip()
+        if not local or local == remote:
+            return False
+        health = self.health()
+        try:
+            git(self.link.ledger.repo, 'push', '--quiet', '--', self.url,
+                'refs/heads/master:refs/heads/master',
+                env=self.git_ssh_env(), timeout=self.timeout)
+        except GitBackupError as e:
+            errors.append(self.failed(f'push to {self.node} failed',
+                                           str(e), health))
+            return None
+        git(self.link.ledger.repo, 'update-ref',
+            'refs/remotes/origin/master', local)
+        log.info('pushed %s to %s', local[:12], self.node)
+        pause_point('send:pushed')
+        health.ok()
+        return True
+
+    def failed(self, what, error, health=None):
+        """Record a failed connection to the node in its push Health
+        record; returns the run's problem.  ssh refusing the login (key,
+        host key) waits for a human: the admins hear at once, not after
+        alert_after as for an outage."""
+        denied = ACCESS_DENIED_RE.search(error)
+        text = f'{error} ({ACCESS_DENIED_HINT})' if denied else error
+        (health or self.health()).failed(
+            text, 0 if denied else self.alert_after)
+        return problem(f'{what} (requests kept for the next run): {text}',
+                       mail=False)
+
+
+class NodeLink:
+    """One node as this client sees it, and `send` to it: the node's
+    request pool here (claim, prepare through the modules, finish), with
+    what it owns apart: the queue repository (self.ledger, QueueLedger),
+    the connection and push (self.connection, NodeConnection) and the
+    node's results (self.results, NodeResults)."""
+
+    def __init__(self, client, node):
+        self.client = client
+        self.config = client.config
+        self.settings = client.settings
+        self.node = node
+        self.url = client.nodes[node]
+        self.pool = Pool(os.path.join(self.settings['request_dir'], node),
+                         CLIENT_STATES, REQUEST_ID_RE)
+        self.attempts = Attempts(self.pool,
+                                 self.config.get_int('client', 'max_attempts'))
+        self.pushed_path = os.path.join(client.state_dir,
+                                        f'pushed-{node}.json')
+        self.timeout = self.config.get_duration('client', 'command_timeout')
+        self.alert_after = self.config.get_duration('client', 'alert_after')
+        self.ledger = QueueLedger(self)
+        self.connection = NodeConnection(self)
+        self.results = NodeResults(self)
+
     # -- send: the pipeline -------------------------------------------------
 
     def send(self):
         """claim -> prepare -> commit -> push -> finish -> confirm."""
-        if not self.has_queue():
-            self.init()
-        broken = self.check_queue()
+        if not self.ledger.has_queue():
+            self.ledger.init()
+        broken = self.ledger.check_queue()
         if broken:
             return [broken]
-        unknown = self.adopt_node_history()
+        unknown = self.ledger.adopt_node_history()
         if unknown:
-            return [self.push_failed(f'node {self.node}: its ledger could '
-                                     'not be fetched, nothing sent', unknown)]
+            return [self.connection.failed(
+                f'node {self.node}: its ledger could not be fetched, '
+                'nothing sent', unknown)]
         self.promote_orphans()
         errors = []
         to_prepare, committed = self.claim()
         batch = self.prepare_all(to_prepare, errors)
-        committed |= self.commit_batches(batch)
-        pushed = self.push(errors)
+        committed |= self.ledger.commit_batches(batch)
+        pushed = self.connection.push(errors)
         if pushed is None:
             return errors           # kept for the next run
         self.finish(committed)
@@ -1424,7 +1552,7 @@ class NodeLink:
         leftover = states[PROCESSING]
         committed = set()
         if leftover:
-            in_history = self.committed_requests()
+            in_history = self.ledger.committed_requests()
             committed = {i for i in leftover if i in in_history}
             for request_id in leftover:
                 if request_id not in committed:
@@ -1434,13 +1562,6 @@ class NodeLink:
         to_prepare += [i for i in states[COMPLETE]
                        if self.pool.move(i, COMPLETE, PROCESSING)]
         return to_prepare, committed
-
-    def committed_requests(self):
-        """Ids of requests already committed to the queue repository."""
-        if not self.queue.tip():
-            return set()
-        out = git(self.repo, 'log', '--format=%B', 'refs/heads/master').stdout
-        return set(re.findall(r'^Request: (\S+)$', out, re.M))
 
     def prepare_all(self, request_ids, errors):
         """[(request id, server requests)] of those prepared; a failure
@@ -1531,77 +1652,6 @@ class NodeLink:
                     f'{attempts} of {limit}, retried next run): {error}')
         return problem(text, mail=give_up)
 
-    def commit_batches(self, batch):
-        """Commit the server requests: commits of at most max_batch
-        requests each, all pushed at once (a node takes at most
-        max_requests_per_push per push; its later runs take the rest)."""
-        size = self.config.get_int('client', 'max_batch')
-        for start in range(0, len(batch), size):
-            self.commit_batch(batch[start:start + size])
-        if batch:
-            pause_point('send:committed')
-        return {request_id for request_id, _ in batch}
-
-    def commit_batch(self, batch):
-        """One commit holding only the new RQ files (plus a timestamp file,
-        as the seed does)."""
-        files, names = [], set()
-        for request_id, server_requests in batch:
-            for ident, content in server_requests:
-                name = f'RQ{request_id}-{ident}'
-                n = 1
-                while name in names:
-                    n += 1
-                    name = f'RQ{request_id}-{ident}.{n}'
-                names.add(name)
-                files.append((name, content + '\n'))
-        now = isotime()
-        files.append(('timestamp', now + '\n'))
-        message = [f'{self.client.name} {now}: {len(names)} server '
-                   'request(s)', '']
-        message += [f'Request: {request_id}' for request_id, _ in batch]
-        commit = self.queue.append(files, '\n'.join(message) + '\n')
-        log.info('committed %d server request(s) of %d request(s) as %s',
-                 len(names), len(batch), commit[:12])
-        return commit
-
-    def push(self, errors):
-        """Push master if the node lacks commits.  Returns whether it
-        pushed, or None when the push failed (git's exit status tells:
-        unlike the seed's days, a failed push is an error, never
-        silence)."""
-        local = self.queue.tip()
-        remote = git(self.repo, 'rev-parse', '--verify', '--quiet',
-                     'refs/remotes/origin/master', check=False).stdout.strip()
-        if not local or local == remote:
-            return False
-        health = self.push_health()
-        try:
-            git(self.repo, 'push', '--quiet', '--', self.url,
-                'refs/heads/master:refs/heads/master',
-                env=self.git_ssh_env(), timeout=self.timeout)
-        except GitBackupError as e:
-            errors.append(self.push_failed(f'push to {self.node} failed',
-                                           str(e), health))
-            return None
-        git(self.repo, 'update-ref', 'refs/remotes/origin/master', local)
-        log.info('pushed %s to %s', local[:12], self.node)
-        pause_point('send:pushed')
-        health.ok()
-        return True
-
-    def push_failed(self, what, error, health=None):
-        """Record a failed connection to the node in its push Health
-        record; returns the run's problem.  ssh refusing the login (key,
-        host key) waits for a human: the admins hear at once, not after
-        alert_after as for an outage."""
-        denied = ACCESS_DENIED_RE.search(error)
-        text = f'{error} ({ACCESS_DENIED_HINT})' if denied else error
-        (health or self.push_health()).failed(
-            text, 0 if denied else self.alert_after)
-        return problem(f'{what} (requests kept for the next run): {text}',
-                       mail=False)
-
     def finish(self, committed):
         """P* -> F* for every pushed request; F*'s time is the push (see
         export_keep)."""
@@ -1662,7 +1712,7 @@ class NodeLink:
         out.write(f'  finished    {len(states[FINISHED])}\n')
         out.write(f'  failed      {len(states[FAILED])}\n')
         for label, failing, path in (
-                ('last push   ', '', self.push_health_path),
+                ('last push   ', '', self.connection.health_path),
                 ('last results ', 'results ', self.results.health_path)):
             health = read_json(path, {}) or {}
             out.write(f'  {label}{health.get("last_success") or "never"}\n')
@@ -1670,7 +1720,7 @@ class NodeLink:
                 out.write(f'  {failing}failing since '
                           f'{health.get("first_failure")}: '
                           f'{health["last_error"]}\n')
-        queue = self.queue_health().state
+        queue = self.ledger.queue_health().state
         if queue.get('first_failure'):
             out.write(f'  queue repository broken since '
                       f'{queue["first_failure"]}: {queue["last_error"]}\n')
@@ -1688,7 +1738,8 @@ class NodeLink:
 
 def client_gc(client, aggressive=False):
     """git gc of every queue repository (queue_dir/*.git)."""
-    repos = [link.repo for link in client.links() if link.has_queue()]
+    repos = [link.ledger.repo for link in client.links()
+             if link.ledger.has_queue()]
     return gc_repositories(client.config, 'client', repos, aggressive,
                            f'client {client.name}')
 
@@ -1715,7 +1766,8 @@ def client_prune(client, dry_run=False, out=sys.stdout):
 
 def client_retry(client, request_id=None, all_failed=False, out=sys.stdout):
     """Put given-up requests (X*) back as C* with a fresh attempt count
-    (SPEC 4); the next send prepares them.  Returns how many."""
+    (docs/operations.md, "Given-up requests"); the next send prepares
+    them.  Returns how many."""
     if bool(request_id) == bool(all_failed):
         raise UsageError('give a request id or --all-failed')
     count = 0
@@ -1751,7 +1803,10 @@ and in the post-update hook of every git repository to back up:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration.
 Run every command as the owner of request_dir, queue_dir, export_dir and
-log_dir: the commands that write refuse any other user (root too), exit 2.''')
+log_dir: the commands that write refuse any other user (root too), exit 2.
+
+Python 3.6 or later (RHEL 8, SLES 15); server.py needs 3.8.  `make test`
+runs this client on 3.6 with a node on 3.8.''')
     common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
@@ -1888,7 +1943,7 @@ def send_command(client, node):
 
 
 def init_node_command(client, node, repair=False):
-    print(client.link(node).init(repair))
+    print(client.link(node).ledger.init(repair))
     return 0
 
 

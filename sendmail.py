@@ -4,8 +4,11 @@
     sendmail.py [--config PATH] [-v | -q] SUBJECT FILE RECEIVER...
     sendmail.py [--config PATH] [-v | -q] --flush
 
-client.py and server.py import it and call send(); cron jobs (the monthly
-`git gc`, as the seed's git_gc.sh did) run it to mail a log file.
+The shared core (modules/_core.py) imports it and calls send() for
+client.py and server.py; cron jobs (the monthly `git gc`, as the seed's
+git_gc.sh did) run it to mail a log file.  It imports nothing of
+gitbackup's own (the import goes one way only), so it can mail on a host
+where the rest of the installation is broken, and it runs on Python 3.6+.
 
 The [mail] section of the configuration chooses how mail leaves the host:
 
@@ -31,6 +34,7 @@ Guarantees:
 
 import argparse
 import configparser
+import contextlib
 import datetime
 import email.message
 import email.parser
@@ -45,9 +49,11 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from modules import _core as core  # noqa: E402  (shared core, beside us)
+if sys.version_info < (3, 6):
+    sys.exit('sendmail.py: Python 3.6 or later is required, this is %s'
+             % sys.version.split()[0])
 
 PROG = 'sendmail.py'
 CONFIG_ENV = 'GITBACKUP_CONFIG'
@@ -100,12 +106,29 @@ def message_file_name():
 
 
 def write_atomically(directory, name, data):
-    """Write data to directory/name atomically (core.atomic_write: a
-    temporary name starting with '.', which the queue readers skip; fsync;
-    rename; fsync of the directory)."""
+    """Write data to directory/name atomically: a temporary name starting
+    with '.', which the queue readers skip; fsync; rename; fsync of the
+    directory.  (modules/_core.py's atomic_write does the same for the
+    scripts; this file imports nothing of theirs.)"""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    core.atomic_write(path, data, mode=FILE_MODE)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return path
 
 
@@ -355,7 +378,9 @@ read:
 If sendmail or smtp fails, the message is kept in <log_dir>/mail-queue/;
 `sendmail.py --flush` (e.g. from cron) re-delivers it, oldest first.
 
-Quiet on success (cron-safe); errors are one line on stderr.
+Quiet on success (cron-safe); errors are one line on stderr.  Python 3.6
+or later; needs nothing else of gitbackup (modules/ imports it, not the
+other way round).
 exit status: 0 delivered (or spooled), 1 delivery failed (message queued;
 with --flush: messages still queued), 2 bad usage or configuration.
 """
@@ -389,10 +414,14 @@ def build_parser():
 
 
 def find_config(path, environ):
-    """(path, must_exist): the lookup order of every gitbackup command; only
-    a file named by --config or $GITBACKUP_CONFIG must exist."""
-    must_exist = bool(path or environ.get(CONFIG_ENV))
-    return core.find_config(path, __file__, environ), must_exist
+    """(path, must_exist): the lookup order of every gitbackup command
+    (modules/_core.py's find_config): --config PATH, else
+    $GITBACKUP_CONFIG, else backup.ini beside this script; only a file
+    named by --config or $GITBACKUP_CONFIG must exist."""
+    named = path or environ.get(CONFIG_ENV)
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'backup.ini')
+    return named or beside, bool(named)
 
 
 def load_config(path, must_exist):

@@ -60,6 +60,7 @@ scripts share only modules/_core.py.
 
 import argparse
 import base64
+import collections
 import concurrent.futures
 import configparser
 import contextlib
@@ -68,7 +69,6 @@ import hashlib
 import html
 import json
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -78,10 +78,22 @@ import sys
 import tempfile
 import time
 
-if sys.version_info < (3, 9):
-    sys.exit('server.py: Python 3.9 or later is required')
+# The oldest Python this script runs on (and is tested with): Ubuntu
+# 20.04's.  client.py runs on 3.6, for the older hosts it backs up.
+MIN_PYTHON = (3, 8)
+if sys.version_info < MIN_PYTHON:
+    sys.exit('server.py: Python %d.%d or later is required, this is %s '
+             '(client.py runs on 3.6 or later)'
+             % (MIN_PYTHON + (sys.version.split()[0],)))
+# What must be installed beside this script, as one directory.
+BESIDE = ('sendmail.py', os.path.join('modules', '_core.py'))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _name in BESIDE:
+    if not os.path.isfile(os.path.join(HERE, _name)):
+        sys.exit('server.py: %s is missing in %s: install server.py, '
+                 'sendmail.py and modules/ together' % (_name, HERE))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules import fs as fs_archive  # noqa: E402  (tar chains: restore)
 from modules._core import (  # noqa: E402
@@ -676,26 +688,85 @@ def store_staged(ctx, name, staging, allowance, stdout):
 
 
 SOURCE_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._/+-]{0,200}$')
-URL_PATH_RE = re.compile(r'^[a-z][a-z0-9+.-]{0,15}://[^/\s]*(/\S*)?$')
-# What the sample restore check can read, by file name ending.
+# What restore extracts and streams as a tar archive, by file name ending.
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
                 '.tar.bz2', '.tbz2')
-DUMP_SUFFIXES = ('.dump',)
-# Files a client sends beside its data, describing it (an archive's
-# listing, a dump's row statistics): what `drill` proves a restore against.
-LISTING_SUFFIX = '.listing'
-STATS_SUFFIX = '.stats.json'
-COMPANION_SUFFIXES = (LISTING_SUFFIX, STATS_SUFFIX)
 TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
              (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
+SHIPPED_MODULES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'modules')
+
+
+class StoredFormats:
+    """Which module's format each stored file is, as the node's modules
+    declare it (docs/modules.md, "Proving what a module stored"): a Python
+    module's STORED_SUFFIXES name its data files, its COMPANION_SUFFIXES
+    the files it sends beside them describing them (an archive's listing,
+    a dump's row counts), and its verify_stored(path, timeout) and
+    drill_stored(ctx, names, scratch) prove them.  A file no module claims
+    is a plain file: its sha256 is all that is checked ("hashes only")."""
+
+    def __init__(self, modules_dir):
+        self.modules_dir = modules_dir
+        self.codes = {}           # name: module code or None, loaded once
+        self.stored = []          # (suffix, module code), longest first
+        companions = []
+        try:
+            names = sorted(os.listdir(modules_dir))
+        except OSError:
+            names = []
+        for name in names:
+            code = self.load(name[:-3]) if name.endswith('.py') and \
+                not name.startswith('_') else None
+            if code is None:
+                continue
+            self.stored += [(suffix, code) for suffix in
+                            getattr(code, 'STORED_SUFFIXES', ())]
+            companions += getattr(code, 'COMPANION_SUFFIXES', ())
+        self.stored.sort(key=lambda pair: -len(pair[0]))
+        self.companions = tuple(companions)
+
+    def load(self, name):
+        """The Python code of module `name` (loaded once), or None: none
+        there, an executable, or one that does not load (a warning)."""
+        if name not in self.codes:
+            self.codes[name] = None
+            if os.path.isfile(os.path.join(self.modules_dir, name + '.py')):
+                try:
+                    self.codes[name] = core.load_module(
+                        self.modules_dir, name).python
+                except core.ModuleError as e:
+                    log.warning('%s', e)
+        return self.codes[name]
+
+    def owner(self, name):
+        """The module code whose STORED_SUFFIXES a file name ends with."""
+        for suffix, code in self.stored:
+            if name.endswith(suffix):
+                return code
+        return None
+
+    def is_companion(self, name):
+        return bool(self.companions) and str(name).endswith(self.companions)
+
+
+_FORMATS = {}
+
+
+def stored_formats(modules_dir=SHIPPED_MODULES):
+    """The StoredFormats of a modules directory, read once per process."""
+    if modules_dir not in _FORMATS:
+        _FORMATS[modules_dir] = StoredFormats(modules_dir)
+    return _FORMATS[modules_dir]
 
 
 class StoredBackup:
     """One directory files/<source>/<node time>/ and its manifest."""
 
-    def __init__(self, source, path, manifest):
+    def __init__(self, source, path, manifest, formats=None):
         self.source = source
         self.path = path
+        self.formats = formats or stored_formats()
         self.name = os.path.basename(path)
         self.manifest = manifest if isinstance(manifest, dict) else None
         self.time = parse_node_time((self.manifest or {}).get('stored')) \
@@ -726,8 +797,7 @@ class StoredBackup:
         return tuple(sorted(str(f.get('name')) for f in
                             (self.manifest or {}).get('files') or []
                             if isinstance(f, dict) and
-                            not str(f.get('name')).endswith(
-                                COMPANION_SUFFIXES)))
+                            not self.formats.is_companion(f.get('name'))))
 
     @property
     def seq(self):
@@ -763,7 +833,8 @@ def stored_backups(node, client):
                     os.path.islink(path):
                 continue
             manifest = read_json(os.path.join(path, 'manifest.json'))
-            backups.append(StoredBackup(source, path, manifest))
+            backups.append(StoredBackup(source, path, manifest,
+                                        node.formats))
         backups.sort(key=StoredBackup.sort_key)
         result[source] = backups
     return result
@@ -814,6 +885,11 @@ class Chain:
     def base(self):
         """The stored snapshot the increment builds on directly, or None."""
         return self.links[-2] if len(self.links) > 1 else None
+
+    @property
+    def size(self):
+        """The restorable size: bytes of every link a restore reads."""
+        return sum(link.size for link in self.links)
 
 
 def snapshot_chains(backups):
@@ -896,19 +972,10 @@ def walk_dirs(top):
     return found
 
 
-def mirror_last_change(repo):
-    """When a git mirror last changed, as source_report counts it (for a
-    mirror without a journaled fetch, made by hand), or None."""
-    stamps = [os.stat(os.path.join(repo, name)).st_mtime
-              for name in ('FETCH_HEAD', 'packed-refs', 'refs')
-              if os.path.exists(os.path.join(repo, name))]
-    if stamps:
-        return datetime.datetime.fromtimestamp(max(stamps), UTC)
-    return None
-
-
 def mirror_time(repo):
-    """A mirror's last change on the node's clock (its last fetch)."""
+    """When a git mirror last changed, on the node's clock (its last fetch:
+    FETCH_HEAD, packed-refs or refs), or None.  What report and list use
+    for a mirror without a journaled fetch (one made by hand)."""
     stamps = [os.stat(os.path.join(repo, name)).st_mtime
               for name in ('FETCH_HEAD', 'packed-refs', 'refs')
               if os.path.exists(os.path.join(repo, name))]
@@ -917,8 +984,11 @@ def mirror_time(repo):
 
 
 def known_clients(node):
-    """Clients with a pool, a repository, stored data or a [client NAME]."""
-    names = set(node.clients())
+    """The node's clients: those that push to it (a pool or a repository),
+    those with stored data, and every [client NAME] of its configuration
+    (one that never arrived is news).  Every command but `run` works on
+    these."""
+    names = set(node.pushing_clients())
     try:
         entries = os.listdir(node.settings['data_dir'])
     except FileNotFoundError:
@@ -948,35 +1018,23 @@ def read_request_line(path):
 
 
 def request_source(node, client, line):
-    """The source a request line belongs to: sftp -> its source= (default
-    'files'), git -> 'git/<path>' of the mirror it feeds, others -> the
-    module name.  None if the line says nothing usable."""
+    """The source a request line belongs to: what its module's
+    request_source(settings, rest) names (sftp: its source=, git:
+    'git/<path>' of the mirror it feeds), else the module's name.  None if
+    the line says nothing usable."""
     module, _, rest = line.partition(' ')
-    words = rest.split()
-    if module == 'sftp':
-        for word in words[2:]:
-            if word.startswith('source='):
-                source = word[len('source='):]
-                return source if SOURCE_RE.match(source) and \
-                    '..' not in source else None
-        return 'files'
-    if module == 'git' and words:
-        # As modules/git.py does: only the URL's path counts, below the
-        # path of the node's own base URL for the client.
-        try:
-            base = node.client_settings(client)['git']
-        except GitBackupError:
-            base = ''
-        base_path = (URL_PATH_RE.match(base) or [None, ''])[1] or ''
-        url_path = (URL_PATH_RE.match(words[0]) or [None, ''])[1] or ''
-        prefix = base_path.rstrip('/') + '/'
-        if url_path.startswith(prefix):
-            rel = url_path[len(prefix):].strip('/')
-            rel = rel[:-4] if rel.endswith('.git') else rel
-            if SOURCE_RE.match(rel) and '..' not in rel.split('/'):
-                return 'git/' + rel
-        return 'git'
-    return module if core.MODULE_RE.match(module) else None
+    if not core.MODULE_RE.match(module):
+        return None
+    code = node.formats.load(module)
+    if code is None or not hasattr(code, 'request_source'):
+        return module
+    try:
+        settings = node.client_settings(client)
+    except GitBackupError:
+        settings = {}
+    source = code.request_source(settings, rest)
+    return source if isinstance(source, str) and SOURCE_RE.match(source) \
+        and '..' not in source else None
 
 
 def stored_source(node, client, stored):
@@ -1016,7 +1074,10 @@ def pool_requests(node, client):
 
 def client_limits(node, client):
     """stale_after (seconds) and expected sources of a client."""
-    section = node.config.section(f'client {client}')
+    # A [client NAME] with a mistake counts with the [server] defaults
+    # (report shows it misconfigured).
+    section = {} if client in node.config.client_problems else \
+        node.config.section(f'client {client}')
     value = section.get('stale_after') or node.settings['stale_after']
     try:
         stale = core.parse_duration(value)
@@ -1042,28 +1103,29 @@ def journal_tail(path, end, size=4096):
     return hashlib.sha256(data).hexdigest()
 
 
-# Where `drill` is expected to journal its outcomes, one JSON object per
-# line like results.jsonl: source, finished (node time), ok / outcome /
-# status.  Read only if present.
+# Where `drill` journals its outcomes, one JSON object per line like
+# results.jsonl: source, snapshot, run (its start), finished (node time),
+# ok (true only when the proof passed), proof ('restored', or 'hashes only'
+# when no module proves the snapshot's files), detail.
 DRILL_JOURNAL = 'drills.jsonl'
 
 
-def read_drills(node, client):
-    """Drill outcomes of one client: [{'source', 'time', 'ok'}] (bad
-    lines skipped; nothing when no drill has run)."""
+def drill_journal(node, client):
+    """Drill outcomes of one client, oldest first: [{'source', 'snapshot',
+    'run', 'time', 'ok', 'proof', 'detail'}]; lines without a source or
+    a readable time are skipped.  The one reader of drills.jsonl."""
     drills = []
     for entry in Journal(os.path.join(node.settings['data_dir'], client,
                                       DRILL_JOURNAL)).read()[0]:
-        if not isinstance(entry, dict) or \
-                not isinstance(entry.get('source'), str):
+        when = parse_node_time(entry.get('finished'))
+        if not when or not isinstance(entry.get('source'), str):
             continue
-        when = parse_node_time(entry.get('finished') or entry.get('time'))
-        if not when:
-            continue
-        ok = entry.get('ok') is True or \
-            entry.get('outcome') in ('ok', 'passed', 'restored') or \
-            entry.get('status') == 'ok'
-        drills.append({'source': entry['source'], 'time': when, 'ok': ok})
+        drills.append({
+            'source': entry['source'], 'snapshot': entry.get('snapshot'),
+            'run': str(entry.get('run') or entry['finished']), 'time': when,
+            'ok': entry.get('ok') is True,
+            'proof': entry.get('proof') or 'restored',
+            'detail': clean_text(entry.get('detail') or '', 500)})
     return drills
 
 
@@ -1134,13 +1196,11 @@ def last_outcomes(node, client):
     if isinstance(state, dict) and state.get('finished'):
         problems = [str(p) for p in state.get('problems') or []]
         verify = {'time': state['finished'], 'problems': problems}
-    drills = {}
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        key = (entry.get('source'), entry.get('snapshot'))
-        drills[key] = {'outcome': 'ok' if entry.get('ok') is True
-                       else 'failed', 'time': entry.get('finished'),
-                       'detail': clean_text(entry.get('detail') or '', 500)}
+    drills = {(d['source'], d['snapshot']): {
+        'outcome': 'failed' if not d['ok'] else 'ok'
+        if d['proof'] == 'restored' else 'hashes only',
+        'time': core.isotime(d['time']), 'detail': d['detail']}
+        for d in drill_journal(node, client)}
     return verify, drills
 
 
@@ -1207,10 +1267,10 @@ class NodeContext(ModuleContext):
         """key=value tokens: unknown keys ignored, malformed refused."""
         checks = {'sha256': r'[0-9a-f]{64}', 'size': r'[0-9]{1,15}',
                   'source': r'[A-Za-z0-9][A-Za-z0-9._-]{0,63}',
-                  # A file described by the main one's (listing, stats),
-                  # fetched from the same directory: a plain name only.
-                  'companion': r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.'
-                               r'(?:listing|stats\.json)',
+                  # A file describing the main one (listing, stats),
+                  # fetched from the same directory: a plain name ending
+                  # as a module's COMPANION_SUFFIXES (checked below).
+                  'companion': r'[A-Za-z0-9][A-Za-z0-9._-]{0,127}',
                   'companion_sha256': r'[0-9a-f]{64}',
                   'companion_size': r'[0-9]{1,15}',
                   # A git tip the client saw (sha1 or sha256 object name).
@@ -1222,7 +1282,9 @@ class NodeContext(ModuleContext):
             if not eq or not re.fullmatch(r'[a-z][a-z0-9_]{0,31}', key):
                 self.refuse(f'malformed option {clean_text(token)!r}')
             if key in checks:
-                if not re.fullmatch(checks[key], value):
+                if not re.fullmatch(checks[key], value) or (
+                        key == 'companion' and
+                        not self.node.formats.is_companion(value)):
                     self.refuse(f'malformed {key}={clean_text(value)!r}')
                 options[key] = value
         return options
@@ -1296,7 +1358,8 @@ class NodeContext(ModuleContext):
 
     def next_sequence(self):
         """The next arrival number of this client's snapshots: the order
-        they arrived in, whatever the clock said (SPEC 7).  Kept in
+        they arrived in, whatever the clock said (docs/operations.md,
+        "The node's clock").  Kept in
         data_dir/<client>/.sequence; if that is lost, the manifests say
         how far it got.  A crash after counting leaves a gap, never a
         repeat."""
@@ -1377,7 +1440,7 @@ class NodeContext(ModuleContext):
     def new_snapshot(self, incoming, base, manifest):
         """Write the manifest and rename the staging directory into
         files/<source>/<node time>: the one step that makes it stored.
-        A new snapshot gets the next arrival number (SPEC 7)."""
+        A new snapshot gets the next arrival number (next_sequence)."""
         manifest = {**manifest, 'seq': self.next_sequence()}
         core.write_json(os.path.join(incoming, 'manifest.json'), manifest)
         core.pause_point('run:manifest')
@@ -1517,6 +1580,14 @@ class ClientResults:
 
 
 class Node:
+    """The node as `run` sees it: its configuration ([server], each
+    client's settings as this node configures them, its modules and what
+    they say about stored files), where each client's pool and repository
+    are, and the run pipeline (per client: catch up on ingest, handle the
+    pool's requests through their modules, record each outcome and the
+    client's health, publish the results).  The read side is chapter 2's
+    functions, the checks chapter 9's."""
+
     def __init__(self, config):
         self.config = config
         self.settings = config.require('server')
@@ -1529,12 +1600,21 @@ class Node:
         # wait)} of this run, settled once the client's pool is done.
         self.health_seen = {}
         self.modules = {}   # name: BackupModule or None, loaded once a run
+        self._formats = None
         # {client: core.SharedSSH} of the clients being handled: each
         # worker only touches its own client's entry.
         self.shared_ssh = {}
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
+
+    @property
+    def formats(self):
+        """What the node's modules say about the files they store
+        (StoredFormats of [server] modules_dir), read on first use."""
+        if self._formats is None:
+            self._formats = stored_formats(self.config.modules_dir('server'))
+        return self._formats
 
     def pool(self, client):
         """The request pool of a client on this node."""
@@ -1547,6 +1627,8 @@ class Node:
     def client_settings(self, client):
         """Where this node fetches a client's data: the node's own
         configuration, never anything a request says."""
+        if client in self.config.client_problems:
+            raise ConfigError(self.config.client_problems[client])
         section = self.config.section(f'client {client}')
         server = self.settings
         sftp = section.get('sftp') or f'{server["sftp_user"]}@{client}'
@@ -1566,8 +1648,10 @@ class Node:
                 'git': (section.get('git') or f'git://{client}').rstrip('/'),
                 'quota': quota, 'bwlimit': bwlimit, 'max_refs': max_refs}
 
-    def clients(self):
-        """Clients with a pool or a repository on this node."""
+    def pushing_clients(self):
+        """The clients that push to this node: a pool or a repository here.
+        `run` handles these; the node's clients (every one it reports on,
+        verifies, drills and prunes) are known_clients()."""
         names = set()
         for directory, suffix in ((self.settings['todo_dir'], ''),
                                   (self.settings['repositories'], '.git')):
@@ -1608,7 +1692,7 @@ class Node:
         main thread, once every worker is done."""
         errors = []
         core.flush_mail_queue(self.config, 'server')
-        clients = self.clients()
+        clients = self.pushing_clients()
         jobs = max(1, self.config.get_int('server', 'jobs'))
         with concurrent.futures.ThreadPoolExecutor(jobs) as workers:
             outcomes = list(workers.map(self.run_worker, clients))
@@ -1826,7 +1910,7 @@ class Node:
         self.pool(client).move(key, PROCESSING, NEW)
         if error.stops_pool:
             self.unreachable.add(client)
-        # Recorded as its Health kind (AccessDenied is a Misconfigured).
+        # Recorded as its Health kind (core.AccessDenied is a Misconfigured).
         kind = next(k for k in (Unreachable, NoSpace, Misconfigured)
                     if isinstance(error, k))
         self.health_seen.setdefault(client, (set(), set()))[1].add(kind)
@@ -1866,126 +1950,6 @@ class Node:
 
     # -- check ----------------------------------------------------------------
 
-    def check(self, out=sys.stdout, connect=False):
-        out.write(f'{self.config.path}: node {self.name}\n')
-        out.write('restore --same-owner keeps: '
-                  + fs_archive.metadata_text(['tar']) + '\n')
-        problems = []
-        try:
-            core.check_git_version()
-        except GitBackupError as e:
-            problems.append(str(e))
-        for tool in ('sftp', 'ssh'):
-            if not shutil.which(tool):
-                problems.append(f'{tool}: not installed or not in PATH')
-        problems += core.directory_problems('server', self.settings, (
-            'todo_dir', 'data_dir', 'log_dir', 'repositories'))
-        for key in ('alert_after', 'stale_after', 'command_timeout',
-                    'keep_requests'):
-            self.config.get_duration('server', key)
-        for key in ('quota', 'free_space_floor'):
-            self.config.get_size('server', key)
-        for key in ('max_attempts', 'max_request_size',
-                    'max_requests_per_push', 'keep_daily', 'keep_weekly',
-                    'keep_monthly'):
-            self.config.get_int('server', key)
-        for client in self.config.client_sections():
-            try:
-                check_client_name(client)
-                settings = self.client_settings(client)
-            except GitBackupError as e:
-                problems.append(f'[client {client}]: {e}')
-                continue
-            if not settings['sftp_root']:
-                problems.append(f'[client {client}]: no sftp_root (here or '
-                                'in [server]): sftp requests would fail')
-            scheme = settings['git'].split('://', 1)[0]
-            allowed = self.settings['git_protocols'].split()
-            if '://' not in settings['git'] or scheme not in allowed or \
-                    scheme in ('file', 'ext'):
-                problems.append(f'[client {client}] git = {settings["git"]}: '
-                                f'want a URL whose scheme is one of '
-                                f'[server] git_protocols ({", ".join(allowed)})')
-        problems += self.check_clock()
-        problems += self.unwritable_repositories()
-        for name in ('sftp', 'git'):
-            try:
-                core.load_module(self.config.modules_dir('server'), name)
-            except core.ModuleError as e:
-                problems.append(str(e))
-        for p in problems:
-            out.write(f'problem: {p}\n')
-        if connect:
-            problems += self.check_connections(out)
-        if not problems:
-            out.write(f'looks ready ({len(known_clients(self))} client(s): '
-                      f'{len(self.config.client_sections())} configured, '
-                      f'{len(self.clients())} with a repository or pool)\n')
-        return problems
-
-    def check_connections(self, out):
-        """`check --connect`: for every configured client, each connection
-        `run` makes (sftp login into sftp_root; its git server when
-        [client NAME] git is set), one line each, OK or FAILED with the
-        fix.  Returns the failures."""
-        problems = []
-        modules_dir = self.config.modules_dir('server')
-        for client in sorted(self.config.client_sections()):
-            try:
-                check_client_name(client)
-                ctx = NodeContext(self, client, None, False)
-            except GitBackupError as e:
-                problems += core.connection_line(out, client, str(e))
-                continue
-            names = ['sftp'] + (['git'] if self.config.section(
-                f'client {client}').get('git') else [])
-            for name in names:
-                try:
-                    module = core.load_module(modules_dir, name)
-                except core.ModuleError as e:
-                    problems += core.connection_line(out, client, str(e))
-                    continue
-                if module.has('check_connection'):
-                    for what, problem in \
-                            module.python.check_connection(ctx):
-                        problems += core.connection_line(out, what, problem)
-        return problems
-
-
-    def unwritable_repositories(self):
-        """Client repositories this user cannot write: `run` writes each
-        client's results into its repository (objects and a ref), so every
-        directory under objects/ and refs/ must be writable, e.g. through
-        the git account's group (docs/access-control.md)."""
-        problems = []
-        for client in self.clients():
-            repo = self.repository(client)
-            if not os.path.isdir(repo):
-                continue
-            for where in [repo] + [d for top in ('objects', 'refs') for d in
-                                   walk_dirs(os.path.join(repo, top))]:
-                if not os.access(where, os.W_OK | os.X_OK):
-                    problems.append(
-                        f'{repo}: {where} is not writable by '
-                        f'{core.user_name(os.geteuid())}: the results of '
-                        f'client {client} cannot be recorded (share the '
-                        'repository through the git account\'s group: see '
-                        'docs/access-control.md)')
-                    break
-        return problems
-
-    def check_clock(self):
-        """Stored times ahead of the node's clock: it was (or is) wrong."""
-        problems = []
-        now = core.utcnow()
-        for client in known_clients(self):
-            for source, backups in stored_backups(self, client).items():
-                good = [b for b in backups if b.good and b.time]
-                problems += [f'{client}/{source}: {note}' for note in
-                             arrival_last_success(good, now)[1]
-                             if 'future' in note]
-        return problems
-
 
 # ==========================================================================
 # 4. Keep: retry, gc, prune, verify
@@ -2006,8 +1970,9 @@ def mail_client_admins(node, client, subject, body):
 
 def retry_command(node, client, key=None, all_failed=False, out=sys.stdout):
     """Put given-up requests (X*) of a client back as RQ* with a fresh
-    attempt count (SPEC 4); the next run handles them and reports the new
-    outcome to the client.  Returns how many."""
+    attempt count (docs/operations.md, "Given-up requests"); the next run
+    handles them and reports the new outcome to the client.  Returns how
+    many."""
     check_client_name(client)
     if bool(key) == bool(all_failed):
         raise UsageError('give a request key or --all-failed')
@@ -2098,6 +2063,11 @@ def prune_command(node, dry_run=False, out=sys.stdout):
     keep_requests = node.config.get_duration('server', 'keep_requests')
     removed = kept = 0
     for client in known_clients(node):
+        if client in node.config.client_problems:
+            # Its retention cannot be read: nothing of it is removed.
+            errors.append(f'[client {client}] not pruned: '
+                          f'{node.config.client_problems[client]}')
+            continue
         retain = retention(node, client)
         for source, backups in stored_backups(node, client).items():
             directory = os.path.join(node.settings['data_dir'], client,
@@ -2221,31 +2191,24 @@ def prune_incoming(node, client, states, dry_run, out):
 # -- verify -----------------------------------------------------------------
 
 
-def restore_check(path, timeout):
-    """Read a stored file the way a restore would (tar lists the archive,
-    pg_restore lists the dump).  None when fine or not checkable, else
-    (level, message)."""
-    name = os.path.basename(path)
-    if name.endswith(TAR_SUFFIXES):
-        args = ['tar', '--list', '--file', path]
-        # tar runs the decompressor: missing, it is a check that could not
-        # run, not a corrupt archive.
-        for suffixes, tool in TAR_TOOLS:
-            if name.endswith(suffixes) and not shutil.which(tool):
-                return WARNING, (f'{path}: cannot check: {tool}: not '
-                                 'installed or not in PATH')
-    elif name.endswith(DUMP_SUFFIXES):
-        args = ['pg_restore', '--list', '--', path]
-    else:
-        return None
+def read_back(formats, path, timeout):
+    """Read one stored file back the way a restore would, through the
+    module that stored it (its verify_stored): (word, problem) with word
+    'read back', 'hashes only' (no module claims the file, or its module
+    has no read-back proof) or 'failed', and problem (level, message) or
+    None.  A program the proof needs that is missing is a check that
+    could not run (a warning), not a corrupt file."""
+    code = formats.owner(os.path.basename(path))
+    if code is None or not hasattr(code, 'verify_stored'):
+        return 'hashes only', None
     try:
-        core.run(args, stdout=subprocess.DEVNULL, timeout=timeout)
-    except core.ToolMissing as e:
-        return WARNING, f'{path}: cannot check: {e}'
-    except core.CommandFailed as e:
-        return CRITICAL, f'{path}: restore check failed: {e}'
+        code.verify_stored(path, timeout)
+    except (FileNotFoundError, core.ToolMissing) as e:
+        return 'failed', (WARNING, f'{path}: cannot check: {e}')
+    except Exception as e:       # whatever the module raises: its proof failed
+        return 'failed', (CRITICAL, f'{path}: restore check failed: {e}')
     log.debug('restore check of %s passed', path)
-    return None
+    return 'read back', None
 
 
 def verify_backup(backup):
@@ -2285,15 +2248,17 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     read back.  Mails problems; returns 0 ok, 1 warning, 2 critical."""
     timeout = node.config.get_duration('server', 'command_timeout')
     problems = []
+    hashes_only = []
     files = repos = 0
     clients = [check_client_name(only_client)] if only_client else \
         known_clients(node)
     for client in clients:
         for backups in stored_backups(node, client).values():
-            source_problems, source_files = verify_source(backups, restore,
-                                                          timeout)
+            source_problems, source_files, source_hashes_only = \
+                verify_source(backups, restore, timeout, node.formats)
             problems += source_problems
             files += source_files
+            hashes_only += source_hashes_only
         repo_problems, repo_count = fsck_client_repositories(node, client,
                                                              timeout)
         problems += repo_problems
@@ -2301,8 +2266,11 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     status = max([level for level, _ in problems] or [OK])
     for level, message in problems:
         out.write(f'{STATUS_NAMES[level]}: {message}\n')
+    for path in hashes_only:
+        out.write(f'hashes only: {path} (no module proves this file)\n')
     summary = (f'verify on {node.name}: {files} file(s) re-hashed, {repos} '
-               f'repositories checked, {len(problems)} problem(s): '
+               f'repositories checked, {len(hashes_only)} newest file(s) '
+               f'checked by hashes only, {len(problems)} problem(s): '
                f'{STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
     log.info('%s', summary)
@@ -2319,10 +2287,11 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     return status
 
 
-def verify_source(backups, restore, timeout):
+def verify_source(backups, restore, timeout, formats):
     """Re-hash the backups of one source, check its incremental chains and,
-    with restore, read its newest backups back; return ([(level, message)],
-    how many files were re-hashed)."""
+    with restore, read its newest backups back through their modules;
+    return ([(level, message)], how many files were re-hashed, the newest
+    files that could only be re-hashed ("hashes only"))."""
     problems = []
     files = 0
     for backup in backups:
@@ -2336,16 +2305,20 @@ def verify_source(backups, restore, timeout):
                   f'{chain.problem}')
                  for path, chain in snapshot_chains(good).items()
                  if not chain.whole]
+    hashes_only = []
     for backup in newest_of_series(good) if restore else []:
         for entry in backup.manifest['files']:
             if isinstance(entry, dict) and \
                     isinstance(entry.get('name'), str) and \
-                    '/' not in entry['name']:
-                found = restore_check(os.path.join(
-                    backup.path, entry['name']), timeout)
+                    '/' not in entry['name'] and \
+                    not formats.is_companion(entry['name']):
+                path = os.path.join(backup.path, entry['name'])
+                word, found = read_back(formats, path, timeout)
                 if found:
                     problems.append(found)
-    return problems, files
+                if word == 'hashes only':
+                    hashes_only.append(path)
+    return problems, files, hashes_only
 
 
 def fsck_client_repositories(node, client, timeout):
@@ -2356,15 +2329,12 @@ def fsck_client_repositories(node, client, timeout):
     repository = node.repository(client)
     if os.path.isdir(os.path.join(repository, 'objects')):
         targets.append(repository)
+    git_module = node.formats.load('git')
     for repo in targets:
-        proc = git(repo, 'fsck', '--no-progress', '--no-dangling',
-                   check=False, timeout=timeout)
-        if proc.returncode != 0:
-            detail = '\n'.join('    ' + line for line in
-                               (proc.stderr + proc.stdout).strip()
-                               .splitlines()[-20:])
-            problems.append((CRITICAL, f'{repo}: git fsck failed (exit '
-                             f'{proc.returncode}):\n{detail}'))
+        try:
+            git_module.verify_stored(repo, timeout)
+        except Exception as e:   # the git module's proof failed
+            problems.append((CRITICAL, f'{repo}: {e}'))
     return problems, len(targets)
 
 
@@ -2716,19 +2686,6 @@ def offsite_lag(node, client, now):
             'last_copy': max((e.get('time') for e in copied), default=None)}
 
 
-def add_offsite_lag(node, client_report, now):
-    """report: the offsite lag of one client; a warning once the oldest
-    snapshot not yet offsite is older than stale_after."""
-    lag = offsite_lag(node, client_report['client'], now)
-    client_report['offsite'] = lag
-    if lag and lag['lag_seconds'] > client_report['stale_after_seconds']:
-        client_report['problems'].append(
-            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
-            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
-        client_report['status'] = STATUS_NAMES[max(
-            WARNING, STATUS_NAMES.index(client_report['status']))]
-
-
 def offsite_cli(node, fetch):
     """`server.py offsite [--fetch CLIENT SOURCE SNAPSHOT DIR]`."""
     if fetch:
@@ -3067,9 +3024,9 @@ def restore_bounds(node, archives, space_path):
     free-space floor and command_timeout, for one restore or drill."""
     declared = []
     for path in archives:
-        listing = path + LISTING_SUFFIX
+        listing = path + fs_archive.LISTING_SUFFIX
         try:
-            entries = parse_listing(listing)
+            entries = fs_archive.parse_listing(listing)
         except (OSError, ValueError):
             declared.append(None)
             continue
@@ -3266,7 +3223,7 @@ def fetch_offsite_snapshot(node, client, args, scratch):
                          'it was pruned, or from the offsite journal)')
     target = os.path.join(scratch, args.source.replace('/', '_'), args.at)
     manifest = offsite_fetch(node, client, args.source, args.at, target)
-    backup = StoredBackup(args.source, target, manifest)
+    backup = StoredBackup(args.source, target, manifest, node.formats)
     if manifest_level(manifest) > 0:
         raise RestoreError(f'{args.source} {args.at} is an increment: fetch '
                            'its chain with `server.py offsite --fetch` and '
@@ -3291,238 +3248,41 @@ def restore_snapshot(node, client, backups, backup, args, out):
 # -- drill ------------------------------------------------------------------
 
 
-# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
-# mode, owner/group, size (major,minor for devices), date, time, name.
-LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
-                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
-                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
-LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
-                 'p': 'fifo', 'c': 'char', 'b': 'block'}
-ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
-           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
-# A restored table with fewer than this fraction of the rows recorded at
-# dump time fails the drill (n_live_tup is an estimate, not a count).
-ROWS_FLOOR = 0.5
+class DrillContext(ModuleContext):
+    """What a module's drill_stored(ctx, names, scratch) sees: the
+    snapshot (a directory; for a git mirror, the mirror) as `snapshot`
+    and `manifest`, the node's [server] settings as `node_settings`, the
+    tips the client announced for a mirror as `heads`, and the node's own
+    way to extract a chain (checked against the manifests first)."""
+
+    def __init__(self, node, client, path, manifest=None, chain=(),
+                 heads=()):
+        super().__init__(node.config, 'server')
+        self.node = node
+        self.client = client
+        self.snapshot = path
+        self.manifest = manifest or {}
+        self.node_settings = node.settings
+        self.heads = list(heads)
+        self.chain = list(chain)
+
+    def extract_chain(self, directory):
+        """Check the sha256 of every link below the snapshot (the
+        snapshot's own files are checked before any module's proof),
+        then the one safe extraction of the chain (judged whole, no
+        privilege: restore_tree) into a tree inside directory.  Returns
+        ExtractedChain: how many links, where the tree is, which device
+        nodes were left out (by design, not missing)."""
+        check_hashes(self.chain[:-1], None, force=False)
+        top = scratch_tree(directory)
+        with chain_errors(self.node, self.client, self.chain[-1]):
+            done = restore_tree(self.node, chain_archives(self.chain), top)
+        return ExtractedChain(len(self.chain), top, done.left_out)
 
 
-def unescape_name(text):
-    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
-    out, i = bytearray(), 0
-    raw = text.encode('utf-8', 'surrogateescape')
-    while i < len(raw):
-        c = raw[i:i + 1]
-        if c == b'\\' and i + 1 < len(raw):
-            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
-            if octal:
-                out.append(int(octal.group(), 8))
-                i += 4
-                continue
-            nxt = chr(raw[i + 1])
-            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
-            i += 2
-            continue
-        out += c
-        i += 1
-    return os.fsdecode(bytes(out))
-
-
-def parse_listing(path):
-    """{relative name: (type, size or None)} of a listing file."""
-    entries = {}
-    with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        for line in f:
-            m = LISTING_RE.match(line.rstrip('\n'))
-            if not m:
-                continue
-            kind = LISTING_TYPES.get(m.group('type'), 'other')
-            name = m.group('name')
-            # A symlink's target and a hard link's original follow the
-            # name; names holding these words are too rare to guess for.
-            for sep in ((' -> ',) if kind == 'link' else
-                        (' link to ',) if m.group('type') == 'h' else ()):
-                name = name.split(sep, 1)[0]
-            name = unescape_name(name).rstrip('/')
-            name = name[2:] if name.startswith('./') else name
-            if name in ('', '.'):
-                continue
-            size = int(m.group('size')) if kind == 'file' and \
-                m.group('type') != 'h' else None
-            entries[name] = (kind, size)
-    return entries
-
-
-def restored_tree(top):
-    """{relative name: (type, size or None)} of a restored directory."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            mode = st.st_mode
-            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
-                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
-                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
-                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
-                else 'other'
-            found[os.path.relpath(path, top)] = (
-                kind, st.st_size if kind == 'file' else None)
-    return found
-
-
-def compare_listing(listing, tree, complete):
-    """Problems between what the client listed and what came back; an
-    increment's listing names only what changed (complete=False)."""
-    problems = []
-    for name, (kind, size) in sorted(listing.items()):
-        got = tree.get(name)
-        if got is None:
-            problems.append(f'{clean_text(name)}: missing')
-        elif got[0] != kind:
-            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
-        elif size is not None and got[1] != size:
-            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
-                            f'with {size}')
-    if complete:
-        problems += [f'{clean_text(name)}: not in the listing'
-                     for name in sorted(set(tree) - set(listing))]
-    return problems
-
-
-def drill_archive(node, client, backups, backup, scratch):
-    """Restore an archive (its chain) and hold it against its listing."""
-    chain = chain_to_extract(backups, backup)
-    check_hashes(chain, None, force=False)
-    scratch = scratch_tree(scratch)
-    with chain_errors(node, client, backup):
-        done = restore_tree(node, chain_archives(chain), scratch)
-    entry = archive_entry(backup)
-    listing = os.path.join(backup.path, entry['name'] + LISTING_SUFFIX)
-    if not os.path.exists(listing):
-        return [], f'{entry["name"]}: extracted; no listing recorded to ' \
-            'compare with'
-    tree = restored_tree(scratch)
-    listed = parse_listing(listing)
-    # Device nodes are not made on the node (by design): not missing.
-    tree.update({name: listed[name] for name in done.left_out
-                 if name in listed})
-    problems = compare_listing(listed, tree, complete=len(chain) == 1)
-    return problems, f'{entry["name"]}: {len(tree)} entries match the ' \
-        'listing'
-
-
-class ScratchCluster:
-    """A throw-away PostgreSQL cluster for drills: initdb in a temporary
-    directory, unix socket only, trust auth, run as the `postgres` account
-    when we are root (postgres refuses to run as root); removed on exit."""
-
-    def __init__(self, bindir, timeout):
-        self.bindir, self.timeout = bindir, timeout
-        self.as_postgres = ['runuser', '-u', 'postgres', '--'] \
-            if os.geteuid() == 0 else []
-
-    def tool(self, name):
-        path = os.path.join(self.bindir, name)
-        return path if os.path.exists(path) else name
-
-    def __enter__(self):
-        # /tmp, not data_dir: the postgres account must reach it, and the
-        # socket path must stay short.
-        self.work = tempfile.mkdtemp(prefix='gitbackup-drill-pg-')
-        os.chmod(self.work, 0o755)
-        self.data = os.path.join(self.work, 'data')
-        os.mkdir(self.data, 0o700)
-        if self.as_postgres:
-            owner = pwd.getpwnam('postgres')
-            os.chown(self.data, owner.pw_uid, owner.pw_gid)
-            os.chown(self.work, owner.pw_uid, owner.pw_gid)
-        env = {**os.environ, 'LC_ALL': 'C'}
-        try:
-            core.run(self.as_postgres + [
-                self.tool('initdb'), '-D', self.data, '--auth=trust', '-U',
-                'postgres', '-E', 'UTF8', '--locale=C', '--no-sync'],
-                env=env, cwd=self.work, timeout=self.timeout)
-            core.run(self.as_postgres + [
-                self.tool('pg_ctl'), '-w', '-t', '120', '-D', self.data,
-                '-l', os.path.join(self.work, 'log'), '-o',
-                f"-k {self.work} -c listen_addresses='' -c fsync=off",
-                'start'], env=env, cwd=self.work, timeout=self.timeout)
-        except BaseException:
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        core.run(self.as_postgres + [self.tool('pg_ctl'), '-w', '-D',
-                                     self.data, '-m', 'immediate', 'stop'],
-                 check=False, cwd=self.work, timeout=120)
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def run(self, program, *args, check=True):
-        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
-        env.update({'PGHOST': self.work, 'PGUSER': 'postgres'})
-        return core.run([self.tool(program), *args], env=env, check=check,
-                        timeout=self.timeout)
-
-
-def quote_ident(name):
-    return '"' + str(name).replace('"', '""') + '"'
-
-
-def drill_dump_rows(cluster, dump, stats, database):
-    """Restore one dump into the scratch cluster; compare every table's
-    row count with the client's statistics.  Problems, [] when fine."""
-    cluster.run('psql', '-X', '-q', '-d', 'postgres', '-c',
-                f'CREATE DATABASE {quote_ident(database)}')
-    # Without the globals the dump's owners and grants would not resolve:
-    # the drill proves data, so they are left out.
-    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
-                       '--no-privileges', '-d', database, '--', dump,
-                       check=False)
-    if proc.returncode != 0:
-        return [f'pg_restore failed: {clean_text(proc.stderr, 500)}']
-    problems = []
-    for table in (stats or {}).get('tables') or []:
-        name = f'{quote_ident(table.get("schema"))}.' \
-            f'{quote_ident(table.get("table"))}'
-        got = cluster.run('psql', '-X', '-A', '-t', '-q', '-d', database,
-                          '-c', f'SELECT count(*) FROM {name}', check=False)
-        recorded = int(table.get('rows') or 0)
-        rows = int(got.stdout.strip()) if got.returncode == 0 and \
-            got.stdout.strip().isdigit() else None
-        if rows is None:
-            problems.append(f'table {clean_text(name)} did not come back')
-        elif recorded > 0 and (rows == 0 or rows < recorded * ROWS_FLOOR):
-            problems.append(f'table {clean_text(name)}: {rows} rows '
-                            f'restored, {recorded} recorded at dump time')
-    return problems
-
-
-def drill_dumps(node, backup):
-    """Every dump of a snapshot: into a scratch cluster when [server]
-    drill_postgres is set, else read back with pg_restore --list."""
-    check_hashes([backup], None, force=False)
-    dumps = [f['name'] for f in backup.manifest['files']
-             if isinstance(f, dict) and str(f.get('name')).endswith(
-                 DUMP_SUFFIXES)]
-    bindir = node.settings.get('drill_postgres')
-    timeout = node.config.get_duration('server', 'command_timeout')
-    problems = []
-    if not bindir:
-        for name in dumps:
-            found = restore_check(os.path.join(backup.path, name), timeout)
-            if found:
-                problems.append(found[1])
-        return problems, (f'{len(dumps)} dump(s) read back with pg_restore '
-                          '--list only ([server] drill_postgres not set)')
-    with ScratchCluster(bindir, timeout) as cluster:
-        for n, name in enumerate(dumps):
-            stats = read_json(os.path.join(backup.path,
-                                           name + STATS_SUFFIX))
-            problems += [f'{name}: {p}' for p in drill_dump_rows(
-                cluster, os.path.join(backup.path, name),
-                stats if isinstance(stats, dict) else None, f'drill{n}')]
-    return problems, (f'{len(dumps)} dump(s) restored into a scratch '
-                      'cluster, row counts compared')
+# What DrillContext.extract_chain gives a module's drill_stored.
+ExtractedChain = collections.namedtuple('ExtractedChain',
+                                        'links top left_out')
 
 
 def announced_heads(node, client, repo):
@@ -3539,49 +3299,69 @@ def announced_heads(node, client, repo):
     return sorted(heads)
 
 
+def drill_snapshot(node, client, backups, backup, scratch):
+    """Prove one snapshot through the modules that stored its files: their
+    sha256 first, then each module's drill_stored for its files.  Returns
+    (problems, detail, proven): proven is False when no module proved
+    anything ("hashes only": no module claims its files)."""
+    problems = check_hashes([backup], None, force=False) or []
+    groups, unclaimed = {}, []
+    for entry in backup.manifest['files']:
+        name = str(entry.get('name')) if isinstance(entry, dict) else ''
+        code = node.formats.owner(name)
+        if node.formats.is_companion(name):
+            continue
+        if code is not None and hasattr(code, 'drill_stored'):
+            groups.setdefault(code, []).append(name)
+        else:
+            unclaimed.append(name)
+    details = []
+    for code, names in groups.items():
+        ctx = DrillContext(node, client, backup.path, backup.manifest,
+                           chain=chain_to_extract(backups, backup)
+                           if manifest_level(backup.manifest) or
+                           archive_entry(backup) else [backup])
+        found, detail = code.drill_stored(ctx, names, scratch)
+        problems += found
+        details.append(detail)
+    if unclaimed:
+        details.append(f'{", ".join(unclaimed)}: hashes only (no module '
+                       'proves these files)')
+    return problems, '; '.join(details), bool(groups)
+
+
 def drill_mirror(node, client, repo, scratch):
-    """Clone the mirror, fsck the clone, find every announced tip in it
-    (a clone carries only what refs reach: a tip only in loose objects of
-    the mirror does not count)."""
-    clone = os.path.join(scratch, 'clone.git')
-    core.run([*git_safe(repo), 'clone', '--quiet', '--mirror',
-              '--no-hardlinks', '--', repo, clone])
-    problems = []
-    proc = git(clone, 'fsck', '--no-progress', '--no-dangling', check=False)
-    if proc.returncode != 0:
-        problems.append(f'git fsck of the clone failed: '
-                        f'{clean_text(proc.stderr, 500)}')
-    heads = announced_heads(node, client, repo)
-    for head in heads:
-        if git(clone, 'cat-file', '-e', f'{head}^{{commit}}',
-               check=False).returncode != 0:
-            problems.append(f'announced tip {head} is not in the restored '
-                            'clone')
-    return problems, f'cloned, fsck passed, {len(heads)} announced tip(s) ' \
-        'checked'
+    """Prove a git mirror through the git module's drill_stored."""
+    ctx = DrillContext(node, client, repo,
+                       heads=announced_heads(node, client, repo))
+    problems, detail = node.formats.load('git').drill_stored(ctx, [],
+                                                             scratch)
+    return problems, detail, True
 
 
 def drill_targets(node, client):
     """(source, snapshot name, proof) of the newest snapshot of every
-    series and of every mirror; proof(scratch) -> (problems, detail)."""
+    series and of every mirror; proof(scratch) -> (problems, detail,
+    proven)."""
     targets = []
     for source, backups in stored_backups(node, client).items():
         good = [b for b in backups if b.good and b.time]
         for backup in newest_of_series(good):
-            if archive_entry(backup):
-                proof = (lambda s, b=backup, g=good:
-                         drill_archive(node, client, g, b, s))
-            elif any(str(f.get('name')).endswith(DUMP_SUFFIXES)
-                     for f in backup.manifest['files'] if isinstance(f, dict)):
-                proof = (lambda s, b=backup: drill_dumps(node, b))
-            else:
-                proof = (lambda s, b=backup: (
-                    check_hashes([b], None, False) or [], 'files re-hashed'))
-            targets.append((source, backup.name, proof))
+            targets.append((source, backup.name, lambda s, b=backup, g=good:
+                            drill_snapshot(node, client, g, b, s)))
     for source, repo in client_mirrors(node, client).items():
         targets.append((source, GIT_SNAPSHOT, lambda s, r=repo:
                         drill_mirror(node, client, r, s)))
     return targets
+
+
+def drill_word(drill):
+    """How a drill outcome is told: FAILED, ok, or hashes only (passed,
+    but no module proved the files: never called ok)."""
+    if not drill['ok']:
+        return 'FAILED'
+    return 'ok' if drill.get('proof', 'restored') == 'restored' \
+        else 'hashes only'
 
 
 def drill_one(node, client, run_id, source, name, proof):
@@ -3589,11 +3369,12 @@ def drill_one(node, client, run_id, source, name, proof):
     try:
         with scratch(node, os.path.join(node.settings['data_dir'], client),
                      'drill') as path:
-            problems, detail = proof(path)
+            problems, detail, proven = proof(path)
     except (GitBackupError, OSError) as e:
-        problems, detail = [str(e)], ''
+        problems, detail, proven = [str(e)], '', False
     return {'source': source, 'snapshot': name, 'run': run_id,
             'finished': core.isotime(), 'ok': not problems,
+            'proof': 'restored' if proven else 'hashes only',
             'detail': clean_text('; '.join(problems) if problems else detail,
                                  2000)}
 
@@ -3612,7 +3393,7 @@ def drill_command(node, only_client=None, out=sys.stdout):
         for source, name, proof in drill_targets(node, client):
             entry = drill_one(node, client, run_id, source, name, proof)
             entries.append(entry)
-            word = 'ok' if entry['ok'] else 'FAILED'
+            word = drill_word(entry)
             line = f'{word}: {client} {source} {name}: {entry["detail"]}'
             out.write(line + '\n')
             (log.info if entry['ok'] else log.error)('drill %s', line)
@@ -3634,25 +3415,25 @@ def drill_command(node, only_client=None, out=sys.stdout):
 
 def last_drills(node, client, now):
     """{source: last drill} for report: the newest drill run that covered
-    the source; failed if any of its series failed there."""
+    the source; failed if any of its series failed there; its proof
+    'hashes only' when no module proved any of them."""
     runs = {}
-    for entry in Journal(os.path.join(node.settings['data_dir'], client,
-                                      DRILL_JOURNAL)).read()[0]:
-        when = parse_node_time(entry.get('finished'))
-        if not when or not isinstance(entry.get('source'), str):
-            continue
-        run = str(entry.get('run') or entry.get('finished'))
-        last = runs.get(entry['source'])
-        if last is None or run > last['run']:
-            last = runs[entry['source']] = {'run': run, 'ok': True,
-                                            'time': when, 'problems': []}
-        if run == last['run']:
-            last['time'] = max(last['time'], when)
-            if entry.get('ok') is not True:
+    for drill in drill_journal(node, client):
+        last = runs.get(drill['source'])
+        if last is None or drill['run'] > last['run']:
+            last = runs[drill['source']] = {'run': drill['run'], 'ok': True,
+                                            'time': drill['time'],
+                                            'proof': 'hashes only',
+                                            'problems': []}
+        if drill['run'] == last['run']:
+            last['time'] = max(last['time'], drill['time'])
+            if drill['proof'] == 'restored':
+                last['proof'] = 'restored'
+            if not drill['ok']:
                 last['ok'] = False
-                words = [clean_text(entry[k], 500) for k in ('snapshot',
+                words = [clean_text(drill[k], 500) for k in ('snapshot',
                                                               'detail')
-                         if entry.get(k)]
+                         if drill[k]]
                 if words:
                     last['problems'].append(': '.join(words))
     for last in runs.values():
@@ -3664,7 +3445,7 @@ def last_drills(node, client, now):
 def drill_level(row, drill):
     """A source's report level from its last drill (failed = critical)."""
     row['last_drill'] = drill and {k: drill[k] for k in
-                                   ('time', 'ok', 'age_seconds')}
+                                   ('time', 'ok', 'proof', 'age_seconds')}
     if drill and not drill['ok']:
         row['problems'].append('last restore drill failed' + (
             ': ' + '; '.join(drill['problems']) if drill['problems'] else ''))
@@ -3689,7 +3470,8 @@ PROM_HELP = {
         'Seconds since the newest good backup of a source, when the report '
         'was made (alert on time() - ..._timestamp_seconds instead).',
     'gitbackup_backup_size_bytes':
-        'Size of the newest good backup of a source.',
+        'Restorable size of the newest good backup of each series of a '
+        'source (an increment with its chain down to the full).',
     'gitbackup_stored_bytes':
         'Bytes kept for a source (all its stored backups).',
     'gitbackup_backups':
@@ -3742,11 +3524,13 @@ def add_stored_rows(node, client, now, rows):
         if not good:
             continue
         r = report_row(rows, client, source)
+        chains = snapshot_chains(good)
         r['count'] = len(good)
         r['stored_bytes'] = sum(b.size for b in good)
-        r['size_bytes'] = sum(b.size for b in newest_of_series(good))
+        # Restorable: an increment counts with its chain down to the full.
+        r['size_bytes'] = sum(chains[b.path].size
+                              for b in newest_of_series(good))
         r['last_success'], r['clock'] = arrival_last_success(good, now)
-        chains = snapshot_chains(good)
         for backup in newest_of_series(good):
             if not chains[backup.path].whole:
                 r['broken_chain'] = \
@@ -3770,11 +3554,7 @@ def add_mirror_rows(node, client, journal, rows):
         if not times:
             # Before the first journal entry (or a mirror made by hand):
             # the mirror's own last change, on the node's clock.
-            stamps = [os.stat(os.path.join(repo, name)).st_mtime
-                      for name in ('FETCH_HEAD', 'packed-refs', 'refs')
-                      if os.path.exists(os.path.join(repo, name))]
-            if stamps:
-                times = [datetime.datetime.fromtimestamp(max(stamps), UTC)]
+            times = [mirror_time(repo)] if mirror_time(repo) else []
         r['count'] = len(fetched.get(source, [])) or (1 if times else 0)
         r['last_success'] = max(times) if times else None
         r['size_bytes'] = r['stored_bytes'] = core.tree_size(repo)
@@ -3837,8 +3617,9 @@ def row_level(r, drill, now, stale):
 
 
 def source_report(node, client, now):
-    """The report rows of one client: a dict per source, plus the client's
-    own problems and status."""
+    """The report of one client: a row per source, the client's own facts
+    (pending and failed requests, why fetches wait, its offsite lag), and
+    the statuses report_status decides from them."""
     stale, expected = client_limits(node, client)
     rows = {}
     add_stored_rows(node, client, now, rows)
@@ -3846,35 +3627,77 @@ def source_report(node, client, now):
     add_mirror_rows(node, client, journal, rows)
     pool = pool_requests(node, client)
     add_pool_counts(client, pool, journal, rows)
-    client_problems = []
-    client_status = OK
     for token in expected:
         matches = [s for s in rows if s == token or
                    (token == 'git' and s.startswith('git/'))]
         for s in matches or [token]:
             report_row(rows, client, s)['expected'] = True
-    drills = last_drills(node, client, now)
-    misconfigured = report_misconfigured(node, client)
-    if misconfigured:
-        client_problems.append(misconfigured)
-        client_status = CRITICAL
-    for r in rows.values():
-        level = row_level(r, drills.get(r['source']), now, stale)
-        if misconfigured:
-            # Nothing more arrives until a human acts, however fresh the
-            # last backup: every series of the client shows it.
-            level = CRITICAL
-        r['status'] = STATUS_NAMES[level]
-        client_status = max(client_status, level)
-    if not rows and not expected:
-        client_problems.append('nothing stored for this client yet')
-        client_status = max(client_status, WARNING)
-    return {'client': client, 'status': STATUS_NAMES[client_status],
-            'stale_after_seconds': stale, 'expect': expected,
-            'pending': pool['pending_total'], 'failed': pool['failed_total'],
-            'problems': client_problems, 'misconfigured': bool(misconfigured),
-            'sources': [rows[s] for s in sorted(rows)],
-            'history': report_history(node, client, now)}
+    waiting = report_waiting(node, client)
+    if client in node.config.client_problems:
+        waiting.append({'what': 'misconfigured', 'since': None,
+                        'kind': Misconfigured,
+                        'error': node.config.client_problems[client]})
+    report = {'client': client, 'status': 'ok', 'stale_after_seconds': stale,
+              'expect': expected, 'pending': pool['pending_total'],
+              'failed': pool['failed_total'], 'problems': [],
+              'misconfigured': any(w['kind'] is Misconfigured
+                                   for w in waiting),
+              'sources': [rows[s] for s in sorted(rows)],
+              'history': report_history(node, client, now),
+              'offsite': offsite_lag(node, client, now)}
+    report_status(report, last_drills(node, client, now), waiting, now,
+                  node.config.get_duration('server', 'alert_after'))
+    return report
+
+
+def waiting_level(waiting, now, alert_after):
+    """The level of one reason fetches from a client wait, from the moment
+    the admins are mailed about it: an outage (unreachable) once it has
+    lasted alert_after, a full disk at once (warnings: nothing is lost,
+    requests wait); a misconfiguration or a refused login at once and
+    critical (only a human ends it).  Before alert_after an outage is the
+    blip the mail policy holds back, so no monitor rings for it either."""
+    kind = waiting['kind']
+    if issubclass(kind, Misconfigured):
+        return CRITICAL
+    after = alert_after if kind.alert_after else 0
+    return WARNING if (now - waiting['since']).total_seconds() >= after \
+        else OK
+
+
+def report_status(c, drills, waiting, now, alert_after):
+    """The one status rule of the report: it sets the status and problems
+    of every row and of the client c; text, JSON, Nagios, Prometheus and
+    HTML render them and decide nothing.  A row: row_level (age against
+    stale_after, expected sources, clock notes, broken chain, last drill,
+    latest failure).  The client: why its fetches wait (waiting_level),
+    its offsite copy behind by more than stale_after (warning), nothing
+    stored yet (warning).  A client's level holds for each of its rows
+    (nothing more arrives, or goes offsite, for any of them until it
+    ends), but its problem is recorded once, on the client."""
+    level = OK
+    for w in waiting:
+        found = waiting_level(w, now, alert_after)
+        if found > OK:
+            c['problems'].append(report_waiting_text(w))
+            level = max(level, found)
+    lag = c.get('offsite')
+    if lag and lag['lag_seconds'] > c['stale_after_seconds']:
+        c['problems'].append(
+            f'{lag["pending"]} snapshot(s) not yet offsite, the oldest '
+            f'{human_age(lag["lag_seconds"])} old (`server.py offsite`)')
+        level = max(level, WARNING)
+    client_level = level
+    for r in c['sources']:
+        row = max(row_level(r, drills.get(r['source']), now,
+                            c['stale_after_seconds']), client_level)
+        r['status'] = STATUS_NAMES[row]
+        level = max(level, row)
+    if not c['sources'] and not c['expect']:
+        c['problems'].append('nothing stored for this client yet')
+        level = max(level, WARNING)
+    c['status'] = STATUS_NAMES[level]
+    return c
 
 
 def report_transfer_seconds(entry):
@@ -3918,18 +3741,10 @@ def report_waiting(node, client):
 
 def report_waiting_text(waiting):
     """One line per entry of report_waiting(), as every format shows it."""
+    if not waiting['since']:       # the configuration file says so now
+        return f'{waiting["what"]}: {waiting["error"]}'
     return f'{waiting["what"]} since {core.isotime(waiting["since"])}: ' \
         f'{waiting["error"]}'
-
-
-def report_misconfigured(node, client):
-    """The problem text when fetches from this client wait for a human
-    (the node's configuration for it, or ssh refusing the node's login:
-    a Misconfigured Health record), else ''."""
-    for w in report_waiting(node, client):
-        if w['kind'] is Misconfigured:
-            return report_waiting_text(w)
-    return ''
 
 
 HISTORY_DAYS = 90
@@ -3967,10 +3782,12 @@ def add_stored_history(sources, start, node, client, journal):
               if e.get('outcome') == 'stored' and
               isinstance(e.get('request'), str)}
     for source, backups in stored_backups(node, client).items():
+        chains = snapshot_chains(backups)
         for b in backups:
             if b.good and b.time:
+                # The restorable size, so that an increment is no "drop".
                 add_history_snapshot(
-                    sources, start, source, b.time, b.size,
+                    sources, start, source, b.time, chains[b.path].size,
                     report_transfer_seconds(
                         stored.get(b.manifest.get('request'))))
     mirrors = client_mirrors(node, client)
@@ -3982,7 +3799,7 @@ def add_stored_history(sources, start, node, client, journal):
                                  report_transfer_seconds(entry))
     for source, repo in mirrors.items():
         if source not in sources:
-            when = mirror_last_change(repo)
+            when = mirror_time(repo)
             if when:
                 add_history_snapshot(sources, start, source, when, None,
                                      None)
@@ -4011,7 +3828,7 @@ def report_history(node, client, now, days=HISTORY_DAYS):
     sources = {}
     add_stored_history(sources, start, node, client, journal)
     add_failure_history(sources, start, node, client, journal)
-    for drill in read_drills(node, client):
+    for drill in drill_journal(node, client):
         if drill['time'] >= start and drill['source'] in sources:
             sources[drill['source']]['drills'].append(
                 {'time': drill['time'], 'ok': drill['ok']})
@@ -4028,8 +3845,6 @@ def build_report(node, now=None):
     now = now or core.utcnow()
     clients = [source_report(node, client, now)
                for client in known_clients(node)]
-    for c in clients:
-        add_offsite_lag(node, c, now)
     worst = max([STATUS_NAMES.index(c['status']) for c in clients] or [OK])
     return {'node': node.name, 'generated': core.isotime(now),
             'status': STATUS_NAMES[worst], 'clients': clients}
@@ -4073,7 +3888,7 @@ def report_text(report):
                                zip(line, widths)).rstrip())
     lines += offsite_report_lines(report)
     drills = [f'  {c["client"]}/{r["source"]}: '
-              f'{"ok" if r["last_drill"]["ok"] else "FAILED"} '
+              f'{drill_word(r["last_drill"])} '
               f'{human_age(r["last_drill"]["age_seconds"])} ago'
               for c in report['clients'] for r in c['sources']
               if r.get('last_drill')]
@@ -4413,10 +4228,10 @@ def svg_series_summary(label, days, stale, facts, sized, drills):
 
 def svg_series(history, now, stale, days=HISTORY_DAYS, width=SVG_WIDTH,
                height=SVG_HEIGHT, label=''):
-    """A sparkline of one series as inline SVG: stored size per snapshot
-    (blue line; a drop below SIZE_DROP of the snapshot before ringed
-    red), transfer time (grey bars from the bottom), failed requests (red
-    lines), drill outcomes (diamonds at the top: green ok, red failed;
+    """A sparkline of one series as inline SVG: restorable size per
+    snapshot (blue line; a drop below SIZE_DROP of the snapshot before
+    ringed red), transfer time (grey bars from the bottom), failed
+    requests (red lines), drill outcomes (diamonds at the top: green ok, red failed;
     none drawn when there are none) and gaps longer than stale_after
     (amber bands).  `history` is one entry of report_history()'s
     'sources'; times may be datetimes or ISO text."""
@@ -4457,23 +4272,15 @@ def svg_series(history, now, stale, days=HISTORY_DAYS, width=SVG_WIDTH,
 
 def report_html_rows(report, now):
     """(level, client, source, cells, svg, caption, problems) per series,
-    worst first.  A client whose fetches wait (unreachable, no space,
-    misconfigured) is at least a warning here, however fresh its last
-    backup."""
+    worst first, each at the status the report decided.  A client's own
+    problems (it cannot be reached, its offsite copy is behind) are on its
+    first row only, not repeated on each of its series."""
     rows = []
     for c in report['clients']:
         history = c.get('history') or {}
-        waiting = []
-        for w in history.get('waiting') or []:
-            since = report_html_time(w.get('since'))
-            waiting.append(f'{w.get("what")} since '
-                           f'{core.isotime(since) if since else "?"}: '
-                           f'{w.get("error") or ""}')
         stale = c.get('stale_after_seconds') or 86400
         for r in c['sources'] or [None]:
             level = STATUS_NAMES.index(r['status'] if r else c['status'])
-            if waiting:
-                level = max(level, WARNING)
             source = r['source'] if r else '-'
             svg, facts = svg_series(
                 (history.get('sources') or {}).get(source), now, stale,
@@ -4487,8 +4294,6 @@ def report_html_rows(report, now):
                      str(r['count']) if r else '0',
                      str(r['failed'] if r else c['failed']),
                      str(r['pending'] if r else c['pending'])]
-            problems = waiting + (r['problems'] if r else []) + [
-                p for p in c['problems'] if p not in waiting]
             caption = [f'max {core.human_size(facts["largest"])}'
                        if facts['largest'] else '',
                        f'xfer ≤ {human_age(facts["slowest"])}'
@@ -4498,10 +4303,14 @@ def report_html_rows(report, now):
                        else '',
                        f'{facts["gaps"]} gap(s)' if facts['gaps'] else '',
                        offsite_caption(c.get('offsite'))]
-            rows.append((level, c['client'], source, cells, svg,
-                         ' · '.join(p for p in caption if p), problems))
+            rows.append([level, c['client'], source, cells, svg,
+                         ' · '.join(p for p in caption if p),
+                         list(r['problems']) if r else []])
     rows.sort(key=lambda row: (-row[0], row[1], row[2]))
-    return rows
+    problems = {c['client']: c['problems'] for c in report['clients']}
+    for row in rows:
+        row[6] = problems.pop(row[1], []) + row[6]
+    return [tuple(row) for row in rows]
 
 
 def offsite_caption(lag):
@@ -4536,7 +4345,7 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left;
   white-space: nowrap; vertical-align: middle; }
 th { background: #eee; position: sticky; top: 0; z-index: 1; }
 td.problems { white-space: normal; min-width: 12em; max-width: 26em;
-  font-size: 12px; overflow-wrap: anywhere; }
+  font-size: 12px; overflow-wrap: break-word; }
 td.history { padding: 2px 0.5em; line-height: 1; }
 td.history svg { display: block; }
 .caption { font-size: 10px; color: #555; }
@@ -4559,7 +4368,8 @@ def report_html_table_row(row):
     tds += ''.join(f'<td>{e(cell)}</td>' for cell in cells[3:])
     tds += (f'<td class="history">{svg}<span class="caption">'
             f'{e(caption)}</span></td>')
-    tds += f'<td class="problems">{e("; ".join(problems))}</td>'
+    tds += '<td class="problems">' + ''.join(
+        f'<div>{e(p)}</div>' for p in problems) + '</td>'
     return (f'<tr class="{STATUS_NAMES[level]}" data-client="{e(client)}" '
             f'data-source="{e(source)}">{tds}</tr>')
 
@@ -4584,7 +4394,7 @@ def report_html_summary(report, rows):
                             in reversed(list(enumerate(STATUS_NAMES))))
     legend = ''.join(
         f'<i style="background:{color}"></i>{e(text)}' for color, text in (
-            ('#2563eb', 'stored size'), ('#7c8797', 'transfer time'),
+            ('#2563eb', 'restorable size'), ('#7c8797', 'transfer time'),
             ('#dc2626', 'failed request / size drop'),
             ('rgba(245,158,11,0.5)', 'gap > stale_after'),
             ('#16a34a', 'drill ok (red: failed)')))
@@ -4701,9 +4511,10 @@ def report_command(node, fmt='text', mail=False, output=None,
 #   SSH_ORIGINAL_COMMAND against an allowlist and a strict pattern and
 #   returns what to exec; main() creates the repository and execs.
 
-class AccessDenied(GitBackupError):
-    """An ssh command the gate does not allow (told to the client on
-    stderr, logged, exit 1)."""
+class GateRefused(GitBackupError):
+    """An ssh command the gate does not allow a client's key (told to the
+    client on stderr, logged, exit 1).  Not core.AccessDenied, which is
+    the other direction: ssh refusing the node's own login to a client."""
 
 
 # Verbs as git's ssh transport sends them (old and new spelling), as in
@@ -4731,35 +4542,35 @@ def gate_command(node, client, original_command):
 
     Allowed: git-upload-pack / git-receive-pack (or ``git upload-pack``
     ...) of ``'<client>.git'`` (leading slashes and the ``.git`` suffix
-    optional, as gitosis allows).  Anything else raises AccessDenied.
+    optional, as gitosis allows).  Anything else raises GateRefused.
     Creates nothing: main() does that.
     """
     check_client_name(client)
     if original_command is None:
-        raise AccessDenied(f'no command: the key of {client} may only push '
+        raise GateRefused(f'no command: the key of {client} may only push '
                            f'to or fetch from {client}.git (no shell)')
     shown = clean_text(original_command, 200)
     if '\n' in original_command or '\r' in original_command or \
             '\0' in original_command:
-        raise AccessDenied(f'refused command {shown!r}: contains a newline')
+        raise GateRefused(f'refused command {shown!r}: contains a newline')
     words = original_command.split(None, 1)
     if words and words[0] == 'git':
         rest = original_command.split(None, 2)
         if len(rest) == 3:
             words = [f'{rest[0]} {rest[1]}', rest[2]]
     if len(words) != 2 or words[0] not in GATE_VERBS:
-        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
+        raise GateRefused(f'refused command {shown!r}: the key of {client} '
                            f'may only run git-upload-pack or '
                            f'git-receive-pack of {client}.git')
     match = GATE_PATH_RE.match(words[1].strip())
     if not match:
-        raise AccessDenied(f'refused command {shown!r}: unsafe repository '
+        raise GateRefused(f'refused command {shown!r}: unsafe repository '
                            'argument')
     name = match.group('name')
     if name.endswith('.git'):
         name = name[:-len('.git')]
     if name != client:
-        raise AccessDenied(f'refused command {shown!r}: the key of {client} '
+        raise GateRefused(f'refused command {shown!r}: the key of {client} '
                            f'may only use {client}.git')
     return ['git', GATE_VERBS[words[0]], node.repository(client)]
 
@@ -4918,6 +4729,143 @@ def add_client(node, client, key_file, authorized_keys=None):
 
 
 # ==========================================================================
+# 9. Check: is this node ready?
+#
+# `check [--connect]`: what an admin runs after installing or changing the
+# configuration.  It only reads: the configuration, the tools, the
+# directories, every [client NAME], stored times against the clock, the
+# client repositories' permissions, and with --connect every connection
+# `run` would make.
+
+
+def check_node(node, out=sys.stdout, connect=False):
+    """server.py check: the configuration, tools, directories, every
+    [client NAME], the clock and the repositories; with connect, every
+    connection `run` makes.  Returns the problems (each printed)."""
+    out.write(f'{node.config.path}: node {node.name}\n')
+    out.write('restore --same-owner keeps: '
+              + fs_archive.metadata_text(['tar']) + '\n')
+    problems = []
+    try:
+        core.check_git_version()
+    except GitBackupError as e:
+        problems.append(str(e))
+    for tool in ('sftp', 'ssh'):
+        if not shutil.which(tool):
+            problems.append(f'{tool}: not installed or not in PATH')
+    problems += core.directory_problems('server', node.settings, (
+        'todo_dir', 'data_dir', 'log_dir', 'repositories'))
+    for key in ('alert_after', 'stale_after', 'command_timeout',
+                'keep_requests'):
+        node.config.get_duration('server', key)
+    for key in ('quota', 'free_space_floor'):
+        node.config.get_size('server', key)
+    for key in ('max_attempts', 'max_request_size',
+                'max_requests_per_push', 'keep_daily', 'keep_weekly',
+                'keep_monthly'):
+        node.config.get_int('server', key)
+    for client in node.config.client_sections():
+        try:
+            check_client_name(client)
+            settings = node.client_settings(client)
+        except GitBackupError as e:
+            problems.append(f'[client {client}]: {e}')
+            continue
+        if not settings['sftp_root']:
+            problems.append(f'[client {client}]: no sftp_root (here or '
+                            'in [server]): sftp requests would fail')
+        scheme = settings['git'].split('://', 1)[0]
+        allowed = node.settings['git_protocols'].split()
+        if '://' not in settings['git'] or scheme not in allowed or \
+                scheme in ('file', 'ext'):
+            problems.append(f'[client {client}] git = {settings["git"]}: '
+                            f'want a URL whose scheme is one of '
+                            f'[server] git_protocols ({", ".join(allowed)})')
+    problems += check_clock(node)
+    problems += unwritable_repositories(node)
+    for name in ('sftp', 'git'):
+        try:
+            core.load_module(node.config.modules_dir('server'), name)
+        except core.ModuleError as e:
+            problems.append(str(e))
+    for p in problems:
+        out.write(f'problem: {p}\n')
+    if connect:
+        problems += check_connections(node, out)
+    if not problems:
+        out.write(f'looks ready ({len(known_clients(node))} client(s): '
+                  f'{len(node.config.client_sections())} configured, '
+                  f'{len(node.pushing_clients())} with a repository or '
+                  'pool)\n')
+    return problems
+
+
+def check_connections(node, out):
+    """`check --connect`: for every configured client, each connection
+    `run` makes (sftp login into sftp_root; its git server when
+    [client NAME] git is set), one line each, OK or FAILED with the
+    fix.  Returns the failures."""
+    problems = []
+    modules_dir = node.config.modules_dir('server')
+    for client in sorted(node.config.client_sections()):
+        try:
+            check_client_name(client)
+            ctx = NodeContext(node, client, None, False)
+        except GitBackupError as e:
+            problems += core.connection_line(out, client, str(e))
+            continue
+        names = ['sftp'] + (['git'] if node.config.section(
+            f'client {client}').get('git') else [])
+        for name in names:
+            try:
+                module = core.load_module(modules_dir, name)
+            except core.ModuleError as e:
+                problems += core.connection_line(out, client, str(e))
+                continue
+            if module.has('check_connection'):
+                for what, problem in \
+                        module.python.check_connection(ctx):
+                    problems += core.connection_line(out, what, problem)
+    return problems
+
+
+def unwritable_repositories(node):
+    """Client repositories this user cannot write: `run` writes each
+    client's results into its repository (objects and a ref), so every
+    directory under objects/ and refs/ must be writable, e.g. through
+    the git account's group (docs/access-control.md)."""
+    problems = []
+    for client in node.pushing_clients():
+        repo = node.repository(client)
+        if not os.path.isdir(repo):
+            continue
+        for where in [repo] + [d for top in ('objects', 'refs') for d in
+                               walk_dirs(os.path.join(repo, top))]:
+            if not os.access(where, os.W_OK | os.X_OK):
+                problems.append(
+                    f'{repo}: {where} is not writable by '
+                    f'{core.user_name(os.geteuid())}: the results of '
+                    f'client {client} cannot be recorded (share the '
+                    'repository through the git account\'s group: see '
+                    'docs/access-control.md)')
+                break
+    return problems
+
+
+def check_clock(node):
+    """Stored times ahead of the node's clock: it was (or is) wrong."""
+    problems = []
+    now = core.utcnow()
+    for client in known_clients(node):
+        for source, backups in stored_backups(node, client).items():
+            good = [b for b in backups if b.good and b.time]
+            problems += [f'{client}/{source}: {note}' for note in
+                         arrival_last_success(good, now)[1]
+                         if 'future' in note]
+    return problems
+
+
+# ==========================================================================
 # 10. Command line
 #
 # The parser lists the commands in the order of the chapters above; main()
@@ -4942,7 +4890,10 @@ Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
 (could not check).  Commands that write (all but check, report, list and
 restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
-shares them through their setgid group (root too): exit 2.''')
+shares them through their setgid group (root too): exit 2.
+
+Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
+3.8 with a client on 3.6.''')
     core.common_options(parser, suppress=False)
     parser.add_argument('--version', action='version', version=core.VERSION)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
@@ -5042,12 +4993,13 @@ def operations_parsers(command):
     report_parser(command)
     p = command('prune', 'apply retention to stored backups and old '
                 'request files (cron, daily)',
-                'Per source, on node time: keep the newest backup of each of '
+                'Per series, on node time: keep the newest backup of each of '
                 'the last keep_daily\ndays, keep_weekly ISO weeks and '
                 'keep_monthly months ([client NAME], else\n[server]); never '
-                'the newest good backup; remove the rest.  Git mirrors are\n'
-                'never pruned; directories without a readable manifest are '
-                'left for verify.\nF* and X* request files (with .reason and '
+                'the newest good backup, nor a link a kept increment needs;\n'
+                'remove the rest.  Git mirrors are never pruned; '
+                'directories without a\nreadable manifest are left for '
+                'verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
                 'git/**/.<name>.git.incoming).  Every removal is printed.')
@@ -5057,10 +5009,12 @@ def operations_parsers(command):
                 'check (cron, weekly)',
                 'Re-hash every stored file against its manifest (sha256 and '
                 'size); git fsck every\nmirror and client repository; read '
-                'the newest backup of each source back\n(tar --list of '
-                'archives, pg_restore --list of .dump files).  Problems are\n'
-                'printed and mailed.  Exit status like report: 0 ok, 1 '
-                'warning (a check could\nnot run), 2 critical (corruption).')
+                'the newest backup of each series back\nthrough the module '
+                'that stored it (tar --list of archives, pg_restore --list\n'
+                'of .dump files; a file no module claims: "hashes only"); '
+                'every broken\nincremental chain.  Problems are '
+                'printed and mailed.  Exit status like report:\n0 ok, 1 '
+                'warning (a check could not run), 2 critical (corruption).')
     p.add_argument('--client', help='only this client')
     p.add_argument('--no-restore-check', dest='restore',
                    action='store_false',
@@ -5259,7 +5213,7 @@ def run_cron(node):
 
 COMMANDS = {
     'ingest': lambda n, a: n.ingest(a.client, a.repository) and 0,
-    'check': lambda n, a: 1 if n.check(connect=a.connect) else 0,
+    'check': lambda n, a: 1 if check_node(n, connect=a.connect) else 0,
     # -- access control
     'provision': lambda n, a: 1 if provision(n, a.gitosis_conf) else 0,
     'add-client': lambda n, a: add_client(

@@ -2,8 +2,10 @@
 
 Not a backup module: its name starts with an underscore, and module names
 start with a letter, so ``[modules]`` can never load it.  Both scripts import
-it as ``modules._core``; neither script imports the other.  Importing it
-does nothing but define names.
+it as ``modules._core``; neither script imports the other.  It imports
+sendmail.py (mail delivery), which imports nothing of ours, so there is no
+circle.  Importing it does nothing but define names.  It runs on Python
+3.6+ (client.py's minimum): see ``shell_line``.
 
 What lives here, once:
 
@@ -52,9 +54,11 @@ import zlib
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if HERE not in sys.path:     # sendmail.py lives there
     sys.path.insert(0, HERE)
+# Mail to the admins.  sendmail.py imports nothing of gitbackup's: the
+# import goes one way only.
+import sendmail  # noqa: E402
 
 VERSION = '0.1'
-MIN_PYTHON = (3, 9)
 MIN_GIT = (2, 20)      # update-ref, for-each-ref as used here, -c flags
 
 log = logging.getLogger('gitbackup')
@@ -178,16 +182,41 @@ SCHEMA = {
     },
 }
 FREE_SECTIONS = ('nodes', 'modules', 'sources')
-# Typed keys, checked when the file is read (so a typo in a value is an
-# error naming its line, like a typo in a key).
-DURATION_KEYS = {'export_keep', 'alert_after', 'confirm_after', 'full_every',
-                 'command_timeout', 'keep_requests', 'stale_after',
-                 'connect_timeout', 'stall_timeout'}
-SIZE_KEYS = {'quota', 'free_space_floor', 'max_push_size'}
-INT_KEYS = {'max_attempts', 'max_batch', 'max_request_size',
-            'max_requests_per_push', 'sftp_port', 'keep_daily',
-            'keep_weekly', 'keep_monthly', 'transfers', 'jobs',
-            'max_commits_per_push', 'bwlimit', 'max_refs'}
+
+
+def _typed(duration=(), size=(), number=()):
+    types = dict.fromkeys(duration, 'duration')
+    types.update(dict.fromkeys(size, 'size'))
+    types.update(dict.fromkeys(number, 'number'))
+    return types
+
+
+# The type of each typed key, per section: a key's type is what its own
+# section means by it, never decided by its name across sections ([server]
+# bwlimit is sftp's Kbit/s, [offsite] bwlimit rclone's rate such as 10M).
+# Checked when the file is read, so a typo in a value is an error naming
+# its line, like a typo in a key; keys not listed are text.
+TYPES = {
+    'client': _typed(
+        duration=('export_keep', 'alert_after', 'confirm_after',
+                  'full_every', 'command_timeout', 'keep_requests',
+                  'connect_timeout', 'stall_timeout'),
+        number=('max_attempts', 'max_batch')),
+    'server': _typed(
+        duration=('alert_after', 'stale_after', 'keep_requests',
+                  'command_timeout', 'connect_timeout', 'stall_timeout'),
+        size=('quota', 'free_space_floor', 'max_push_size'),
+        number=('max_attempts', 'keep_daily', 'keep_weekly', 'keep_monthly',
+                'bwlimit', 'max_request_size', 'max_requests_per_push',
+                'jobs', 'max_commits_per_push', 'max_refs')),
+    'client *': _typed(
+        duration=('stale_after',), size=('quota',),
+        number=('sftp_port', 'keep_daily', 'keep_weekly', 'keep_monthly',
+                'bwlimit', 'max_refs')),
+    # bwlimit: passed to rclone --bwlimit as written (10M, a timetable).
+    'offsite': _typed(number=('transfers',)),
+    'mail': {},
+}
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +245,8 @@ class CommandFailed(GitBackupError):
         self.returncode = returncode
         self.stderr = stderr or ''
         where = f' (in {cwd})' if cwd else ''
-        lines = [f'{shlex.join(self.args_list)}{where} exited with {returncode}']
+        lines = [f'{shell_line(self.args_list)}{where} exited with '
+                 f'{returncode}']
         lines += ['    ' + line for line in self.stderr.strip().splitlines()[-20:]]
         super().__init__('\n'.join(lines))
 
@@ -340,6 +370,13 @@ def mail_summary(config, section, subject, problems, admins=None):
 # --------------------------------------------------------------------------
 # Helpers
 
+def shell_line(words):
+    """Words as one shell command line, each quoted as needed: for logs,
+    messages and the few commands a shell or git reads as a line.  (What
+    shlex.join does from Python 3.8; the client runs on 3.6.)"""
+    return ' '.join(shlex.quote(word) for word in words)
+
+
 def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
         stdout=subprocess.PIPE, text=True):
     """Run a program (argument list, never a shell) and return the result.
@@ -350,7 +387,7 @@ def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
     everything it started (ssh under git or sftp), never leaving a
     connection behind.
     """
-    log.debug('running: %s', shlex.join(args))
+    log.debug('running: %s', shell_line(args))
     kwargs = {'encoding': 'utf-8', 'errors': 'surrogateescape'} if text else {}
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout,
@@ -1157,12 +1194,22 @@ class Config:
     strings with the schema's defaults filled in."""
 
     def __init__(self, path):
-        import sendmail  # here: sendmail.py imports this module
         self.path = os.path.abspath(path)
         self.parser = parser = self._read(path)
         lines = _line_numbers(path)
+        # A mistake in one [client NAME] (a shared file with many) is that
+        # client's problem, not the node's: its requests wait as
+        # misconfigured, `report` and `check` name it, the others go on.
+        self.client_problems = {}
         for section in parser.sections():
-            self._check_section(path, lines, section)
+            try:
+                self._check_section(path, lines, section)
+            except ConfigError as e:
+                if not section.startswith('client ') or \
+                        self._schema_of(section) is None:
+                    raise
+                self.client_problems[section[len('client '):].strip()] = \
+                    str(e)
         if parser.has_section('mail'):
             problems = sendmail.mail_config_problems(dict(parser['mail']))
             if problems:
@@ -1203,7 +1250,7 @@ class Config:
         self._check_keys(path, lines, section, schema)
         if schema is None:
             return  # a free-form section: any value, nothing required
-        self._check_values(path, lines, section)
+        self._check_values(path, lines, section, self._types_of(section))
         missing = [k for k, v in schema.items()
                    if v is REQUIRED and not self.parser[section].get(k)]
         if missing:
@@ -1225,18 +1272,19 @@ class Config:
             if schema is None and not NAME_RE.match(key):
                 raise ConfigError(f'{at}: bad name {key!r} in [{section}]')
 
-    def _check_values(self, path, lines, section):
-        """Durations, sizes and whole numbers must parse (empty values
-        mean the default)."""
+    def _check_values(self, path, lines, section, types):
+        """Durations, sizes and whole numbers, as the section's types say,
+        must parse (empty values mean the default)."""
         for key, value in self.parser[section].items():
             if not value:
                 continue
             try:
-                if key in DURATION_KEYS:
+                if types.get(key) == 'duration':
                     parse_duration(value)
-                elif key in SIZE_KEYS:
+                elif types.get(key) == 'size':
                     parse_size(value)
-                elif key in INT_KEYS and not re.fullmatch(r'\d+', value):
+                elif types.get(key) == 'number' and \
+                        not re.fullmatch(r'\d+', value):
                     raise ValueError(f'not a whole number: {value!r}')
             except ValueError as e:
                 raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
@@ -1244,7 +1292,6 @@ class Config:
 
     def _check_admins(self, path, lines, section):
         """The admin addresses must be ones sendmail accepts."""
-        import sendmail  # here: sendmail.py imports this module
         admins = self.parser[section].get('admin', '').split()
         try:
             if admins:
@@ -1261,6 +1308,12 @@ class Config:
         if section.startswith('client '):
             return SCHEMA['client *']
         return None
+
+    @staticmethod
+    def _types_of(section):
+        if section in TYPES:
+            return TYPES[section]
+        return TYPES['client *'] if section.startswith('client ') else {}
 
     def has(self, section):
         return self.parser.has_section(section)
@@ -1352,7 +1405,6 @@ def mail_admins(config, section, subject, body, admins=None):
     names the log_dir whose queue keeps undelivered mail).  A failed
     delivery is queued by sendmail.py and logged, never raised: mail must
     not stop a backup."""
-    import sendmail  # here: sendmail.py imports this module
     admins = config.admins(section) if admins is None else admins
     if not admins:
         log.info('no admin configured in [%s]; not mailing: %s', section,
@@ -1370,7 +1422,6 @@ def mail_admins(config, section, subject, body, admins=None):
 
 
 def flush_mail_queue(config, section):
-    import sendmail  # here: sendmail.py imports this module
     try:
         sent, left = sendmail.flush_queue(config.section('mail'),
                                           config.section(section)['log_dir'])
@@ -1464,6 +1515,7 @@ class ModuleContext:
     ssh_problem = staticmethod(lambda *a: ssh_problem(*a))
     make_dirs = staticmethod(lambda *a: make_dirs(*a))
     git_program = staticmethod(lambda: git_program())
+    shell_line = staticmethod(lambda words: shell_line(words))
 
     def ssh_timeout_options(self):
         return ssh_timeout_options(self.config, self.side)
@@ -1520,7 +1572,7 @@ class SharedSSH:
         self.path = os.path.join(self.directory, 'master')
         args = [*self.ssh_words, '-M', '-N', '-o', 'ControlPersist=no',
                 '-o', f'ControlPath={self.path}', '--', self.target]
-        log.debug('running: %s', shlex.join(args))
+        log.debug('running: %s', shell_line(args))
         # stderr to a file: nobody reads a pipe while the master runs.
         with tempfile.TemporaryFile(dir=self.directory) as err:
             try:

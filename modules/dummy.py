@@ -5,7 +5,7 @@ succeeds.  Use it to test a new client/node pair end to end.
 """
 
 
-def check_path(client, module, path):
+def check_path(ctx, module, path):
     return path
 
 

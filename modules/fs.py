@@ -23,15 +23,26 @@ comes back: judged whole first, then replayed (modules/_tarchain.py).
 import os
 import re
 import shlex
+import shutil
+import stat
+import subprocess
 
 from modules import _core, _tarchain
+from modules._core import clean_text
 
-# Beside every archive: tar's verbose index of it (server.py's drill reads
-# files ending so as listings).
+# Beside every archive: tar's verbose index of it (drill_stored proves a
+# restored tree against it).
 LISTING_SUFFIX = '.listing'
+# Node side: the files this module stores (what tar and the compressors
+# make of a directory) and the companion it sends beside each.
+STORED_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
+                   '.tar.bz2', '.tbz2')
+COMPANION_SUFFIXES = (LISTING_SUFFIX,)
+TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
+             (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
 
 
-def check_path(client, module, path):
+def check_path(ctx, module, path):
     if not os.path.isdir(path):
         raise ValueError(f'{path}: not a directory')
     return os.path.abspath(path)
@@ -178,3 +189,136 @@ def restore_tree(archives, directory, paths=(), same_owner=False,
     _tarchain.extract(chain, plan, directory, same_owner, tar,
                       lambda: _core.pause_point('restore:replaying'))
     return chain
+
+
+# -- node side: proving what this module stored -----------------------------
+
+def verify_stored(path, timeout):
+    """`verify`'s read-back of one stored archive: tar lists it whole
+    (through its decompressor).  Raises FileNotFoundError when a program
+    it needs is missing (a check that could not run), ValueError when the
+    archive does not read back."""
+    name = os.path.basename(path)
+    for suffixes, tool in TAR_TOOLS:
+        if name.endswith(suffixes) and not shutil.which(tool):
+            raise FileNotFoundError(f'{tool}: not installed or not in PATH')
+    proc = subprocess.run(['tar', '--list', '--file', path],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise ValueError(f'tar --list failed (exit {proc.returncode}): '
+                         f'{clean_text(proc.stderr.strip(), 500)}')
+
+
+def drill_stored(ctx, names, scratch):
+    """`drill`'s proof of a snapshot's archive: its chain (full first) is
+    extracted into scratch through the node's one extraction path
+    (ctx.extract_chain, which checks every link's sha256 first, judges
+    the chain and returns (links, top: the tree, left_out: device nodes
+    not made)) and the restored tree held against the listing tar wrote
+    while archiving.  Returns (problems, what was proven)."""
+    extracted = ctx.extract_chain(scratch)
+    name = names[0]
+    listing = os.path.join(ctx.snapshot, name + LISTING_SUFFIX)
+    if not os.path.exists(listing):
+        return [], f'{name}: extracted; no listing recorded to compare with'
+    tree = restored_tree(extracted.top)
+    listed = parse_listing(listing)
+    # Device nodes are not made on the node (by design): not missing.
+    tree.update({n: listed[n] for n in extracted.left_out if n in listed})
+    problems = compare_listing(listed, tree, complete=extracted.links == 1)
+    return problems, f'{name}: {len(tree)} entries match the listing'
+
+
+# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
+# mode, owner/group, size (major,minor for devices), date, time, name.
+LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
+                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
+                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
+LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
+                 'p': 'fifo', 'c': 'char', 'b': 'block'}
+ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
+           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
+
+
+def unescape_name(text):
+    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
+    out, i = bytearray(), 0
+    raw = text.encode('utf-8', 'surrogateescape')
+    while i < len(raw):
+        c = raw[i:i + 1]
+        if c == b'\\' and i + 1 < len(raw):
+            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
+            if octal:
+                out.append(int(octal.group(), 8))
+                i += 4
+                continue
+            nxt = chr(raw[i + 1])
+            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
+            i += 2
+            continue
+        out += c
+        i += 1
+    return os.fsdecode(bytes(out))
+
+
+def parse_listing(path):
+    """{relative name: (type, size or None)} of a listing file."""
+    entries = {}
+    with open(path, encoding='utf-8', errors='surrogateescape') as f:
+        for line in f:
+            m = LISTING_RE.match(line.rstrip('\n'))
+            if not m:
+                continue
+            kind = LISTING_TYPES.get(m.group('type'), 'other')
+            name = m.group('name')
+            # A symlink's target and a hard link's original follow the
+            # name; names holding these words are too rare to guess for.
+            for sep in ((' -> ',) if kind == 'link' else
+                        (' link to ',) if m.group('type') == 'h' else ()):
+                name = name.split(sep, 1)[0]
+            name = unescape_name(name).rstrip('/')
+            name = name[2:] if name.startswith('./') else name
+            if name in ('', '.'):
+                continue
+            size = int(m.group('size')) if kind == 'file' and \
+                m.group('type') != 'h' else None
+            entries[name] = (kind, size)
+    return entries
+
+
+def restored_tree(top):
+    """{relative name: (type, size or None)} of a restored directory."""
+    found = {}
+    for root, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            mode = st.st_mode
+            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
+                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
+                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
+                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
+                else 'other'
+            found[os.path.relpath(path, top)] = (
+                kind, st.st_size if kind == 'file' else None)
+    return found
+
+
+def compare_listing(listing, tree, complete):
+    """Problems between what the client listed and what came back; an
+    increment's listing names only what changed (complete=False)."""
+    problems = []
+    for name, (kind, size) in sorted(listing.items()):
+        got = tree.get(name)
+        if got is None:
+            problems.append(f'{clean_text(name)}: missing')
+        elif got[0] != kind:
+            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
+        elif size is not None and got[1] != size:
+            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
+                            f'with {size}')
+    if complete:
+        problems += [f'{clean_text(name)}: not in the listing'
+                     for name in sorted(set(tree) - set(listing))]
+    return problems

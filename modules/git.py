@@ -102,10 +102,10 @@ def is_git_dir(path):
 # --------------------------------------------------------------------------
 # Client
 
-def check_path(client, module, path):
+def check_path(ctx, module, path):
     """A git repository below git_base, as a resolved real path.  Called by
     ``commit`` from hooks: no git process, only a few stat calls."""
-    settings = client.settings
+    settings = ctx.settings
     if not settings.get('git_base'):
         raise ValueError('[client] git_base is not set: the git module '
                          'backs up repositories below it')
@@ -234,6 +234,24 @@ def requested_path(ctx, url, base_path):
     if problem:
         ctx.refuse(f'{url!r}: bad repository path {rel!r}: {problem}')
     return rel
+
+
+def request_source(settings, rest):
+    """The source a request line feeds, for the node's report of pending
+    and failed requests: ``git/<path>`` of the mirror it would fill (only
+    the URL's path counts, below the path of the node's base URL for the
+    client, as handle takes it), else ``git``."""
+    words = (rest or '').split()
+    url = URL_RE.fullmatch(words[0]) if words else None
+    base = URL_RE.fullmatch(settings.get('git') or '')
+    if not url:
+        return 'git'
+    prefix = ((base.group('path') if base else '') or '').rstrip('/') + '/'
+    path = url.group('path') or ''
+    rel = path[len(prefix):] if path.startswith(prefix) else ''
+    if not rel or check_relative_path(rel):
+        return 'git'
+    return 'git/' + (rel[:-len('.git')] if rel.endswith('.git') else rel)
 
 
 def git_environment(ctx, protocols):
@@ -388,7 +406,8 @@ def throttle_fetch(ctx, url, env):
     program = [sys.executable, THROTTLE, str(limit)]
     if scheme == 'ssh':
         ssh = env['GIT_SSH_COMMAND']
-        env['GIT_SSH_COMMAND'] = shlex.join([*program, '--']) + ' ' + ssh
+        env['GIT_SSH_COMMAND'] = (ctx.shell_line([*program, '--']) + ' '
+                                  + ssh)
         # git tells OpenSSH by the command's first word, now python's; as
         # it would have decided, else it probes with `-G` (harmless).
         if os.path.basename(shlex.split(ssh)[0]) == 'ssh':
@@ -406,7 +425,7 @@ def git_proxy(ctx, program):
     path = os.path.join(ctx.node.state_dir, f'git-proxy-{program[-1]}')
     text = ('#!/bin/sh\n# Written by gitbackup (modules/git.py): git:// '
             'fetches at bwlimit.\n'
-            f'exec {shlex.join(program)} --connect "$@"\n')
+            f'exec {ctx.shell_line(program)} --connect "$@"\n')
     try:
         with open(path, encoding='utf-8') as f:
             current = f.read()
@@ -794,3 +813,49 @@ def handle(ctx, rest):
                  f', {len(preserved)} preserved' if preserved else '')
     return {'stored': mirror, 'refs': len(refs), 'preserved': preserved,
             'heads': heads}
+
+
+# -- node side: proving a mirror --------------------------------------------
+# A mirror is no file in a snapshot: the node asks this module about every
+# repository under data_dir/<client>/git/ (and its own request
+# repositories, which are git repositories too).
+
+def verify_stored(path, timeout):
+    """`verify`'s proof of a repository: git fsck (objects and
+    connectivity).  Raises ValueError with git's last lines when it
+    fails."""
+    proc = subprocess.run(
+        ['git', '-c', f'safe.directory={path}', f'--git-dir={path}', 'fsck',
+         '--no-progress', '--no-dangling'], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+    if proc.returncode != 0:
+        detail = '\n'.join('    ' + line for line in
+                           (proc.stderr + proc.stdout).strip()
+                           .splitlines()[-20:])
+        raise ValueError(f'git fsck failed (exit {proc.returncode}):\n'
+                         f'{detail}')
+
+
+def drill_stored(ctx, names, scratch):
+    """`drill`'s proof of a mirror (ctx.snapshot): clone it, fsck the
+    clone, find every tip the client announced (ctx.heads) in it.  A clone
+    carries only what refs reach: a tip only in loose objects of the
+    mirror does not count.  Returns (problems, what was proven)."""
+    repo = ctx.snapshot
+    clone = os.path.join(scratch, 'clone.git')
+    ctx.run([*ctx.git_program(), '-c', f'safe.directory={repo}', 'clone',
+             '--quiet', '--mirror', '--no-hardlinks', '--', repo, clone],
+            timeout=ctx.timeout)
+    problems = []
+    proc = git(ctx, clone, 'fsck', '--no-progress', '--no-dangling',
+               check=False)
+    if proc.returncode != 0:
+        problems.append(f'git fsck of the clone failed: '
+                        f'{ctx.clean_text(proc.stderr, 500)}')
+    for head in ctx.heads:
+        if git(ctx, clone, 'cat-file', '-e', f'{head}^{{commit}}',
+               check=False).returncode != 0:
+            problems.append(f'announced tip {head} is not in the restored '
+                            'clone')
+    return problems, f'cloned, fsck passed, {len(ctx.heads)} announced ' \
+        'tip(s) checked'

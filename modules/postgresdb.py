@@ -28,8 +28,15 @@ mailed) while the other databases are sent.
 import hashlib
 import json
 import os
+import pwd
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
+
+from modules import _core as core
+from modules._core import clean_text
 
 ALL = 'all'
 # Database names accepted on the command line: what people actually use.
@@ -41,11 +48,16 @@ ROW_COUNTS = ("SELECT coalesce(json_agg(json_build_array(schemaname, relname, "
               "n_live_tup) ORDER BY schemaname, relname), '[]') "
               "FROM pg_stat_user_tables")
 STATS_SUFFIX = '.stats.json'
+# Node side: the files this module stores (pg_dump -Fc) and the companion
+# beside each (its tables' row counts at dump time).  globals.sql is plain
+# SQL that nothing here proves: it is checked by its sha256 only.
+STORED_SUFFIXES = ('.dump',)
+COMPANION_SUFFIXES = (STATS_SUFFIX,)
 LIST_DATABASES = ("SELECT datname FROM pg_database "
                   "WHERE NOT datistemplate AND datallowconn ORDER BY datname")
 
 
-def check_path(client, module, path):
+def check_path(ctx, module, path):
     """'all' or a plain database name; the database itself is looked up
     only when the request is prepared (the server may be down now)."""
     if path == ALL or DATABASE_RE.match(path):
@@ -228,3 +240,137 @@ def prepare(ctx, module, path):
             continue
         yield 'db-' + filename[:-len('.dump')], \
             ctx.sftp_request(dumped, source=module, companion=stats)
+
+
+# -- node side: proving what this module stored -----------------------------
+
+def verify_stored(path, timeout):
+    """`verify`'s read-back of one stored dump: pg_restore lists it.
+    Raises FileNotFoundError when pg_restore is missing (a check that
+    could not run), ValueError when the dump does not read back."""
+    proc = subprocess.run(['pg_restore', '--list', '--', path],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise ValueError(f'pg_restore --list failed (exit '
+                         f'{proc.returncode}): '
+                         f'{clean_text(proc.stderr.strip(), 500)}')
+
+
+def drill_stored(ctx, names, scratch):
+    """`drill`'s proof of a snapshot's dumps (ctx.snapshot; their sha256
+    already checked): restored into a scratch cluster with their row
+    counts compared when [server] drill_postgres is set, else read back
+    with pg_restore --list.  Returns (problems, what was proven)."""
+    bindir = ctx.node_settings.get('drill_postgres')
+    problems = []
+    if not bindir:
+        for name in names:
+            try:
+                verify_stored(os.path.join(ctx.snapshot, name), ctx.timeout)
+            except (OSError, ValueError) as e:
+                problems.append(f'{os.path.join(ctx.snapshot, name)}: '
+                                f'restore check failed: {e}')
+        return problems, (f'{len(names)} dump(s) read back with pg_restore '
+                          '--list only ([server] drill_postgres not set)')
+    with ScratchCluster(bindir, ctx.timeout) as cluster:
+        for n, name in enumerate(names):
+            stats = core.read_json(os.path.join(ctx.snapshot,
+                                                name + STATS_SUFFIX))
+            problems += [f'{name}: {p}' for p in drill_dump_rows(
+                cluster, os.path.join(ctx.snapshot, name),
+                stats if isinstance(stats, dict) else None, f'drill{n}')]
+    return problems, (f'{len(names)} dump(s) restored into a scratch '
+                      'cluster, row counts compared')
+
+
+# A restored table with fewer than this fraction of the rows recorded at
+# dump time fails the drill (n_live_tup is an estimate, not a count).
+ROWS_FLOOR = 0.5
+
+
+class ScratchCluster:
+    """A throw-away PostgreSQL cluster for drills: initdb in a temporary
+    directory, unix socket only, trust auth, run as the `postgres` account
+    when we are root (postgres refuses to run as root); removed on exit."""
+
+    def __init__(self, bindir, timeout):
+        self.bindir, self.timeout = bindir, timeout
+        self.as_postgres = ['runuser', '-u', 'postgres', '--'] \
+            if os.geteuid() == 0 else []
+
+    def tool(self, name):
+        path = os.path.join(self.bindir, name)
+        return path if os.path.exists(path) else name
+
+    def __enter__(self):
+        # /tmp, not data_dir: the postgres account must reach it, and the
+        # socket path must stay short.
+        self.work = tempfile.mkdtemp(prefix='gitbackup-drill-pg-')
+        os.chmod(self.work, 0o755)
+        self.data = os.path.join(self.work, 'data')
+        os.mkdir(self.data, 0o700)
+        if self.as_postgres:
+            owner = pwd.getpwnam('postgres')
+            os.chown(self.data, owner.pw_uid, owner.pw_gid)
+            os.chown(self.work, owner.pw_uid, owner.pw_gid)
+        env = {**os.environ, 'LC_ALL': 'C'}
+        try:
+            core.run(self.as_postgres + [
+                self.tool('initdb'), '-D', self.data, '--auth=trust', '-U',
+                'postgres', '-E', 'UTF8', '--locale=C', '--no-sync'],
+                env=env, cwd=self.work, timeout=self.timeout)
+            core.run(self.as_postgres + [
+                self.tool('pg_ctl'), '-w', '-t', '120', '-D', self.data,
+                '-l', os.path.join(self.work, 'log'), '-o',
+                f"-k {self.work} -c listen_addresses='' -c fsync=off",
+                'start'], env=env, cwd=self.work, timeout=self.timeout)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        core.run(self.as_postgres + [self.tool('pg_ctl'), '-w', '-D',
+                                     self.data, '-m', 'immediate', 'stop'],
+                 check=False, cwd=self.work, timeout=120)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def run(self, program, *args, check=True):
+        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
+        env.update({'PGHOST': self.work, 'PGUSER': 'postgres'})
+        return core.run([self.tool(program), *args], env=env, check=check,
+                        timeout=self.timeout)
+
+
+def quote_ident(name):
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def drill_dump_rows(cluster, dump, stats, database):
+    """Restore one dump into the scratch cluster; compare every table's
+    row count with the client's statistics.  Problems, [] when fine."""
+    cluster.run('psql', '-X', '-q', '-d', 'postgres', '-c',
+                f'CREATE DATABASE {quote_ident(database)}')
+    # Without the globals the dump's owners and grants would not resolve:
+    # the drill proves data, so they are left out.
+    proc = cluster.run('pg_restore', '--exit-on-error', '--no-owner',
+                       '--no-privileges', '-d', database, '--', dump,
+                       check=False)
+    if proc.returncode != 0:
+        return [f'pg_restore failed: {clean_text(proc.stderr, 500)}']
+    problems = []
+    for table in (stats or {}).get('tables') or []:
+        name = f'{quote_ident(table.get("schema"))}.' \
+            f'{quote_ident(table.get("table"))}'
+        got = cluster.run('psql', '-X', '-A', '-t', '-q', '-d', database,
+                          '-c', f'SELECT count(*) FROM {name}', check=False)
+        recorded = int(table.get('rows') or 0)
+        rows = int(got.stdout.strip()) if got.returncode == 0 and \
+            got.stdout.strip().isdigit() else None
+        if rows is None:
+            problems.append(f'table {clean_text(name)} did not come back')
+        elif recorded > 0 and (rows == 0 or rows < recorded * ROWS_FLOOR):
+            problems.append(f'table {clean_text(name)}: {rows} rows '
+                            f'restored, {recorded} recorded at dump time')
+    return problems

@@ -75,6 +75,16 @@ def handle(ctx, rest):
     return {'stored': stored, 'sha256': digest, 'size': got}
 
 
+def request_source(settings, rest):
+    """The source a request line feeds (its ``source=``, default
+    ``files``), for the node's report of pending and failed requests;
+    the node validates what this returns."""
+    for word in rest.split()[2:]:
+        if word.startswith('source='):
+            return word[len('source='):]
+    return 'files'
+
+
 def fetch_companion(ctx, remote, options, incoming):
     """The file beside the main one that describes it (``companion=NAME``
     with its own sha256 and size): fetched, checked and stored in the same
@@ -141,7 +151,8 @@ def sftp_get(ctx, remote, local, max_size=None):
             *bwlimit_args(ctx), '--', target]
     batch = 'get "%s" "%s"\n' % (remote, local.replace('\\', '\\\\')
                                  .replace('"', '\\"'))
-    ctx.log.debug('running: %s <<< %s', shlex.join(args), batch.strip())
+    ctx.log.debug('running: %s <<< %s', ctx.shell_line(args),
+                  batch.strip())
     # stderr goes to a file: a pipe nobody reads while we poll could fill
     # up and stall the transfer.
     with tempfile.TemporaryFile() as err:

@@ -14,6 +14,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,8 +28,9 @@ MODULES = {'app': 'fs', 'dummy': 'dummy', 'git': 'git',
 
 
 class ModulePipeline(Pipeline):
-    def __init__(self, testcase, extra_config=''):
-        super().__init__(testcase, extra_config=extra_config, modules=MODULES)
+    def __init__(self, testcase, extra_config='', commands=None):
+        super().__init__(testcase, extra_config=extra_config, modules=MODULES,
+                         commands=commands)
         self.git_base = os.path.join(self.client_dir, 'git')
         self.daemon = support.GitDaemon(self.git_base,
                                         os.path.join(self.root, 'daemon'))
@@ -82,9 +84,9 @@ class ModulePipeline(Pipeline):
         self.git('init', '--quiet', '--bare', path)
         if hook:
             with open(os.path.join(path, 'hooks', 'post-update'), 'w') as f:
+                # The client command the tests run (its Python included).
                 f.write('#!/bin/sh\n'
-                        f'exec {support.PYTHON} '
-                        f'{os.path.join(support.ROOT, "client.py")} '
+                        f'exec {shlex.join(self.commands["client.py"])} '
                         f'--config {self.config} commit git "$PWD"\n')
             os.chmod(os.path.join(path, 'hooks', 'post-update'), 0o755)
         return path

@@ -13,7 +13,8 @@ Client and node commands run as real subprocesses (``client()``,
 ``server()``), with HOME isolated: the tree's client.py and server.py, or
 other commands for them (``commands=``, else $GITBACKUP_CLIENT_CMD and
 $GITBACKUP_SERVER_CMD, split like a shell would), e.g. the Debian package's
-gitbackup-client and gitbackup-server.
+gitbackup-client and gitbackup-server, or the tree's scripts under other
+Pythons (``tree_commands(client_python, server_python)``).
 """
 
 import email
@@ -32,9 +33,13 @@ COMMAND_VARIABLES = {'client.py': 'GITBACKUP_CLIENT_CMD',
                      'server.py': 'GITBACKUP_SERVER_CMD'}
 
 
-def tree_commands():
-    """{'client.py': argv, 'server.py': argv} of the tree's scripts."""
-    return {script: [support.PYTHON, os.path.join(support.ROOT, script)]
+def tree_commands(client_python=None, server_python=None):
+    """{'client.py': argv, 'server.py': argv} of the tree's scripts, each
+    run by the given interpreter (default: the one running the tests),
+    e.g. the oldest each supports (tests/test_compat.py)."""
+    pythons = {'client.py': client_python, 'server.py': server_python}
+    return {script: [pythons[script] or support.PYTHON,
+                     os.path.join(support.ROOT, script)]
             for script in COMMAND_VARIABLES}
 
 

@@ -212,6 +212,28 @@ def pg_tool(name):
 _ports_given = set()
 
 
+def require_python(version):
+    """Path of a Python interpreter of version ('3.6': its newest 3.6.x),
+    found with `pyenv prefix`; skip (or under CI=true fail) without it.
+    The image carries 3.6 to 3.13 under pyenv for the compatibility tests
+    (tests/test_compat.py)."""
+    pyenv = shutil.which('pyenv') or os.path.join(
+        os.environ.get('PYENV_ROOT') or os.path.expanduser('~/.pyenv'),
+        'bin', 'pyenv')
+    try:
+        prefix = subprocess.run(
+            [pyenv, 'prefix', version], stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, universal_newlines=True,
+            timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        prefix = ''
+    python = os.path.join(prefix, 'bin', 'python' + version)
+    if not prefix or not os.access(python, os.X_OK):
+        _missing(f'required tool missing: Python {version} (pyenv install '
+                 f'{version})')
+    return python
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that was free a moment ago.
 

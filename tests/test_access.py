@@ -291,7 +291,7 @@ class GateCommandTest(unittest.TestCase):
                 "git --exec-path=/tmp receive-pack 'c1.git'",
                 "git-receive-pack 'C1.git'",
                 "git-receive-pack 'c1.git.git'"):
-            with self.assertRaises(self.server.AccessDenied,
+            with self.assertRaises(self.server.GateRefused,
                                    msg=repr(command)) as caught:
                 self.server.gate_command(self.node, 'c1', command)
             message = str(caught.exception)

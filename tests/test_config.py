@@ -6,6 +6,7 @@ script; options work before or after the command; `commit` refuses what it
 cannot back up and writes nothing; a stale lock never blocks cron.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -90,6 +91,58 @@ class ConfigTest(unittest.TestCase):
             proc = self.run_script('--config', self.config, 'send')
             self.assertEqual(proc.returncode, 2, (new, proc.stderr))
             self.assertIn(message, proc.stderr)
+
+    def node_config(self, extra=''):
+        """conf.example.ini's [offsite] block as shipped, uncommented,
+        beside a minimal [server]."""
+        with open(os.path.join(support.ROOT, 'conf.example.ini')) as f:
+            example = f.read()
+        offsite = example[example.index(';[offsite]'):]
+        offsite = offsite[:offsite.index('\n\n')].replace('\n;', '\n')[1:]
+        for d in ('todo', 'data', 'log', 'repositories'):
+            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        self.write(f'[server]\nname = n1\ntodo_dir = {self.root}/todo\n'
+                   f'data_dir = {self.root}/data\nlog_dir = {self.root}/log\n'
+                   f'repositories = {self.root}/repositories\n{extra}\n'
+                   + offsite + '\n')
+
+    def test_offsite_bwlimit_of_the_example_is_rclones_rate(self):
+        """[offsite] bwlimit = 10M (rclone's rate) is fine where [server]
+        bwlimit, sftp's Kbit/s, must be a number: a key's type is its
+        section's."""
+        self.node_config()
+        with open(self.config) as f:
+            self.assertIn('bwlimit       = 10M', f.read())
+        proc = self.run_script('--config', self.config, 'report',
+                               script='server.py')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.node_config('bwlimit = 10M\n')
+        proc = self.run_script('--config', self.config, 'report',
+                               script='server.py')
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn('[server] bwlimit: not a whole number', proc.stderr)
+
+    def test_a_mistake_in_one_client_section_is_that_clients_problem(self):
+        """A typo in one [client NAME] of a shared file: the node goes on
+        for the others, and report and check name that client's mistake."""
+        self.node_config('\n[client good]\nsftp_root = /srv\n\n'
+                         '[client typo]\nsftp_prot = 2222\n')
+        proc = self.run_script('--config', self.config, 'report',
+                               '--format', 'json', script='server.py')
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        report = {c['client']: c for c in json.loads(proc.stdout)['clients']}
+        self.assertTrue(report['typo']['misconfigured'])
+        self.assertIn("unknown key 'sftp_prot' in [client typo]",
+                      report['typo']['problems'][0])
+        self.assertFalse(report['good']['misconfigured'])
+        proc = self.run_script('--config', self.config, 'check',
+                               script='server.py')
+        self.assertIn("[client typo]: ", proc.stdout)
+        self.assertIn("unknown key 'sftp_prot'", proc.stdout)
+        self.assertNotIn('[client good]', proc.stdout)
+        proc = self.run_script('--config', self.config, 'run',
+                               script='server.py')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
 
     def test_config_lookup_order(self):
         # --config wins over $GITBACKUP_CONFIG, which wins over backup.ini

@@ -54,6 +54,7 @@ def message_files(directory):
 
 
 _postfix = None
+_module_cleanups = []   # run by tearDownModule, last first
 
 
 def real_mta():
@@ -63,12 +64,20 @@ def real_mta():
     global _postfix
     if _postfix is None:
         workdir = tempfile.mkdtemp(prefix='gitbackup-postfix-')
-        unittest.addModuleCleanup(shutil.rmtree, workdir, ignore_errors=True)
+        _module_cleanups.append(
+            lambda: shutil.rmtree(workdir, ignore_errors=True))
         postfix = support.Postfix(os.path.join(workdir, 'postfix'))
-        unittest.addModuleCleanup(postfix.stop)
+        _module_cleanups.append(postfix.stop)
         postfix.start()
         _postfix = postfix
     return _postfix
+
+
+def tearDownModule():
+    # Not unittest.addModuleCleanup (3.8): this module also runs on
+    # Python 3.6, sendmail.py's oldest (tests/test_compat.py).
+    while _module_cleanups:
+        _module_cleanups.pop()()
 
 
 def closed_port(testcase):

@@ -13,6 +13,7 @@ port, so the node itself records it as unreachable.  The page of 100
 clients is drawn from synthetic report data by calling report_html()."""
 
 import datetime
+import glob
 import html
 import json
 import os
@@ -144,6 +145,10 @@ class StatusPageTest(unittest.TestCase):
         # with a journal entry, as after max_attempts real failures.
         config = config.replace('free_space_floor = 0\n',
                                 'free_space_floor = 0\nmax_attempts = 1\n')
+        # Every archive a full: the drawn size is the restorable size (an
+        # increment counts with its chain), and the drop must be real.
+        config = config.replace('[client]\n', '[client]\nfull_every = 0\n',
+                                1)
         closed_port = support.free_port()
         config += (f'\n[client {UNREACHABLE}]\nsftp = {p.sshd.user}@127.0.0.1'
                    f'\nsftp_port = {closed_port}\n')
@@ -227,6 +232,16 @@ class StatusPageTest(unittest.TestCase):
                         client=UNREACHABLE)
         cls.copy_backup(third, now - datetime.timedelta(hours=1),
                         client='c3')
+        # c2 has been unreachable for longer than alert_after (1h): from
+        # then on every format calls it a warning.
+        [health] = glob.glob(os.path.join(cls.base, 'node', '**',
+                                          f'client-{UNREACHABLE}.json'),
+                             recursive=True)
+        with open(health) as f:
+            state = json.load(f)
+        state['first_failure'] = iso(now - datetime.timedelta(hours=2))
+        with open(health, 'w') as f:
+            json.dump(state, f)
         # What a drill would journal; none is drawn where none is recorded.
         with open(os.path.join(cls.base, 'node', 'data', CLIENT,
                                'drills.jsonl'), 'w') as f:

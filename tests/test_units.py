@@ -287,7 +287,7 @@ class GateTest(TempDirTest):
                         "git-receive-pack '../c1.git'",
                         "git-upload-pack 'c1.git'; rm -rf /",
                         "git-receive-pack 'c1.git'\nsh"):
-            with self.assertRaises(server.AccessDenied, msg=command):
+            with self.assertRaises(server.GateRefused, msg=command):
                 server.gate_command(node, 'c1', command)
 
 

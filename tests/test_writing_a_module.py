@@ -3,6 +3,7 @@ a client module (docs/examples/hostinfo, an executable like the seed's
 add_queue scripts) and a node module (docs/examples/pullfile, an executable
 like the seed's server-side cmds/), joined by a private sshd."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,45 @@ class WritingAModuleTest(unittest.TestCase):
         self.assertIn('node stored 1', self.p.client('status').stdout)
         self.assertEqual(os.listdir(os.path.join(self.p.client_dir,
                                                  'export')), [])
+        # Node side: unclaimed, the stored report is checked by hashes
+        # only, never called ok; with docs/examples/hostinfoproof.py in
+        # modules_dir, verify reads it back and drill restores and reads
+        # it, and another host's report with a matching hash fails.
+        name = os.path.basename(stored)
+        verify = self.p.server('verify').stdout
+        self.assertIn(f'hashes only: {stored}/hostinfo.txt', verify)
+        drill = self.p.server('drill').stdout
+        self.assertIn(f'hashes only: c1 hostinfo {name}: hostinfo.txt: '
+                      'hashes only', drill)
+        self.assertNotIn('ok: c1 hostinfo', drill)
+        self.assertIn('c1/hostinfo: hashes only',
+                      self.p.server('report', check=False).stdout)
+        shutil.copy2(os.path.join(EXAMPLES, 'hostinfoproof.py'),
+                     os.path.join(self.p.root, 'modules'))
+        verify = self.p.server('verify').stdout
+        self.assertNotIn('hashes only:', verify)
+        self.assertIn('0 problem(s)', verify)
+        self.assertIn(f'ok: c1 hostinfo {name}: 1 host report(s) restored '
+                      'and read', self.p.server('drill').stdout)
+        # Another host's report in its place, its hash rewritten too.
+        path = os.path.join(stored, 'hostinfo.txt')
+        with open(path) as f:
+            text = f.read()
+        data = text.replace('# hostinfo of c1 ', '# hostinfo of c9 ', 1)
+        with open(path, 'w') as f:
+            f.write(data)
+        manifest_path = os.path.join(stored, 'manifest.json')
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest['files'][0].update(
+            sha256=hashlib.sha256(data.encode()).hexdigest(),
+            size=len(data.encode()))
+        with open(manifest_path, 'w') as f:
+            json.dump(manifest, f)
+        drill = self.p.server('drill', check=False)
+        self.assertEqual(drill.returncode, 2)
+        self.assertIn(f'FAILED: c1 hostinfo {name}: hostinfo.txt: the '
+                      'report of another host', drill.stdout)
 
     def test_node_example_refuses_a_path_outside_sftp_root(self):
         """A hostile request line is refused by the node module (exit 65):
