@@ -38,8 +38,9 @@ LISTING_SUFFIX = '.listing'
 STORED_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
                    '.tar.bz2', '.tbz2')
 COMPANION_SUFFIXES = (LISTING_SUFFIX,)
-TAR_TOOLS = ((('.tar.gz', '.tgz'), 'gzip'), (('.tar.xz', '.txz'), 'xz'),
-             (('.tar.zst',), 'zstd'), (('.tar.bz2', '.tbz2'), 'bzip2'))
+# The program that reads each compressed kind (one table: _tarchain's).
+TAR_TOOLS = tuple((suffixes, args[0])
+                  for suffixes, args in _tarchain.DECOMPRESSORS)
 
 
 def check_path(ctx, module, path):
