@@ -1134,7 +1134,8 @@ class NodeResults:
             # What a node wrote never reaches the terminal raw.
             detail = clean_text(last.get('stored') or last.get('reason') or '')
             count = f' ({len(parts)} parts)' if len(parts) > 1 else ''
-            out.write(f'  {last["finished"]} {request_id} '
+            out.write(f'  {clean_text(last["finished"], 40)} '
+                      f'{clean_text(request_id, 80)} '
                       f'{outcome[request_id]}{count} {detail}\n')
 
 
@@ -1719,15 +1720,17 @@ class NodeLink:
             if health.get('last_error'):
                 out.write(f'  {failing}failing since '
                           f'{health.get("first_failure")}: '
-                          f'{health["last_error"]}\n')
+                          f'{clean_text(health["last_error"], 1000)}\n')
         queue = self.ledger.queue_health().state
         if queue.get('first_failure'):
             out.write(f'  queue repository broken since '
-                      f'{queue["first_failure"]}: {queue["last_error"]}\n')
+                      f'{queue["first_failure"]}: '
+                      f'{clean_text(queue["last_error"], 1000)}\n')
         for request_id in states[FAILED][-5:]:
             module, target = read_request(self.pool.file(FAILED, request_id))
-            out.write(f'  failed request {request_id}: {module}\t{target} -- '
-                      f'{self.attempts.reason(request_id)}\n')
+            out.write(f'  failed request {request_id}: {module} '
+                      f'{clean_text(target)} -- '
+                      f'{clean_text(self.attempts.reason(request_id), 1000)}\n')
         if states[FAILED]:
             out.write('  put failed requests back: client.py retry '
                       '<request id>|--all-failed\n')

@@ -96,6 +96,7 @@ for _name in BESIDE:
 sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules import fs as fs_archive  # noqa: E402  (tar chains: restore)
+from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
     Misconfigured, ModuleContext, NoSpace, Pool, RequestRefused,
@@ -1726,6 +1727,18 @@ class Node:
                 problem = core.problem(f'{client}: run stopped: {e}')
                 return [problem]
 
+    def scratch_registry(self):
+        """Where a drill's live scratch PostgreSQL cluster is registered
+        (postgresdb.ScratchCluster), so that a killed drill's is stopped."""
+        return os.path.join(self.state_dir, 'scratch-postgres')
+
+    def reap_scratch(self):
+        """Stop what a killed drill or restore left: before anything
+        else, its scratch clusters, then its scratch trees."""
+        postgresdb.reap_scratch_clusters(
+            core.ModuleContext(self.config, 'server'), self.scratch_registry())
+        reap_scratch_trees(self)
+
     def ssh_registry(self, client):
         """Where the client's shared ssh connection leaves its pid."""
         return os.path.join(self.state_dir, f'ssh-{client}')
@@ -2901,9 +2914,9 @@ def check_same_owner(target):
 
 # -- scratch trees: registered when made, reaped after a crash --------------
 
-# What reap_scratch does with a registered entry of each kind whose
-# command died; a scratch PostgreSQL cluster registers its own kind
-# (register_scratch(node, 'cluster', path, ...)) and adds a reaper here.
+# What reap_scratch_trees does with a registered entry of each kind
+# whose command died (scratch PostgreSQL clusters have their own registry:
+# Node.scratch_registry, postgresdb.reap_scratch_clusters).
 SCRATCH_REAPERS = {}
 SCRATCH_PREFIX = '.gitbackup-'
 
@@ -2918,7 +2931,7 @@ def process_start(pid):
         return None
 
 
-def scratch_registry(node):
+def scratch_tree_registry(node):
     return os.path.join(node.state_dir, 'scratch')
 
 
@@ -2927,10 +2940,10 @@ def register_scratch(node, kind, path, **extra):
     cluster...); returns the record's file, None if it cannot be written
     (an account that may not write the node's state: its scratch is then
     removed by itself only)."""
-    record = os.path.join(scratch_registry(node),
+    record = os.path.join(scratch_tree_registry(node),
                           f'{os.getpid()}-{os.path.basename(path)}.json')
     try:
-        core.make_dirs(scratch_registry(node))
+        core.make_dirs(scratch_tree_registry(node))
         write_json(record, {'pid': os.getpid(), 'kind': kind, 'path': path,
                             'started': process_start(os.getpid()), **extra})
     except OSError as e:
@@ -2948,17 +2961,17 @@ def remove_scratch_tree(entry):
 SCRATCH_REAPERS['tree'] = remove_scratch_tree
 
 
-def reap_scratch(node):
+def reap_scratch_trees(node):
     """End what a restore or drill killed before its cleanup left behind:
     every registered scratch whose process is gone (a pid alive with the
     recorded start time is a running command, left alone).  Run by
-    restore, drill, run and prune before they start."""
+    restore, drill, run and prune before they start (Node.reap_scratch)."""
     try:
-        names = os.listdir(scratch_registry(node))
+        names = os.listdir(scratch_tree_registry(node))
     except OSError:
         return
     for name in sorted(names):
-        record = os.path.join(scratch_registry(node), name)
+        record = os.path.join(scratch_tree_registry(node), name)
         entry = read_json(record)
         if not isinstance(entry, dict):
             continue
@@ -3208,7 +3221,8 @@ def restore_command(node, args, out=None):
     if not backups:
         raise RestoreError(f'nothing stored for {client} {args.source} '
                            '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file)
+    backup = choose_snapshot(backups, args.source, args.at, args.file or (
+        (args.database or args.globals) and database_file(args)))
     return restore_snapshot(node, client, backups, backup, args, out)
 
 
@@ -3231,10 +3245,55 @@ def fetch_offsite_snapshot(node, client, args, scratch):
     return backup
 
 
+def earlier_snapshots(backups, backup):
+    """(directory, manifest) of the good snapshots stored before backup
+    in backups (one source), oldest first."""
+    good = [b for b in backups if b.good]
+    before = good[:good.index(backup)] if backup in good else []
+    return [(b.path, b.manifest) for b in before]
+
+
+def database_file(args):
+    """The stored file restore --database/--globals start from."""
+    if args.database:
+        # Any name `all` dumped (spaces included): it only picks the file.
+        if not args.database.isprintable():
+            raise UsageError(f'--database {clean_text(args.database)!r}: '
+                             'not a database name')
+        return postgresdb.dump_file_name(args.database)
+    return postgresdb.GLOBALS_FILE
+
+
+def restore_database(node, client, backups, backup, args, out):
+    """--database NAME / --globals: one psql script (postgresdb
+    restore_script) that creates the roles, then the database exactly."""
+    if not args.stdout:
+        raise UsageError('restore --database/--globals: give --stdout and '
+                         'pipe it into psql (see --help)')
+    name = database_file(args)
+    check_hashes([backup], {name}, args.force)
+    try:
+        globals_path = postgresdb.snapshot_globals(
+            earlier_snapshots(backups, backup) + [(backup.path,
+                                                   backup.manifest)])
+    except ValueError as e:
+        raise RestoreError(str(e)) from None
+    if globals_path is None:
+        log.warning('%s %s: no globals.sql stored at or before %s: the '
+                    'roles must exist on the target', client, args.source,
+                    backup.name)
+    postgresdb.restore_script(
+        core.ModuleContext(node.config, 'server'), out,
+        f'{client} {args.source} {backup.name}', args.database,
+        args.database and os.path.join(backup.path, name), globals_path)
+
+
 def restore_snapshot(node, client, backups, backup, args, out):
     """Restore one chosen snapshot (its chain from backups)."""
     log.info('restoring %s %s %s', client, args.source, backup.name)
-    if args.file:
+    if args.database or args.globals:
+        restore_database(node, client, backups, backup, args, out)
+    elif args.file:
         restore_file(backup, args.file, args, out)
     elif archive_entry(backup):
         restore_archive(node, client, backups, backup, args, out)
@@ -3256,7 +3315,7 @@ class DrillContext(ModuleContext):
     way to extract a chain (checked against the manifests first)."""
 
     def __init__(self, node, client, path, manifest=None, chain=(),
-                 heads=()):
+                 heads=(), earlier=()):
         super().__init__(node.config, 'server')
         self.node = node
         self.client = client
@@ -3265,6 +3324,13 @@ class DrillContext(ModuleContext):
         self.node_settings = node.settings
         self.heads = list(heads)
         self.chain = list(chain)
+        # The source's snapshots stored before this one, oldest first, as
+        # (directory, manifest): what a module may need beside it (the
+        # globals of an earlier `postgresdb all`).
+        self.earlier = list(earlier)
+        # Where a module registers what it starts (a scratch cluster), so
+        # that what a killed drill left is stopped by the next command.
+        self.scratch_registry = node.scratch_registry()
 
     def extract_chain(self, directory):
         """Check the sha256 of every link below the snapshot (the
@@ -3320,7 +3386,8 @@ def drill_snapshot(node, client, backups, backup, scratch):
         ctx = DrillContext(node, client, backup.path, backup.manifest,
                            chain=chain_to_extract(backups, backup)
                            if manifest_level(backup.manifest) or
-                           archive_entry(backup) else [backup])
+                           archive_entry(backup) else [backup],
+                           earlier=earlier_snapshots(backups, backup))
         found, detail = code.drill_stored(ctx, names, scratch)
         problems += found
         details.append(detail)
@@ -3403,8 +3470,11 @@ def drill_command(node, only_client=None, out=sys.stdout):
                              DRILL_JOURNAL)).append(entries)
         count += len(entries)
     status = CRITICAL if failed else OK
+    # "checked", not "restored": without drill_postgres a dump is only
+    # read back, and each line says which proof it had.
     summary = (f'drill on {node.name}: {count} snapshot(s) and mirror(s) '
-               f'restored, {len(failed)} failed: {STATUS_NAMES[status].upper()}')
+               f'checked, {len(failed)} failed: '
+               f'{STATUS_NAMES[status].upper()}')
     out.write(summary + '\n')
     if failed:
         core.mail_admins(node.config, 'server',
@@ -5110,9 +5180,15 @@ RESTORE_HELP = (
     '--xattrs \\\n        --xattrs-include=\'*\' --acls '
     '--numeric-owner -C /srv/restore\n'
     '    --path PATH (repeatable): only that file or directory.\n'
+    '  a database, exactly (roles first, then the database '
+    'with its owner,\n    encoding, locale, settings and ACL): '
+    '--database NAME --stdout | psql\n'
+    '      server.py restore c1 postgresdb --database shop '
+    '--stdout |\n'
+    '          ssh root@c1 sudo -u postgres psql -X -d postgres\n'
+    '    (--globals --stdout alone: the roles and tablespaces, '
+    'for a whole cluster)\n'
     '  one file (a dump, globals.sql): --file NAME --stdout\n'
-    '      server.py restore c1 postgresdb --file shop.dump '
-    '--stdout | ssh c1 pg_restore -d shop\n'
     '  git mirror (source git/<path>): --to DIR clones every ref '
     '(refs/preserved/*\n    included), --stdout writes a git '
     'bundle.\n'
@@ -5152,6 +5228,13 @@ def restore_parsers(command):
                    'restore owners, setuid/setgid bits, device nodes and '
                    'every xattr namespace (default: left out, named in a '
                    'warning)')
+    p.add_argument('--database', metavar='NAME', help='postgresdb: a psql '
+                   'script that creates the roles, then the database NAME '
+                   'exactly as it was (owner, encoding, locale, settings, '
+                   'ACL); with --stdout')
+    p.add_argument('--globals', action='store_true', help='postgresdb: '
+                   'only the roles and tablespaces (globals.sql), for a '
+                   'whole-cluster restore; with --stdout')
     p.add_argument('--to', metavar='DIR', help='restore into DIR (created; '
                    'may exist if empty)')
     p.add_argument('--stdout', action='store_true',
@@ -5172,9 +5255,11 @@ def drill_parser(command):
                 'archive is restored\n(its chain) and compared with the '
                 'listing the client made (names, types,\nsizes); every dump '
                 'is restored into a scratch PostgreSQL cluster when\n'
-                '[server] drill_postgres names the server programs, and its '
-                'row counts compared\nwith the client\'s statistics (else '
-                'read back with pg_restore --list); every\ngit mirror is '
+                '[server] drill_postgres names the server programs (roles '
+                'of the globals first,\nthe dump by a role that is no '
+                'superuser, over a private socket), and its\nrow counts '
+                'must equal the exact counts the client took (else read '
+                'back with\npg_restore --list); every git mirror is\n'
                 'cloned, fsck\'d and must hold every tip the client '
                 'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
                 '(report shows them); failures\nare printed with the '
@@ -5206,6 +5291,7 @@ def gate_exec(node, client):
 
 
 def run_cron(node):
+    node.reap_scratch()
     return core.exclusive(
         node.settings['log_dir'], 'run', lambda: 1 if node.run() else 0,
         2 * node.config.get_duration('server', 'command_timeout'))
@@ -5234,7 +5320,7 @@ COMMANDS = {
     # -- list, restore, drill
     'list': lambda n, a: list_command(n, a.client, a.source, a.format),
     'restore': lambda n, a: restore_command(n, a),
-    'drill': lambda n, a: drill_command(n, a.client),
+    'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused
@@ -5261,9 +5347,10 @@ def run_command(args):
     # git process for it; check and the cron commands say it.
     if args.command not in ('check', 'report', 'ingest', 'gate'):
         core.check_git_version()   # check reports it as a problem
-    # Scratch trees (and clusters) a killed restore or drill left behind.
-    if args.command in ('run', 'drill', 'restore', 'prune'):
-        reap_scratch(node)
+    # Scratch trees and clusters a killed restore or drill left behind
+    # (run and drill reap them themselves, first of all).
+    if args.command in ('restore', 'prune'):
+        node.reap_scratch()
     return COMMANDS[args.command](node, args)
 
 

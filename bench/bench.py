@@ -9,7 +9,10 @@ default configuration (zstd, incremental archives):
 4. seven days of 1% churn in the small files (bytes stored after them);
 5. peak RSS of the largest process of ours (Python, tar, zstd, ssh, sftp);
 6. one `server.py run` on a node with 50 clients of one small file each
-   (fs requests over sftp), then with 1000 clients of one dummy request.
+   (fs requests over sftp), then with 1000 clients of one dummy request;
+7. what exact row counts cost a PostgreSQL dump: `pg_dump -Fc` of a
+   3M-row table against the count(*) the postgresdb module adds (the
+   second scan behind `[client] pg_row_counts = exact`).
 
 The many-client node is set up cheaply but faithfully: one real client
 makes the request (`client.py commit` + `send`, the node's real hook
@@ -30,8 +33,8 @@ dirty pages of the trees or of the tool before it; the many-client runs
 also print CPU seconds, steadier than wall time on a shared machine.
 
 Sizes and client counts scale with $BENCH_SCALE (default 1; 0.05 for a
-quick run); $BENCH_ONLY=clients or trees runs only that part, =first
-only the first backup of the big tree.
+quick run); $BENCH_ONLY=clients, trees or postgres runs only that part,
+=first only the first backup of the big tree.
 """
 
 import os
@@ -336,6 +339,39 @@ def run_many_clients(demo, scale):
     return rows
 
 
+def run_row_counts(root, scale):
+    """7: seconds of pg_dump -Fc and of the exact counts, on one table."""
+    from modules import postgresdb
+    if not support.pg_bindir():
+        print('PostgreSQL server programs not installed: no row-count bench')
+        return
+    cluster = support.PostgresCluster(os.path.join(root, 'pg'))
+    cluster.start()
+    try:
+        rows = max(int(3_000_000 * scale), 1000)
+        cluster.psql('CREATE DATABASE big')
+        cluster.psql("CREATE TABLE t (id int, name text, v numeric); INSERT "
+                     f"INTO t SELECT n, 'name ' || n || repeat('x', 40), "
+                     f"n * 1.5 FROM generate_series(1, {rows}) n", db='big')
+        cluster.psql('VACUUM ANALYZE t', db='big')
+        env = {k: v for k, v in os.environ.items() if not k.startswith('PG')}
+        env.update(cluster.env())
+        start = time.monotonic()
+        subprocess.run([support.pg_tool('pg_dump'), '-Fc', '-f',
+                        os.path.join(root, 'big.dump'), 'big'], env=env,
+                       check=True)
+        dumped = time.monotonic()
+        subprocess.run([support.pg_tool('psql'), '-X', '-A', '-t', '-q',
+                        '-d', 'big', '-c', postgresdb.COUNT_ROWS], env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+        counted = time.monotonic()
+        print(f'pg_dump -Fc of {rows} rows: {dumped - start:.2f} s; exact '
+              f'row counts: {counted - dumped:.2f} s '
+              f'({100 * (counted - dumped) / (dumped - start):.1f}%)')
+    finally:
+        cluster.stop()
+
+
 def print_rows(rows, tools):
     names = [t.name for t in tools]
     print(f'{"":52} ' + ' '.join(f'{n:>12}' for n in names) +
@@ -370,6 +406,8 @@ def main():
             rows.update(run_scenarios(tools, os.path.join(p.root, 'trees'),
                                       scale, first_only=only == 'first'))
         print_rows(rows, tools)
+        if only in ('', 'postgres'):
+            run_row_counts(p.root, scale)
     return 0
 
 

@@ -100,6 +100,10 @@ SCHEMA = {
         'pg_host': '',
         'pg_port': '',
         'pg_user': '',
+        # Row counts beside each dump, for the node's drill: exact (count(*)
+        # in the dump's own snapshot: a second scan of every table) or
+        # estimate (the statistics collector's: free, but no proof).
+        'pg_row_counts': 'exact',
         'export_keep': '7d',
         'keep_requests': '30d',
         'max_attempts': '5',
@@ -217,6 +221,8 @@ TYPES = {
     'offsite': _typed(number=('transfers',)),
     'mail': {},
 }
+# Keys with a fixed set of values.
+CHOICE_KEYS = {'pg_row_counts': ('exact', 'estimate')}
 
 
 # --------------------------------------------------------------------------
@@ -247,7 +253,8 @@ class CommandFailed(GitBackupError):
         where = f' (in {cwd})' if cwd else ''
         lines = [f'{shell_line(self.args_list)}{where} exited with '
                  f'{returncode}']
-        lines += ['    ' + line for line in self.stderr.strip().splitlines()[-20:]]
+        lines += ['    ' + clean_text(line, 1000)
+                  for line in self.stderr.strip().splitlines()[-20:]]
         super().__init__('\n'.join(lines))
 
 
@@ -378,21 +385,23 @@ def shell_line(words):
 
 
 def run(args, *, cwd=None, env=None, input=None, check=True, timeout=None,
-        stdout=subprocess.PIPE, text=True):
+        stdout=subprocess.PIPE, text=True, stdin=None):
     """Run a program (argument list, never a shell) and return the result.
 
     On failure raise CommandFailed quoting the command, cwd, exit status and
     stderr; a program that is not installed raises ToolMissing.  The
     program runs in a session of its own, so a timeout kills it and
     everything it started (ssh under git or sftp), never leaving a
-    connection behind.
+    connection behind.  stdin: an open file to read instead of input (so
+    that a program run as another account reads just that file).
     """
     log.debug('running: %s', shell_line(args))
     kwargs = {'encoding': 'utf-8', 'errors': 'surrogateescape'} if text else {}
     try:
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout,
                                 stderr=subprocess.PIPE,
-                                stdin=subprocess.PIPE if input is not None
+                                stdin=stdin if stdin is not None else
+                                subprocess.PIPE if input is not None
                                 else subprocess.DEVNULL,
                                 start_new_session=True, **kwargs)
     except FileNotFoundError:
@@ -727,12 +736,31 @@ def human_size(n):
         n /= 1024
 
 
-def clean_text(text, limit=300):
-    """Make untrusted text safe for one log line: line breaks become
-    ' | ', other control characters '?'."""
-    text = ' | '.join(line for line in str(text).splitlines() if line)
-    text = ''.join(c if c.isprintable() else '?' for c in text)
-    return text if len(text) <= limit else text[:limit] + '...'
+def clean_text(text, limit=300, lines=False):
+    """The one cleaner of text from another host (stderr of git, ssh and
+    sftp, results, listings, dump names) before it reaches a terminal, a
+    log or a mail: a tab becomes a space, every other control character
+    (escape sequences included) '?'.  Line breaks become ' | ' (one log
+    line), or with lines=True stay (a block, each line cleaned).  Cut at
+    limit characters (None: whole)."""
+    text = str(text).replace('\t', ' ')
+    if lines:
+        text = '\n'.join(''.join(c if c.isprintable() else '?' for c in line)
+                         for line in text.split('\n'))
+    else:
+        text = ' | '.join(line for line in text.splitlines() if line)
+        text = ''.join(c if c.isprintable() else '?' for c in text)
+    return text if limit is None or len(text) <= limit \
+        else text[:limit] + '...'
+
+
+class CleanFormatter(logging.Formatter):
+    """Every log line, on the terminal and in the file, passes clean_text:
+    a message that quotes another host's text cannot carry an escape
+    sequence, whichever path it took."""
+
+    def format(self, record):
+        return clean_text(super().format(record), None, lines=True)
 
 
 def pause_point(name):
@@ -1286,6 +1314,9 @@ class Config:
                 elif types.get(key) == 'number' and \
                         not re.fullmatch(r'\d+', value):
                     raise ValueError(f'not a whole number: {value!r}')
+                elif key in CHOICE_KEYS and value not in CHOICE_KEYS[key]:
+                    raise ValueError(f'{value!r}: want one of '
+                                     + ', '.join(CHOICE_KEYS[key]))
             except ValueError as e:
                 raise ConfigError(f'{path}:{lines.get((section, key), "?")}'
                                   f': [{section}] {key}: {e}') from None
@@ -1383,7 +1414,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING if quiet else
                      logging.DEBUG if verbose else logging.INFO)
-    handler.setFormatter(logging.Formatter(f'{program}: %(message)s'))
+    handler.setFormatter(CleanFormatter(f'{program}: %(message)s'))
     log.addHandler(handler)
     if log_dir and (create or os.path.isdir(log_dir)):
         try:
@@ -1395,7 +1426,7 @@ def setup_logging(log_dir, program, verbose=0, quiet=False, create=True,
             log.warning('cannot write the log file in %s: %s', log_dir, e)
         else:
             handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-            handler.setFormatter(logging.Formatter(
+            handler.setFormatter(CleanFormatter(
                 '%(asctime)s [%(process)d] %(levelname)s %(message)s'))
             log.addHandler(handler)
 
@@ -1410,6 +1441,9 @@ def mail_admins(config, section, subject, body, admins=None):
         log.info('no admin configured in [%s]; not mailing: %s', section,
                  subject)
         return False
+    # Mail bodies quote other hosts' text (stderr, results): cleaned here,
+    # once for every mail.
+    subject, body = clean_text(subject, 300), clean_text(body, None, True)
     try:
         how = sendmail.send(subject, body, admins, config.section('mail'),
                             config.section(section)['log_dir'])

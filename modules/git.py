@@ -299,7 +299,8 @@ def git(ctx, mirror, *args, check=True, **kwargs):
     if check and proc.returncode != 0:
         raise ctx.TransientError(
             f'git {" ".join(args[:2])} in {mirror} failed (exit '
-            f'{proc.returncode}): {proc.stderr.strip()[-1000:]}')
+            f'{proc.returncode}): '
+            f'{ctx.clean_text(proc.stderr.strip()[-1000:], 1000)}')
     return proc
 
 
@@ -334,7 +335,8 @@ def fetch(ctx, mirror, url, protocols, allowance=None):
             hint = (' (the server redirects; the node follows no redirect: '
                     f'set [client {ctx.client}] git to the final URL)')
         raise error(f'git fetch from {url} failed (exit {proc.returncode}): '
-                    f'{proc.stderr.strip()[-1000:]}{hint}')
+                    f'{ctx.clean_text(proc.stderr.strip()[-1000:], 1000)}'
+                    f'{hint}')
 
 
 def check_connection(ctx):
@@ -619,7 +621,7 @@ def preserve(ctx, mirror, before, after):
     if proc.returncode != 0:
         raise ctx.TransientError(
             f'{mirror}: cannot create {len(lost)} preserved refs: '
-            f'{proc.stderr.strip()[-500:]}')
+            f'{ctx.clean_text(proc.stderr.strip()[-500:], 500)}')
     for n, (ref, old) in enumerate(lost.items()):
         if n == 10:
             ctx.log.warning('%s: %s: %d more refs rewritten or deleted, old '

@@ -86,7 +86,10 @@ class ConfigTest(unittest.TestCase):
                 ('dummy = dummy', 'dummy = dummy\n[mail]\nmethod = fax',
                  "[mail] method must be one of"),
                 ('log_dir', 'admin = root,\nlog_dir', 'bad receiver'),
-                ('log_dir', 'alert_after = soon\nlog_dir', 'not a duration')):
+                ('log_dir', 'alert_after = soon\nlog_dir', 'not a duration'),
+                ('log_dir', 'pg_row_counts = some\nlog_dir',
+                 "[client] pg_row_counts: 'some': want one of exact, "
+                 'estimate')):
             self.write(MINIMAL.format(root=self.root).replace(old, new))
             proc = self.run_script('--config', self.config, 'send')
             self.assertEqual(proc.returncode, 2, (new, proc.stderr))

@@ -273,7 +273,10 @@ class HostileTreeTest(HostileTestCase):
         proc = f.push(commit)
         elapsed = time.monotonic() - start
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertLess(elapsed, 5.0, 'push + ingest of 100,000 entries')
+        # About 2 s alone; the bound catches a per-entry cost (one git
+        # process per entry takes minutes), not a loaded machine (5.2 s
+        # seen beside seven busy test workers).
+        self.assertLess(elapsed, 15.0, 'push + ingest of 100,000 entries')
         self.assertEqual(len(self.pool_names()), 100)
         self.assertIn('(over max_requests_per_push)', self.node_log())
         self.assert_contained()

@@ -49,6 +49,14 @@ class PostgresModuleTest(PostgresMixin, unittest.TestCase):
         self.assertEqual(p.states('node'), {'RQ': 4})
         p.server('run')
         self.assertEqual(p.states('node'), {'F': 4})
+        # Without [server] drill_postgres the drill only reads the dumps
+        # back, and says so: nothing claims they were restored.
+        drill = p.server('drill')
+        self.assertIn('3 dump(s) read back with pg_restore --list, not '
+                      'restored', drill.stdout)
+        self.assertIn('1 snapshot(s) and mirror(s) checked, 0 failed',
+                      drill.stdout)
+        self.assertNotIn('restored,', drill.stdout)
         files = p.stored_files('postgresdb')
         # Every dump comes with its tables' row statistics at dump time.
         self.assertEqual(sorted(files), [

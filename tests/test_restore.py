@@ -357,7 +357,7 @@ class DatabaseAndGitRestoreTest(PostgresMixin, unittest.TestCase):
         self.assertEqual(proc.returncode, 2, proc.stdout + proc.stderr)
         self.assertIn(f'FAILED: c1 postgresdb {os.path.basename(snap)}: '
                       'shop.dump: table "public"."items": 0 rows restored, '
-                      '200 recorded', proc.stdout)
+                      '200 counted at dump time', proc.stdout)
 
     def test_git_mirror_restore_and_drill(self):
         p = self.p

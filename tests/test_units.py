@@ -92,6 +92,10 @@ class ConfigTest(TempDirTest):
         self.assertEqual(core.clean_text('denied (publickey).\nfatal: x'),
                          'denied (publickey). | fatal: x')
         self.assertEqual(core.clean_text('\x1b]0;owned\x07'), '?]0;owned?')
+        # A tab is a space, not '?'; a block keeps its lines, each cleaned.
+        self.assertEqual(core.clean_text('a\tb'), 'a b')
+        self.assertEqual(core.clean_text('x\x1b[2J\r\ny\n', None, True),
+                         'x?[2J?\ny\n')
 
 
 class PoolTest(TempDirTest):
