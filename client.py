@@ -39,12 +39,14 @@ scripts, ``sendmail.py`` and ``modules/`` together, as one directory.
 """
 
 import argparse
+import datetime
 import errno
 import fcntl
 import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import select
@@ -76,6 +78,7 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     atomic_write, Config, ConfigError, GitBackupError, Health, Journal, Ledger,
     ModuleContext, ModuleError, Pool, ToolMissing, UsageError,
     check_git_version, check_run_user, git_init_sha1, clean_text,
+    encode_warnings, warning_text,
     common_options, connection_line, directory_problems, ssh_problem,
     exclusive, find_config, flush_mail_queue, gc_repositories, git, guarded,
     isotime, kill_tree, load_module, log, mail_admins, make_dirs, mail_summary,
@@ -147,6 +150,12 @@ def compression_text(settings):
 
 SERVER_REQUEST_RE = re.compile(r'^[a-z][a-z0-9_-]{0,31} [^\x00-\x1f\x7f]{1,3000}$')
 
+# Warning lines of one request written to the log (all go to the node,
+# bounded there).
+WARNINGS_LOGGED = 50
+# ... and shown per request by status.
+WARNINGS_SHOWN = 5
+
 # Kinds of ExportWait and how status names them.
 EXPORT_WAITS = {'space': 'client disk full',
                 'config': 'client directory missing or not writable'}
@@ -192,6 +201,11 @@ def result_problem(entry):
     for field in ('stored', 'reason', 'started'):
         if not isinstance(entry.get(field), (str, type(None))):
             return f'bad {field}'
+    warnings = entry.get('warnings', [])
+    if not isinstance(warnings, list) or \
+            not all(isinstance(w, str) for w in warnings) or \
+            not isinstance(entry.get('warning_count', 0), int):
+        return 'bad warnings'
     return None
 
 
@@ -271,6 +285,8 @@ class PrepareContext(ModuleContext):
         self.node = link.node
         self.request_id = request_id
         self.problems = []
+        # What the module could not back up though the rest is stored.
+        self.warnings = []
         self.module = module
         self.timestamp = timestamp()
         # {published path: (sha256, size)} hashed while it was written.
@@ -326,6 +342,21 @@ class PrepareContext(ModuleContext):
         self.hashed[path] = (digest, size)
         return status, stderr
 
+    def warn(self, what, problems):
+        """What a module could not back up while the rest of what is stored
+        (a file tar could not read, a name too long, a file that vanished):
+        named in the log now, and sent to the node with the request, which
+        reports the request as stored with warnings.  Never silent."""
+        if not problems:
+            return
+        self.warnings += problems
+        log.warning('request %s: %s stored with %d warning(s):',
+                    self.request_id, what, len(problems))
+        for line in problems[:WARNINGS_LOGGED]:
+            log.warning('  %s', warning_text(line, 1000))
+        if len(problems) > WARNINGS_LOGGED:
+            log.warning('  ... and %d more', len(problems) - WARNINGS_LOGGED)
+
     def request_separately(self, module, path, error):
         """One part of this request failed (one database of `all`): record
         that part as a request of its own, so it is retried, counted and
@@ -376,6 +407,9 @@ class PrepareContext(ModuleContext):
             c_digest, c_size = sha256_file(companion)
             line += (f' companion={os.path.basename(companion)} '
                      f'companion_sha256={c_digest} companion_size={c_size}')
+        if self.warnings:
+            options = dict(options, warnings=len(self.warnings),
+                           warned=encode_warnings(self.warnings))
         return line + ''.join(f' {key}={value}'
                               for key, value in options.items())
 
@@ -393,11 +427,27 @@ class PrepareContext(ModuleContext):
                 'GITBACKUP_GIT_BASE': self.settings.get('git_base', '')}
 
 
+def snar_dump_time(path):
+    """The dump time GNU tar wrote into a --listed-incremental snapshot
+    file (seconds since the epoch), or None if it cannot be read.  Format
+    1 and 2 files start with a 'GNU tar-<version>-<format>' line, then the
+    seconds; format 0 files start with the seconds."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    first, _, rest = head.partition(b'\n')
+    m = re.match(b'[0-9]+', rest if first.startswith(b'GNU tar-') else head)
+    return int(m.group(0)) if m else None
+
+
 class ArchiveChain:
     """GNU tar's snapshot state (--listed-incremental) of one directory
     for one node, kept in state_dir/incremental/<node>/<module>-<hash>/ as
     <request id>.snar plus <request id>.json (level, base, when the chain's
-    full was made).  The .json is written last: it is what makes an entry.
+    full was made, a sequence number, why a full was made).  The .json is
+    written last: it is what makes an entry.
 
     An increment is built only on an entry whose archive the node reported
     stored (the results journal), so every link of a chain is on the node.
@@ -405,47 +455,52 @@ class ArchiveChain:
     after the archive is published (``advance``).  A crash, a lost or an
     unconfirmed archive therefore means a full or an increment made again
     on the last confirmed base, never a hole.  A failed result for any
-    entry newer than that base (the node refuses an increment whose base
-    it lost) starts a new chain with a full."""
+    entry newer than that base (the node refuses an increment whose chain
+    it does not hold whole) starts a new chain with a full.
+
+    Entries are ordered by a sequence this class keeps, never by their
+    request ids (wall-clock time).  No increment is built across a clock
+    step: a base whose tar dump time, making time or chain full lies in
+    the future (the clock was ahead then, or went back since) would make
+    files changed meanwhile look old to tar, and the increment would miss
+    them; a full is made instead, with the reason logged and kept for
+    ``status``."""
 
     def __init__(self, ctx, path, full_every):
         self.ctx = ctx
+        self.path = path
         self.full_every = full_every
         digest = hashlib.sha256(path.encode('utf-8', 'surrogateescape')) \
             .hexdigest()[:16]
         self.directory = os.path.join(ctx.client.state_dir, 'incremental',
-                                      ctx.node, f'{ctx.module}-{digest}')
+                                      ctx.node, '%s-%s' % (ctx.module, digest))
         self.own = os.path.join(self.directory, ctx.request_id)
         self.level, self.base, self.full_time = 0, None, time.time()
+        self.why_full = ''
 
     def entries(self):
-        """[(request id, entry)] oldest first."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in names:
-            request_id = name[:-5]
-            if name.endswith('.json') and REQUEST_ID_RE.match(request_id):
-                entry = read_json(os.path.join(self.directory, name))
-                if isinstance(entry, dict) and os.path.exists(
-                        os.path.join(self.directory, request_id + '.snar')):
-                    found.append((request_id, entry))
-        return found
+        """[(request id, entry)] oldest first, by the chain's sequence
+        (entries older than sequences first, by request id)."""
+        return read_chain_entries(self.directory)
 
     def choose_base(self):
         """(request id, entry) to build on, or None for a full (and why)."""
         results = self.ctx.link.results.read()
-        for request_id, entry in reversed(self.entries()):
-            if request_id == self.ctx.request_id:
-                continue            # this request, prepared again
+        entries = [(r, e) for r, e in self.entries()
+                   if r != self.ctx.request_id]   # this request, prepared again
+        now = time.time()
+        step = clock_step(self.directory, entries, now)
+        if step:
+            return None, step
+        for request_id, entry in reversed(entries):
             outcomes = {r.get('outcome')
                         for r in results.get(request_id, {}).values()}
             if 'failed' in outcomes:
-                return None, f'the node failed {request_id}'
+                return None, 'the node refused or failed %s' % request_id
             if 'stored' in outcomes:
-                if time.time() - entry.get('full_time', 0) >= self.full_every:
+                # A negative age (a full stamped in the future) is a clock
+                # step, caught above; never "fresh".
+                if now - entry.get('full_time', 0) >= self.full_every:
                     return None, 'full_every has passed'
                 return (request_id, entry), ''
         return None, 'no archive confirmed stored by the node'
@@ -463,26 +518,37 @@ class ArchiveChain:
             self.full_time = entry.get('full_time', 0)
             shutil.copyfile(os.path.join(self.directory, self.base + '.snar'),
                             part)
-        log.info('request %s: %s', self.ctx.request_id,
-                 f'increment level {self.level} on {self.base}' if chosen
-                 else f'full archive ({why})')
+            log.info('request %s: increment level %d on %s',
+                     self.ctx.request_id, self.level, self.base)
+        else:
+            self.why_full = why
+            # A clock step or a refused chain is news to the admins; the
+            # ordinary reasons are not.
+            level = logging.INFO if why in ORDINARY_FULLS else logging.WARNING
+            log.log(level, 'request %s: full archive of %s (%s)',
+                    self.ctx.request_id, self.path, why)
         # Device numbers change across reboots on NFS and LVM: only the
         # inode and times tell that a file changed.
-        return [f'--listed-incremental={part}', '--no-check-device']
+        return ['--listed-incremental=%s' % part, '--no-check-device']
 
     def advance(self):
         """The archive is published: its state becomes an entry; entries
-        older than its base are no longer needed."""
+        ordered before its base are no longer needed."""
         with open(self.own + '.snar.part', 'rb') as f:
             os.fsync(f.fileno())
         os.rename(self.own + '.snar.part', self.own + '.snar')
+        entries = self.entries()
+        seq = max([e.get('seq', 0) for _, e in entries
+                   if isinstance(e.get('seq', 0), int)] or [0]) + 1
         write_json(self.own + '.json', {
             'level': self.level, 'base': self.base,
-            'full_time': self.full_time, 'made': isotime()})
-        for request_id, _ in self.entries():
-            stale = request_id < self.base if self.base else \
-                request_id != self.ctx.request_id
-            if stale:
+            'full_time': self.full_time, 'made': isotime(),
+            'made_at': time.time(), 'seq': seq, 'module': self.ctx.module,
+            'path': self.path, 'why_full': self.why_full})
+        ids = [request_id for request_id, _ in entries]
+        keep_from = ids.index(self.base) if self.base in ids else len(ids)
+        for request_id in ids[:keep_from]:
+            if request_id != self.ctx.request_id:
                 for suffix in ('.json', '.snar'):
                     os.unlink(os.path.join(self.directory,
                                            request_id + suffix))
@@ -491,6 +557,84 @@ class ArchiveChain:
         """level= and base= of the server request."""
         return {'level': self.level, **({'base': self.base}
                                          if self.base else {})}
+
+
+# Why a full is made in the normal course of things (not worth a warning).
+ORDINARY_FULLS = ('full_every has passed',
+                  'no archive confirmed stored by the node')
+
+
+def read_chain_entries(directory):
+    """[(request id, entry)] of one ArchiveChain directory, in the order
+    of the chain's own sequence."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        request_id = name[:-5]
+        if name.endswith('.json') and REQUEST_ID_RE.match(request_id):
+            entry = read_json(os.path.join(directory, name))
+            if isinstance(entry, dict) and os.path.exists(
+                    os.path.join(directory, request_id + '.snar')):
+                found.append((request_id, entry))
+
+    def order(item):
+        seq = item[1].get('seq')
+        return (seq if isinstance(seq, int) else 0, item[0])
+    return sorted(found, key=order)
+
+
+def clock_step(directory, entries, now):
+    """Why no increment may be built on this chain because the clock
+    stepped (a text), or '' when none did: an entry made later than now
+    (the clock went back since), a chain full stamped in the future, or
+    a base whose tar dump time lies in the future."""
+    for request_id, entry in entries:
+        full = entry.get('full_time')
+        if isinstance(full, (int, float)) and full > now:
+            return "the chain's full of %s is stamped in the future (%s)" % (
+                request_id, isotime(utc_from_epoch(full)))
+        dumped = snar_dump_time(os.path.join(directory, request_id + '.snar'))
+        if dumped is not None and dumped > now:
+            return 'the tar dump time of %s lies in the future (%s)' % (
+                request_id, isotime(utc_from_epoch(dumped)))
+        made = entry.get('made_at')
+        if isinstance(made, (int, float)) and made > now:
+            return 'the clock moved back since %s was made (%s)' % (
+                request_id, entry.get('made'))
+    return ''
+
+
+def utc_from_epoch(seconds):
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
+
+def chain_status_lines(state_dir, node):
+    """For `status`: each directory's chain on one node, its newest
+    archive, and why its last full was made when that was news."""
+    lines = []
+    top = os.path.join(state_dir, 'incremental', node)
+    try:
+        chains = sorted(os.listdir(top))
+    except FileNotFoundError:
+        return lines
+    for name in chains:
+        entries = read_chain_entries(os.path.join(top, name))
+        if not entries:
+            continue
+        request_id, newest = entries[-1]
+        what = 'level %s on %s' % (newest.get('level'), newest.get('base')) \
+            if newest.get('level') else 'full'
+        lines.append('  chain %s %s: newest %s, %s' % (
+            newest.get('module', name), newest.get('path', '?'), request_id,
+            what))
+        fulls = [(r, e) for r, e in entries if not e.get('level')]
+        why = fulls[-1][1].get('why_full') if fulls else ''
+        if why and why not in ORDINARY_FULLS:
+            lines.append('    full %s made because %s' % (fulls[-1][0], why))
+    return lines
 
 
 # --------------------------------------------------------------------------
@@ -961,6 +1105,7 @@ class NodeResults:
         if new:
             log.info('node %s confirmed %d result(s)', self.node, len(new))
             self.remove_confirmed_exports(new, results)
+            self.restart_refused_chains(new)
         self.check_unconfirmed(results)
         return len(new)
 
@@ -1081,6 +1226,40 @@ class NodeResults:
                 shutil.rmtree(export, ignore_errors=True)
                 log.info('removed %s: the node stored it', export)
 
+    def restart_refused_chains(self, new):
+        """An increment the node refused or gave up (its chain is not whole
+        there) leaves that directory without a usable backup: request it
+        again at once, and ArchiveChain, seeing the failure, makes a full,
+        instead of waiting for the next scheduled backup."""
+        failed = {request_id_of(e['request']) for e in new
+                  if e.get('outcome') == 'failed'}
+        if not failed:
+            return
+        pending = {read_request(self.pool.file(COMPLETE, i))
+                   for i in self.pool.list()[COMPLETE]}
+        top = os.path.join(self.link.client.state_dir, 'incremental',
+                           self.node)
+        for path in sorted(glob.glob(os.path.join(glob.escape(top), '*',
+                                                  '*.json'))):
+            entry = read_json(path)
+            if os.path.basename(path)[:-5] not in failed or \
+                    not isinstance(entry, dict) or not entry.get('level') or \
+                    (entry.get('module'), entry.get('path')) in pending:
+                continue
+            try:
+                request_id = self.link.client.commit(
+                    entry['module'], entry['path'], self.node)
+            except (GitBackupError, ValueError, TypeError) as e:
+                log.warning('node %s refused an increment of %s; '
+                            'requesting it again failed: %s', self.node,
+                            entry.get('path'), e)
+                continue
+            pending.add((entry['module'], entry['path']))
+            log.warning('node %s refused increment %s of %s: requested '
+                        'again as %s, a full archive', self.node,
+                        os.path.basename(path)[:-5], entry['path'],
+                        request_id)
+
     def check_unconfirmed(self, results):
         """Mail once about pushed requests the node has not confirmed within
         confirm_after."""
@@ -1134,9 +1313,17 @@ class NodeResults:
             # What a node wrote never reaches the terminal raw.
             detail = clean_text(last.get('stored') or last.get('reason') or '')
             count = f' ({len(parts)} parts)' if len(parts) > 1 else ''
+            warned = [w for r in parts.values()
+                      for w in r.get('warnings') or []]
+            total = sum(r.get('warning_count') or len(r.get('warnings') or [])
+                        for r in parts.values())
+            with_warnings = f' with {total} warning(s)' if total else ''
             out.write(f'  {clean_text(last["finished"], 40)} '
                       f'{clean_text(request_id, 80)} '
-                      f'{outcome[request_id]}{count} {detail}\n')
+                      f'{outcome[request_id]}{with_warnings}{count} '
+                      f'{detail}\n')
+            for line in warned[:WARNINGS_SHOWN]:
+                out.write(f'    warning: {clean_text(line)}\n')
 
 
 class QueueLedger:
@@ -1734,6 +1921,8 @@ class NodeLink:
         if states[FAILED]:
             out.write('  put failed requests back: client.py retry '
                       '<request id>|--all-failed\n')
+        for line in chain_status_lines(self.client.state_dir, self.node):
+            out.write(line + '\n')
         self.results.status(out)
 
 # --------------------------------------------------------------------------

@@ -65,6 +65,7 @@ import concurrent.futures
 import configparser
 import contextlib
 import datetime
+import fnmatch
 import hashlib
 import html
 import json
@@ -96,6 +97,7 @@ for _name in BESIDE:
 sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules import fs as fs_archive  # noqa: E402  (tar chains: restore)
+from modules import _tarlisting as tarlisting  # noqa: E402
 from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
     Attempts, ConfigError, GitBackupError, Journal, Ledger,
@@ -568,21 +570,6 @@ def manifest_request_id(manifest):
         return None
     return manifest.get('request_id') or core.request_id_of(
         str(manifest.get('request', '')))
-
-
-def stored_request(client_dir, source, request_id):
-    """The snapshot directory of files/<source> that stored request_id."""
-    base = os.path.join(client_dir, 'files', source)
-    try:
-        names = os.listdir(base)
-    except FileNotFoundError:
-        return None
-    for name in names:
-        path = os.path.join(base, name)
-        if not name.startswith('.') and manifest_request_id(read_json(
-                os.path.join(path, 'manifest.json'))) == request_id:
-            return path
-    return None
 
 
 def manifest_requests(manifest):
@@ -1276,7 +1263,10 @@ class NodeContext(ModuleContext):
                   'companion_size': r'[0-9]{1,15}',
                   # A git tip the client saw (sha1 or sha256 object name).
                   'head': r'[0-9a-f]{40}(?:[0-9a-f]{24})?',
-                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID}
+                  'level': r'[0-9]{1,6}', 'base': core.REQUEST_ID,
+                  # Stored with warnings: how many, and the first lines
+                  # (read with request_warnings: hostile text).
+                  'warnings': r'[0-9]{1,9}', 'warned': core.WARNED_RE}
         options = {}
         for token in tokens:
             key, eq, value = token.partition('=')
@@ -1289,6 +1279,17 @@ class NodeContext(ModuleContext):
                     self.refuse(f'malformed {key}={clean_text(value)!r}')
                 options[key] = value
         return options
+
+    def request_warnings(self, options):
+        """{'warning_count': n, 'warnings': [lines]} of a request a client
+        stored with warnings (files it could not read, the rest stored),
+        or {}.  The lines are another host's text: decoded, bounded and
+        cleaned by core.decode_warnings."""
+        if 'warnings' not in options and 'warned' not in options:
+            return {}
+        lines = core.decode_warnings(options.get('warned', ''))
+        count = max(int(options.get('warnings') or 0), len(lines), 1)
+        return {'warning_count': count, 'warnings': lines}
 
     def check_remote_path(self, path, root):
         """An absolute path, plain characters, no '..', inside root (both
@@ -1393,17 +1394,41 @@ class NodeContext(ModuleContext):
 
     def check_base(self, source, options):
         """(level, base) of an incremental archive (0, None for a full).
-        An increment whose base this node does not hold is refused: the
-        client, told so by the failed result, starts a new chain."""
+        An increment is accepted only onto a chain this node holds whole
+        down to its full, with no link its last verify or drill found bad;
+        otherwise it is refused (X* with the reason), and the client, told
+        so by the failed result, makes a full at once."""
         level = int(options.get('level', 0))
         base = options.get('base')
         if level and not base:
             self.refuse(f'level={level} without base=')
-        if level and not stored_request(self.client_dir, source, base):
-            self.refuse(f'base {base} of this level {level} increment is '
-                        f'not stored on this node (files/{source}); the '
-                        'client makes a full archive next')
+        problem = self.chain_problem(source, base) if level else None
+        if problem:
+            self.refuse(f'level {level} increment on {base}: chain broken: '
+                        f'{problem}; the client makes a full archive next')
         return level, (base if level else None)
+
+    def chain_problem(self, source, base):
+        """Why the chain an increment on client request `base` would
+        extend is not whole and good on this node, or None."""
+        backups = stored_backups(self.node, self.client).get(source, [])
+        stored = [b for b in backups
+                  if b.good and manifest_request_id(b.manifest) == base]
+        if not stored:
+            return (f'its base {base} is not stored on this node '
+                    f'(files/{source})')
+        chain = snapshot_chains(backups)[stored[-1].path]
+        if not chain.whole:
+            return chain.problem
+        verify, drills = last_outcomes(self.node, self.client)
+        for link in chain.links:
+            if (verify_outcome(verify, link.path) or {}).get('outcome') \
+                    == 'failed':
+                return f'{link.name}, a link of it, failed the last verify'
+            if (drills.get((source, link.name)) or {}).get('outcome') \
+                    == 'failed':
+                return f'{link.name}, a link of it, failed its last drill'
+        return None
 
     def store(self, incoming, source, manifest):
         """Store the files staged in incoming as (part of) the snapshot of
@@ -1605,6 +1630,9 @@ class Node:
         # {client: core.SharedSSH} of the clients being handled: each
         # worker only touches its own client's entry.
         self.shared_ssh = {}
+        # {client: [request stored with warnings, ...]} of this run, mailed
+        # once at its end (each worker touches only its own client's).
+        self.stored_warnings = {}
         self.client_repositories = ClientRepositories(self)
         self.request_ingest = Ingest(self)
         self.client_results = ClientResults(self)
@@ -1706,7 +1734,22 @@ class Node:
         core.mail_summary(self.config, 'server',
                           f'gitbackup: run on {self.name}: {{n}} problem(s)',
                           errors)
+        self.mail_stored_warnings()
         return errors
+
+    def mail_stored_warnings(self):
+        """One mail per run and client for the requests stored with
+        warnings (each request is stored once, so each is told once).
+        They are stored backups: the run's exit status does not change."""
+        for client, warned in sorted(self.stored_warnings.items()):
+            core.mail_admins(
+                self.config, 'server', f'gitbackup: run on {self.name}: '
+                f'{len(warned)} request(s) of {client} stored with warnings',
+                '\n\n'.join(warned) + '\n\nThe rest of each backup is '
+                'stored; what is named above is not in it.\n',
+                sorted(set(self.config.admins('server') +
+                           self.config.admins(f'client {client}'))))
+        self.stored_warnings.clear()
 
     def run_worker(self, client):
         """One client under a lock of its own: two runs (cron and a manual
@@ -1903,6 +1946,13 @@ class Node:
         pool = self.pool(client)
         self.client_results.record(client, key, 'stored', start, result)
         pool.move(key, PROCESSING, FINISHED)
+        if result.get('warning_count'):
+            text = (f'{client}: {key}: stored with '
+                    f'{result["warning_count"]} warning(s) in '
+                    f'{result.get("stored")}:\n' + '\n'.join(
+                        f'  {clean_text(w)}' for w in result['warnings']))
+            log.warning('%s', text)
+            self.stored_warnings.setdefault(client, []).append(text)
         Attempts(pool, 0).clear(key)
         # Only a request that fetched something proves the client
         # reachable, the space sufficient and the configuration right
@@ -1971,7 +2021,37 @@ class Node:
 # repositories kept small, retention applied per series, and stored files
 # re-hashed and read back.  Every age is measured on the node's own clock
 # (the manifest's `stored` time, the directory name, the result journal),
-# never on a timestamp a client supplied.
+# never on a timestamp a client supplied.  prune removes snapshots only
+# while no drill, verify, restore or offsite reads that client's
+# (client_data_lock).
+
+def client_data_lock(node, client, reader):
+    """The lock over one client's stored snapshots, acquired: shared by
+    its readers (drill, verify, restore, offsite: reader names which),
+    which wait for a running prune up to command_timeout, so that no
+    snapshot vanishes under them; exclusive for prune (reader None), which
+    waits [server] prune_wait and returns None if the readers are still
+    there.  A reader that may not create the lock file (restore run by
+    another account) reads without it, and says so."""
+    path = os.path.join(node.state_dir, f'data-{client}.lock')
+    lock = core.Lock(path)
+    try:
+        core.make_dirs(node.state_dir)
+        if reader is None:
+            wait = node.config.get_duration('server', 'prune_wait')
+            return lock if lock.acquire(wait=wait) else None
+        wait = node.config.get_duration('server', 'command_timeout')
+        if lock.acquire(wait=wait, shared=True):
+            return lock
+    except PermissionError as e:
+        if reader is None:
+            raise
+        log.warning('%s of %s without the prune lock: %s', reader, client, e)
+        return lock
+    raise TransientError(f'{reader} of {client}: a prune (pid '
+                         f'{lock.holder()}) still holds its snapshots after '
+                         f'{wait} s; try again')
+
 
 def mail_client_admins(node, client, subject, body):
     """Mail [client NAME] admin, the extra admins of one client's
@@ -2082,14 +2162,25 @@ def prune_command(node, dry_run=False, out=sys.stdout):
                           f'{node.config.client_problems[client]}')
             continue
         retain = retention(node, client)
-        for source, backups in stored_backups(node, client).items():
-            directory = os.path.join(node.settings['data_dir'], client,
-                                     'files', source)
-            source_errors, source_removed, source_kept = prune_source(
-                directory, backups, retain, dry_run, verb, out)
-            errors += source_errors
-            removed += source_removed
-            kept += source_kept
+        # A dry run only reads: it shares the lock like the readers.
+        lock = client_data_lock(node, client,
+                                'prune --dry-run' if dry_run else None)
+        if lock is None:
+            out.write(f'skipped {client}: its snapshots are being read (a '
+                      f'drill, verify, restore or offsite) for longer than '
+                      f'prune_wait; the next prune removes what is due\n')
+            log.warning('prune: skipped %s: its snapshots are being read',
+                        client)
+            continue
+        with lock:
+            for source, backups in stored_backups(node, client).items():
+                directory = os.path.join(node.settings['data_dir'], client,
+                                         'files', source)
+                source_errors, source_removed, source_kept = prune_source(
+                    directory, backups, retain, dry_run, verb, out)
+                errors += source_errors
+                removed += source_removed
+                kept += source_kept
         pool = node.pool(client)
         states = pool.list()
         errors += prune_incoming(node, client, states, dry_run, out)
@@ -2125,7 +2216,10 @@ def prune_source(directory, backups, retain, dry_run, verb, out):
     for path in list(keep):
         for link in chains[path].links[:-1] if path in chains else []:
             keep.setdefault(link.path, f'base of {os.path.basename(path)}')
-    for backup in good:
+    # Newest arrival first: an increment always arrives after its base, so
+    # a chain goes from its newest link down, and a prune killed at any
+    # point never leaves a link without its base.
+    for backup in sorted(good, key=StoredBackup.sort_key, reverse=True):
         if backup.path in keep:
             kept += 1
             log.debug('keeping %s (%s)', backup.path,
@@ -2140,6 +2234,7 @@ def prune_source(directory, backups, retain, dry_run, verb, out):
             continue
         removed += 1
         out.write(f'{verb} {backup.path}\n')
+        core.pause_point('prune:removed')
     for backup in backups:
         if not backup.good or not backup.time:
             log.warning('%s: no readable manifest; not pruned (see '
@@ -2266,12 +2361,13 @@ def verify_command(node, only_client=None, restore=True, out=sys.stdout):
     clients = [check_client_name(only_client)] if only_client else \
         known_clients(node)
     for client in clients:
-        for backups in stored_backups(node, client).values():
-            source_problems, source_files, source_hashes_only = \
-                verify_source(backups, restore, timeout, node.formats)
-            problems += source_problems
-            files += source_files
-            hashes_only += source_hashes_only
+        with client_data_lock(node, client, 'verify'):
+            for backups in stored_backups(node, client).values():
+                source_problems, source_files, source_hashes_only = \
+                    verify_source(backups, restore, timeout, node.formats)
+                problems += source_problems
+                files += source_files
+                hashes_only += source_hashes_only
         repo_problems, repo_count = fsck_client_repositories(node, client,
                                                              timeout)
         problems += repo_problems
@@ -2599,11 +2695,12 @@ def offsite_command(node, out=sys.stdout):
     totals, errors = [0, 0], []
     for client in known_clients(node):
         state = offsite_state(node, client, off.remote)
-        for step in (offsite_snapshots, offsite_mirrors):
-            copied, removed, failed = step(off, node, client, state, out)
-            totals[0] += copied
-            totals[1] += removed
-            errors += failed
+        with client_data_lock(node, client, 'offsite'):
+            for step in (offsite_snapshots, offsite_mirrors):
+                copied, removed, failed = step(off, node, client, state, out)
+                totals[0] += copied
+                totals[1] += removed
+                errors += failed
     for error in errors:
         log.error('offsite: %s', error)
     log.info('offsite to %s: %d copied and verified, %d removed, %d '
@@ -2791,6 +2888,238 @@ def list_command(node, client=None, source=None, fmt='text',
     else:
         out.write(list_text(entries))
     return 0
+
+# -- browse: find, ls, diff -------------------------------------------------
+# What a snapshot holds, read from what the node already has, nothing
+# extracted: an archive's listing and, for an increment, its directory
+# records (modules/_tarlisting.py: ONE listing model, also what the drill
+# compares a restored tree with); any other snapshot's manifest.
+
+
+def link_paths(backup):
+    """(listing, archive) paths of an archive snapshot."""
+    archive = os.path.join(backup.path, archive_entry(backup)['name'])
+    return archive + tarlisting.LISTING_SUFFIX, archive
+
+
+class SourceTrees:
+    """The trees the snapshots of one source restore, each computed once
+    from its base's tree: an archive's by applying its link of the chain
+    (tarlisting.apply_link), any other snapshot's from its manifest."""
+
+    def __init__(self, node, backups):
+        self.backups = backups
+        self.good = [b for b in backups if b.good and b.time]
+        self.timeout = node.config.get_duration('server', 'command_timeout')
+        self.formats = node.formats
+        self.done = {}
+
+    def tree(self, backup):
+        """({path: Entry}, {paths changed in this snapshot}).  RestoreError
+        for a broken chain, ListingError for a missing or bad listing."""
+        if backup.path not in self.done:
+            if archive_entry(backup):
+                self.archive_tree(backup)
+            else:
+                self.done[backup.path] = self.manifest_tree(backup)
+        return self.done[backup.path]
+
+    def archive_tree(self, backup):
+        tree = {}
+        for n, link in enumerate(chain_to_extract(self.good, backup)):
+            if link.path in self.done:
+                tree = self.done[link.path][0]
+                continue
+            listing, archive = link_paths(link)
+            self.done[link.path] = tarlisting.apply_stored_link(
+                tree, listing, archive, link.name, n == 0, self.timeout)
+            tree = self.done[link.path][0]
+
+    def keep_only(self, backup):
+        """Forget every tree but backup's, to walk a source's snapshots in
+        order in the memory of two trees (a forgotten base is read again
+        if a later snapshot needs it)."""
+        self.done = {backup.path: self.done[backup.path]} \
+            if backup.path in self.done else {}
+
+    def manifest_tree(self, backup):
+        """The stored files as a flat tree; changed unless the previous
+        snapshot of the series stored the same bytes under the name."""
+        before = [b for b in self.good if b.series == backup.series and
+                  b.sort_key() < backup.sort_key()]
+        old = {f.get('name'): f.get('sha256') for f in
+               (before[-1].manifest['files'] if before else [])
+               if isinstance(f, dict)}
+        tree, changed = {}, set()
+        for f in backup.manifest['files']:
+            name = f.get('name') if isinstance(f, dict) else None
+            if not isinstance(name, str) or self.formats.is_companion(name):
+                continue
+            tree[name] = tarlisting.Entry(
+                path=name, kind='file', size=f.get('size'),
+                snapshot=backup.name)
+            if old.get(name) != f.get('sha256'):
+                changed.add(name)
+        return tree, changed
+
+
+def browse_path(path):
+    """PATH of ls, restore --path: relative to the source's root."""
+    found = tarlisting.member_path('./' + (path or '').strip('/'))
+    if found is None:
+        raise UsageError(f'{clean_text(path)!r}: want a path inside the '
+                         'backup, e.g. www/uploads')
+    return found
+
+
+def nearest_snapshot_holding(node, client, source, backup, path):
+    """The name of the snapshot of source nearest in time to backup whose
+    restored tree holds path (a file or a directory), or None."""
+    backups = stored_backups(node, client).get(source) or []
+    trees = SourceTrees(node, backups)
+    holding = []
+    for other in trees.good:
+        try:
+            if browse_path(path) in trees.tree(other)[0]:
+                holding.append(other)
+        except (GitBackupError, tarlisting.ListingError, OSError):
+            continue
+        trees.keep_only(other)
+    if not holding:
+        return None
+    return min(holding, key=lambda b: (
+        abs((b.time - backup.time).total_seconds()), b.sort_key())).name
+
+
+def missing_path_error(node, client, source, backup, path):
+    """The error of a restore or ls asking for a path the snapshot does
+    not hold: it names the nearest snapshot that does."""
+    nearest = nearest_snapshot_holding(node, client, source, backup, path)
+    return RestoreError(
+        f'{source} {backup.name} holds no {clean_text(path)!r}; ' + (
+            f'the nearest snapshot that does is {nearest} (--at {nearest})'
+            if nearest else 'no snapshot of it does (see `server.py find`)'))
+
+
+def find_matches(node, client, pattern, source=None):
+    """(matches, problems): every snapshot in which a path matching the
+    shell pattern (against the path and its base name) exists."""
+    pattern = pattern.strip('/')
+    pattern = pattern[2:] if pattern.startswith('./') else pattern
+    matches, problems = [], []
+    for name, backups in stored_backups(node, client).items():
+        if source and name != source:
+            continue
+        trees = SourceTrees(node, backups)
+        for backup in trees.good:
+            try:
+                tree, changed = trees.tree(backup)
+            except (GitBackupError, tarlisting.ListingError, OSError) as e:
+                problems.append(f'{name} {backup.name}: {e}')
+                continue
+            trees.keep_only(backup)
+            for path in sorted(tree):
+                if fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(
+                        path.rpartition('/')[2], pattern):
+                    matches.append({**tree[path].as_dict(), 'source': name,
+                                    'snapshot': backup.name,
+                                    'changed': path in changed})
+    return matches, problems
+
+
+def browse_json(rows, out):
+    out.write(json.dumps(rows, indent=1, sort_keys=True) + '\n')
+
+
+def shown(name):
+    """A name from a listing on a terminal: escaped as tar shows it."""
+    return tarlisting.escape_name(str(name))
+
+
+def entry_text(row):
+    """One path as ls and find print it (names cleaned for a terminal)."""
+    size = '-' if row['size'] is None else str(row['size'])
+    target = f' -> {shown(row["target"])}' if row.get('target') else ''
+    return (f'{row["type"]:<5} {row["mode"] or "-":>4} '
+            f'{shown(row["owner"] or "-"):<14} {size:>10} '
+            f'{row["mtime"] or "-":<20} {shown(row["path"])}{target}')
+
+
+def find_command(node, client, words, fmt='text', out=sys.stdout):
+    """server.py find CLIENT [SOURCE] PATTERN: 0 found, 1 nothing found or
+    a snapshot that could not be read."""
+    if len(words) not in (1, 2):
+        raise UsageError('find: give CLIENT [SOURCE] PATTERN')
+    source, pattern = (None, *words) if len(words) == 1 else words
+    matches, problems = find_matches(node, check_client_name(client),
+                                     pattern, source)
+    for problem in problems:
+        log.error('find: %s', clean_text(problem))
+    if fmt == 'json':
+        browse_json(matches, out)
+    else:
+        for row in matches:
+            out.write(f'{row["source"]} {row["snapshot"]} '
+                      f'{"changed" if row["changed"] else "same   "} '
+                      f'{entry_text(row)}\n')
+    return 1 if problems or not matches else 0
+
+
+def source_trees(node, client, source):
+    """SourceTrees of one source, or a RestoreError if nothing is stored."""
+    backups = stored_backups(node, check_client_name(client)).get(source)
+    if not backups:
+        raise RestoreError(f'nothing stored for {client} {source} (see '
+                           '`server.py list`)')
+    return SourceTrees(node, backups)
+
+
+def tree_at(trees, source, at):
+    """(backup, tree) of the snapshot --at picks (default newest)."""
+    backup = choose_snapshot(trees.backups, source, at)
+    try:
+        return backup, trees.tree(backup)[0]
+    except (tarlisting.ListingError, OSError) as e:
+        raise RestoreError(f'{source} {backup.name}: {e}') from None
+
+
+def ls_command(node, client, source, at=None, path=None, fmt='text',
+               out=sys.stdout):
+    """server.py ls: the tree the chain restores at --at, below PATH."""
+    backup, tree = tree_at(source_trees(node, client, source), source, at)
+    top = browse_path(path) if path else ''
+    if top and top not in tree:
+        raise missing_path_error(node, client, source, backup, path)
+    rows = [tree[p].as_dict() for p in sorted(tree)
+            if not top or p == top or p.startswith(top + '/')]
+    if fmt == 'json':
+        browse_json(rows, out)
+    else:
+        out.write(f'# {client} {source} {backup.name}: {len(rows)} '
+                  'entries\n' + ''.join(entry_text(r) + '\n' for r in rows))
+    return 0
+
+
+def diff_command(node, client, source, snap_a, snap_b, fmt='text',
+                 out=sys.stdout):
+    """server.py diff: + added, - removed, M changed from A to B."""
+    trees = source_trees(node, client, source)
+    a, old = tree_at(trees, source, snap_a)
+    b, new = tree_at(trees, source, snap_b)
+    rows = []
+    for path in sorted(set(old) | set(new)):
+        change = '+' if path not in old else '-' if path not in new else \
+            'M' if not old[path].same_content(new[path]) else None
+        if change:
+            rows.append({'change': change, **(new.get(path) or
+                                              old[path]).as_dict()})
+    if fmt == 'json':
+        browse_json(rows, out)
+    else:
+        out.write(f'# {client} {source} {a.name} -> {b.name}\n' + ''.join(
+            f'{r["change"]} {shown(r["path"])}\n' for r in rows))
+    return 0
+
 
 # -- restore ----------------------------------------------------------------
 
@@ -3126,6 +3455,7 @@ def restore_archive(node, client, backups, backup, args, out):
     or written to stdout as one tar stream of the restored tree."""
     chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, args.force)
+    check_paths_held(node, client, backups, backup, args.path)
     archives = chain_archives(chain)
     paths = [member_path(p) for p in args.path or []]
     if args.stdout:
@@ -3156,6 +3486,26 @@ def restore_archive(node, client, backups, backup, args, out):
         move_into_place(tree, target)
 
 
+def check_paths_held(node, client, backups, backup, paths):
+    """restore --path: every path must be in the tree the snapshot
+    restores, else an error naming the nearest snapshot that holds it,
+    before anything is written.  A snapshot whose listings cannot say is
+    left to the extraction."""
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    if not paths:
+        return
+    try:
+        tree = SourceTrees(node, backups).tree(backup)[0]
+    except (GitBackupError, tarlisting.ListingError, OSError) as e:
+        log.info('restore --path: %s: not checked against the listings: '
+                 '%s', backup.name, clean_text(e))
+        return
+    for path in paths:
+        if browse_path(path) not in tree:
+            raise missing_path_error(node, client, backup.source, backup,
+                                     path)
+
+
 def restore_file(backup, name, args, out):
     """One stored file (a dump, globals.sql, any file) to stdout or DIR;
     in DIR it keeps its stored mode, never more than 0640 (a dump or
@@ -3178,21 +3528,90 @@ def git_safe(mirror):
     return [*core.git_program(), '-c', f'safe.directory={mirror}']
 
 
-def restore_git(mirror, args, out):
+def restore_git(node, client, mirror, args, out):
     """A mirror: --to DIR clones it with every ref (refs/preserved/*
-    included: --mirror copies all of refs/), --stdout writes a bundle."""
-    if args.stdout:
+    included: --mirror copies all of refs/), --stdout writes a bundle.
+    With --at, the refs are those the mirror had then (mirror_refs_then)."""
+    then = mirror_refs_then(node, mirror, args.at) \
+        if args.at and args.at != GIT_SNAPSHOT else None
+    if args.stdout and then is None:
         out.flush()
         core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
                   'create', '-', '--all'], stdout=out.fileno(), text=False)
         return
-    target = prepare_target(args.to)
-    core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
-              '--no-hardlinks', '--', mirror, target])
-    # The clone is a copy, not a mirror of the node: fetching into it must
-    # not prune what it restored.
-    core.run([*core.git_program(), f'--git-dir={target}', 'config',
-              '--unset', 'remote.origin.mirror'], check=False)
+    scratch = None if args.to else scratch_dir(node, client, 'restore')
+    target = prepare_target(args.to) if args.to else \
+        os.path.join(scratch, 'mirror.git')
+    try:
+        core.run([*git_safe(mirror), 'clone', '--quiet', '--mirror',
+                  '--no-hardlinks', '--', mirror, target])
+        # The clone is a copy, not a mirror of the node: fetching into it
+        # must not prune what it restored.
+        core.run([*core.git_program(), f'--git-dir={target}', 'config',
+                  '--unset', 'remote.origin.mirror'], check=False)
+        if then is not None:
+            set_refs(target, then)
+        if args.stdout:
+            out.flush()
+            core.run([*core.git_program(), f'--git-dir={target}', 'bundle',
+                      'create', '-', '--all'], stdout=out.fileno(),
+                     text=False)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def repository_refs(repo):
+    """{ref: tip} of every ref of a repository."""
+    out = core.run([*git_safe(repo), f'--git-dir={repo}', 'for-each-ref',
+                    '--format=%(objectname) %(refname)']).stdout
+    return {ref: sha for sha, _, ref in
+            (line.partition(' ') for line in out.splitlines()) if ref}
+
+
+def mirror_refs_then(node, mirror, at):
+    """{ref: tip} of a mirror as it was at --at TIME (from its reflogs and
+    preserved refs, the git module's refs_at), or a RestoreError saying
+    why no record tells: never today's refs in their place."""
+    when = parse_at(at)
+    git_module = node.formats.load('git')
+    if git_module is None or not hasattr(git_module, 'refs_at'):
+        raise RestoreError(f'{mirror}: restore --at needs the git module '
+                           '(refs_at) in [server] modules_dir')
+    refs, unknown, assumed, first = git_module.refs_at(
+        mirror, repository_refs(mirror), when.timestamp())
+    if first is None or when.timestamp() < first:
+        raise RestoreError(f'{mirror}: ' + (
+            f'no record of its refs reaches back to {at}: the oldest is '
+            f'from {core.isotime(datetime.datetime.fromtimestamp(first, UTC))}'
+            ' (its first fetch)' if first else
+            'it keeps no record (reflog) of its refs') +
+            '; restore without --at gives every ref, the preserved old '
+            'tips included')
+    if unknown:
+        raise RestoreError(
+            f'{mirror}: what {len(unknown)} ref(s) pointed to at {at} is '
+            'not recorded (no reflog reaches back so far): '
+            + ', '.join(clean_text(r) for r in unknown[:5])
+            + '; restore without --at gives every ref, the preserved old '
+            'tips included')
+    if assumed:
+        log.warning('%s: %d ref(s) restored at a tip whose start no record '
+                    'tells (deleted since, or tags fetched before tags had '
+                    'a reflog); they may have come after %s: %s', mirror,
+                    len(assumed), at,
+                    ', '.join(clean_text(r) for r in assumed[:5]))
+    return refs
+
+
+def set_refs(repo, refs):
+    """Make a repository's refs exactly refs, in one transaction."""
+    now = repository_refs(repo)
+    core.run([*core.git_program(), f'--git-dir={repo}', 'update-ref',
+              '--stdin'], input=''.join(
+        [f'delete {ref}\n' for ref in sorted(now) if ref not in refs] +
+        [f'update {ref} {sha}\n' for ref, sha in sorted(refs.items())
+         if now.get(ref) != sha]))
 
 
 def restore_command(node, args, out=None):
@@ -3208,7 +3627,7 @@ def restore_command(node, args, out=None):
     if args.source in mirrors or args.source.startswith('git/'):
         if args.source not in mirrors:
             raise RestoreError(f'no git mirror {args.source} of {client}')
-        restore_git(mirrors[args.source], args, out)
+        restore_git(node, client, mirrors[args.source], args, out)
         log.info('restored %s %s', client, args.source)
         return 0
     if getattr(args, 'origin', 'local') == 'offsite':
@@ -3217,13 +3636,14 @@ def restore_command(node, args, out=None):
             backup = fetch_offsite_snapshot(node, client, args, fetched)
             return restore_snapshot(node, client, [backup], backup, args,
                                     out)
-    backups = stored_backups(node, client).get(args.source)
-    if not backups:
-        raise RestoreError(f'nothing stored for {client} {args.source} '
-                           '(see `server.py list`)')
-    backup = choose_snapshot(backups, args.source, args.at, args.file or (
-        (args.database or args.globals) and database_file(args)))
-    return restore_snapshot(node, client, backups, backup, args, out)
+    with client_data_lock(node, client, 'restore'):
+        backups = stored_backups(node, client).get(args.source)
+        if not backups:
+            raise RestoreError(f'nothing stored for {client} {args.source} '
+                               '(see `server.py list`)')
+        backup = choose_snapshot(backups, args.source, args.at, args.file or (
+            (args.database or args.globals) and database_file(args)))
+        return restore_snapshot(node, client, backups, backup, args, out)
 
 
 def fetch_offsite_snapshot(node, client, args, scratch):
@@ -3422,6 +3842,14 @@ def drill_targets(node, client):
     return targets
 
 
+def drill_failure_reason(error):
+    """The reason a proof stopped, in the words of its error (the type
+    for what is not one of ours, e.g. a malformed number)."""
+    if isinstance(error, (GitBackupError, OSError, tarlisting.ListingError)):
+        return str(error)
+    return f'{type(error).__name__}: {error}'
+
+
 def drill_word(drill):
     """How a drill outcome is told: FAILED, ok, or hashes only (passed,
     but no module proved the files: never called ok)."""
@@ -3436,14 +3864,37 @@ def drill_one(node, client, run_id, source, name, proof):
     try:
         with scratch(node, os.path.join(node.settings['data_dir'], client),
                      'drill') as path:
+            core.pause_point('drill:reading')
             problems, detail, proven = proof(path)
-    except (GitBackupError, OSError) as e:
-        problems, detail, proven = [str(e)], '', False
+    except Exception as e:
+        # One bad snapshot is one failure: malformed listings, statistics
+        # or anything else a client sent fail this series, never the drill.
+        log.debug('drill %s %s %s', client, source, name, exc_info=True)
+        problems, detail, proven = [drill_failure_reason(e)], '', False
     return {'source': source, 'snapshot': name, 'run': run_id,
             'finished': core.isotime(), 'ok': not problems,
             'proof': 'restored' if proven else 'hashes only',
             'detail': clean_text('; '.join(problems) if problems else detail,
                                  2000)}
+
+
+def drill_client(node, client, run_id, out):
+    """Drill every series and mirror of one client, journal the outcomes;
+    (number drilled, failure lines)."""
+    entries, failed = [], []
+    with client_data_lock(node, client, 'drill'):
+        for source, name, proof in drill_targets(node, client):
+            entry = drill_one(node, client, run_id, source, name, proof)
+            entries.append(entry)
+            word = drill_word(entry)
+            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
+            out.write(line + '\n')
+            (log.info if entry['ok'] else log.error)('drill %s', line)
+            if not entry['ok']:
+                failed.append(line)
+    Journal(os.path.join(node.settings['data_dir'], client,
+                         DRILL_JOURNAL)).append(entries)
+    return len(entries), failed
 
 
 def drill_command(node, only_client=None, out=sys.stdout):
@@ -3456,19 +3907,18 @@ def drill_command(node, only_client=None, out=sys.stdout):
     failed = []
     count = 0
     for client in clients:
-        entries = []
-        for source, name, proof in drill_targets(node, client):
-            entry = drill_one(node, client, run_id, source, name, proof)
-            entries.append(entry)
-            word = drill_word(entry)
-            line = f'{word}: {client} {source} {name}: {entry["detail"]}'
-            out.write(line + '\n')
-            (log.info if entry['ok'] else log.error)('drill %s', line)
-            if not entry['ok']:
-                failed.append(line)
-        Journal(os.path.join(node.settings['data_dir'], client,
-                             DRILL_JOURNAL)).append(entries)
-        count += len(entries)
+        try:
+            drilled, failures = drill_client(node, client, run_id, out)
+        except Exception as e:
+            # What no series' proof caught (its snapshots unreadable, its
+            # journal unwritable) fails this client, not the drill.
+            log.debug('drill %s', client, exc_info=True)
+            drilled, failures = 0, [f'FAILED: {client}: '
+                                    f'{clean_text(drill_failure_reason(e))}']
+            out.write(failures[0] + '\n')
+            log.error('drill %s', failures[0])
+        count += drilled
+        failed += failures
     status = CRITICAL if failed else OK
     # "checked", not "restored": without drill_postgres a dump is only
     # read back, and each line says which proof it had.
@@ -3548,6 +3998,9 @@ PROM_HELP = {
         'Stored backups of a source (git mirrors: successful fetches).',
     'gitbackup_failed_requests':
         'Failed requests of a source kept as X* in the pool.',
+    'gitbackup_newest_backup_warnings':
+        'Newest backups of a source stored with warnings (files the client '
+        'could not read; the rest is stored).',
     'gitbackup_pending_requests':
         'Requests of a source waiting in the pool (RQ* and P*).',
     'gitbackup_status':
@@ -3605,6 +4058,19 @@ def add_stored_rows(node, client, now, rows):
             if not chains[backup.path].whole:
                 r['broken_chain'] = \
                     f'{backup.name}: {chains[backup.path].problem}'
+            if backup.manifest.get('warning_count'):
+                r.setdefault('stored_warnings', []).append(
+                    stored_warnings_text(backup))
+
+
+def stored_warnings_text(backup):
+    """The report's line on a newest backup stored with warnings (files
+    the client could not read; the rest is stored)."""
+    warned = [clean_text(w, 200) for w in
+              backup.manifest.get('warnings') or [] if isinstance(w, str)]
+    return (f'newest backup {backup.name} stored with '
+            f'{clean_text(backup.manifest["warning_count"])} warning(s): '
+            + '; '.join(warned[:3]))
 
 
 def add_mirror_rows(node, client, journal, rows):
@@ -3673,6 +4139,11 @@ def row_level(r, drill, now, stale):
     for note in r.get('clock', ()):
         level = max(level, WARNING if 'future' in note else OK)
         r['problems'].append(note)
+    for text in r.get('stored_warnings', ()):
+        # Stored, but without what the client could not read: until a
+        # backup without warnings replaces it.
+        level = max(level, WARNING)
+        r['problems'].append(text)
     if r.get('broken_chain'):
         # The newest backup cannot be restored: as bad as none.
         level = CRITICAL
@@ -4097,6 +4568,8 @@ def report_prometheus(report):
             samples['gitbackup_failed_requests'].append((labels, r['failed']))
             samples['gitbackup_pending_requests'].append(
                 (labels, r['pending']))
+            samples['gitbackup_newest_backup_warnings'].append(
+                (labels, len(r.get('stored_warnings', ()))))
             samples['gitbackup_status'].append(
                 (labels, STATUS_NAMES.index(r['status'])))
             if r.get('last_drill'):
@@ -4958,9 +5431,9 @@ and the post-update hook of every client repository <client>.git:
 
 Exit status: 0 success, 1 failure, 2 bad usage or configuration;
 report and verify: 0 ok, 1 warning, 2 critical (Nagios); report: 3 unknown
-(could not check).  Commands that write (all but check, report, list and
-restore) refuse a user who neither owns todo_dir, data_dir and log_dir nor
-shares them through their setgid group (root too): exit 2.
+(could not check).  Commands that write (all but check, report, list,
+find, ls, diff and restore) refuse a user who neither owns todo_dir, data_dir
+and log_dir nor shares them through their setgid group (root too): exit 2.
 
 Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
 3.8 with a client on 3.6.''')
@@ -4980,6 +5453,7 @@ Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
     operations_parsers(command)
     offsite_and_retry_parsers(command)
     restore_parsers(command)
+    browse_parsers(command)
     drill_parser(command)
     return parser
 
@@ -5072,7 +5546,12 @@ def operations_parsers(command):
                 'verify.\nF* and X* request files (with .reason and '
                 'attempts) older than keep_requests\nare removed, and '
                 'staging directories a crash left behind (files/.incoming/,\n'
-                'git/**/.<name>.git.incoming).  Every removal is printed.')
+                'git/**/.<name>.git.incoming).  Every removal is printed.\n'
+                'A chain goes from its newest link down (a prune killed '
+                'midway leaves no\nincrement without its base).  A client '
+                'whose snapshots a drill, verify,\nrestore or offsite is '
+                'reading is waited for ([server] prune_wait), then\nskipped '
+                '(and said so).')
     p.add_argument('--dry-run', action='store_true',
                    help='print what would be removed; remove nothing')
     p = command('verify', 're-hash stored files, git fsck, sample restore '
@@ -5191,7 +5670,8 @@ RESTORE_HELP = (
     '  one file (a dump, globals.sql): --file NAME --stdout\n'
     '  git mirror (source git/<path>): --to DIR clones every ref '
     '(refs/preserved/*\n    included), --stdout writes a git '
-    'bundle.\n'
+    'bundle; with --at, the refs it had\n    then (from its '
+    'reflogs and preserved refs), or a refusal saying why.\n'
     'Every file read is checked against its sha256 first; a '
     'damaged snapshot is\nrefused unless --force.  DIR may exist '
     'only if empty; a refused or stopped\nrestore leaves nothing '
@@ -5222,7 +5702,9 @@ def restore_parsers(command):
                    'snapshot')
     p.add_argument('--path', metavar='PATH', action='append',
                    help='only this file or directory of an archive (at any '
-                   'point of a chain; repeatable)')
+                   'point of a chain; repeatable); a path the snapshot does '
+                   'not hold is refused, naming the nearest snapshot that '
+                   'does')
     p.add_argument('--same-owner', action='store_true',
                    help='with --to, as root into a directory root owns: '
                    'restore owners, setuid/setgid bits, device nodes and '
@@ -5247,30 +5729,77 @@ def restore_parsers(command):
                    'checked), then restore it as above')
 
 
+def browse_parsers(command):
+    """The parsers of find, ls and diff (nothing is extracted)."""
+    p = command('find', 'which snapshots hold a path',
+                'Every snapshot in which a path matching the shell PATTERN '
+                'exists (matched\nagainst the path below the source\'s root '
+                'and against its base name):\nsource, snapshot, whether it '
+                'changed in that snapshot, type, mode, owner,\nsize, mtime, '
+                'path.  Read from listings and manifests, nothing extracted.'
+                '\n  server.py find c1 app \'report*.odt\'      a file a '
+                'user deleted: the\n                                        '
+                'newest snapshot listed holds it\n'
+                'Exit 0 found, 1 nothing found (or a snapshot could not be '
+                'read).')
+    p.usage = 'server.py find [options] CLIENT [SOURCE] PATTERN'
+    p.add_argument('client', metavar='CLIENT')
+    p.add_argument('words', nargs='+', metavar='[SOURCE] PATTERN',
+                   help='only this source (default: every one); the shell '
+                   'pattern')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('ls', 'the tree a snapshot restores',
+                'The tree as the chain (full, then each increment, deletions '
+                'and renames\nincluded) restores it at --at (default: the '
+                'newest), below PATH.\n  server.py ls c1 app --at 2026-11-20 '
+                'www/uploads')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('path', nargs='?', metavar='PATH')
+    p.add_argument('--at', metavar='TIME', help='as for restore')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+    p = command('diff', 'what changed between two snapshots',
+                'Paths added (+), removed (-) and changed (M: type, size, '
+                'mode, owner,\nmtime or link target) from SNAP_A to SNAP_B '
+                '(snapshot names or times as\nfor restore --at).\n'
+                '  server.py diff c1 app 2026-11-19 2026-11-20   what changed '
+                'last night')
+    p.add_argument('client')
+    p.add_argument('source')
+    p.add_argument('snap_a', metavar='SNAP_A')
+    p.add_argument('snap_b', metavar='SNAP_B')
+    p.add_argument('--format', choices=('text', 'json'), default='text')
+
+
 def drill_parser(command):
     """The parser of drill."""
     p = command('drill', 'restore the newest snapshot of every series and '
                 'prove it (cron, weekly)',
                 'Into a scratch directory on the node, per client: every '
-                'archive is restored\n(its chain) and compared with the '
-                'listing the client made (names, types,\nsizes); every dump '
-                'is restored into a scratch PostgreSQL cluster when\n'
-                '[server] drill_postgres names the server programs (roles '
-                'of the globals first,\nthe dump by a role that is no '
-                'superuser, over a private socket), and its\nrow counts '
-                'must equal the exact counts the client took (else read '
-                'back with\npg_restore --list); every git mirror is\n'
-                'cloned, fsck\'d and must hold every tip the client '
-                'announced.\nOutcomes go to data_dir/<client>/drills.jsonl '
-                '(report shows them); failures\nare printed with the '
-                'snapshot\'s list name and mailed.  Exit 0 ok, 2 critical.')
+                'archive is restored\n(its chain) and compared entry by '
+                'entry with the tree its listings describe\n(type, size, '
+                'mode, mtime, xattrs and ACLs where recorded); every dump '
+                'is\nrestored into a scratch PostgreSQL cluster when '
+                '[server] drill_postgres names\nthe server programs (roles '
+                'of the globals first, the dump by a role that is\nno '
+                'superuser, over a private socket), and its row counts must '
+                'equal the\nexact counts the client took (else read back with '
+                'pg_restore --list); every\ngit mirror is cloned, fsck\'d and '
+                'must hold every tip the client announced.\nOutcomes go to '
+                'data_dir/<client>/drills.jsonl (report shows them); failures'
+                '\nare printed with the snapshot\'s list name and mailed.  One '
+                'bad snapshot is\none failure: the drill goes on with the next '
+                'series and client.  Exit 0 ok,\n2 critical.')
     p.add_argument('client', nargs='?', help='only this client')
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extras = parser.parse_known_args(argv)
+        if extras and not take_trailing_operands(args, extras):
+            parser.error(f'unrecognized arguments: {" ".join(extras)}')
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     # ingest runs as the git user from a hook: files it creates must stay
@@ -5279,6 +5808,23 @@ def main(argv=None):
         os.umask(0o002)
     core.setup_logging(None, 'server.py', args.verbose, args.quiet)
     return core.guarded(lambda: run_command(args))
+
+
+def take_trailing_operands(args, extras):
+    """argparse gives an optional operand its empty value before it sees
+    an option, so `ls CLIENT SOURCE --at TIME PATH` and `find CLIENT
+    --format json PATTERN` leave PATH and PATTERN over: they are taken
+    here, as SPEC's command lines write them.  False if extras are not
+    such operands."""
+    if any(word.startswith('-') for word in extras):
+        return False
+    if args.command == 'ls' and args.path is None and len(extras) == 1:
+        args.path = extras[0]
+        return True
+    if args.command == 'find' and len(args.words) + len(extras) <= 2:
+        args.words += extras
+        return True
+    return False
 
 
 def gate_exec(node, client):
@@ -5321,11 +5867,17 @@ COMMANDS = {
     'list': lambda n, a: list_command(n, a.client, a.source, a.format),
     'restore': lambda n, a: restore_command(n, a),
     'drill': lambda n, a: n.reap_scratch() or drill_command(n, a.client),
+    'find': lambda n, a: find_command(n, a.client, a.words, a.format),
+    'ls': lambda n, a: ls_command(n, a.client, a.source, a.at, a.path,
+                                  a.format),
+    'diff': lambda n, a: diff_command(n, a.client, a.source, a.snap_a,
+                                      a.snap_b, a.format),
 }
 # Commands that write nothing another run needs to change (restore writes
 # only where --to says, as whoever runs it); every other command is refused
 # to a user who does not own the directories it writes (check_run_user).
-READING_COMMANDS = ('check', 'report', 'list', 'restore')
+READING_COMMANDS = ('check', 'report', 'list', 'restore', 'find', 'ls',
+                    'diff')
 
 
 def run_command(args):

@@ -26,6 +26,7 @@ What lives here, once:
 """
 
 import argparse
+import base64
 import configparser
 import contextlib
 import datetime
@@ -139,6 +140,9 @@ SCHEMA = {
         # reads them back with pg_restore --list.
         'drill_postgres': '',
         'keep_requests': '90d',
+        # How long prune waits for a drill, verify, restore or offsite
+        # reading a client's snapshots before it skips that client.
+        'prune_wait': '1m',
         'quota': '0',
         'bwlimit': '0',
         'free_space_floor': '1G',
@@ -208,7 +212,8 @@ TYPES = {
         number=('max_attempts', 'max_batch')),
     'server': _typed(
         duration=('alert_after', 'stale_after', 'keep_requests',
-                  'command_timeout', 'connect_timeout', 'stall_timeout'),
+                  'command_timeout', 'connect_timeout', 'stall_timeout',
+                  'prune_wait'),
         size=('quota', 'free_space_floor', 'max_push_size'),
         number=('max_attempts', 'keep_daily', 'keep_weekly', 'keep_monthly',
                 'bwlimit', 'max_request_size', 'max_requests_per_push',
@@ -763,32 +768,75 @@ class CleanFormatter(logging.Formatter):
         return clean_text(super().format(record), None, lines=True)
 
 
+# A request stored with warnings (what a module could not back up, the
+# rest being stored) carries them to the node as warned=<base64url of the
+# lines>: at most this many lines of this many characters, so that the
+# request stays far below max_request_size.
+WARNINGS_SENT, WARNING_CHARS = 10, 300
+WARNED_RE = r'[A-Za-z0-9_-]{1,2200}={0,2}'
+
+
+def warning_text(line, limit=WARNING_CHARS):
+    """One warning line cleaned, and cut in the middle when too long: a
+    path too long keeps its start and what tar said of it."""
+    line = clean_text(line, len(line))
+    if len(line) <= limit:
+        return line
+    half = (limit - 5) // 2
+    return line[:half] + ' ... ' + line[-half:]
+
+
+def encode_warnings(lines):
+    """The warned= value of a request for these warning lines."""
+    text = '\n'.join(warning_text(line) for line in lines[:WARNINGS_SENT])
+    return base64.urlsafe_b64encode(
+        text.encode('utf-8', 'replace')).decode('ascii')
+
+
+def decode_warnings(value):
+    """The warning lines of a request's warned= (text from another host:
+    bounded and cleaned of control characters)."""
+    try:
+        raw = base64.urlsafe_b64decode(value.encode('ascii'))
+    except (ValueError, UnicodeError):
+        return ['(unreadable warned= value)']
+    lines = raw.decode('utf-8', 'replace').split('\n')[:WARNINGS_SENT]
+    return [warning_text(line) for line in lines if line]
+
+
 def pause_point(name):
     """Fault-injection hook for the crash tests: when $GITBACKUP_PAUSE_AT
     names this point (comma-separated list), stop here until killed, or
-    for $GITBACKUP_PAUSE_SECONDS and then go on."""
+    for $GITBACKUP_PAUSE_SECONDS, or until the file $GITBACKUP_PAUSE_UNTIL
+    exists, and then go on."""
     if name in os.environ.get('GITBACKUP_PAUSE_AT', '').split(','):
         log.warning('pausing at %s (GITBACKUP_PAUSE_AT)', name)
         seconds = float(os.environ.get('GITBACKUP_PAUSE_SECONDS') or 'inf')
+        until = os.environ.get('GITBACKUP_PAUSE_UNTIL')
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and \
+                not (until and os.path.exists(until)):
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 class Lock:
     """An flock(2) lock file.  The kernel drops it when its holder dies, so a
-    lock can never go stale; the file holds the pid for the humans."""
+    lock can never go stale; the file holds the pid for the humans.
+    ``acquire(shared=True)`` takes it shared: any number of readers at
+    once, none while an exclusive holder has it (and the pid in the file
+    stays the last exclusive holder's)."""
 
     def __init__(self, path):
         self.path = path
         self.fd = None
 
-    def acquire(self, wait=0.0):
+    def acquire(self, wait=0.0, shared=False):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
         deadline = time.monotonic() + wait
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -798,8 +846,9 @@ class Lock:
                     os.close(fd)
                     return False
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f'{os.getpid()}\n'.encode())
         self.fd = fd
         return True
 

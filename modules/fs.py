@@ -14,6 +14,11 @@ With ``full_every`` (default 7d) the archives are a chain: a full one
 the last archive the node confirmed storing (``level=<n> base=<request
 id>``); see ArchiveChain in client.py.
 
+A file tar cannot read, a path too long or a file that vanishes does not
+fail the backup: the rest is archived, and the lines tar wrote about them
+go to the node with the request (``ctx.warn``: stored with warnings).
+Only a fatal tar status (the archive itself not written) fails it.
+
 Archives carry every piece of metadata the local tar can keep (POSIX
 format, all xattr namespaces, ACLs, SELinux labels: metadata_options).
 On the node, restore_tree() and restore_stream() are the one way a chain
@@ -24,15 +29,15 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 
 from modules import _core, _tarchain
+from modules import _tarlisting as tarlisting
 from modules._core import clean_text
 
-# Beside every archive: tar's verbose index of it (drill_stored proves a
-# restored tree against it).
-LISTING_SUFFIX = '.listing'
+# Beside every archive: tar's verbose index of it (read by _tarlisting.py
+# for drill_stored and the node's find, ls and diff).
+LISTING_SUFFIX = tarlisting.LISTING_SUFFIX
 # Node side: the files this module stores (what tar and the compressors
 # make of a directory) and the companion it sends beside each.
 STORED_SUFFIXES = ('.tar', '.tar.gz', '.tgz', '.tar.xz', '.txz', '.tar.zst',
@@ -41,6 +46,49 @@ COMPANION_SUFFIXES = (LISTING_SUFFIX,)
 # The program that reads each compressed kind (one table: _tarchain's).
 TAR_TOOLS = tuple((suffixes, args[0])
                   for suffixes, args in _tarchain.DECOMPRESSORS)
+
+
+_full_time = {}
+
+
+def full_time_option(tar_command):
+    """['--full-time'] when tar lists seconds with it (GNU tar >= 1.27),
+    else [] (the node then compares no mtimes from the listing).  Asked of
+    the tar program itself: a sudo prefix allows only --create."""
+    if tar_command not in _full_time:
+        words = shlex.split(tar_command) or ['tar']
+        program = next((w for w in words if os.path.basename(w) in
+                        ('tar', 'gtar')), words[-1])
+        try:
+            proc = subprocess.run(
+                [program, '--help'],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, timeout=30,
+                env=dict(os.environ, LC_ALL='C'))
+            _full_time[tar_command] = ['--full-time'] \
+                if b'--full-time' in proc.stdout else []
+        except (OSError, subprocess.TimeoutExpired):
+            _full_time[tar_command] = []
+    return _full_time[tar_command]
+
+
+# What tar says on stderr that is no problem: --listed-incremental's notes
+# on directories, and sockets, which no archive holds.
+TAR_NOTE_RE = re.compile(r': (?:Directory is new|Directory has been renamed'
+                         r'(?: from .*)?|socket ignored)$')
+
+
+def tar_problems(stderr):
+    """The lines of tar's stderr that name what it could not store as it
+    was: unreadable files, names too long, files that vanished or changed
+    while being read ('./secret: Warning: Cannot open: Permission
+    denied')."""
+    problems = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if line and not TAR_NOTE_RE.search(line):
+            problems.append(re.sub(r'^[^ :]*tar: ', '', line))
+    return problems
 
 
 def check_path(ctx, module, path):
@@ -63,25 +111,36 @@ def prepare(ctx, module, path):
     # The listing is tar's own verbose index, written while it archives
     # (no second read of the data): one `ls -l`-like line per member, names
     # escaped (\n, \\, octal) so that every name is one line.  The node's
-    # drill proves a restored tree against it (names, types, sizes).
+    # drill proves a restored tree against it, and find/ls/diff read it
+    # (both through _tarlisting.py, which knows this format).  The third
+    # --verbose adds each member's extended attribute names and ACLs on
+    # indented lines when tar archives them.
+    # --full-time in UTC gives the node mtimes to the second it can
+    # compare (tar prints local time, and minutes only without it).
     # None when [client] full_every = 0: every archive is full.
     chain = ctx.archive_chain(path)
     incremental = chain.start() if chain else []
+    # --ignore-failed-read: a file that cannot be read (or has a name too
+    # long, or vanished) is a warning, not a fatal error: the rest of the
+    # tree is still a backup (tar_problems below names what is missing).
     tar = shlex.split(ctx.settings['tar_command'])
     args = tar + [
-        '--create', '--file=-', '--sparse', *metadata_options(tar),
-        *options, *incremental,
-        '--verbose', '--verbose', '--quoting-style=escape',
+        '--create', '--file=-', '--sparse', '--ignore-failed-read',
+        *metadata_options(tar), *options, *incremental,
+        '--verbose', '--verbose', '--verbose', '--quoting-style=escape',
+        *full_time_option(ctx.settings['tar_command']),
         f'--index-file={listing}.part', f'--directory={path}', '.']
-    status, stderr = ctx.stream_command_to_file(args, archive)
-    # GNU tar: 1 = some files changed while being read (a live system);
-    # the archive is still good.  2 = fatal.
-    if status == 1:
-        ctx.log.warning('tar %s: files changed while archiving: %s', path,
-                        stderr.strip()[-500:])
-    elif status != 0:
+    status, stderr = ctx.stream_command_to_file(
+        args, archive, env=dict(os.environ, TZ='UTC'))
+    # GNU tar: 0 = done, 1 = some files differ (changed or vanished while
+    # being read: a live system), 2 = fatal (the archive itself could not
+    # be written).  With --ignore-failed-read, unreadable files do not
+    # make it 2.  Only a fatal status fails the request; every member tar
+    # could not store as it was is named, whatever the status.
+    if status not in (0, 1):
         raise ctx.ModuleError(f'tar of {path} failed (exit {status}): '
                               f'{stderr.strip()[-1000:]}')
+    ctx.warn(path, tar_problems(stderr))
     ctx.publish(archive)
     ctx.publish(listing)
     if chain:
@@ -216,110 +275,36 @@ def drill_stored(ctx, names, scratch):
     extracted into scratch through the node's one extraction path
     (ctx.extract_chain, which checks every link's sha256 first, judges
     the chain and returns (links, top: the tree, left_out: device nodes
-    not made)) and the restored tree held against the listing tar wrote
-    while archiving.  Returns (problems, what was proven)."""
+    not made)) and the restored tree is compared, entry by entry, with
+    the complete tree the chain's listings describe at that point
+    (_tarlisting.compare_tree).  Returns (problems, what was proven)."""
     extracted = ctx.extract_chain(scratch)
+    links = extracted.links
     name = names[0]
-    listing = os.path.join(ctx.snapshot, name + LISTING_SUFFIX)
-    if not os.path.exists(listing):
+    archives = [(stored_archive(link), link.name) for link in ctx.chain]
+    stored = [(archive + LISTING_SUFFIX, archive, link_name)
+              for archive, link_name in archives]
+    if not all(os.path.isfile(listing) for listing, _, _ in stored):
         return [], f'{name}: extracted; no listing recorded to compare with'
-    tree = restored_tree(extracted.top)
-    listed = parse_listing(listing)
-    # Device nodes are not made on the node (by design): not missing.
-    tree.update({n: listed[n] for n in extracted.left_out if n in listed})
-    problems = compare_listing(listed, tree, complete=extracted.links == 1)
-    return problems, f'{name}: {len(tree)} entries match the listing'
+    expected = tarlisting.chain_tree(stored, ctx.timeout)
+    # Owners are not compared: a drill restores them by number, while
+    # listings name them as the client's accounts do; privilege (device
+    # nodes, setuid bits) is never restored on the node.
+    problems, compared = tarlisting.compare_tree(
+        extracted.top, expected, privileged=False)
+    left_out = len(expected) - compared
+    return [f'{clean_text(path)}: {problem}' for path, problem in problems], \
+        (f'{name}: {compared} entries compared with the tree the listings '
+         f'of {links} link(s) describe (type, size, mode, mtime, xattrs): '
+         'all match' + (f'; {left_out} device node(s) left out'
+                        if left_out else ''))
 
 
-# One line of tar's verbose index (`tar -cvv --quoting-style=escape`):
-# mode, owner/group, size (major,minor for devices), date, time, name.
-LISTING_RE = re.compile(r'^(?P<type>\S)\S{9}\S*\s+\S+\s+'
-                        r'(?P<size>[0-9]+|[0-9]+,\s*[0-9]+)\s+'
-                        r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{5,8} (?P<name>.*)$')
-LISTING_TYPES = {'-': 'file', 'h': 'file', 'd': 'dir', 'l': 'link',
-                 'p': 'fifo', 'c': 'char', 'b': 'block'}
-ESCAPES = {'\\': b'\\', 'n': b'\n', 't': b'\t', 'a': b'\a', 'b': b'\b',
-           'f': b'\f', 'r': b'\r', 'v': b'\v', ' ': b' ', '?': b'?'}
-
-
-def unescape_name(text):
-    """tar's escape quoting (\\n, \\\\, \\ooo ...) -> the file name."""
-    out, i = bytearray(), 0
-    raw = text.encode('utf-8', 'surrogateescape')
-    while i < len(raw):
-        c = raw[i:i + 1]
-        if c == b'\\' and i + 1 < len(raw):
-            octal = re.match(rb'[0-7]{3}', raw[i + 1:i + 4])
-            if octal:
-                out.append(int(octal.group(), 8))
-                i += 4
-                continue
-            nxt = chr(raw[i + 1])
-            out += ESCAPES.get(nxt, b'\\' + nxt.encode())
-            i += 2
-            continue
-        out += c
-        i += 1
-    return os.fsdecode(bytes(out))
-
-
-def parse_listing(path):
-    """{relative name: (type, size or None)} of a listing file."""
-    entries = {}
-    with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        for line in f:
-            m = LISTING_RE.match(line.rstrip('\n'))
-            if not m:
-                continue
-            kind = LISTING_TYPES.get(m.group('type'), 'other')
-            name = m.group('name')
-            # A symlink's target and a hard link's original follow the
-            # name; names holding these words are too rare to guess for.
-            for sep in ((' -> ',) if kind == 'link' else
-                        (' link to ',) if m.group('type') == 'h' else ()):
-                name = name.split(sep, 1)[0]
-            name = unescape_name(name).rstrip('/')
-            name = name[2:] if name.startswith('./') else name
-            if name in ('', '.'):
-                continue
-            size = int(m.group('size')) if kind == 'file' and \
-                m.group('type') != 'h' else None
-            entries[name] = (kind, size)
-    return entries
-
-
-def restored_tree(top):
-    """{relative name: (type, size or None)} of a restored directory."""
-    found = {}
-    for root, dirs, files in os.walk(top):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            mode = st.st_mode
-            kind = 'dir' if stat.S_ISDIR(mode) else 'link' if \
-                stat.S_ISLNK(mode) else 'file' if stat.S_ISREG(mode) else \
-                'fifo' if stat.S_ISFIFO(mode) else 'char' if \
-                stat.S_ISCHR(mode) else 'block' if stat.S_ISBLK(mode) \
-                else 'other'
-            found[os.path.relpath(path, top)] = (
-                kind, st.st_size if kind == 'file' else None)
-    return found
-
-
-def compare_listing(listing, tree, complete):
-    """Problems between what the client listed and what came back; an
-    increment's listing names only what changed (complete=False)."""
-    problems = []
-    for name, (kind, size) in sorted(listing.items()):
-        got = tree.get(name)
-        if got is None:
-            problems.append(f'{clean_text(name)}: missing')
-        elif got[0] != kind:
-            problems.append(f'{clean_text(name)}: {got[0]}, listed as {kind}')
-        elif size is not None and got[1] != size:
-            problems.append(f'{clean_text(name)}: {got[1]} bytes, listed '
-                            f'with {size}')
-    if complete:
-        problems += [f'{clean_text(name)}: not in the listing'
-                     for name in sorted(set(tree) - set(listing))]
-    return problems
+def stored_archive(link):
+    """The path of the archive a stored snapshot (a link of a chain)
+    holds, from its manifest."""
+    for entry in (link.manifest or {}).get('files') or []:
+        if isinstance(entry, dict) and \
+                str(entry.get('name')).endswith(STORED_SUFFIXES):
+            return os.path.join(link.path, entry['name'])
+    raise ValueError(f'{link.name}: no archive in this snapshot')

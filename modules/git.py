@@ -34,6 +34,7 @@ as ``refs/preserved/<node time>/<ref>``.  The client cannot write below
 ``refs/preserved/``: only heads, tags and notes are fetched.
 """
 
+import calendar
 import contextlib
 import hashlib
 import os
@@ -704,7 +705,11 @@ def create_mirror(ctx, mirror, url, protocols, allowance=None):
     shutil.rmtree(tmp, ignore_errors=True)
     ctx.run([*ctx.git_program(), 'init', '--quiet', '--bare', tmp],
             timeout=ctx.timeout)
-    for key, value in (('core.logAllRefUpdates', 'true'),
+    # 'always': tags get a reflog too, so that `restore --at` knows when
+    # each ref came (refs_at); kept for as long as the mirror.
+    for key, value in (('core.logAllRefUpdates', 'always'),
+                       ('gc.reflogExpire', 'never'),
+                       ('gc.reflogExpireUnreachable', 'never'),
                        ('transfer.fsckObjects', 'true'),
                        ('fetch.fsckObjects', 'true'),
                        ('gc.auto', '0')):
@@ -767,6 +772,88 @@ def update_mirror(ctx, mirror, url, protocols, allowance=None):
     os.unlink(snapshot)
     follow_head(ctx, mirror, head, after)
     return after, preserved
+
+
+# One reflog line: old and new tip, the committer, seconds, zone, message.
+REFLOG_RE = re.compile(r'^([0-9a-f]{40,64}) ([0-9a-f]{40,64}) [^\t]*> '
+                       r'([0-9]{1,12}) [+-][0-9]{4}(?:\t|$)')
+STAMP_RE = re.compile(r'^([0-9]{8}T[0-9]{6}Z)(?:\.[0-9]+)?$')
+
+
+def reflog(mirror, ref):
+    """[(old tip, new tip, seconds)] of a ref's reflog, oldest first."""
+    path = os.path.join(mirror, 'logs', *ref.split('/'))
+    try:
+        with open(path, encoding='utf-8', errors='replace') as f:
+            lines = f.read(64 * 1024 * 1024).splitlines()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return []
+    return [(m.group(1), m.group(2), int(m.group(3)))
+            for m in map(REFLOG_RE.match, lines) if m]
+
+
+def preserved_at(refs):
+    """{mirrored ref: [(seconds, old tip, preserved ref)]} of the refs
+    below refs/preserved/<stamp>/, oldest first."""
+    kept = {}
+    for name, sha in refs.items():
+        parts = name.split('/', 3)
+        m = STAMP_RE.match(parts[2]) if len(parts) == 4 and \
+            name.startswith(PRESERVED) else None
+        if m:
+            when = calendar.timegm(time.strptime(m.group(1),
+                                                 '%Y%m%dT%H%M%SZ'))
+            kept.setdefault(parts[3], []).append((when, sha, name))
+    return {ref: sorted(v) for ref, v in kept.items()}
+
+
+def ref_at(log, preserved, when):
+    """(tip or None, how) of one ref at `when` from its reflog and the
+    tips preserved when it was deleted or rewritten later; how is
+    'known', 'assumed' (deleted later: its tip then is the one preserved
+    first after `when`, but when it was created died with its reflog) or
+    'unknown'."""
+    before = [new for old, new, t in log if t <= when]
+    if before:
+        return (None if set(before[-1]) == {'0'} else before[-1]), 'known'
+    later = [sha for t, sha, _ in preserved if t > when and
+             (not log or t <= log[0][2])]
+    if later:
+        return later[0], 'known' if log else 'assumed'
+    if log and set(log[0][0]) == {'0'}:
+        return None, 'known'        # created after `when`
+    return None, 'unknown'
+
+
+def refs_at(mirror, refs, when):
+    """The refs of a mirror (refs: every {ref: tip} it has now) as they
+    were at `when` (seconds since the epoch), from its reflogs and
+    preserved refs: ({ref: tip}, [refs no record tells], [refs assumed],
+    first record in seconds or None).  Assumed: a tag with no reflog
+    (fetched before tags had one) is taken as there at its tip (a tag
+    that moved was preserved, so only whether it already existed is
+    unknown); a ref deleted since is taken as there at its preserved
+    tip."""
+    preserved = preserved_at(refs)
+    found, unknown, assumed, first = {}, [], [], None
+    for ref in sorted(set(r for r in refs if r.startswith(MIRRORED)) |
+                      set(preserved)):
+        log = reflog(mirror, ref)
+        if log:
+            first = min(first or log[0][2], log[0][2])
+        tip, how = ref_at(log, preserved.get(ref, []), when)
+        if how == 'unknown' and not log and ref in refs and \
+                ref.startswith('refs/tags/'):
+            tip, how = refs[ref], 'assumed'
+        if how == 'unknown':
+            unknown.append(ref)
+        elif how == 'assumed':
+            assumed.append(ref)
+        if tip and how != 'unknown':
+            found[ref] = tip
+    for kept in preserved.values():
+        found.update((name, sha) for t, sha, name in kept if t <= when)
+    return found, unknown, assumed, first
 
 
 def check_tips(ctx, mirror, heads):

@@ -4,7 +4,9 @@ Request: ``sftp <timestamp> <user@host:/absolute/path> [sha256=.. size=..
 source=.. companion=NAME companion_sha256=.. companion_size=..]``; a
 companion is a file beside the main one that describes it (an archive's
 listing, a dump's row statistics), stored in the same snapshot; ``level=.. base=..`` mark an
-increment (level > 0), refused unless its base is stored here.  Only the path is taken from the request, and only if it lies
+increment (level > 0), refused unless its chain is whole here;
+``warnings=N warned=..`` mark a backup stored with warnings (files the
+client could not read; the lines read as hostile text, bounded).  Only the path is taken from the request, and only if it lies
 inside the client's ``sftp_root``; the user, host and port are the node's
 own (``[client NAME] sftp``, ``sftp_port``), and a request naming another
 account is refused.  The file is downloaded by ``sftp`` in batch mode with
@@ -35,13 +37,15 @@ def handle(ctx, rest):
     remote = ctx.check_remote_path(path, ctx.settings['sftp_root'])
     source = options.get('source', 'files')
     level, base = ctx.check_base(source, options)
+    # Files the client could not read (the rest is in the archive).
+    warnings = ctx.request_warnings(options)
     name = os.path.basename(remote)
     if name == 'manifest.json':
         ctx.refuse('a file may not be called manifest.json')
     if ctx.leftover:
         stored = ctx.already_stored(source)
         if stored:
-            return {'stored': stored, 'recovered': True}
+            return {'stored': stored, 'recovered': True, **warnings}
     size = int(options['size']) if 'size' in options else None
     # Without an announced size the download is capped at what the quota
     # and the free-space floor still allow (a client cannot fill the disk).
@@ -71,8 +75,8 @@ def handle(ctx, rest):
         'remote': remote, 'received': received, 'files': files,
         # An incremental archive: restore needs the chain down to level 0.
         **({'level': level} if 'level' in options else {}),
-        **({'base': base} if base else {})})
-    return {'stored': stored, 'sha256': digest, 'size': got}
+        **({'base': base} if base else {}), **warnings})
+    return {'stored': stored, 'sha256': digest, 'size': got, **warnings}
 
 
 def request_source(settings, rest):

@@ -236,7 +236,8 @@ class TreeDrillTest(unittest.TestCase):
         p.server('run')
         proc = p.server('drill')
         self.assertIn('ok: c1 app', proc.stdout)
-        self.assertIn('match the listing', proc.stdout)
+        self.assertIn('entries compared with the tree the listings of 1 '
+                      'link(s) describe', proc.stdout)
         report = json.loads(p.server('report', '--format', 'json',
                                      check=False).stdout)
         [row] = report['clients'][0]['sources']
