@@ -3368,12 +3368,12 @@ def restore_bounds(node, archives, space_path):
     for path in archives:
         listing = path + fs_archive.LISTING_SUFFIX
         try:
-            entries = fs_archive.parse_listing(listing)
+            entries = tarlisting.parse_listing(listing)
         except (OSError, ValueError):
             declared.append(None)
             continue
-        declared.append((sum(size or 0 for _, size in entries.values()),
-                         len(entries)))
+        declared.append((sum(e.size or 0 for e in entries
+                             if isinstance(e.size, int)), len(entries)))
     stored = [os.path.getsize(p) for p in archives]
     return fs_archive.Bounds(
         fs_archive.size_bound(declared, stored),

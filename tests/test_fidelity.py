@@ -329,8 +329,9 @@ class FidelityTest(unittest.TestCase):
         proc = self.p.server('restore', CLIENT, 'app', '--path', 'gone.txt',
                              '--to', out, check=False)
         self.assertEqual(proc.returncode, 1)
-        self.assertIn(f'app {self.snapshots[2]}: not in this snapshot: '
-                      'gone.txt', proc.stderr)
+        self.assertIn(f"app {self.snapshots[2]} holds no 'gone.txt'; the "
+                      'nearest snapshot that does is '
+                      f'{self.snapshots[1]}', proc.stderr)
         self.assertNotIn('refused', proc.stderr)
         self.assertFalse(os.path.lexists(out))
 
