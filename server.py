@@ -3539,7 +3539,10 @@ def restore_git(node, client, mirror, args, out):
         core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
                   'create', '-', '--all'], stdout=out.fileno(), text=False)
         return
-    scratch = None if args.to else scratch_dir(node, client, 'restore')
+    scratch = None if args.to else tempfile.mkdtemp(
+        prefix=f'{SCRATCH_PREFIX}restore-',
+        dir=core.make_dirs(os.path.join(node.settings['data_dir'], client))
+        or os.path.join(node.settings['data_dir'], client))
     target = prepare_target(args.to) if args.to else \
         os.path.join(scratch, 'mirror.git')
     try:
