@@ -7,7 +7,7 @@ DEB_PACKAGES = git openssh-client openssh-server tar gzip xz-utils zstd \
                postgresql postgresql-client gitolite3 procps chromium \
                postfix prometheus prometheus-node-exporter \
                lintian help2man man-db systemd rclone faketime strace \
-               sudo rsync acl attr
+               sudo rsync acl attr libcap2-bin
 # Only for `make bench`, which compares gitbackup with them when installed.
 BENCH_PACKAGES = restic borgbackup
 # postfix asks how to deliver mail: a fresh install gets "Local only"

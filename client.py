@@ -88,6 +88,7 @@ from modules._core import (  # noqa: E402  (shared core, installed beside us)
     run, setup_logging, sha256_file, shell_line, ssh_timeout_options,
     timestamp, write_json, fsync_dir)
 from modules import _schedule  # noqa: E402
+from modules import fs as fs_module  # noqa: E402  (what archives carry)
 
 # Client pool states (file name prefixes).
 INCOMPLETE, COMPLETE, PROCESSING, FINISHED, FAILED = 'i', 'C', 'P', 'F', 'X'
@@ -926,6 +927,8 @@ class Client:
         out.write(f'{self.config.path}: client {self.name}\n')
         if self.settings['compression'] in COMPRESSION_CHOICES:
             out.write(f'compression: {compression_text(self.settings)}\n')
+        out.write('archives keep: ' + fs_module.metadata_text(
+            shlex.split(self.settings['tar_command'])) + '\n')
         problems = self.check_environment() + self.check_nodes() + \
             self.check_modules()
         for p in problems:

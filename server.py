@@ -60,8 +60,10 @@ scripts share only modules/_core.py.
 
 import argparse
 import base64
+import collections
 import concurrent.futures
 import configparser
+import contextlib
 import datetime
 import fnmatch
 import hashlib
@@ -96,6 +98,7 @@ for _name in BESIDE:
 sys.path.insert(0, HERE)
 from modules import _core as core  # noqa: E402  (shared core, beside us)
 from modules import _schedule  # noqa: E402
+from modules import fs as fs_archive  # noqa: E402  (tar chains: restore)
 from modules import _tarlisting as tarlisting  # noqa: E402
 from modules import postgresdb  # noqa: E402  (the dumps' own knowledge)
 from modules._core import (  # noqa: E402
@@ -628,6 +631,7 @@ def join_snapshot(snapshot, existing, incoming, manifest):
             return None
         if not old:
             new_files.append(dict(entry, request=manifest['request']))
+    keep_private(incoming, [entry['name'] for entry in new_files])
     for entry in new_files:
         path = os.path.join(incoming, entry['name'])
         with open(path, 'rb') as f:
@@ -640,9 +644,20 @@ def join_snapshot(snapshot, existing, incoming, manifest):
                new_files, 'requests': requests + [manifest['request']],
                'updated': core.isotime()}
     core.write_json(os.path.join(snapshot, 'manifest.json'), updated)
+    keep_private(snapshot, ['manifest.json'])
     shutil.rmtree(incoming, ignore_errors=True)
     core.pause_point('run:stored')
     return snapshot
+
+
+def keep_private(directory, names):
+    """Stored files are the client's data: never world-readable (0600
+    stays 0600; the group that shares data_dir may read)."""
+    for name in names:
+        path = os.path.join(directory, name)
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        if mode & 0o137 and stat.S_ISREG(os.lstat(path).st_mode):
+            os.chmod(path, mode & 0o640)
 
 
 def store_staged(ctx, name, staging, allowance, stdout):
@@ -1236,6 +1251,108 @@ def verify_outcome(verify, path, made=None):
     return {'outcome': 'failed' if bad else 'ok', 'time': verify['time']}
 
 
+# -- scratch trees: registered when made, reaped after a crash --------------
+
+# What reap_scratch_trees does with a registered entry of each kind
+# whose command died (scratch PostgreSQL clusters have their own registry:
+# Node.scratch_registry, postgresdb.reap_scratch_clusters).
+SCRATCH_REAPERS = {}
+SCRATCH_PREFIX = '.gitbackup-'
+
+
+def process_start(pid):
+    """A process's start time (clock ticks since boot), or None when it
+    is gone: with the pid it names one process, reused pids excluded."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def scratch_tree_registry(node):
+    return os.path.join(node.state_dir, 'scratch')
+
+
+def register_scratch(node, kind, path, **extra):
+    """Record that this process made path (a scratch tree, a scratch
+    cluster...); returns the record's file, None if it cannot be written
+    (an account that may not write the node's state: its scratch is then
+    removed by itself only)."""
+    record = os.path.join(scratch_tree_registry(node),
+                          f'{os.getpid()}-{os.path.basename(path)}.json')
+    try:
+        core.make_dirs(scratch_tree_registry(node))
+        write_json(record, {'pid': os.getpid(), 'kind': kind, 'path': path,
+                            'started': process_start(os.getpid()), **extra})
+    except OSError as e:
+        log.debug('scratch %s not registered: %s', path, e)
+        return None
+    return record
+
+
+def remove_scratch_tree(entry):
+    path = str(entry.get('path') or '')
+    if os.path.basename(path).startswith(SCRATCH_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+SCRATCH_REAPERS['tree'] = remove_scratch_tree
+
+
+def reap_scratch_trees(node):
+    """End what a restore or drill killed before its cleanup left behind:
+    every registered scratch whose process is gone (a pid alive with the
+    recorded start time is a running command, left alone).  Run by
+    restore, drill, run and prune before they start (Node.reap_scratch)."""
+    try:
+        names = os.listdir(scratch_tree_registry(node))
+    except OSError:
+        return
+    for name in sorted(names):
+        record = os.path.join(scratch_tree_registry(node), name)
+        entry = read_json(record)
+        if not isinstance(entry, dict):
+            continue
+        if entry.get('started') and process_start(entry.get('pid')) == \
+                entry['started']:
+            continue
+        log.warning('removing %s %s left by a killed command (pid %s)',
+                    entry.get('kind'), clean_text(entry.get('path')),
+                    entry.get('pid'))
+        reaper = SCRATCH_REAPERS.get(entry.get('kind'))
+        try:
+            if reaper:
+                reaper(entry)
+            os.unlink(record)
+        except OSError as e:
+            log.error('could not reap %s: %s', record, e)
+
+
+@contextlib.contextmanager
+def scratch(node, parent, what):
+    """A fresh 0700 directory under parent for one restore or drill,
+    registered while it lives and removed whatever happens."""
+    core.make_dirs(parent)
+    path = tempfile.mkdtemp(prefix=f'{SCRATCH_PREFIX}{what}-', dir=parent)
+    record = register_scratch(node, 'tree', path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if record:
+            with contextlib.suppress(OSError):
+                os.unlink(record)
+
+
+def scratch_tree(path):
+    """Where a tree is extracted inside a 0700 scratch directory: tar
+    gives it the archive root's mode, the scratch keeps others out."""
+    tree = os.path.join(path, 'tree')
+    os.mkdir(tree, 0o700)
+    return tree
+
+
 # ==========================================================================
 # 3. Run: pull what the requests name
 #
@@ -1505,6 +1622,7 @@ class NodeContext(ModuleContext):
         manifest = {**manifest, 'seq': self.next_sequence()}
         core.write_json(os.path.join(incoming, 'manifest.json'), manifest)
         core.pause_point('run:manifest')
+        keep_private(incoming, os.listdir(incoming))
         for name in os.listdir(incoming):
             with open(os.path.join(incoming, name), 'rb') as f:
                 os.fsync(f.fileno())
@@ -1810,9 +1928,11 @@ class Node:
         return os.path.join(self.state_dir, 'scratch-postgres')
 
     def reap_scratch(self):
-        """Stop what a killed drill left running: before anything else."""
+        """Stop what a killed drill or restore left: before anything
+        else, its scratch clusters, then its scratch trees."""
         postgresdb.reap_scratch_clusters(
             core.ModuleContext(self.config, 'server'), self.scratch_registry())
+        reap_scratch_trees(self)
 
     def ssh_registry(self, client):
         """Where the client's shared ssh connection leaves its pid."""
@@ -4140,60 +4260,49 @@ def check_hashes(backups, names, force):
 def prepare_target(directory):
     """DIR may exist if empty, else it is created; never written into
     when it holds anything."""
+    check_target(directory)
+    if not os.path.lexists(directory):
+        os.makedirs(directory)
+    return os.path.abspath(directory)
+
+
+def check_target(directory):
+    """--to DIR: absent, or an empty directory (not a symlink to one)."""
     if os.path.lexists(directory):
         if not os.path.isdir(directory) or os.path.islink(directory):
             raise RestoreError(f'{directory}: exists and is not a directory')
         if os.listdir(directory):
             raise RestoreError(f'{directory}: not empty; refusing to '
                                'restore into it')
-    else:
-        os.makedirs(directory)
     return os.path.abspath(directory)
 
 
 def member_path(path):
-    """--path SUBDIR -> the archive member './SUBDIR' (fs archives are made
-    with `-C DIR .`); no absolute paths, no '..'."""
+    """--path PATH -> its name in the archive (fs archives are made with
+    `-C DIR .`), as bytes; no absolute paths, no '..'."""
     rel = os.path.normpath(path.strip('/'))
     if not path.strip('/') or rel in ('.', '..') or rel.startswith('../'):
-        raise UsageError(f'--path {clean_text(path)!r}: want a directory '
-                         'inside the backup, e.g. --path www/uploads')
-    return './' + rel
+        raise UsageError(f'--path {clean_text(path)!r}: want a file or '
+                         'directory inside the backup, e.g. --path '
+                         'www/uploads')
+    return os.fsencode(rel)
 
 
-def tar_extract_args(archive, directory, incremental, members):
-    """GNU tar extracting one archive of a chain; as root with numeric
-    owners and modes.  --listed-incremental=/dev/null applies an
-    increment's deletions (and needs no snapshot file)."""
-    args = ['tar', '--extract', f'--file={archive}', f'--directory={directory}']
-    if incremental:
-        args.append('--listed-incremental=/dev/null')
-    if os.geteuid() == 0:
-        args += ['--numeric-owner', '--same-owner', '--same-permissions']
-    else:
-        args.append('--same-permissions')
-    return args + ['--', *members]
-
-
-def extract_chain(chain, directory, members=()):
-    """Extract full, then each increment in order, into directory."""
-    incremental = len(chain) > 1 or manifest_level(chain[0].manifest) > 0 \
-        or 'level' in chain[0].manifest
-    for backup in chain:
-        entry = archive_entry(backup)
-        if entry is None:
-            raise RestoreError(f'{backup.path}: no archive in this snapshot')
-        core.run(tar_extract_args(os.path.join(backup.path, entry['name']),
-                                  directory, incremental, list(members)),
-                 stdout=subprocess.DEVNULL)
-        log.info('extracted %s/%s', backup.path, entry['name'])
-
-
-def scratch_dir(node, client, what):
-    """A private directory on the node's data disk for one restore."""
-    base = os.path.join(node.settings['data_dir'], client)
-    os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f'.{what}-', dir=base)
+def check_same_owner(target):
+    """--same-owner restores owners, setuid files and device nodes: only
+    root may, and only into a directory root owns (nobody else can then
+    swap what lies under it while it is written)."""
+    if os.geteuid() != 0:
+        raise UsageError('--same-owner: only root restores owners, setuid '
+                         'files and device nodes (use --stdout | ssh '
+                         'root@client tar -x ... to restore them there)')
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    st = os.lstat(existing)
+    if st.st_uid != 0 or not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f'--same-owner: {existing} is not a directory root '
+                         'owns; restore into one that is')
 
 
 def stream_file(path, out):
@@ -4203,44 +4312,140 @@ def stream_file(path, out):
     out.flush()
 
 
-def stream_archive(path, out):
-    """Write a stored archive to out as a plain tar stream: decompressed,
-    so that `| tar -x` needs no option and owners stay exactly as
-    archived, whoever runs the restore."""
-    name = os.path.basename(path)
-    for suffixes, tool in TAR_TOOLS:
-        if name.endswith(suffixes):
-            out.flush()
-            core.run([tool, '--decompress', '--stdout', '--', path],
-                     stdout=out.fileno(), text=False)
-            return
-    stream_file(path, out)
+def chain_archives(chain):
+    """The archive paths of a chain, full first."""
+    paths = []
+    for backup in chain:
+        entry = archive_entry(backup)
+        if entry is None:
+            raise RestoreError(f'{backup.path}: no archive in this snapshot')
+        paths.append(os.path.join(backup.path, entry['name']))
+    return paths
+
+
+def restore_bounds(node, archives, space_path):
+    """Size (what the links' listings declare, times a margin), the
+    free-space floor and command_timeout, for one restore or drill."""
+    declared = []
+    for path in archives:
+        listing = path + fs_archive.LISTING_SUFFIX
+        try:
+            entries = tarlisting.parse_listing(listing)
+        except (OSError, ValueError):
+            declared.append(None)
+            continue
+        declared.append((sum(e.size or 0 for e in entries
+                             if isinstance(e.size, int)), len(entries)))
+    stored = [os.path.getsize(p) for p in archives]
+    return fs_archive.Bounds(
+        fs_archive.size_bound(declared, stored),
+        node.config.get_size('server', 'free_space_floor'),
+        time.monotonic() + node.config.get_duration('server',
+                                                    'command_timeout'),
+        space_path)
+
+
+def restore_tree(node, archives, directory, paths=(), same_owner=False):
+    """The one safe extraction into directory (fs_archive.restore_tree),
+    within restore_bounds; its warnings logged.  Wrap in chain_errors."""
+    done = fs_archive.restore_tree(archives, directory, paths, same_owner,
+                                   restore_bounds(node, archives, directory))
+    for warning in done.warnings:
+        log.warning('%s', clean_text(warning, 2000))
+    return done
+
+
+@contextlib.contextmanager
+def chain_errors(node, client, backup):
+    """A refused chain, a bound hit or a path the snapshot lacks, as the
+    RestoreError that says which."""
+    try:
+        yield
+    except fs_archive.PathNotHeld as e:
+        raise path_not_held(node, client, backup, e) from None
+    except (fs_archive.ChainRefused, fs_archive.TarFailed) as e:
+        raise RestoreError(f'refused: {clean_text(str(e), 1000)}') from None
+    except fs_archive.BoundExceeded as e:
+        raise RestoreError(f'stopped: {e}') from None
+
+
+class PathNotHeldError(RestoreError):
+    """restore --path named what the snapshot does not hold (.paths: the
+    archive names, bytes); nothing was written."""
+
+    def __init__(self, message, paths):
+        super().__init__(message)
+        self.paths = paths
+
+
+def path_not_held(node, client, backup, error):
+    """The error for --path names a snapshot does not hold, with a hint
+    where they are (path_hint)."""
+    hint = path_hint(node, client, backup, error.paths)
+    return PathNotHeldError(
+        f'{backup.source} {backup.name}: {error}' + (
+            f' ({hint})' if hint else ''), error.paths)
+
+
+def path_hint(node, client, backup, paths):
+    """Where the paths a snapshot lacks can be found (e.g. the nearest
+    snapshot that holds them, from the listings), or ''."""
+    return ''
+
+
+def move_into_place(scratch_path, target):
+    """The restored tree replaces the (absent or empty) target in one
+    rename; where that cannot be (a mount point), its entries move."""
+    try:
+        os.rename(scratch_path, target)
+        return
+    except OSError:
+        pass
+    os.makedirs(target, exist_ok=True)
+    st = os.stat(scratch_path)
+    os.chmod(scratch_path, 0o700)     # its entries must be movable
+    for name in os.listdir(scratch_path):
+        os.rename(os.path.join(scratch_path, name),
+                  os.path.join(target, name))
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def restore_archive(node, client, backups, backup, args, out):
-    """A directory backup: its chain extracted into --to DIR, or one tar
-    stream of the restored tree on stdout."""
+    """A directory backup: its chain judged whole, then extracted into
+    --to DIR (through a scratch directory beside it, moved into place),
+    or written to stdout as one tar stream of the restored tree."""
     chain = chain_to_extract(backups, backup)
     check_hashes(chain, None, args.force)
     check_paths_held(node, client, backups, backup, args.path)
-    members = [member_path(args.path)] if args.path else []
-    if args.stdout and len(chain) == 1 and not members and \
-            'level' not in backup.manifest:
-        stream_archive(os.path.join(backup.path,
-                                    archive_entry(backup)['name']), out)
+    archives = chain_archives(chain)
+    paths = [member_path(p) for p in args.path or []]
+    if args.stdout:
+        try:
+            with chain_errors(node, client, backup):
+                fs_archive.restore_stream(
+                    archives, out.write, paths,
+                    restore_bounds(node, archives, None))
+            out.flush()
+        except BrokenPipeError:
+            raise RestoreError('the stream\'s reader left before its end: '
+                               'nothing complete was restored') from None
         return
-    if args.to:
-        extract_chain(chain, prepare_target(args.to), members)
-        return
-    scratch = scratch_dir(node, client, 'restore')
-    try:
-        extract_chain(chain, scratch, members)
-        out.flush()
-        core.run(['tar', '--create', '--file=-', '--numeric-owner',
-                  f'--directory={scratch}', '--', *(members or ['.'])],
-                 stdout=out.fileno(), text=False)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    target = check_target(args.to)
+    if args.same_owner:
+        check_same_owner(target)
+    # Beside DIR, so that one rename puts the tree in place; inside an
+    # existing DIR whose parent the restoring account may not write.
+    parent = os.path.dirname(target)
+    if os.path.isdir(target) and os.path.isdir(parent) and \
+            not os.access(parent, os.W_OK | os.X_OK):
+        parent = target
+    with scratch(node, parent, 'restore') as path:
+        tree = scratch_tree(path)
+        with chain_errors(node, client, backup):
+            restore_tree(node, archives, tree, paths, args.same_owner)
+        core.pause_point('restore:extracted')
+        move_into_place(tree, target)
 
 
 def check_paths_held(node, client, backups, backup, paths):
@@ -4264,14 +4469,19 @@ def check_paths_held(node, client, backups, backup, paths):
 
 
 def restore_file(backup, name, args, out):
-    """One stored file (a dump, globals.sql, any file) to stdout or DIR."""
+    """One stored file (a dump, globals.sql, any file) to stdout or DIR;
+    in DIR it keeps its stored mode, never more than 0640 (a dump or
+    globals.sql holds secrets: 0600 stays 0600)."""
     check_hashes([backup], {name}, args.force)
     path = os.path.join(backup.path, name)
     if args.stdout:
         stream_file(path, out)
-    else:
-        target = os.path.join(prepare_target(args.to), name)
-        shutil.copyfile(path, target)
+        return
+    target = os.path.join(prepare_target(args.to), name)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(path, 'rb') as f, os.fdopen(fd, 'wb') as w:
+        shutil.copyfileobj(f, w, core.CHUNK)
+    os.chmod(target, stat.S_IMODE(os.stat(path).st_mode) & 0o640)
 
 
 def git_safe(mirror):
@@ -4291,7 +4501,10 @@ def restore_git(node, client, mirror, args, out):
         core.run([*git_safe(mirror), f'--git-dir={mirror}', 'bundle',
                   'create', '-', '--all'], stdout=out.fileno(), text=False)
         return
-    scratch = None if args.to else scratch_dir(node, client, 'restore')
+    scratch = None if args.to else tempfile.mkdtemp(
+        prefix=f'{SCRATCH_PREFIX}restore-',
+        dir=core.make_dirs(os.path.join(node.settings['data_dir'], client))
+        or os.path.join(node.settings['data_dir'], client))
     target = prepare_target(args.to) if args.to else \
         os.path.join(scratch, 'mirror.git')
     try:
@@ -4372,6 +4585,9 @@ def restore_command(node, args, out=None):
     client = check_client_name(args.client)
     if args.stdout == bool(args.to):
         raise UsageError('restore: give exactly one of --to DIR, --stdout')
+    if args.same_owner and not args.to:
+        raise UsageError('--same-owner goes with --to DIR (--stdout always '
+                         'carries owners, modes and special files)')
     if getattr(args, 'origin', 'local') == 'offsite':
         return restore_from_offsite(node, client, args, out)
     mirrors = client_mirrors(node, client)
@@ -4506,6 +4722,7 @@ class DrillContext(ModuleContext):
     def __init__(self, node, client, path, manifest=None, chain=(),
                  heads=(), earlier=()):
         super().__init__(node.config, 'server')
+        self.node = node
         self.client = client
         self.snapshot = path
         self.manifest = manifest or {}
@@ -4523,11 +4740,20 @@ class DrillContext(ModuleContext):
     def extract_chain(self, directory):
         """Check the sha256 of every link below the snapshot (the
         snapshot's own files are checked before any module's proof),
-        extract the chain (full first) into directory; returns how many
-        links it had."""
+        then the one safe extraction of the chain (judged whole, no
+        privilege: restore_tree) into a tree inside directory.  Returns
+        ExtractedChain: how many links, where the tree is, which device
+        nodes were left out (by design, not missing)."""
         check_hashes(self.chain[:-1], None, force=False)
-        extract_chain(self.chain, directory)
-        return len(self.chain)
+        top = scratch_tree(directory)
+        with chain_errors(self.node, self.client, self.chain[-1]):
+            done = restore_tree(self.node, chain_archives(self.chain), top)
+        return ExtractedChain(len(self.chain), top, done.left_out)
+
+
+# What DrillContext.extract_chain gives a module's drill_stored.
+ExtractedChain = collections.namedtuple('ExtractedChain',
+                                        'links top left_out')
 
 
 def announced_heads(node, client, repo):
@@ -4620,17 +4846,16 @@ def drill_word(drill):
 
 def drill_one(node, client, run_id, source, name, proof):
     """Run one proof in a scratch directory; its journal entry."""
-    scratch = scratch_dir(node, client, 'drill')
     try:
-        core.pause_point('drill:reading')
-        problems, detail, proven = proof(scratch)
+        with scratch(node, os.path.join(node.settings['data_dir'], client),
+                     'drill') as path:
+            core.pause_point('drill:reading')
+            problems, detail, proven = proof(path)
     except Exception as e:
         # One bad snapshot is one failure: malformed listings, statistics
         # or anything else a client sent fail this series, never the drill.
         log.debug('drill %s %s %s', client, source, name, exc_info=True)
         problems, detail, proven = [drill_failure_reason(e)], '', False
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {'source': source, 'snapshot': name, 'run': run_id,
             'finished': core.isotime(), 'ok': not problems,
             'proof': 'restored' if proven else 'hashes only',
@@ -6092,6 +6317,8 @@ def check_node(node, out=sys.stdout, connect=False, mail=False):
     if mail and not connect:
         raise UsageError('check: --mail-test goes with --connect')
     out.write(f'{node.config.path}: node {node.name}\n')
+    out.write('restore --same-owner keeps: '
+              + fs_archive.metadata_text(['tar']) + '\n')
     problems = []
     try:
         core.check_git_version()
@@ -6511,6 +6738,43 @@ def offsite_and_retry_parsers(command):
                    help='every given-up request of the client')
 
 
+RESTORE_HELP = (
+    'Restore a snapshot of <client> <source> (default: the '
+    'newest).\n'
+    '  directory archive (an incremental one with its chain): '
+    'the whole chain is\n    judged first and refused, naming '
+    'the member, if anything in it would\n    write outside DIR '
+    'or through a symlink.  --to DIR extracts it as the\n    '
+    'running user: no device nodes, no setuid/setgid bits, only '
+    'user.* xattrs\n    (named in a warning) unless --same-owner '
+    '(root, into a root-owned DIR).\n'
+    '    --stdout writes one plain tar stream of the restored tree, '
+    'exact (owners,\n    modes, devices, sparse files, xattrs, '
+    'ACLs, ns times) whoever runs it:\n'
+    '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
+    '--xattrs \\\n        --xattrs-include=\'*\' --acls '
+    '--numeric-owner -C /srv/restore\n'
+    '    --path PATH (repeatable): only that file or directory.\n'
+    '  a database, exactly (roles first, then the database '
+    'with its owner,\n    encoding, locale, settings and ACL): '
+    '--database NAME --stdout | psql\n'
+    '      server.py restore c1 postgresdb --database shop '
+    '--stdout |\n'
+    '          ssh root@c1 sudo -u postgres psql -X -d postgres\n'
+    '    (--globals --stdout alone: the roles and tablespaces, '
+    'for a whole cluster)\n'
+    '  one file (a dump, globals.sql): --file NAME --stdout\n'
+    '  git mirror (source git/<path>): --to DIR clones every ref '
+    '(refs/preserved/*\n    included), --stdout writes a git '
+    'bundle; with --at, the refs it had\n    then (from its '
+    'reflogs and preserved refs), or a refusal saying why.\n'
+    'Every file read is checked against its sha256 first; a '
+    'damaged snapshot is\nrefused unless --force.  DIR may exist '
+    'only if empty; a refused or stopped\nrestore leaves nothing '
+    'in it.  Bounds: size (what the listings declare, x2),\n'
+    '[server] free_space_floor, command_timeout.')
+
+
 def restore_parsers(command):
     """The parsers of list and restore."""
     p = command('list', 'the snapshots this node holds',
@@ -6526,30 +6790,7 @@ def restore_parsers(command):
                    default='local', help='offsite: what the [offsite] '
                    'remote holds, read from its indexes (also on a node '
                    'that holds nothing)')
-    p = command('restore', 'get a backup back',
-                'Restore a snapshot of <client> <source> (default: the '
-                'newest).\n'
-                '  directory archive: --to DIR extracts it (owners and modes '
-                'as root), an\n    incremental one by applying its chain; '
-                '--stdout writes one tar stream:\n'
-                '      server.py restore c1 app --stdout | ssh root@c1 tar -x '
-                '-C /srv/restore\n'
-                '  a database, exactly (roles first, then the database '
-                'with its owner,\n    encoding, locale, settings and ACL): '
-                '--database NAME --stdout | psql\n'
-                '      server.py restore c1 postgresdb --database shop '
-                '--stdout |\n'
-                '          ssh root@c1 sudo -u postgres psql -X -d postgres\n'
-                '    (--globals --stdout alone: the roles and tablespaces, '
-                'for a whole cluster)\n'
-                '  one file (a dump, globals.sql): --file NAME --stdout\n'
-                '  git mirror (source git/<path>): --to DIR clones every ref '
-                '(refs/preserved/*\n    included), --stdout writes a git '
-                'bundle; with --at, the refs it had\n    then (from its '
-                'reflogs and preserved refs), or a refusal saying why.\n'
-                'Every file read is checked against its sha256 first; a '
-                'damaged snapshot is\nrefused unless --force.  DIR may exist '
-                'only if empty.')
+    p = command('restore', 'get a backup back', RESTORE_HELP)
     p.add_argument('client')
     p.add_argument('source')
     p.add_argument('--at', metavar='TIME', help='a snapshot name as list '
@@ -6559,9 +6800,16 @@ def restore_parsers(command):
                    'before it')
     p.add_argument('--file', metavar='NAME', help='one stored file of the '
                    'snapshot')
-    p.add_argument('--path', metavar='SUBDIR', help='only this directory '
-                   'of an archive; a path the snapshot does not hold is '
-                   'refused, naming the nearest snapshot that does')
+    p.add_argument('--path', metavar='PATH', action='append',
+                   help='only this file or directory of an archive (at any '
+                   'point of a chain; repeatable); a path the snapshot does '
+                   'not hold is refused, naming the nearest snapshot that '
+                   'does')
+    p.add_argument('--same-owner', action='store_true',
+                   help='with --to, as root into a directory root owns: '
+                   'restore owners, setuid/setgid bits, device nodes and '
+                   'every xattr namespace (default: left out, named in a '
+                   'warning)')
     p.add_argument('--database', metavar='NAME', help='postgresdb: a psql '
                    'script that creates the roles, then the database NAME '
                    'exactly as it was (owner, encoding, locale, settings, '
@@ -6766,6 +7014,10 @@ def run_command(args):
     # git process for it; check and the cron commands say it.
     if args.command not in ('check', 'report', 'ingest', 'gate'):
         core.check_git_version()   # check reports it as a problem
+    # Scratch trees and clusters a killed restore or drill left behind
+    # (run and drill reap them themselves, first of all).
+    if args.command in ('restore', 'prune'):
+        node.reap_scratch()
     return COMMANDS[args.command](node, args)
 
 

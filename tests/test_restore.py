@@ -17,6 +17,8 @@ from tests.modules_pipeline import ModulePipeline, PostgresMixin
 from tests.pipeline import CLIENT, Pipeline
 
 ROOT = os.geteuid() == 0
+# As root, --to restores owners only when asked (and into a root-owned DIR).
+SAME_OWNER = ['--same-owner'] if ROOT else []
 
 
 def write(path, text, mode=0o644):
@@ -135,10 +137,10 @@ class TreeRestoreTest(unittest.TestCase):
     def test_restore_at_first_and_default(self):
         first, second = self.target('1'), self.target('2')
         self.p.server('restore', CLIENT, 'app', '--at', self.snapshots[0],
-                      '--to', first)
+                      '--to', first, *SAME_OWNER)
         self.assertEqual(tree_state(first), self.states[0])
         os.makedirs(second)     # an empty directory is fine
-        self.p.server('restore', CLIENT, 'app', '--to', second)
+        self.p.server('restore', CLIENT, 'app', '--to', second, *SAME_OWNER)
         self.assertEqual(tree_state(second), self.states[1])
         # Never into a non-empty directory.
         proc = self.p.server('restore', CLIENT, 'app', '--to', second,
@@ -151,7 +153,7 @@ class TreeRestoreTest(unittest.TestCase):
                              '--to', self.target('old'), check=False)
         self.assertIn('no snapshot of app', proc.stderr)
         self.p.server('restore', CLIENT, 'app', '--at', '2999-01-01',
-                      '--to', self.target('3'))
+                      '--to', self.target('3'), *SAME_OWNER)
         self.assertEqual(tree_state(self.target('3')), self.states[1])
 
     def test_stdout_into_tar(self):
@@ -170,7 +172,7 @@ class TreeRestoreTest(unittest.TestCase):
     def test_path_restores_one_subtree(self):
         out = self.target('sub')
         self.p.server('restore', CLIENT, 'app', '--path', 'www/uploads',
-                      '--to', out)
+                      '--to', out, *SAME_OWNER)
         self.assertEqual(tree_state(out), {
             k: v for k, v in self.states[1].items()
             if k == 'www' or k.startswith('www/uploads')
