@@ -511,12 +511,61 @@ def kind_of(mode):
 
 
 def restored_paths(top):
-    """Every path below top, relative, without following symlinks."""
+    """Every path below top, relative, without following symlinks.
+    os.fwalk descends by directory descriptors, so a restored path
+    longer than PATH_MAX once top is put before it is still seen (os.walk
+    would silently skip what it cannot open)."""
     found = []
-    for root, dirs, files in os.walk(top):
+    for root, dirs, files, _fd in os.fwalk(top):
+        rel = os.path.relpath(root, top)
         for name in dirs + files:
-            found.append(os.path.relpath(os.path.join(root, name), top))
+            found.append(name if rel == '.' else rel + '/' + name)
     return found
+
+
+class Located:
+    """One restored entry, reached by a short name: its parent directory
+    opened component by component (never following a symlink) when the
+    whole path would pass PATH_MAX, else by its plain path.  A tree
+    restored into a scratch directory can hold a path just under the
+    limit that the scratch's own prefix pushes over it."""
+
+    def __init__(self, top, rel):
+        self.fd = None
+        self.name = os.path.join(top, rel)
+        if len(os.fsencode(self.name)) < 4000:
+            return
+        parts = rel.split('/')
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY |
+                              os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.name = fd, parts[-1]
+
+    def lstat(self):
+        return os.stat(self.name, dir_fd=self.fd, follow_symlinks=False)
+
+    def readlink(self):
+        return os.readlink(self.name, dir_fd=self.fd)
+
+    def xattr_handle(self):
+        """What os.listxattr/getxattr take: the path, or for a long one
+        an open descriptor of the entry itself (files and directories)."""
+        if self.fd is None:
+            return self.name, None
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     dir_fd=self.fd)
+        return fd, fd
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def owner_names(st):
@@ -535,8 +584,15 @@ def owner_names(st):
 
 def entry_problems(top, entry, owners, mask, privileged):
     """How the restored copy of one entry differs from it ([] if not)."""
-    path = os.path.join(top, entry.path)
-    st = os.lstat(path)
+    located = Located(top, entry.path)
+    try:
+        return located_problems(located, entry, owners, mask, privileged)
+    finally:
+        located.close()
+
+
+def located_problems(located, entry, owners, mask, privileged):
+    st = located.lstat()
     kind = kind_of(st.st_mode)
     if kind != entry.kind:
         return [f'{kind}, listed as {entry.kind}']
@@ -544,8 +600,8 @@ def entry_problems(top, entry, owners, mask, privileged):
     if kind == 'file' and entry.size is not None and st.st_size != entry.size:
         problems.append(f'{st.st_size} bytes, listed with {entry.size}')
     if kind == 'link' and entry.target is not None and \
-            os.readlink(path) != entry.target:
-        problems.append(f'points to {os.readlink(path)!r}, listed to '
+            located.readlink() != entry.target:
+        problems.append(f'points to {located.readlink()!r}, listed to '
                         f'{entry.target!r}')
     if kind != 'link' and entry.mode is not None and \
             stat.S_IMODE(st.st_mode) & mask != entry.mode & mask:
@@ -557,27 +613,38 @@ def entry_problems(top, entry, owners, mask, privileged):
     if owners and owner_names(st) != entry.owner and \
             '%d/%d' % (st.st_uid, st.st_gid) != entry.owner:
         problems.append(f'owner {owner_names(st)}, listed as {entry.owner}')
-    problems += attribute_problems(path, entry, kind, privileged)
+    problems += attribute_problems(located, entry, kind, privileged)
     return problems
 
 
-def attribute_problems(path, entry, kind, privileged):
+def attribute_problems(located, entry, kind, privileged):
     """Extended attributes and ACLs, where the listing recorded them (only
     user.* ones when a restore without privilege could not set others)."""
     if kind == 'link' or (not entry.xattrs and not entry.acl):
         return []
+    if located.fd is not None and kind not in ('file', 'dir'):
+        return []   # opening a device or fifo to read its xattrs: no
+    opened = None
     try:
-        names = set(os.listxattr(path, follow_symlinks=False))
+        handle, opened = located.xattr_handle()
+        names = set(os.listxattr(handle, follow_symlinks=False)
+                    if opened is None else os.listxattr(handle))
+        problems = []
+        for name, length in sorted((entry.xattrs or {}).items()):
+            if not privileged and not name.startswith('user.'):
+                continue
+            if name not in names:
+                problems.append(f'extended attribute {name} missing')
+            elif len(os.getxattr(handle, name) if opened is not None else
+                     os.getxattr(handle, name, follow_symlinks=False)) \
+                    != length:
+                problems.append(f'extended attribute {name} differs in '
+                                'length')
     except OSError as e:
         return [f'cannot read its extended attributes: {e}']
-    problems = []
-    for name, length in sorted((entry.xattrs or {}).items()):
-        if not privileged and not name.startswith('user.'):
-            continue
-        if name not in names:
-            problems.append(f'extended attribute {name} missing')
-        elif len(os.getxattr(path, name, follow_symlinks=False)) != length:
-            problems.append(f'extended attribute {name} differs in length')
+    finally:
+        if opened is not None:
+            os.close(opened)
     if entry.acl and not names & {'system.posix_acl_access',
                                   'system.posix_acl_default'}:
         problems.append('ACL missing')
