@@ -6519,18 +6519,21 @@ Python 3.8 or later (client.py: 3.6 or later); `make test` runs a node on
         core.common_options(p, suppress=True)
         return p
 
+    # In the order of the chapters, as --help lists them.
     pipeline_parsers(command)
-    access_parsers(command)
-    operations_parsers(command)
-    offsite_and_retry_parsers(command)
+    keep_parsers(command)
+    offsite_parser(command)
     restore_parsers(command)
     browse_parsers(command)
     drill_parser(command)
+    report_parser(command)
+    access_parsers(command)
+    check_parser(command)
     return parser
 
 
 def pipeline_parsers(command):
-    """ingest, run and check: the request pipeline of the node."""
+    """ingest and run: the request pipeline of the node (1, 3)."""
     p = command('ingest', 'post-update hook: take in pushed requests',
                 'Run as the post-update hook of <client>.git (cwd or $GIT_DIR '
                 'is the repository).\nEvery pushed commit not yet ingested '
@@ -6546,61 +6549,21 @@ def pipeline_parsers(command):
             'sftp or git.\nFailures are retried on later runs; after '
             'max_attempts a request becomes X*.\nA second concurrent run '
             'exits 0 at once.')
-    p = command('check', 'test the configuration and environment',
-                'Test the configuration, directories and tools; exit 1 when '
-                'anything is wrong.\nThe node counts every [client NAME] '
-                'section, with or without a repository.')
-    p.add_argument('--connect', action='store_true',
-                   help='also make every connection `run` makes, for each '
-                   '[client NAME]: the sftp\nlogin into sftp_root (key '
-                   'authorized, host key known), and the git server\nat '
-                   '[client NAME] git when set; one line each, OK or FAILED '
-                   'with the fix;\nand the [offsite] remote (a listing, a '
-                   'small write, read and delete)')
-    p.add_argument('--mail-test', action='store_true',
-                   help='with --connect: also send one test message to the '
-                   'admins through [mail]')
 
 
-def access_parsers(command):
-    """provision, gate and add-client: who may push where."""
-    p = command('provision', 'gitosis-admin post-update hook: create and '
-                'harden the client repositories gitosis.conf names',
-                'For every repository gitosis.conf gives write access to '
-                '(except gitosis-admin):\ncreate <repositories>/<client>.git '
-                'if missing, install its ingest hook,\nset '
-                'receive.denyDeletes, receive.denyNonFastForwards, '
-                'receive.fsckObjects,\nand create its pool.  Invalid client '
-                'names are refused and logged.  Idempotent.\nDefault: '
-                'gitosis.conf at HEAD of <repositories>/gitosis-admin.git.\n'
-                'Hook line (append to gitosis-admin.git/hooks/post-update):\n'
-                '  python3 /path/server.py --config /path/backup.ini -q '
-                'provision')
-    p.add_argument('gitosis_conf', nargs='?', help='a gitosis.conf file '
-                   '(default: HEAD:gitosis.conf of gitosis-admin.git)')
-    p = command('gate', 'ssh forced command: the key may only push to or '
-                'fetch from <client>.git',
-                'Run by sshd for a client\'s key (authorized_keys: '
-                'command="... gate <client>",restrict).\nAllows only '
-                'git-receive-pack / git-upload-pack of \'<client>.git\' '
-                '(from $SSH_ORIGINAL_COMMAND),\ncreates the repository with '
-                'its hook on first use; anything else: exit 1.')
-    p.add_argument('client', help='the client this key belongs to')
-    p = command('add-client', 'append a client key with the gate forced '
-                'command to authorized_keys',
-                'Appends command="<python> server.py --config <ini> gate '
-                '<name>",restrict <key>\nto authorized_keys (temp file, '
-                'fsync, rename; other lines kept).\nRefuses a key that is '
-                'already there or a file that is not one public key.')
-    p.add_argument('client', help='the client name (its repository name)')
-    p.add_argument('public_key', help='file with the client\'s public key')
-    p.add_argument('--authorized-keys', metavar='PATH',
-                   help='default: ~/.ssh/authorized_keys of this user')
-
-
-def operations_parsers(command):
-    """gc, report, prune and verify: the cron jobs that keep the
-    store healthy."""
+def keep_parsers(command):
+    """retry, gc, prune and verify: what keeps the store healthy (4)."""
+    p = command('retry', 'put given-up (X*) requests of a client back',
+                'Put a request given up after max_attempts (X* in '
+                'todo_dir/<client>/, counted under\nFAILED in `report`) back '
+                'as RQ* with a fresh attempt count; the next `run`\nhandles '
+                'it and sends the new outcome to the client.  The old reason '
+                'is kept in\ntodo_dir/<client>/.attempts/<key>.history.')
+    p.add_argument('client', help='the client')
+    p.add_argument('key', nargs='?', help='the request key (the file name '
+                   'without X)')
+    p.add_argument('--all-failed', action='store_true',
+                   help='every given-up request of the client')
     p = command('gc', 'git gc of every mirror and client repository; the '
                 'log is mailed (cron, monthly)',
                 'Run `git gc` on every stored mirror (data_dir/<client>/git/'
@@ -6609,7 +6572,6 @@ def operations_parsers(command):
                 'and mailed to the admins.  Exit 1 if any gc failed.')
     p.add_argument('--aggressive', action='store_true',
                    help='git gc --aggressive (slow; as the seed did)')
-    report_parser(command)
     p = command('prune', 'apply retention to stored backups and old '
                 'request files (cron, daily)',
                 'Per series, on node time: keep the newest backup of each of '
@@ -6657,49 +6619,8 @@ def operations_parsers(command):
                    help='skip the tar/pg_restore read-back')
 
 
-def report_parser(command):
-    """report: the status page, mail and monitoring check."""
-    p = command('report', 'status per client and source; exit 0/1/2/3 like '
-                'a Nagios check',
-                'Per client and source: newest good backup (node time), its '
-                'age and size, the number\nof stored backups, failed (X*) and '
-                'pending (RQ*, P*) requests.\n\n'
-                'Status of a source, on the node\'s clock only:\n'
-                '  ok        newest good backup younger than stale_after\n'
-                '  warning   older than stale_after, or its latest request '
-                'failed, or nothing\n            stored yet\n'
-                '  critical  older than twice stale_after\n'
-                'A source named in [client NAME] expect (e.g. "expect = trac '
-                'postgresdb"; "git"\nmatches every mirror) is critical as '
-                'soon as it is stale or has never arrived.\nstale_after: '
-                '[client NAME] stale_after, else [server] stale_after.\n\n'
-                'Exit status (Nagios plugin convention), whatever the '
-                'format:\n'
-                '  0 OK        every source ok\n'
-                '  1 WARNING   a source is warning, none critical\n'
-                '  2 CRITICAL  a source is critical\n'
-                '  3 UNKNOWN   could not check (data_dir unreadable, '
-                '--output not writable)\n'
-                'As for every other command, bad usage or a configuration '
-                'file that cannot be\nread exits 2 before any check: it '
-                'shows as critical.\n\n'
-                'Formats: text (a table), json, nagios (a plugin status line\n'
-                '"GITBACKUP OK - ... | \'c1/app_age\'=300s;172800;345600;0; '
-                '..." and one line per\nproblem; for check_by_ssh or NRPE), '
-                'prometheus (node_exporter textfile\ncollector; use --output '
-                '/var/lib/prometheus/node-exporter/gitbackup.prom), html\n'
-                '(a static self-contained page for any web server).')
-    p.add_argument('--format', choices=sorted(REPORT_FORMATS),
-                   default='text', help='output format (default: text)')
-    p.add_argument('--mail', action='store_true',
-                   help='mail the text report to the admins when not ok')
-    p.add_argument('--output', metavar='PATH',
-                   help='write to PATH (replaced atomically) instead of '
-                   'stdout')
-
-
-def offsite_and_retry_parsers(command):
-    """offsite (the second copy) and retry (given-up requests back)."""
+def offsite_parser(command):
+    """offsite: the second copy (5)."""
     p = command('offsite', 'copy new snapshots and changed mirrors to the '
                 '[offsite] rclone remote (cron, daily after prune)',
                 'Copy every stored snapshot not yet offsite (rclone copy, '
@@ -6725,17 +6646,6 @@ def offsite_and_retry_parsers(command):
                    help='put every snapshot and mirror the remote holds of '
                    'CLIENT (default: of every client) back into data_dir: '
                    'a lost node rebuilt (README, "When the node is lost")')
-    p = command('retry', 'put given-up (X*) requests of a client back',
-                'Put a request given up after max_attempts (X* in '
-                'todo_dir/<client>/, counted under\nFAILED in `report`) back '
-                'as RQ* with a fresh attempt count; the next `run`\nhandles '
-                'it and sends the new outcome to the client.  The old reason '
-                'is kept in\ntodo_dir/<client>/.attempts/<key>.history.')
-    p.add_argument('client', help='the client')
-    p.add_argument('key', nargs='?', help='the request key (the file name '
-                   'without X)')
-    p.add_argument('--all-failed', action='store_true',
-                   help='every given-up request of the client')
 
 
 RESTORE_HELP = (
@@ -6893,6 +6803,101 @@ def drill_parser(command):
                 'bad snapshot is\none failure: the drill goes on with the next '
                 'series and client.  Exit 0 ok,\n2 critical.')
     p.add_argument('client', nargs='?', help='only this client')
+
+
+def report_parser(command):
+    """report: the status page, mail and monitoring check."""
+    p = command('report', 'status per client and source; exit 0/1/2/3 like '
+                'a Nagios check',
+                'Per client and source: newest good backup (node time), its '
+                'age and size, the number\nof stored backups, failed (X*) and '
+                'pending (RQ*, P*) requests.\n\n'
+                'Status of a source, on the node\'s clock only:\n'
+                '  ok        newest good backup younger than stale_after\n'
+                '  warning   older than stale_after, or its latest request '
+                'failed, or nothing\n            stored yet\n'
+                '  critical  older than twice stale_after\n'
+                'A source named in [client NAME] expect (e.g. "expect = trac '
+                'postgresdb"; "git"\nmatches every mirror) is critical as '
+                'soon as it is stale or has never arrived.\nstale_after: '
+                '[client NAME] stale_after, else [server] stale_after.\n\n'
+                'Exit status (Nagios plugin convention), whatever the '
+                'format:\n'
+                '  0 OK        every source ok\n'
+                '  1 WARNING   a source is warning, none critical\n'
+                '  2 CRITICAL  a source is critical\n'
+                '  3 UNKNOWN   could not check (data_dir unreadable, '
+                '--output not writable)\n'
+                'As for every other command, bad usage or a configuration '
+                'file that cannot be\nread exits 2 before any check: it '
+                'shows as critical.\n\n'
+                'Formats: text (a table), json, nagios (a plugin status line\n'
+                '"GITBACKUP OK - ... | \'c1/app_age\'=300s;172800;345600;0; '
+                '..." and one line per\nproblem; for check_by_ssh or NRPE), '
+                'prometheus (node_exporter textfile\ncollector; use --output '
+                '/var/lib/prometheus/node-exporter/gitbackup.prom), html\n'
+                '(a static self-contained page for any web server).')
+    p.add_argument('--format', choices=sorted(REPORT_FORMATS),
+                   default='text', help='output format (default: text)')
+    p.add_argument('--mail', action='store_true',
+                   help='mail the text report to the admins when not ok')
+    p.add_argument('--output', metavar='PATH',
+                   help='write to PATH (replaced atomically) instead of '
+                   'stdout')
+
+
+def access_parsers(command):
+    """provision, gate and add-client: who may push where."""
+    p = command('provision', 'gitosis-admin post-update hook: create and '
+                'harden the client repositories gitosis.conf names',
+                'For every repository gitosis.conf gives write access to '
+                '(except gitosis-admin):\ncreate <repositories>/<client>.git '
+                'if missing, install its ingest hook,\nset '
+                'receive.denyDeletes, receive.denyNonFastForwards, '
+                'receive.fsckObjects,\nand create its pool.  Invalid client '
+                'names are refused and logged.  Idempotent.\nDefault: '
+                'gitosis.conf at HEAD of <repositories>/gitosis-admin.git.\n'
+                'Hook line (append to gitosis-admin.git/hooks/post-update):\n'
+                '  python3 /path/server.py --config /path/backup.ini -q '
+                'provision')
+    p.add_argument('gitosis_conf', nargs='?', help='a gitosis.conf file '
+                   '(default: HEAD:gitosis.conf of gitosis-admin.git)')
+    p = command('gate', 'ssh forced command: the key may only push to or '
+                'fetch from <client>.git',
+                'Run by sshd for a client\'s key (authorized_keys: '
+                'command="... gate <client>",restrict).\nAllows only '
+                'git-receive-pack / git-upload-pack of \'<client>.git\' '
+                '(from $SSH_ORIGINAL_COMMAND),\ncreates the repository with '
+                'its hook on first use; anything else: exit 1.')
+    p.add_argument('client', help='the client this key belongs to')
+    p = command('add-client', 'append a client key with the gate forced '
+                'command to authorized_keys',
+                'Appends command="<python> server.py --config <ini> gate '
+                '<name>",restrict <key>\nto authorized_keys (temp file, '
+                'fsync, rename; other lines kept).\nRefuses a key that is '
+                'already there or a file that is not one public key.')
+    p.add_argument('client', help='the client name (its repository name)')
+    p.add_argument('public_key', help='file with the client\'s public key')
+    p.add_argument('--authorized-keys', metavar='PATH',
+                   help='default: ~/.ssh/authorized_keys of this user')
+
+
+def check_parser(command):
+    """check: is this node ready (9)."""
+    p = command('check', 'test the configuration and environment',
+                'Test the configuration, directories and tools; exit 1 when '
+                'anything is wrong.\nThe node counts every [client NAME] '
+                'section, with or without a repository.')
+    p.add_argument('--connect', action='store_true',
+                   help='also make every connection `run` makes, for each '
+                   '[client NAME]: the sftp\nlogin into sftp_root (key '
+                   'authorized, host key known), and the git server\nat '
+                   '[client NAME] git when set; one line each, OK or FAILED '
+                   'with the fix;\nand the [offsite] remote (a listing, a '
+                   'small write, read and delete)')
+    p.add_argument('--mail-test', action='store_true',
+                   help='with --connect: also send one test message to the '
+                   'admins through [mail]')
 
 
 def main(argv=None):
