@@ -6319,51 +6319,7 @@ def check_node(node, out=sys.stdout, connect=False, mail=False):
     out.write(f'{node.config.path}: node {node.name}\n')
     out.write('restore --same-owner keeps: '
               + fs_archive.metadata_text(['tar']) + '\n')
-    problems = []
-    try:
-        core.check_git_version()
-    except GitBackupError as e:
-        problems.append(str(e))
-    for tool in ('sftp', 'ssh'):
-        if not shutil.which(tool):
-            problems.append(f'{tool}: not installed or not in PATH')
-    problems += core.directory_problems('server', node.settings, (
-        'todo_dir', 'data_dir', 'log_dir'))
-    # The git account's (gitosis, gitolite, gate): `run` only writes into
-    # each client repository, which unwritable_repositories checks.
-    repositories = node.settings['repositories']
-    if not os.path.isdir(repositories):
-        problems.append(f'[server] repositories = {repositories}: no such '
-                        'directory')
-    elif not os.access(repositories, os.R_OK | os.X_OK):
-        problems.append(f'[server] repositories = {repositories}: not '
-                        'readable')
-    for key in ('alert_after', 'stale_after', 'command_timeout',
-                'keep_requests'):
-        node.config.get_duration('server', key)
-    for key in ('quota', 'free_space_floor'):
-        node.config.get_size('server', key)
-    for key in ('max_attempts', 'max_request_size',
-                'max_requests_per_push', 'keep_daily', 'keep_weekly',
-                'keep_monthly'):
-        node.config.get_int('server', key)
-    for client in node.config.client_sections():
-        try:
-            check_client_name(client)
-            settings = node.client_settings(client)
-        except GitBackupError as e:
-            problems.append(f'[client {client}]: {e}')
-            continue
-        if not settings['sftp_root']:
-            problems.append(f'[client {client}]: no sftp_root (here or '
-                            'in [server]): sftp requests would fail')
-        scheme = settings['git'].split('://', 1)[0]
-        allowed = node.settings['git_protocols'].split()
-        if '://' not in settings['git'] or scheme not in allowed or \
-                scheme in ('file', 'ext'):
-            problems.append(f'[client {client}] git = {settings["git"]}: '
-                            f'want a URL whose scheme is one of '
-                            f'[server] git_protocols ({", ".join(allowed)})')
+    problems = check_node_settings(node) + check_client_sections(node)
     problems += check_clock(node)
     problems += unwritable_repositories(node)
     problems += core.log_file_problems(node.settings['log_dir'], [
@@ -6393,6 +6349,63 @@ def check_node(node, out=sys.stdout, connect=False, mail=False):
                   f'{len(node.config.client_sections())} configured, '
                   f'{len(node.pushing_clients())} with a repository or '
                   'pool)\n')
+    return problems
+
+
+def check_node_settings(node):
+    """Problems of the tools, the directories and the [server] keys."""
+    problems = []
+    try:
+        core.check_git_version()
+    except GitBackupError as e:
+        problems.append(str(e))
+    for tool in ('sftp', 'ssh'):
+        if not shutil.which(tool):
+            problems.append(f'{tool}: not installed or not in PATH')
+    problems += core.directory_problems('server', node.settings, (
+        'todo_dir', 'data_dir', 'log_dir'))
+    # The git account's (gitosis, gitolite, gate): `run` only writes into
+    # each client repository, which unwritable_repositories checks.
+    repositories = node.settings['repositories']
+    if not os.path.isdir(repositories):
+        problems.append(f'[server] repositories = {repositories}: no such '
+                        'directory')
+    elif not os.access(repositories, os.R_OK | os.X_OK):
+        problems.append(f'[server] repositories = {repositories}: not '
+                        'readable')
+    for key in ('alert_after', 'stale_after', 'command_timeout',
+                'keep_requests'):
+        node.config.get_duration('server', key)
+    for key in ('quota', 'free_space_floor'):
+        node.config.get_size('server', key)
+    for key in ('max_attempts', 'max_request_size',
+                'max_requests_per_push', 'keep_daily', 'keep_weekly',
+                'keep_monthly'):
+        node.config.get_int('server', key)
+    return problems
+
+
+def check_client_sections(node):
+    """Problems of each [client NAME]: a valid name, an sftp_root and a git
+    URL whose scheme [server] git_protocols allows."""
+    problems = []
+    for client in node.config.client_sections():
+        try:
+            check_client_name(client)
+            settings = node.client_settings(client)
+        except GitBackupError as e:
+            problems.append(f'[client {client}]: {e}')
+            continue
+        if not settings['sftp_root']:
+            problems.append(f'[client {client}]: no sftp_root (here or '
+                            'in [server]): sftp requests would fail')
+        scheme = settings['git'].split('://', 1)[0]
+        allowed = node.settings['git_protocols'].split()
+        if '://' not in settings['git'] or scheme not in allowed or \
+                scheme in ('file', 'ext'):
+            problems.append(f'[client {client}] git = {settings["git"]}: '
+                            f'want a URL whose scheme is one of '
+                            f'[server] git_protocols ({", ".join(allowed)})')
     return problems
 
 
@@ -6551,8 +6564,8 @@ def pipeline_parsers(command):
             'exits 0 at once.')
 
 
-def keep_parsers(command):
-    """retry, gc, prune and verify: what keeps the store healthy (4)."""
+def retry_parser(command):
+    """retry: given-up requests put back."""
     p = command('retry', 'put given-up (X*) requests of a client back',
                 'Put a request given up after max_attempts (X* in '
                 'todo_dir/<client>/, counted under\nFAILED in `report`) back '
@@ -6564,6 +6577,11 @@ def keep_parsers(command):
                    'without X)')
     p.add_argument('--all-failed', action='store_true',
                    help='every given-up request of the client')
+
+
+def keep_parsers(command):
+    """retry, gc, prune and verify: what keeps the store healthy (4)."""
+    retry_parser(command)
     p = command('gc', 'git gc of every mirror and client repository; the '
                 'log is mailed (cron, monthly)',
                 'Run `git gc` on every stored mirror (data_dir/<client>/git/'
