@@ -2817,7 +2817,12 @@ class Offsite:
         was meant.  Returns its sha256."""
         local = os.path.join(staging, os.path.basename(rel))
         atomic_write(local, text)
-        self.rclone('copyto', local, self.path(client, rel))
+        # --ignore-times: rclone skips a file of the same size and
+        # modification time (to the remote's precision, a second on
+        # sftp): an index rewritten over a damaged copy within the
+        # same second would not be sent (seen in a test).
+        self.rclone('copyto', '--ignore-times', local,
+                    self.path(client, rel))
         back = self.rclone('cat', self.path(client, rel)).stdout
         if back != text:
             raise OffsiteFailed(f'{self.path(client, rel)}: read back '
