@@ -12,7 +12,12 @@ default configuration (zstd, incremental archives):
    (fs requests over sftp), then with 1000 clients of one dummy request;
 7. what exact row counts cost a PostgreSQL dump: `pg_dump -Fc` of a
    3M-row table against the count(*) the postgresdb module adds (the
-   second scan behind `[client] pg_row_counts = exact`).
+   second scan behind `[client] pg_row_counts = exact`);
+8. what full metadata costs: the fs module's tar of the big and the small
+   tree (zstd -T4 -3) in GNU format without xattrs and ACLs, as archives
+   were made before, against POSIX format with every xattr namespace,
+   ACLs (and SELinux labels where tar knows them), as they are made now:
+   time and size, median of three runs.
 
 The many-client node is set up cheaply but faithfully: one real client
 makes the request (`client.py commit` + `send`, the node's real hook
@@ -33,7 +38,8 @@ dirty pages of the trees or of the tool before it; the many-client runs
 also print CPU seconds, steadier than wall time on a shared machine.
 
 Sizes and client counts scale with $BENCH_SCALE (default 1; 0.05 for a
-quick run); $BENCH_ONLY=clients, trees or postgres runs only that part,
+quick run); $BENCH_ONLY=clients, trees, postgres or metadata runs only
+that part,
 =first only the first backup of the big tree.
 """
 
@@ -372,6 +378,36 @@ def run_row_counts(root, scale):
         cluster.stop()
 
 
+def run_metadata(root, scale):
+    """8: seconds and bytes of one archive with and without full metadata
+    (median of three), on the bench trees."""
+    from modules import fs
+    trees = os.path.join(root, 'meta')
+    make_big(os.path.join(trees, 'big'), max(int(1024 * scale), 8))
+    make_small(os.path.join(trees, 'small'), max(int(20000 * scale), 100),
+               random.Random(2))
+    variants = (('GNU format, no xattrs or ACLs', []),
+                ('POSIX, xattrs, ACLs (now)', fs.metadata_options(['tar'])))
+    archive = os.path.join(root, 'meta.tar.zst')
+    results = {}
+    for label, options in variants:
+        times = []
+        for _ in range(3):
+            os.sync()
+            start = time.monotonic()
+            subprocess.run(
+                ['sh', '-c', 'tar --create --file=- --sparse "$@" '
+                 f'--directory={trees} . | zstd -q -T4 -3 -f -o {archive}',
+                 'tar', *options], check=True)
+            times.append(time.monotonic() - start)
+        results[label] = (sorted(times)[1], os.path.getsize(archive))
+    (old_s, old_b), (new_s, new_b) = results.values()
+    for label, (seconds, size) in results.items():
+        print(f'{label:34} {seconds:6.2f} s {size:>13,} bytes')
+    print(f'full metadata costs {100 * (new_s / old_s - 1):+.1f}% time, '
+          f'{100 * (new_b / old_b - 1):+.2f}% size')
+
+
 def print_rows(rows, tools):
     names = [t.name for t in tools]
     print(f'{"":52} ' + ' '.join(f'{n:>12}' for n in names) +
@@ -408,6 +444,8 @@ def main():
         print_rows(rows, tools)
         if only in ('', 'postgres'):
             run_row_counts(p.root, scale)
+        if only in ('', 'metadata'):
+            run_metadata(p.root, scale)
     return 0
 
 
