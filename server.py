@@ -1757,6 +1757,21 @@ class ClientResults:
         return 0
 
 
+def mail_stored_warnings(node):
+    """One mail per run and client for the requests stored with
+    warnings (each request is stored once, so each is told once).
+    They are stored backups: the run's exit status does not change."""
+    for client, warned in sorted(node.stored_warnings.items()):
+        core.mail_admins(
+            node.config, 'server', f'gitbackup: run on {node.name}: '
+            f'{len(warned)} request(s) of {client} stored with warnings',
+            '\n\n'.join(warned) + '\n\nThe rest of each backup is '
+            'stored; what is named above is not in it.\n',
+            sorted(set(node.config.admins('server') +
+                       node.config.admins(f'client {client}'))))
+    node.stored_warnings.clear()
+
+
 class Node:
     """The node as `run` sees it: its configuration ([server], each
     client's settings as this node configures them, its modules and what
@@ -1886,22 +1901,8 @@ class Node:
         core.mail_summary(self.config, 'server',
                           f'gitbackup: run on {self.name}: {{n}} problem(s)',
                           errors)
-        self.mail_stored_warnings()
+        mail_stored_warnings(self)
         return errors
-
-    def mail_stored_warnings(self):
-        """One mail per run and client for the requests stored with
-        warnings (each request is stored once, so each is told once).
-        They are stored backups: the run's exit status does not change."""
-        for client, warned in sorted(self.stored_warnings.items()):
-            core.mail_admins(
-                self.config, 'server', f'gitbackup: run on {self.name}: '
-                f'{len(warned)} request(s) of {client} stored with warnings',
-                '\n\n'.join(warned) + '\n\nThe rest of each backup is '
-                'stored; what is named above is not in it.\n',
-                sorted(set(self.config.admins('server') +
-                           self.config.admins(f'client {client}'))))
-        self.stored_warnings.clear()
 
     def run_worker(self, client):
         """One client under a lock of its own: two runs (cron and a manual
