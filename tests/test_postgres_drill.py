@@ -30,18 +30,7 @@ from tests import support
 from tests.modules_pipeline import ModulePipeline, PostgresMixin
 from tests.pipeline import CLIENT
 from tests.test_confinement import add_account
-
-
-def pipe(first, second, env):
-    """first | second; returns (first's exit, its stderr, second's run)."""
-    a = subprocess.Popen(first, stdout=subprocess.PIPE, env=env,
-                         stderr=subprocess.PIPE)
-    b = subprocess.run(second, stdin=a.stdout, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, env=env, timeout=120)
-    a.stdout.close()
-    err = a.stderr.read().decode()
-    a.stderr.close()
-    return a.wait(), err, b
+from tests.test_restore import pipe
 
 
 def rewrite_stored(snapshot, name, data):

@@ -68,7 +68,7 @@ def tree_state(root):
 
 
 def pipe(first, second, env):
-    """first | second; returns (first's exit, second's process)."""
+    """first | second; returns (first's exit, its stderr, second's run)."""
     a = subprocess.Popen(first, stdout=subprocess.PIPE, env=env,
                          stderr=subprocess.PIPE)
     b = subprocess.run(second, stdin=a.stdout, stdout=subprocess.PIPE,
